@@ -1,0 +1,285 @@
+//! The YAML schema, as serde types. Only shape lives here: every field that a
+//! user can write, its default and its human-readable form. Cross-field rules
+//! (dangling names, URL syntax, environment lookups) live in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use super::units::{parse_duration, parse_size};
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub listen: Vec<Listener>,
+    #[serde(default)]
+    pub metrics: Option<MetricsSection>,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub origins: BTreeMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    pub groups: BTreeMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    pub routes: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads of the proxy service (default: the number of CPUs).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// How long a shutdown waits for in-flight requests (Pingora's default is 5 minutes;
+    /// ours is container friendly).
+    #[serde(default = "default_grace", deserialize_with = "de_duration")]
+    pub grace_period: Duration,
+    /// Where the Unix sockets of directory origins are created (default: a fresh
+    /// directory under the system temp dir).
+    #[serde(default)]
+    pub runtime_dir: Option<String>,
+    /// Access log on stderr (one line per request).
+    #[serde(default = "default_true")]
+    pub access_log: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: None,
+            grace_period: default_grace(),
+            runtime_dir: None,
+            access_log: true,
+        }
+    }
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub addr: String,
+}
+
+/// Upstream timeouts. Top-level values are the defaults; an origin may override each.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    /// TCP connect (and TLS handshake) to the origin.
+    #[serde(default = "d_connect", deserialize_with = "de_duration")]
+    pub connect: Duration,
+    /// Longest wait for any read from the origin (response header or a body chunk).
+    #[serde(default = "d_read", deserialize_with = "de_duration")]
+    pub read: Duration,
+    /// Longest wait for any write to the origin (request body streaming).
+    #[serde(default = "d_read", deserialize_with = "de_duration")]
+    pub write: Duration,
+    /// Longest time one upstream attempt may take, from connect to the last body byte.
+    #[serde(default = "d_total", deserialize_with = "de_duration")]
+    pub total: Duration,
+}
+
+fn d_connect() -> Duration {
+    Duration::from_secs(3)
+}
+fn d_read() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_total() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: d_connect(),
+            read: d_read(),
+            write: d_read(),
+            total: d_total(),
+        }
+    }
+}
+
+/// Per-origin overrides of [`Timeouts`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutOverrides {
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub connect: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub read: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub write: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub total: Option<Duration>,
+}
+
+impl TimeoutOverrides {
+    pub fn apply(&self, base: Timeouts) -> Timeouts {
+        Timeouts {
+            connect: self.connect.unwrap_or(base.connect),
+            read: self.read.unwrap_or(base.read),
+            write: self.write.unwrap_or(base.write),
+            total: self.total.unwrap_or(base.total),
+        }
+    }
+}
+
+/// One origin: exactly one of `url` (any HTTP(S) origin or bucket) or `dir`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOrigin {
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// Refuse writes to this origin (405).
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub s3: Option<RawS3>,
+    /// Verify the origin's TLS certificate (https only).
+    #[serde(default = "default_true")]
+    pub tls_verify: bool,
+    #[serde(default)]
+    pub timeouts: TimeoutOverrides,
+}
+
+/// SigV4 signing for an origin. Credentials are only ever named, never written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    #[serde(default = "default_region")]
+    pub region: String,
+    #[serde(default = "default_service")]
+    pub service: String,
+    pub access_key_env: String,
+    pub secret_key_env: String,
+    #[serde(default)]
+    pub session_token_env: Option<String>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_service() -> String {
+    "s3".into()
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheFallback {
+    /// Pass the fallback's own caching headers through.
+    #[default]
+    None,
+    /// Mark fallback content `Cache-Control: public, max-age=31536000, immutable`.
+    Immutable,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGroup {
+    pub main: String,
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    #[serde(default = "default_fallback_on")]
+    pub fallback_on: Vec<u16>,
+    /// Bypass mode: never consult the fallbacks (zero overhead).
+    #[serde(default)]
+    pub skip_fallback: bool,
+    #[serde(default)]
+    pub cache_fallback: CacheFallback,
+    /// Refuse every write through this group (405).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn default_fallback_on() -> Vec<u16> {
+    vec![404]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Exact host (`media.example.com`), wildcard (`*.example.com`) or absent for any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Path prefix, matched on segment boundaries (`/media` matches `/media/x`, not `/mediax`).
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Remove the matched prefix before the path goes upstream.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub group: String,
+    /// Largest accepted request body (PUT/POST); larger ones get 413 before any byte is read.
+    #[serde(default, deserialize_with = "de_opt_size")]
+    pub max_upload_size: Option<u64>,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v = HumanValue::deserialize(d)?;
+    parse_duration(&v.0).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let v = HumanValue::deserialize(d)?;
+    parse_duration(&v.0)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let v = HumanValue::deserialize(d)?;
+    parse_size(&v.0).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// A scalar written either as a string (`10s`, `512MiB`) or a bare number.
+struct HumanValue(String);
+
+impl<'de> Deserialize<'de> for HumanValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = HumanValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number or a string such as `10s` or `512MiB`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HumanValue, E> {
+                Ok(HumanValue(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HumanValue, E> {
+                Ok(HumanValue(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HumanValue, E> {
+                Ok(HumanValue(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<HumanValue, E> {
+                Ok(HumanValue(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

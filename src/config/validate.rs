@@ -1,0 +1,729 @@
+//! Turns YAML text into a validated [`Config`]: names resolved to indices, URLs parsed,
+//! credentials read from the environment, directories checked. Every problem becomes a
+//! [`ConfigError`] located through the [`Locator`]; loading goes on after an error so that
+//! all of them are reported together.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use super::locate::{self, Locator};
+use super::schema::*;
+use super::{ConfigError, ConfigErrors};
+
+/// A validated configuration. Origins, groups and routes refer to each other by index.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerSection,
+    pub listen: Vec<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+    pub origins: Vec<OriginConfig>,
+    pub groups: Vec<GroupConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    pub name: String,
+    pub kind: OriginKind,
+    pub read_only: bool,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone)]
+pub enum OriginKind {
+    /// Any HTTP(S) origin; a bucket when `s3` is set or the URL carries a bucket path.
+    Http {
+        tls: bool,
+        tls_verify: bool,
+        /// Host name or IP literal (no brackets), for connecting and SNI.
+        host: String,
+        port: u16,
+        /// The Host header to send (`host` or `host:port` as written in the URL).
+        host_header: String,
+        /// Path prefix prepended to every key (`/bucket` for path-style), no trailing `/`.
+        prefix: String,
+        s3: Option<S3Signing>,
+    },
+    /// A local directory, served by cascade itself on a Unix socket.
+    Dir { root: PathBuf },
+}
+
+/// SigV4 settings with credentials already read from the environment. `Credentials`' Debug
+/// output redacts the secret, so this type may be logged.
+#[derive(Debug, Clone)]
+pub struct S3Signing {
+    pub region: String,
+    pub service: String,
+    pub credentials: aws_credential_types::Credentials,
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupConfig {
+    pub name: String,
+    pub main: usize,
+    pub fallbacks: Vec<usize>,
+    pub fallback_on: Vec<u16>,
+    pub skip_fallback: bool,
+    pub cache_fallback: CacheFallback,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    Any,
+    /// Lower-case host without port.
+    Exact(String),
+    /// `*.example.com` stored as `.example.com`: matches any name that ends with it.
+    Suffix(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub host: HostMatch,
+    /// Normalised prefix: starts with `/`, no trailing `/` except for the root itself.
+    pub path: String,
+    pub strip_prefix: bool,
+    pub group: usize,
+    pub max_upload_size: Option<u64>,
+}
+
+const TOP_LEVEL: &[&str] = &[
+    "server", "listen", "metrics", "timeouts", "origins", "groups", "routes",
+];
+
+struct Ctx<'a> {
+    file: &'a Path,
+    loc: Locator,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, field: &str, message: impl Into<String>) {
+        let pos = self.loc.find(field);
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: pos.line,
+            col: pos.col,
+            field: field.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserialize one node, reporting a failure at the innermost field serde names.
+    fn de<T: DeserializeOwned>(&mut self, path: &str, v: &Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(v.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let field = if inner == "." || inner.is_empty() {
+                    path.to_string()
+                } else if path.is_empty() {
+                    inner
+                } else {
+                    format!("{path}.{inner}")
+                };
+                self.err(&field, e.inner().to_string());
+                None
+            }
+        }
+    }
+}
+
+pub(super) fn load(
+    src: &str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let one = |line, col, message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: file.to_path_buf(),
+            line,
+            col,
+            field: String::new(),
+            message,
+        }])
+    };
+    let loc = Locator::build(src).map_err(|e| one(e.pos.line, e.pos.col, e.message))?;
+    let root: Value = serde_yaml::from_str(src).map_err(|e| {
+        let (line, col) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+        one(line, col, e.to_string())
+    })?;
+    let mut cx = Ctx {
+        file,
+        loc,
+        errors: Vec::new(),
+    };
+    let map = match root {
+        Value::Mapping(m) => m,
+        Value::Null => Default::default(),
+        _ => return Err(one(1, 1, "the config must be a mapping of sections".into())),
+    };
+
+    let mut sections: HashMap<String, Value> = HashMap::new();
+    for (k, v) in map {
+        let Some(key) = k.as_str().map(str::to_string) else {
+            cx.err("", "section names must be strings");
+            continue;
+        };
+        if TOP_LEVEL.contains(&key.as_str()) {
+            sections.insert(key, v);
+        } else {
+            cx.err(
+                &key,
+                format!(
+                    "unknown field `{key}`, expected one of {}",
+                    TOP_LEVEL.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+    let section = |name: &str| sections.get(name).filter(|v| !v.is_null()).cloned();
+
+    let server: ServerSection = section("server")
+        .and_then(|v| cx.de("server", &v))
+        .unwrap_or_default();
+    let timeouts: Timeouts = section("timeouts")
+        .and_then(|v| cx.de("timeouts", &v))
+        .unwrap_or_default();
+    let listeners: Vec<Listener> = section("listen")
+        .and_then(|v| cx.de("listen", &v))
+        .unwrap_or_default();
+    let metrics: Option<MetricsSection> = section("metrics").and_then(|v| cx.de("metrics", &v));
+
+    if server.threads == Some(0) {
+        cx.err("server.threads", "must be at least 1");
+    }
+    if sections.get("listen").is_none_or(|v| v.is_null()) {
+        cx.err("listen", "at least one listener is required, e.g. `listen: [{addr: 0.0.0.0:8080}]`");
+    }
+    let mut listen = Vec::new();
+    let mut seen_addrs = HashSet::new();
+    for (i, l) in listeners.iter().enumerate() {
+        let field = format!("listen[{i}].addr");
+        match parse_addr(&l.addr) {
+            Ok(a) if !seen_addrs.insert(a) => cx.err(&field, format!("{a} is listed twice")),
+            Ok(a) => listen.push(a),
+            Err(m) => cx.err(&field, m),
+        }
+    }
+    let metrics_addr = metrics.and_then(|m| match parse_addr(&m.addr) {
+        Ok(a) if seen_addrs.contains(&a) => {
+            cx.err("metrics.addr", format!("{a} is already a proxy listener"));
+            None
+        }
+        Ok(a) => Some(a),
+        Err(m) => {
+            cx.err("metrics.addr", m);
+            None
+        }
+    });
+    let base_dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+
+    // Origins.
+    let raw_origins: BTreeMap<String, Value> = section("origins")
+        .and_then(|v| cx.de("origins", &v))
+        .unwrap_or_default();
+    let mut origins = Vec::new();
+    // name -> index; an origin that failed validation still gets a name entry (None) so
+    // that groups naming it do not report a second, misleading "unknown origin".
+    let mut origin_ix: HashMap<String, Option<usize>> = HashMap::new();
+    for (name, v) in &raw_origins {
+        let path = locate::join("origins", name);
+        let parsed = cx
+            .de::<RawOrigin>(&path, v)
+            .and_then(|raw| origin(&mut cx, &path, name, raw, timeouts, &base_dir, env));
+        origin_ix.insert(name.clone(), parsed.as_ref().map(|_| origins.len()));
+        origins.extend(parsed);
+    }
+
+    // Groups.
+    let raw_groups: BTreeMap<String, Value> = section("groups")
+        .and_then(|v| cx.de("groups", &v))
+        .unwrap_or_default();
+    let mut groups = Vec::new();
+    let mut group_ix: HashMap<String, Option<usize>> = HashMap::new();
+    for (name, v) in &raw_groups {
+        let path = locate::join("groups", name);
+        let parsed = cx
+            .de::<RawGroup>(&path, v)
+            .and_then(|raw| group(&mut cx, &path, name, raw, &origin_ix, &origins));
+        group_ix.insert(name.clone(), parsed.as_ref().map(|_| groups.len()));
+        groups.extend(parsed);
+    }
+
+    // Routes.
+    let raw_routes: Vec<Value> = section("routes")
+        .and_then(|v| cx.de("routes", &v))
+        .unwrap_or_default();
+    if raw_routes.is_empty() && sections.contains_key("routes") {
+        cx.err("routes", "no routes: every request would get 404");
+    }
+    let mut routes: Vec<RouteConfig> = Vec::new();
+    let mut seen_routes: HashMap<(HostMatch, String), usize> = HashMap::new();
+    let mut seen_names: HashSet<String> = HashSet::new();
+    for (i, v) in raw_routes.iter().enumerate() {
+        let path = locate::index("routes", i);
+        let Some(raw) = cx.de::<RawRoute>(&path, v) else {
+            continue;
+        };
+        let Some(r) = route(&mut cx, &path, i, raw, &group_ix) else {
+            continue;
+        };
+        if let Some(prev) = seen_routes.insert((r.host.clone(), r.path.clone()), i) {
+            cx.err(
+                &path,
+                format!("same host and path as routes[{prev}]; it would never match"),
+            );
+            continue;
+        }
+        if !seen_names.insert(r.name.clone()) {
+            cx.err(&format!("{path}.name"), format!("route name `{}` is used twice", r.name));
+            continue;
+        }
+        routes.push(r);
+    }
+
+    if !cx.errors.is_empty() {
+        cx.errors.sort_by_key(|e| (e.line, e.col));
+        return Err(ConfigErrors(cx.errors));
+    }
+    Ok(Config {
+        source: file.to_path_buf(),
+        server,
+        listen,
+        metrics: metrics_addr,
+        origins,
+        groups,
+        routes,
+    })
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    SocketAddr::from_str(s.trim()).map_err(|_| {
+        format!("invalid address `{s}`; write IP:PORT, e.g. `0.0.0.0:8080` or `[::1]:8080`")
+    })
+}
+
+fn origin(
+    cx: &mut Ctx,
+    path: &str,
+    name: &str,
+    raw: RawOrigin,
+    defaults: Timeouts,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<OriginConfig> {
+    let timeouts = raw.timeouts.apply(defaults);
+    let kind = match (&raw.url, &raw.dir) {
+        (Some(_), Some(_)) => {
+            cx.err(path, "set either `url` or `dir`, not both");
+            return None;
+        }
+        (None, None) => {
+            cx.err(path, "an origin needs `url` (an HTTP(S) origin or bucket) or `dir` (a local directory)");
+            return None;
+        }
+        (None, Some(dir)) => {
+            if raw.s3.is_some() {
+                cx.err(&locate::join(path, "s3"), "a `dir` origin is not signed; remove `s3`");
+                return None;
+            }
+            let p = base_dir.join(dir);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => OriginKind::Dir {
+                    root: p.canonicalize().unwrap_or(p),
+                },
+                Ok(_) => {
+                    cx.err(&locate::join(path, "dir"), format!("{} is not a directory", p.display()));
+                    return None;
+                }
+                Err(e) => {
+                    cx.err(&locate::join(path, "dir"), format!("{}: {e}", p.display()));
+                    return None;
+                }
+            }
+        }
+        (Some(url), None) => {
+            let field = locate::join(path, "url");
+            let parsed = match parse_origin_url(url) {
+                Ok(u) => u,
+                Err(m) => {
+                    cx.err(&field, m);
+                    return None;
+                }
+            };
+            let s3 = match raw.s3 {
+                None => None,
+                Some(s3) => Some(signing(cx, &locate::join(path, "s3"), s3, env)?),
+            };
+            OriginKind::Http {
+                tls: parsed.tls,
+                tls_verify: raw.tls_verify,
+                host: parsed.host,
+                port: parsed.port,
+                host_header: parsed.host_header,
+                prefix: parsed.prefix,
+                s3,
+            }
+        }
+    };
+    if timeouts.connect.is_zero() || timeouts.read.is_zero() || timeouts.total.is_zero() {
+        cx.err(&locate::join(path, "timeouts"), "timeouts must be greater than zero");
+        return None;
+    }
+    Some(OriginConfig {
+        name: name.to_string(),
+        kind,
+        read_only: raw.read_only,
+        timeouts,
+    })
+}
+
+fn signing(
+    cx: &mut Ctx,
+    path: &str,
+    s3: RawS3,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<S3Signing> {
+    let mut read = |field: &str, var: &str| -> Option<String> {
+        match env(var).filter(|v| !v.is_empty()) {
+            Some(v) => Some(v),
+            None => {
+                cx.err(
+                    &locate::join(path, field),
+                    format!("environment variable `{var}` is not set (credentials are read from the environment only)"),
+                );
+                None
+            }
+        }
+    };
+    let ak = read("access_key_env", &s3.access_key_env);
+    let sk = read("secret_key_env", &s3.secret_key_env);
+    let token = match &s3.session_token_env {
+        Some(var) => Some(read("session_token_env", var)?),
+        None => None,
+    };
+    if s3.region.trim().is_empty() {
+        cx.err(&locate::join(path, "region"), "region must not be empty");
+        return None;
+    }
+    Some(S3Signing {
+        region: s3.region,
+        service: s3.service,
+        credentials: aws_credential_types::Credentials::new(ak?, sk?, token, None, "cascade-config"),
+    })
+}
+
+struct ParsedUrl {
+    tls: bool,
+    host: String,
+    port: u16,
+    host_header: String,
+    prefix: String,
+}
+
+fn parse_origin_url(url: &str) -> Result<ParsedUrl, String> {
+    let bad = |why: &str| format!("invalid origin URL `{url}`: {why}");
+    let uri = http::Uri::from_str(url.trim()).map_err(|e| bad(&e.to_string()))?;
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => return Err(bad(&format!("scheme `{other}` is not http or https"))),
+        None => return Err(bad("it needs a scheme, e.g. `https://bucket.s3.us-east-1.amazonaws.com`")),
+    };
+    let auth = uri.authority().ok_or_else(|| bad("it has no host"))?;
+    if auth.as_str().contains('@') {
+        return Err(bad("credentials do not belong in the URL; use `s3: {access_key_env, secret_key_env}`"));
+    }
+    if uri.query().is_some() {
+        return Err(bad("a query string is not allowed"));
+    }
+    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    if host.is_empty() {
+        return Err(bad("it has no host"));
+    }
+    let port = auth.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let prefix = uri.path().trim_end_matches('/').to_string();
+    Ok(ParsedUrl {
+        tls,
+        host,
+        port,
+        host_header: auth.as_str().to_string(),
+        prefix,
+    })
+}
+
+fn group(
+    cx: &mut Ctx,
+    path: &str,
+    name: &str,
+    raw: RawGroup,
+    origin_ix: &HashMap<String, Option<usize>>,
+    origins: &[OriginConfig],
+) -> Option<GroupConfig> {
+    let ok = std::cell::Cell::new(true);
+    let resolve = |cx: &mut Ctx, field: &str, origin: &str| -> Option<usize> {
+        match origin_ix.get(origin) {
+            Some(ix) => {
+                if ix.is_none() {
+                    ok.set(false); // already reported at the origin itself
+                }
+                *ix
+            }
+            None => {
+                let mut known: Vec<&str> = origin_ix.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                cx.err(
+                    field,
+                    format!("unknown origin `{origin}` (defined: {})", known.join(", ")),
+                );
+                ok.set(false);
+                None
+            }
+        }
+    };
+    let main = resolve(cx, &locate::join(path, "main"), &raw.main);
+    let mut fallbacks = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, f) in raw.fallbacks.iter().enumerate() {
+        let field = locate::index(&locate::join(path, "fallbacks"), i);
+        if *f == raw.main {
+            cx.err(&field, format!("`{f}` is the main origin; a fallback must be another origin"));
+            ok.set(false);
+            continue;
+        }
+        if !seen.insert(f.clone()) {
+            cx.err(&field, format!("`{f}` is listed twice"));
+            ok.set(false);
+            continue;
+        }
+        if let Some(ix) = resolve(cx, &field, f) {
+            fallbacks.push(ix);
+        }
+    }
+    for (i, code) in raw.fallback_on.iter().enumerate() {
+        if !(400..=599).contains(code) {
+            cx.err(
+                &locate::index(&locate::join(path, "fallback_on"), i),
+                format!("{code} is not an error status (400-599); only errors can be replayed to a fallback"),
+            );
+            ok.set(false);
+        }
+    }
+    if raw.fallback_on.is_empty() && !raw.fallbacks.is_empty() {
+        cx.err(&locate::join(path, "fallback_on"), "empty: the fallbacks would never be used");
+        ok.set(false);
+    }
+    let main = main?;
+    ok.get().then(|| GroupConfig {
+        name: name.to_string(),
+        main,
+        fallbacks,
+        fallback_on: raw.fallback_on,
+        skip_fallback: raw.skip_fallback,
+        cache_fallback: raw.cache_fallback,
+        read_only: raw.read_only || origins[main].read_only,
+    })
+}
+
+fn route(
+    cx: &mut Ctx,
+    path: &str,
+    i: usize,
+    raw: RawRoute,
+    group_ix: &HashMap<String, Option<usize>>,
+) -> Option<RouteConfig> {
+    let group = match group_ix.get(&raw.group) {
+        Some(ix) => (*ix)?,
+        None => {
+            let mut known: Vec<&str> = group_ix.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            cx.err(
+                &locate::join(path, "group"),
+                format!("unknown group `{}` (defined: {})", raw.group, known.join(", ")),
+            );
+            return None;
+        }
+    };
+    let host = match raw.host.as_deref().map(str::trim) {
+        None | Some("") | Some("*") => HostMatch::Any,
+        Some(h) => {
+            let h = h.to_ascii_lowercase();
+            let (wild, name) = match h.strip_prefix("*.") {
+                Some(rest) => (true, rest.to_string()),
+                None => (false, h.clone()),
+            };
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_');
+            if !valid {
+                cx.err(
+                    &locate::join(path, "host"),
+                    format!("invalid host `{h}`: write a name (`media.example.com`) or a wildcard (`*.example.com`), without port or scheme"),
+                );
+                return None;
+            }
+            if wild {
+                HostMatch::Suffix(format!(".{name}"))
+            } else {
+                HostMatch::Exact(name)
+            }
+        }
+    };
+    if !raw.path.starts_with('/') {
+        cx.err(&locate::join(path, "path"), format!("path prefix `{}` must start with `/`", raw.path));
+        return None;
+    }
+    let prefix = if raw.path.len() > 1 {
+        raw.path.trim_end_matches('/').to_string()
+    } else {
+        raw.path.clone()
+    };
+    let name = raw.name.clone().unwrap_or_else(|| format!("route{i}"));
+    if raw.max_upload_size == Some(0) {
+        cx.err(&locate::join(path, "max_upload_size"), "must be greater than zero");
+        return None;
+    }
+    Some(RouteConfig {
+        name,
+        host,
+        path: if prefix.is_empty() { "/".into() } else { prefix },
+        strip_prefix: raw.strip_prefix,
+        group,
+        max_upload_size: raw.max_upload_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "AK" => Some("AKIDEXAMPLE".into()),
+            "SK" => Some("secret".into()),
+            _ => None,
+        }
+    }
+
+    fn load_ok(src: &str) -> Config {
+        match load(src, Path::new("/tmp/t.yaml"), &env) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn load_err(src: &str) -> Vec<ConfigError> {
+        load(src, Path::new("/tmp/t.yaml"), &env).unwrap_err().0
+    }
+
+    const GOOD: &str = "\
+listen: [{addr: 127.0.0.1:8080}]
+origins:
+  a: {url: \"https://bucket.s3.eu-west-1.amazonaws.com\", s3: {region: eu-west-1, access_key_env: AK, secret_key_env: SK}}
+  b: {url: \"http://127.0.0.1:9000/prod-bucket/\"}
+groups:
+  g: {main: a, fallbacks: [b]}
+routes:
+  - {host: \"*.example.com\", path: /media/, strip_prefix: true, group: g, max_upload_size: 5GiB}
+";
+
+    #[test]
+    fn good_config_resolves_everything() {
+        let c = load_ok(GOOD);
+        assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
+        let a = &c.origins[0];
+        match &a.kind {
+            OriginKind::Http { tls, host, port, prefix, s3, .. } => {
+                assert!(tls);
+                assert_eq!(host, "bucket.s3.eu-west-1.amazonaws.com");
+                assert_eq!(*port, 443);
+                assert_eq!(prefix, "");
+                assert_eq!(s3.as_ref().unwrap().region, "eu-west-1");
+            }
+            _ => panic!(),
+        }
+        match &c.origins[1].kind {
+            OriginKind::Http { prefix, host_header, .. } => {
+                assert_eq!(prefix, "/prod-bucket");
+                assert_eq!(host_header, "127.0.0.1:9000");
+            }
+            _ => panic!(),
+        }
+        let g = &c.groups[0];
+        assert_eq!((g.main, g.fallbacks.clone(), g.fallback_on.clone()), (0, vec![1], vec![404]));
+        let r = &c.routes[0];
+        assert_eq!(r.host, HostMatch::Suffix(".example.com".into()));
+        assert_eq!(r.path, "/media");
+        assert_eq!(r.max_upload_size, Some(5 << 30));
+    }
+
+    #[test]
+    fn secrets_do_not_appear_in_debug_output() {
+        let c = load_ok(GOOD);
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("secret"), "{dbg}");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_line() {
+        let src = "\
+listen: [{addr: 127.0.0.1:8080}]
+bogus: 1
+origins:
+  a: {url: \"ftp://x\"}
+  b: {url: \"http://x\", s3: {access_key_env: NOPE, secret_key_env: SK}}
+  c: {dir: /definitely/not/here}
+  d: {urll: \"http://x\"}
+groups:
+  g: {main: zz, fallbacks: [a], fallback_on: [200]}
+routes:
+  - {path: /, group: nothere}
+  - {path: media, group: g}
+";
+        let errs = load_err(src);
+        let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+        for want in [
+            (2, "bogus"),
+            (4, "origins.a.url"),
+            (5, "origins.b.s3.access_key_env"),
+            (6, "origins.c.dir"),
+            (7, "origins.d.urll"),
+            (9, "groups.g.main"),
+            (9, "groups.g.fallback_on[0]"),
+            (11, "routes[0].group"),
+        ] {
+            assert!(got.contains(&want), "missing {want:?} in {got:?}");
+        }
+        let text = ConfigErrors(errs).to_string();
+        assert!(text.contains("/tmp/t.yaml:4:"), "{text}");
+        assert!(text.contains("NOPE"), "{text}");
+    }
+
+    #[test]
+    fn bad_units_and_types() {
+        let errs = load_err("listen: [{addr: 127.0.0.1:1}]\ntimeouts:\n  connect: soon\nroutes: []\n");
+        assert_eq!(errs[0].field, "timeouts.connect");
+        assert_eq!(errs[0].line, 3);
+        let errs = load_err("listen: [{addr: nope}]\n");
+        assert_eq!(errs[0].field, "listen[0].addr");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let errs = load_err("listen: [\norigins: {a: 1\n");
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].line >= 1);
+    }
+}

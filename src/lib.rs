@@ -1,0 +1,121 @@
+//! cascade: a plugin-scriptable edge proxy for object storage, on Pingora.
+//!
+//! ```text
+//!  config ──load/validate──► Config ──build()──► Server
+//!                                                 ├─ proxy service  (proxy::Cascade: admit → fallback plan → origin rewrite/sign)
+//!                                                 ├─ dir origins    (origin::dir::DirOrigin on Unix sockets)
+//!                                                 └─ metrics        (metrics::MetricsApp)
+//! ```
+//! See ARCHITECTURE.md for the request path and the invariants.
+
+pub mod admit;
+pub mod config;
+pub mod fallback;
+pub mod metrics;
+pub mod origin;
+pub mod proxy;
+pub mod route;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use pingora_core::apps::http_app::HttpServer;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::Server;
+use pingora_core::services::listening::Service;
+
+use config::{Config, OriginKind};
+use origin::Origin;
+
+/// Where the Unix sockets of directory origins live.
+fn runtime_dir(cfg: &Config) -> PathBuf {
+    match &cfg.server.runtime_dir {
+        Some(d) => {
+            let p = Path::new(d);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                cfg.source.parent().unwrap_or(Path::new(".")).join(p)
+            }
+        }
+        None => std::env::temp_dir().join(format!("cascade-{}", std::process::id())),
+    }
+}
+
+/// Build the runtime state (origins resolved, router sorted) from a validated config.
+pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> {
+    let mut origins = Vec::with_capacity(cfg.origins.len());
+    for (i, o) in cfg.origins.iter().enumerate() {
+        let sock = matches!(o.kind, OriginKind::Dir { .. }).then(|| dir_socket(rt_dir, i));
+        origins.push(Origin::new(o, sock.as_deref())?);
+    }
+    Ok(proxy::State {
+        router: route::Router::new(cfg.routes.clone()),
+        groups: cfg.groups.clone(),
+        origins,
+        access_log: cfg.server.access_log,
+    })
+}
+
+fn dir_socket(rt_dir: &Path, origin_ix: usize) -> PathBuf {
+    rt_dir.join(format!("dir-origin-{origin_ix}.sock"))
+}
+
+/// Build the Pingora server with every service of the config. Does not start it.
+pub fn build_server(cfg: &Config) -> Result<Server, String> {
+    let rt_dir = runtime_dir(cfg);
+    std::fs::create_dir_all(&rt_dir)
+        .map_err(|e| format!("cannot create runtime dir {}: {e}", rt_dir.display()))?;
+
+    let mut conf = ServerConf::default();
+    conf.threads = cfg
+        .server
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let grace = cfg.server.grace_period.as_secs();
+    conf.grace_period_seconds = Some(grace);
+    conf.graceful_shutdown_timeout_seconds = Some(grace);
+    conf.upgrade_sock = rt_dir.join("upgrade.sock").to_string_lossy().into_owned();
+    conf.pid_file = rt_dir.join("cascade.pid").to_string_lossy().into_owned();
+    let state = Arc::new(build_state(cfg, &rt_dir)?);
+    // Replays are retries: allow one per fallback, plus Pingora's reused-connection retries.
+    conf.max_retries = state.max_attempts() + 2;
+
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    // Directory origins, each on its own Unix socket, one thread each (file I/O is async).
+    for (i, o) in cfg.origins.iter().enumerate() {
+        if let OriginKind::Dir { root } = &o.kind {
+            let app = origin::dir::DirOrigin::new(root, o.read_only)
+                .map_err(|e| format!("origin `{}`: {e}", o.name))?;
+            let sock = dir_socket(&rt_dir, i);
+            let _ = std::fs::remove_file(&sock);
+            let mut svc = Service::new(format!("dir origin {}", o.name), app);
+            use std::os::unix::fs::PermissionsExt;
+            svc.add_uds(
+                &sock.to_string_lossy(),
+                Some(std::fs::Permissions::from_mode(0o600)),
+            );
+            server.add_service(svc);
+        }
+    }
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::Cascade { state },
+        "cascade proxy",
+    );
+    for addr in &cfg.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = cfg.metrics {
+        let mut svc = Service::new("metrics".to_string(), HttpServer::new_app(metrics::MetricsApp));
+        svc.threads = Some(1);
+        svc.add_tcp(&addr.to_string());
+        server.add_service(svc);
+    }
+    Ok(server)
+}

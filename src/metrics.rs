@@ -1,0 +1,178 @@
+//! Every Prometheus series cascade exports, in one place, and the tiny HTTP app that serves
+//! them on the metrics listener.
+//!
+//! Label values come only from the config (route, group and origin names) or from small
+//! fixed sets (method, status class, error kind), so cardinality is bounded by the config.
+
+use std::sync::{Arc, LazyLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Method;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use prometheus::{
+    exponential_buckets, register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
+    Encoder, HistogramVec, IntCounterVec, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub fallback_replays: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+}
+
+fn buckets() -> Vec<f64> {
+    // 0.5 ms .. ~33 s
+    exponential_buckets(0.0005, 2.0, 17).expect("static buckets")
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = register_int_counter_vec_with_registry!(
+            "cascade_requests_total",
+            "Requests answered, by route, method, status class and the origin that served them.",
+            &["route", "method", "status", "served_from"],
+            registry
+        )
+        .expect("metric");
+        let fallback_replays = register_int_counter_vec_with_registry!(
+            "cascade_fallback_replays_total",
+            "Requests replayed to the next fallback, by group and the origin that answered `missing`.",
+            &["group", "origin"],
+            registry
+        )
+        .expect("metric");
+        let upstream_errors = register_int_counter_vec_with_registry!(
+            "cascade_upstream_errors_total",
+            "Failed upstream attempts by origin and kind (connect_refused, connect_timeout, timeout, tls, reset, protocol, other).",
+            &["origin", "kind"],
+            registry
+        )
+        .expect("metric");
+        let request_duration = register_histogram_vec_with_registry!(
+            "cascade_request_duration_seconds",
+            "Time from request header to the end of the response, by route.",
+            &["route"],
+            buckets(),
+            registry
+        )
+        .expect("metric");
+        let upstream_duration = register_histogram_vec_with_registry!(
+            "cascade_upstream_duration_seconds",
+            "Time from the start of an upstream attempt to its response header, by origin.",
+            &["origin"],
+            buckets(),
+            registry
+        )
+        .expect("metric");
+        Metrics {
+            registry,
+            requests,
+            fallback_replays,
+            upstream_errors,
+            request_duration,
+            upstream_duration,
+        }
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+/// The process-wide metrics. One registry per process: a config reload keeps counters.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// `2xx`, `4xx`, … (`0xx` when no response was sent, e.g. the client went away).
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => "none",
+    }
+}
+
+/// A fixed label for the method, so a client cannot mint series with invented methods.
+pub fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Serves `/metrics` (and `/healthz`) on the metrics listener.
+pub struct MetricsApp;
+
+#[async_trait]
+impl ServeHttp for MetricsApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path();
+        let (status, ctype, body) = match path {
+            "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", METRICS.render()),
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            _ => (404, "text/plain", b"not found: try /metrics\n".to_vec()),
+        };
+        http::Response::builder()
+            .status(status)
+            .header(http::header::CONTENT_TYPE, ctype)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .expect("static response")
+    }
+}
+
+/// Convenience for tests and the admin side: the rendered text.
+pub fn render_text() -> Bytes {
+    Bytes::from(METRICS.render())
+}
+
+pub fn app() -> Arc<MetricsApp> {
+    Arc::new(MetricsApp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_are_exported_with_conventional_names() {
+        METRICS.requests.with_label_values(&["r", "GET", "2xx", "main"]).inc();
+        METRICS.fallback_replays.with_label_values(&["g", "main"]).inc();
+        METRICS.upstream_errors.with_label_values(&["o", "timeout"]).inc();
+        METRICS.request_duration.with_label_values(&["r"]).observe(0.01);
+        METRICS.upstream_duration.with_label_values(&["o"]).observe(0.01);
+        let text = String::from_utf8(render_text().to_vec()).unwrap();
+        for name in [
+            "cascade_requests_total{method=\"GET\",route=\"r\",served_from=\"main\",status=\"2xx\"} 1",
+            "cascade_fallback_replays_total{group=\"g\",origin=\"main\"} 1",
+            "cascade_upstream_errors_total{kind=\"timeout\",origin=\"o\"} 1",
+            "cascade_request_duration_seconds_bucket",
+            "cascade_upstream_duration_seconds_count{origin=\"o\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(method_label(&Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(0), "none");
+    }
+}

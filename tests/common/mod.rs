@@ -1,0 +1,1026 @@
+//! Integration test harness: real parts only.
+//!
+//! ```text
+//!  test ──reqwest/raw TCP──► Cascade (child process, real binary)
+//!                               │            │
+//!                               ▼            ▼
+//!                          S3Server      HttpOrigin        (in-process, own tokio runtime each)
+//!                       (s3s + s3s-fs,   (hyper, scripted
+//!                        SigV4 checked)   replies, slow mode)
+//! ```
+//!
+//! Every server counts requests per method and records each request (with a process-wide
+//! sequence number, so tests can assert the order in which origins were asked).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+/// Access key of every signed test server.
+pub const ACCESS_KEY: &str = "AKIDCASCADETEST";
+/// Secret key of every signed test server.
+pub const SECRET_KEY: &str = "cascade-test-secret-key";
+
+/// Process-wide request sequence: lets tests compare the order of requests across servers.
+static SEQ: AtomicU64 = AtomicU64::new(1);
+
+// ---------------------------------------------------------------------------------------------
+// Request statistics
+// ---------------------------------------------------------------------------------------------
+
+/// One request as a server saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Process-wide arrival order.
+    pub seq: u64,
+    pub method: String,
+    /// Path and query exactly as received.
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+impl Recorded {
+    /// A header as a string ("" if absent or not UTF-8).
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Request counters of one server.
+#[derive(Debug, Default)]
+pub struct Stats {
+    log: Mutex<Vec<Recorded>>,
+    response_bytes: AtomicU64,
+    request_bytes: AtomicU64,
+}
+
+impl Stats {
+    fn record<B>(&self, req: &Request<B>) {
+        let rec = Recorded {
+            seq: SEQ.fetch_add(1, Ordering::SeqCst),
+            method: req.method().as_str().to_string(),
+            uri: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default(),
+            headers: req.headers().clone(),
+        };
+        self.log.lock().unwrap().push(rec);
+    }
+
+    /// Requests with this method (case-sensitive, e.g. "GET").
+    pub fn count(&self, method: &str) -> u64 {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.method == method)
+            .count() as u64
+    }
+
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.log.lock().unwrap().len() as u64
+    }
+
+    /// PUT, POST, DELETE and PATCH requests.
+    pub fn writes(&self) -> u64 {
+        ["PUT", "POST", "DELETE", "PATCH"]
+            .iter()
+            .map(|m| self.count(m))
+            .sum()
+    }
+
+    /// Requests per method.
+    pub fn by_method(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        for r in self.log.lock().unwrap().iter() {
+            *m.entry(r.method.clone()).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// Every request seen, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The most recent request.
+    pub fn last(&self) -> Option<Recorded> {
+        self.log.lock().unwrap().last().cloned()
+    }
+
+    /// Sequence number of the first request, if any.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.log.lock().unwrap().first().map(|r| r.seq)
+    }
+
+    /// Response body bytes sent so far.
+    pub fn response_bytes(&self) -> u64 {
+        self.response_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Request body bytes received so far (HTTP origin only).
+    pub fn request_bytes(&self) -> u64 {
+        self.request_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Forget everything counted so far.
+    pub fn reset(&self) {
+        self.log.lock().unwrap().clear();
+        self.response_bytes.store(0, Ordering::SeqCst);
+        self.request_bytes.store(0, Ordering::SeqCst);
+    }
+}
+
+/// A response body that adds every data frame's length to [`Stats::response_bytes`].
+struct CountingBody<B> {
+    inner: Pin<Box<B>>,
+    stats: Arc<Stats>,
+}
+
+impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.stats
+                    .response_bytes
+                    .fetch_add(data.len() as u64, Ordering::SeqCst);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background server plumbing
+// ---------------------------------------------------------------------------------------------
+
+/// A hyper HTTP/1 server on its own thread and tokio runtime; stopped on drop.
+struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    fn spawn<S, B>(name: &str, svc: S) -> ServerHandle
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind test server");
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("test-{name}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    loop {
+                        tokio::select! {
+                            _ = &mut rx => break,
+                            accepted = listener.accept() => {
+                                let Ok((stream, _)) = accepted else { continue };
+                                let svc = svc.clone();
+                                tokio::spawn(async move {
+                                    let _ = hyper::server::conn::http1::Builder::new()
+                                        .serve_connection(TokioIo::new(stream), svc)
+                                        .await;
+                                });
+                            }
+                        }
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })
+            .unwrap();
+        ServerHandle {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3 server (s3s + s3s-fs)
+// ---------------------------------------------------------------------------------------------
+
+/// A real S3 server: buckets are directories under `root`, objects are plain files.
+pub struct S3Server {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    /// `Some((access, secret))` when SigV4 is verified.
+    pub credentials: Option<(String, String)>,
+    root: tempfile::TempDir,
+    _server: ServerHandle,
+}
+
+impl S3Server {
+    /// A server verifying SigV4 with [`ACCESS_KEY`] / [`SECRET_KEY`]; unsigned requests get 403.
+    pub fn signed() -> S3Server {
+        S3Server::start(Some((ACCESS_KEY, SECRET_KEY)))
+    }
+
+    /// A server without authentication: unsigned requests are served (signed ones are refused
+    /// by s3s with NotImplemented).
+    pub fn anonymous() -> S3Server {
+        S3Server::start(None)
+    }
+
+    /// Start a server; `credentials` enables SigV4 verification.
+    pub fn start(credentials: Option<(&str, &str)>) -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs root");
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        if let Some((ak, sk)) = credentials {
+            builder.set_auth(s3s::auth::SimpleAuth::from_single(ak, sk));
+        }
+        let s3 = builder.build();
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let s3 = s3.clone();
+            let stats = st.clone();
+            async move {
+                stats.record(&req);
+                let resp = hyper::service::Service::call(&s3, req).await?;
+                Ok::<_, s3s::HttpError>(resp.map(|b| CountingBody {
+                    inner: Box::pin(b),
+                    stats,
+                }))
+            }
+        });
+        let server = ServerHandle::spawn("s3", svc);
+        S3Server {
+            addr: server.addr,
+            stats,
+            credentials: credentials.map(|(a, s)| (a.to_string(), s.to_string())),
+            root,
+            _server: server,
+        }
+    }
+
+    /// Root directory (buckets are its subdirectories).
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Create an empty bucket.
+    pub fn create_bucket(&self, bucket: &str) {
+        std::fs::create_dir_all(self.root().join(bucket)).unwrap();
+    }
+
+    /// Where object `key` of `bucket` lives on disk.
+    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.root().join(bucket).join(key)
+    }
+
+    /// Seed an object (creating the bucket and parent directories).
+    pub fn put_file(&self, bucket: &str, key: &str, data: impl AsRef<[u8]>) {
+        let p = self.object_path(bucket, key);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+
+    /// Read an object from disk, if present.
+    pub fn read_file(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.object_path(bucket, key)).ok()
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Path-style bucket URL: `http://127.0.0.1:PORT/bucket`.
+    pub fn bucket_url(&self, bucket: &str) -> String {
+        format!("http://{}/{bucket}", self.addr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scriptable plain HTTP origin
+// ---------------------------------------------------------------------------------------------
+
+/// A scripted response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+    pub headers: Vec<(String, String)>,
+    /// Sleep this long before answering.
+    pub delay: Duration,
+}
+
+impl Reply {
+    /// A reply with a status and body.
+    pub fn new(status: u16, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            body: body.into(),
+            headers: Vec::new(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// Add a response header.
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Answer only after `d`.
+    pub fn delay(mut self, d: Duration) -> Reply {
+        self.delay = d;
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Script {
+    /// Keyed by (method or "*", path without query).
+    replies: HashMap<(String, String), Reply>,
+    default: Reply,
+    delay: Duration,
+}
+
+/// A plain HTTP origin answering scripted replies per path; records every request.
+pub struct HttpOrigin {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    script: Arc<Mutex<Script>>,
+    _server: ServerHandle,
+}
+
+impl HttpOrigin {
+    /// Start an origin whose default reply is `404 not found`.
+    pub fn start() -> HttpOrigin {
+        let stats = Arc::new(Stats::default());
+        let script = Arc::new(Mutex::new(Script {
+            replies: HashMap::new(),
+            default: Reply::new(404, "not found"),
+            delay: Duration::ZERO,
+        }));
+        let (st, sc) = (stats.clone(), script.clone());
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let stats = st.clone();
+            let script = sc.clone();
+            async move {
+                stats.record(&req);
+                let (reply, global_delay) = {
+                    let s = script.lock().unwrap();
+                    let path = req.uri().path().to_string();
+                    let method = req.method().as_str().to_string();
+                    let r = s
+                        .replies
+                        .get(&(method, path.clone()))
+                        .or_else(|| s.replies.get(&("*".to_string(), path)))
+                        .unwrap_or(&s.default)
+                        .clone();
+                    (r, s.delay)
+                };
+                let mut body = req.into_body();
+                while let Some(frame) = body.frame().await {
+                    match frame {
+                        Ok(f) => {
+                            if let Some(d) = f.data_ref() {
+                                stats
+                                    .request_bytes
+                                    .fetch_add(d.len() as u64, Ordering::SeqCst);
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let delay = reply.delay.max(global_delay);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let mut resp = Response::builder().status(reply.status);
+                for (k, v) in &reply.headers {
+                    resp = resp.header(k.as_str(), v.as_str());
+                }
+                let resp = resp
+                    .body(CountingBody {
+                        inner: Box::pin(Full::new(reply.body.clone())),
+                        stats,
+                    })
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(resp)
+            }
+        });
+        let server = ServerHandle::spawn("http-origin", svc);
+        HttpOrigin {
+            addr: server.addr,
+            stats,
+            script,
+            _server: server,
+        }
+    }
+
+    /// Answer `path` (any method) with `reply`.
+    pub fn route(&self, path: &str, reply: Reply) -> &Self {
+        self.route_method("*", path, reply)
+    }
+
+    /// Answer `method path` with `reply` (takes precedence over [`HttpOrigin::route`]).
+    pub fn route_method(&self, method: &str, path: &str, reply: Reply) -> &Self {
+        self.script
+            .lock()
+            .unwrap()
+            .replies
+            .insert((method.to_string(), path.to_string()), reply);
+        self
+    }
+
+    /// Reply for paths without a scripted reply.
+    pub fn set_default(&self, reply: Reply) {
+        self.script.lock().unwrap().default = reply;
+    }
+
+    /// Slow mode: every reply waits at least `d`.
+    pub fn set_delay(&self, d: Duration) {
+        self.script.lock().unwrap().delay = d;
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn authority(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `http://127.0.0.1:PORT{prefix}` (prefix "" or starting with '/').
+    pub fn url(&self, prefix: &str) -> String {
+        format!("http://{}{prefix}", self.addr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports, clients, raw HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// A loopback port that was free a moment ago and was not handed out before in this process.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap();
+    let given = given.get_or_insert_with(HashSet::new);
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no free port found");
+}
+
+/// HTTP client: no proxy, no redirects, short timeouts.
+pub fn client() -> reqwest::Client {
+    client_with_timeout(Duration::from_secs(15))
+}
+
+/// HTTP client with a total request timeout.
+pub fn client_with_timeout(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .build()
+        .unwrap()
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Status line and headers, as text.
+    pub head: String,
+    /// Everything after the header block (possibly chunk-encoded, possibly partial).
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Whole response as lossy text, to search for leaked content.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.head, String::from_utf8_lossy(&self.body))
+    }
+}
+
+/// Send `request` verbatim (no URL normalisation) and read one response: the header block,
+/// then `Content-Length` bytes or until EOF/timeout.
+pub fn raw_request(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawResponse {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.set_write_timeout(Some(timeout)).unwrap();
+    s.write_all(request).expect("write request");
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let mut head_end = None;
+    let mut want: Option<usize> = None;
+    while Instant::now() < deadline {
+        if let (Some(h), Some(w)) = (head_end, want) {
+            if buf.len() >= h + w {
+                break;
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+        if head_end.is_none() {
+            if let Some(p) = find(&buf, b"\r\n\r\n") {
+                head_end = Some(p + 4);
+                let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+                want = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok());
+            }
+        }
+    }
+    let Some(h) = head_end else {
+        panic!(
+            "no complete response head within {timeout:?}; got {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    };
+    let head = String::from_utf8_lossy(&buf[..h]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    RawResponse {
+        status,
+        head,
+        body: buf[h..].to_vec(),
+    }
+}
+
+/// A raw `GET` for `target` with `Connection: close`.
+pub fn raw_get(addr: SocketAddr, target: &str) -> RawResponse {
+    let req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    raw_request(addr, req.as_bytes(), Duration::from_secs(10))
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A header of a reqwest response as a string ("" if absent).
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cascade binary
+// ---------------------------------------------------------------------------------------------
+
+/// Path of the binary under test.
+pub fn cascade_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cascade")
+}
+
+/// Configures and starts a [`Cascade`].
+pub struct CascadeBuilder {
+    yaml: String,
+    env: Vec<(String, String)>,
+    ready_timeout: Duration,
+}
+
+impl CascadeBuilder {
+    /// Set an environment variable on the child.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Set `NAME_AK`/`NAME_SK`-style credential variables to the test keys.
+    pub fn test_credentials(self, access_env: &str, secret_env: &str) -> Self {
+        self.env(access_env, ACCESS_KEY).env(secret_env, SECRET_KEY)
+    }
+
+    /// Write the config, spawn `cascade run -c FILE` and wait until it accepts connections.
+    pub fn start(self) -> Cascade {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let metrics_port = free_port();
+        let runtime_dir = dir.path().join("run");
+        std::fs::create_dir_all(&runtime_dir).unwrap();
+        let config = format!(
+            "listen:\n  - addr: \"127.0.0.1:{port}\"\nmetrics:\n  addr: \"127.0.0.1:{metrics_port}\"\n\
+             server:\n  threads: 1\n  grace_period: 1s\n  runtime_dir: \"{}\"\n{}\n",
+            runtime_dir.display(),
+            self.yaml
+        );
+        let config_path = dir.path().join("cascade.yaml");
+        std::fs::write(&config_path, &config).unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stdout_path = dir.path().join("stdout.log");
+        let mut cmd = Command::new(cascade_bin());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(File::create(&stdout_path).unwrap())
+            .stderr(File::create(&stderr_path).unwrap());
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn cascade");
+        let mut c = Cascade {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], metrics_port)),
+            config,
+            stderr_path,
+            _dir: dir,
+        };
+        c.wait_ready(self.ready_timeout);
+        c
+    }
+}
+
+/// A running `cascade run` child process; killed on drop (its stderr is printed if the test
+/// is panicking).
+pub struct Cascade {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    /// The full YAML it was started with.
+    pub config: String,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cascade {
+    /// A builder for the given `origins:`/`groups:`/`routes:` (and optional `timeouts:`) YAML;
+    /// `listen`, `metrics` and `server` are added by the harness.
+    pub fn builder(yaml: &str) -> CascadeBuilder {
+        CascadeBuilder {
+            yaml: yaml.to_string(),
+            env: Vec::new(),
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+
+    /// Start with no extra environment.
+    pub fn start(yaml: &str) -> Cascade {
+        Cascade::builder(yaml).start()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "cascade exited early ({status}) with config:\n{}\n--- stderr ---\n{}",
+                    self.config,
+                    self.stderr()
+                );
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "cascade did not accept connections on {} within {timeout:?}; config:\n{}\n\
+                     --- stderr ---\n{}",
+                    self.addr,
+                    self.config,
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Everything the child wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Last `n` lines of stderr.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let s = self.stderr();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Process id of the child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    pub fn vm_hwm_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM").expect("VmHWM")
+    }
+
+    /// Current resident set size (VmRSS) in KiB.
+    pub fn vm_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS").expect("VmRSS")
+    }
+
+    /// Scrape `/metrics`, waiting (bounded) for the metrics listener to come up.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.metrics_addr);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match client().get(&url).send().await {
+                Ok(r) if r.status() == StatusCode::OK => return r.text().await.unwrap(),
+                other => {
+                    if Instant::now() > deadline {
+                        panic!(
+                            "metrics endpoint {url} not answering 200: {other:?}\n--- stderr ---\n{}",
+                            self.stderr_tail(50)
+                        );
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Is the child still running?
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Cascade {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- cascade config ---\n{}\n--- cascade stderr (last 80 lines) ---\n{}",
+                self.config,
+                self.stderr_tail(80)
+            );
+        }
+    }
+}
+
+/// A `kB` field of `/proc/PID/status` (VmHWM, VmRSS, ...).
+pub fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics text
+// ---------------------------------------------------------------------------------------------
+
+/// Sum of the values of every series called `name` whose labels include all of `labels`;
+/// `None` if no such series exists.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some(x) => x,
+            None => continue,
+        };
+        let (series_name, label_text) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if series_name != name {
+            continue;
+        }
+        let have: Vec<(&str, &str)> = label_text
+            .split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim(), v.trim().trim_matches('"')))
+            })
+            .collect();
+        if labels.iter().all(|l| have.contains(l)) {
+            let v: f64 = value.parse().unwrap_or(0.0);
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------------
+// Large deterministic bodies
+// ---------------------------------------------------------------------------------------------
+
+/// 8 bytes of the deterministic pattern for word index `i` (splitmix64).
+fn pattern_word(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `len` bytes of the pattern starting at byte `offset` (both multiples of 8).
+pub fn pattern_chunk(offset: u64, len: usize) -> Bytes {
+    assert!(offset % 8 == 0 && len % 8 == 0);
+    let mut v = Vec::with_capacity(len);
+    let first = offset / 8;
+    for i in 0..(len / 8) as u64 {
+        v.extend_from_slice(&pattern_word(first + i).to_le_bytes());
+    }
+    Bytes::from(v)
+}
+
+/// A stream of `total` pattern bytes in `chunk`-byte pieces, generated lazily.
+pub fn pattern_stream(
+    total: u64,
+    chunk: usize,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures::stream::unfold(0u64, move |off| async move {
+        if off >= total {
+            return None;
+        }
+        let n = chunk.min((total - off) as usize);
+        Some((Ok(pattern_chunk(off, n)), off + n as u64))
+    })
+}
+
+/// Running checksum over 8-byte little-endian words; chunk boundaries do not matter.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Checksum {
+    pub len: u64,
+    hash: u64,
+    pending: [u8; 8],
+    npending: usize,
+}
+
+impl Checksum {
+    /// Add bytes.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        while !data.is_empty() {
+            let take = (8 - self.npending).min(data.len());
+            self.pending[self.npending..self.npending + take].copy_from_slice(&data[..take]);
+            self.npending += take;
+            data = &data[take..];
+            if self.npending == 8 {
+                self.mix(u64::from_le_bytes(self.pending));
+                self.npending = 0;
+            }
+        }
+    }
+
+    fn mix(&mut self, w: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ w).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+
+    /// The final (length, hash), a partial last word zero-padded.
+    pub fn finish(&self) -> (u64, u64) {
+        let mut c = *self;
+        if c.npending > 0 {
+            let mut b = [0u8; 8];
+            b[..c.npending].copy_from_slice(&c.pending[..c.npending]);
+            c.mix(u64::from_le_bytes(b));
+        }
+        (c.len, c.hash)
+    }
+}
+
+impl PartialEq for Checksum {
+    fn eq(&self, other: &Self) -> bool {
+        self.finish() == other.finish()
+    }
+}
+
+impl Eq for Checksum {}
+
+/// Checksum of the first `total` pattern bytes.
+pub fn pattern_checksum(total: u64) -> Checksum {
+    let mut c = Checksum::default();
+    let mut off = 0;
+    while off < total {
+        let n = (1 << 20).min(total - off) as usize;
+        c.update(&pattern_chunk(off, n));
+        off += n as u64;
+    }
+    c
+}
+
+/// Checksum of a file, read in 1 MiB pieces.
+pub fn file_checksum(path: &Path) -> std::io::Result<Checksum> {
+    let mut f = File::open(path)?;
+    let mut c = Checksum::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = f.read(&mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if filled == 0 {
+            break;
+        }
+        c.update(&buf[..filled]);
+        if filled < buf.len() {
+            break;
+        }
+    }
+    Ok(c)
+}
+
+/// Poll `f` every 50 ms until it returns true or `timeout` passes; returns the last result.
+pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,987 @@
+//! End-to-end tests of `cascade run` against real S3 (s3s) and plain HTTP origins.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// YAML line of an origin pointing at a path-style bucket, signed with credentials read
+/// from `{ENV}_AK` / `{ENV}_SK`.
+fn signed_origin(name: &str, url: &str, env: &str) -> String {
+    format!(
+        "  {name}: {{url: \"{url}\", s3: {{region: us-east-1, access_key_env: {env}_AK, \
+         secret_key_env: {env}_SK}}}}\n"
+    )
+}
+
+/// YAML line of an unsigned URL origin.
+fn plain_origin(name: &str, url: &str) -> String {
+    format!("  {name}: {{url: \"{url}\"}}\n")
+}
+
+/// `origins:` + `groups: {media: ...}` + one catch-all route.
+fn config(origins: &[String], group: &str) -> String {
+    format!(
+        "origins:\n{}groups:\n  media: {group}\nroutes:\n  - {{path: /, group: media}}\n",
+        origins.concat()
+    )
+}
+
+/// Main (signed) and fallback (signed) S3 servers behind one group.
+struct TwoBuckets {
+    main: S3Server,
+    prod: S3Server,
+    cascade: Cascade,
+}
+
+fn two_buckets(group_extra: &str) -> TwoBuckets {
+    let main = S3Server::signed();
+    let prod = S3Server::signed();
+    main.create_bucket("staging");
+    prod.create_bucket("production");
+    let yaml = config(
+        &[
+            signed_origin("main", &main.bucket_url("staging"), "MAIN"),
+            signed_origin("prod", &prod.bucket_url("production"), "PROD"),
+        ],
+        &format!("{{main: main, fallbacks: [prod]{group_extra}}}"),
+    );
+    let cascade = Cascade::builder(&yaml)
+        .test_credentials("MAIN_AK", "MAIN_SK")
+        .test_credentials("PROD_AK", "PROD_SK")
+        .start();
+    TwoBuckets {
+        main,
+        prod,
+        cascade,
+    }
+}
+
+#[tokio::test]
+async fn main_hit_is_served_from_main() {
+    let t = two_buckets("");
+    t.main.put_file("staging", "img/a.jpg", "from-main");
+    t.prod.put_file("production", "img/a.jpg", "from-prod");
+    let r = client()
+        .get(t.cascade.url("/img/a.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "main");
+    assert_eq!(header(&r, "x-served-from-role"), "main");
+    assert_eq!(r.text().await.unwrap(), "from-main");
+    assert_eq!(t.main.stats.count("GET"), 1);
+    assert_eq!(
+        t.prod.stats.total(),
+        0,
+        "a main hit must not touch the fallback"
+    );
+}
+
+#[tokio::test]
+async fn main_miss_falls_back() {
+    let t = two_buckets("");
+    t.prod
+        .put_file("production", "only-in-prod.txt", "from-prod");
+    let r = client()
+        .get(t.cascade.url("/only-in-prod.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(header(&r, "x-served-from-role"), "fallback");
+    assert_eq!(r.text().await.unwrap(), "from-prod");
+    assert_eq!(t.main.stats.count("GET"), 1);
+    assert_eq!(t.prod.stats.count("GET"), 1);
+}
+
+#[tokio::test]
+async fn all_miss_returns_the_last_origins_404() {
+    let main = HttpOrigin::start();
+    let prod = HttpOrigin::start();
+    main.set_default(Reply::new(404, "main-missing"));
+    prod.set_default(Reply::new(404, "prod-missing"));
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("prod", &prod.url("/b")),
+        ],
+        "{main: main, fallbacks: [prod]}",
+    ));
+    let r = client()
+        .get(cascade.url("/nowhere.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(header(&r, "x-served-from-role"), "fallback");
+    assert_eq!(r.text().await.unwrap(), "prod-missing");
+    assert_eq!(main.stats.total(), 1);
+    assert_eq!(prod.stats.total(), 1);
+}
+
+#[tokio::test]
+async fn head_requests_follow_the_same_path() {
+    let t = two_buckets("");
+    t.main.put_file("staging", "m.bin", vec![7u8; 1234]);
+    t.prod.put_file("production", "p.bin", vec![9u8; 4321]);
+    let c = client();
+
+    let r = c.head(t.cascade.url("/m.bin")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), "1234");
+    assert_eq!(header(&r, "x-served-from"), "main");
+    assert!(r.bytes().await.unwrap().is_empty());
+
+    let r = c.head(t.cascade.url("/p.bin")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), "4321");
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(header(&r, "x-served-from-role"), "fallback");
+
+    let r = c.head(t.cascade.url("/none.bin")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn range_requests_pass_through() {
+    let t = two_buckets("");
+    t.main.put_file("staging", "m.txt", "0123456789abcdef");
+    t.prod
+        .put_file("production", "p.txt", "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+    let c = client();
+
+    let r = c
+        .get(t.cascade.url("/m.txt"))
+        .header("range", "bytes=2-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(header(&r, "content-range"), "bytes 2-5/16");
+    assert_eq!(r.text().await.unwrap(), "2345");
+
+    let r = c
+        .get(t.cascade.url("/p.txt"))
+        .header("range", "bytes=20-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(header(&r, "content-range"), "bytes 20-25/26");
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(r.text().await.unwrap(), "UVWXYZ");
+}
+
+#[tokio::test]
+async fn fallback_on_403_treats_access_denied_as_missing() {
+    // Main verifies SigV4 but cascade does not sign for it: every request gets 403.
+    let main = S3Server::signed();
+    let prod = S3Server::anonymous();
+    main.put_file("staging", "x.txt", "from-main");
+    prod.put_file("production", "x.txt", "from-prod");
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.bucket_url("staging")),
+            plain_origin("prod", &prod.bucket_url("production")),
+        ],
+        "{main: main, fallbacks: [prod], fallback_on: [403, 404]}",
+    ));
+    let r = client().get(cascade.url("/x.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(r.text().await.unwrap(), "from-prod");
+    assert_eq!(main.stats.count("GET"), 1);
+    assert_eq!(prod.stats.count("GET"), 1);
+}
+
+#[tokio::test]
+async fn fallbacks_are_tried_in_order() {
+    let origins: Vec<HttpOrigin> = (0..4).map(|_| HttpOrigin::start()).collect();
+    origins[2].route("/b/obj", Reply::new(200, "from-f2"));
+    origins[3].route("/b/obj", Reply::new(200, "from-f3"));
+    let names = ["m", "f1", "f2", "f3"];
+    let yaml = config(
+        &names
+            .iter()
+            .zip(&origins)
+            .map(|(n, o)| plain_origin(n, &o.url("/b")))
+            .collect::<Vec<_>>(),
+        "{main: m, fallbacks: [f1, f2, f3]}",
+    );
+    let cascade = Cascade::start(&yaml);
+    let r = client().get(cascade.url("/obj")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "f2");
+    assert_eq!(header(&r, "x-served-from-role"), "fallback");
+    assert_eq!(r.text().await.unwrap(), "from-f2");
+    let counts: Vec<u64> = origins.iter().map(|o| o.stats.total()).collect();
+    assert_eq!(counts, vec![1, 1, 1, 0], "requests per origin m,f1,f2,f3");
+    let seqs: Vec<u64> = origins[..3]
+        .iter()
+        .map(|o| o.stats.first_seq().unwrap())
+        .collect();
+    assert!(
+        seqs[0] < seqs[1] && seqs[1] < seqs[2],
+        "order m,f1,f2: {seqs:?}"
+    );
+}
+
+#[tokio::test]
+async fn skip_fallback_never_asks_the_fallback() {
+    let t = two_buckets(", skip_fallback: true");
+    t.prod.put_file("production", "p.txt", "from-prod");
+    t.main.put_file("staging", "m.txt", "from-main");
+    let c = client();
+    let r = c.get(t.cascade.url("/p.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(header(&r, "x-served-from"), "main");
+    let r = c.head(t.cascade.url("/p.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c.get(t.cascade.url("/m.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(t.main.stats.total(), 3);
+    assert_eq!(t.prod.stats.total(), 0, "bypass made a fallback request");
+}
+
+#[tokio::test]
+async fn put_lands_in_main_only() {
+    let t = two_buckets("");
+    let c = client();
+    let r = c
+        .put(t.cascade.url("/uploads/new.txt"))
+        .body("hello upload")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "PUT status {}", r.status());
+    assert_eq!(
+        t.main.read_file("staging", "uploads/new.txt").as_deref(),
+        Some(&b"hello upload"[..])
+    );
+    assert!(t.prod.read_file("production", "uploads/new.txt").is_none());
+
+    let r = c
+        .get(t.cascade.url("/uploads/new.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "main");
+    assert_eq!(r.text().await.unwrap(), "hello upload");
+
+    let r = c
+        .delete(t.cascade.url("/uploads/new.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "DELETE status {}", r.status());
+    assert!(t.main.read_file("staging", "uploads/new.txt").is_none());
+
+    assert_eq!(t.main.stats.count("PUT"), 1);
+    assert_eq!(t.main.stats.count("DELETE"), 1);
+    assert_eq!(t.prod.stats.writes(), 0, "the fallback received writes");
+    assert_eq!(t.prod.stats.total(), 0);
+}
+
+#[tokio::test]
+async fn failed_write_is_not_replayed_to_fallback() {
+    let main = HttpOrigin::start();
+    let prod = HttpOrigin::start();
+    main.set_default(Reply::new(404, "main-404"));
+    prod.set_default(Reply::new(200, "prod-ok"));
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("prod", &prod.url("/b")),
+        ],
+        "{main: main, fallbacks: [prod]}",
+    ));
+    let c = client();
+    for method in ["PUT", "POST", "DELETE"] {
+        let r = c
+            .request(method.parse().unwrap(), cascade.url("/k.txt"))
+            .body("data")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{method}");
+        assert_eq!(r.text().await.unwrap(), "main-404", "{method}");
+    }
+    assert_eq!(main.stats.writes(), 3);
+    assert_eq!(
+        prod.stats.total(),
+        0,
+        "a write was replayed to the fallback"
+    );
+}
+
+#[tokio::test]
+async fn large_streamed_put_is_intact_and_memory_bounded() {
+    const SIZE: u64 = 256 << 20;
+    let main = S3Server::signed();
+    let prod = S3Server::signed();
+    main.create_bucket("staging");
+    prod.create_bucket("production");
+    let yaml = format!(
+        "origins:\n{}{}groups:\n  media: {{main: main, fallbacks: [prod]}}\n\
+         routes:\n  - {{path: /, group: media, max_upload_size: 1GiB}}\n",
+        signed_origin("main", &main.bucket_url("staging"), "MAIN"),
+        signed_origin("prod", &prod.bucket_url("production"), "PROD"),
+    );
+    let cascade = Cascade::builder(&yaml)
+        .test_credentials("MAIN_AK", "MAIN_SK")
+        .test_credentials("PROD_AK", "PROD_SK")
+        .start();
+    let c = client_with_timeout(Duration::from_secs(300));
+
+    // Warm up (small PUT and GET) so the baseline includes the steady-state buffers.
+    let r = c
+        .put(cascade.url("/warm.bin"))
+        .body(vec![1u8; 64 << 10])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "warm-up PUT: {}", r.status());
+    let r = c.get(cascade.url("/warm.bin")).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 64 << 10);
+    let baseline = cascade.vm_hwm_kib();
+
+    let expected = pattern_checksum(SIZE);
+    let r = c
+        .put(cascade.url("/big.bin"))
+        .header("content-length", SIZE.to_string())
+        .body(reqwest::Body::wrap_stream(pattern_stream(SIZE, 256 << 10)))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap_or_default();
+    assert!(status.is_success(), "big PUT: {status} {body}");
+
+    let stored = file_checksum(&main.object_path("staging", "big.bin")).unwrap();
+    assert_eq!(stored.len, SIZE, "stored size");
+    assert_eq!(stored, expected, "stored content differs");
+    let peak = cascade.vm_hwm_kib();
+    let growth_mib = peak.saturating_sub(baseline) as f64 / 1024.0;
+    eprintln!("VmHWM baseline {baseline} KiB, after upload {peak} KiB (+{growth_mib:.1} MiB)");
+    assert!(
+        growth_mib < 64.0,
+        "cascade buffered the upload: VmHWM grew by {growth_mib:.1} MiB (baseline {baseline} KiB)"
+    );
+    assert_eq!(prod.stats.total(), 0);
+}
+
+#[tokio::test]
+async fn private_bucket_is_reachable_only_through_cascade() {
+    let t = two_buckets("");
+    t.main.put_file("staging", "private.txt", "private-data");
+    let c = client();
+    let direct = c
+        .get(format!("{}/private.txt", t.main.bucket_url("staging")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(direct.status(), 403, "unsigned direct GET must be refused");
+    assert!(!direct.text().await.unwrap().contains("private-data"));
+
+    let r = c.get(t.cascade.url("/private.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "private-data");
+}
+
+#[tokio::test]
+async fn wrong_credentials_403_reaches_the_client() {
+    let main = S3Server::signed();
+    let prod = S3Server::signed();
+    main.put_file("staging", "x.txt", "from-main");
+    prod.put_file("production", "x.txt", "from-prod");
+    let yaml = config(
+        &[
+            signed_origin("main", &main.bucket_url("staging"), "MAIN"),
+            signed_origin("prod", &prod.bucket_url("production"), "PROD"),
+        ],
+        "{main: main, fallbacks: [prod]}",
+    );
+    let cascade = Cascade::builder(&yaml)
+        .env("MAIN_AK", ACCESS_KEY)
+        .env("MAIN_SK", "definitely-the-wrong-secret")
+        .test_credentials("PROD_AK", "PROD_SK")
+        .start();
+    let r = client().get(cascade.url("/x.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(header(&r, "x-served-from"), "main");
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("from-"), "{body}");
+    assert!(
+        body.contains("SignatureDoesNotMatch"),
+        "origin error body: {body}"
+    );
+    assert_eq!(main.stats.count("GET"), 1);
+    assert_eq!(prod.stats.total(), 0, "403 must not be replayed by default");
+}
+
+#[tokio::test]
+async fn client_authorization_is_replaced_by_sigv4() {
+    let o = HttpOrigin::start();
+    o.route("/bucket/obj.txt", Reply::new(200, "ok"));
+    let cascade = Cascade::builder(&config(
+        &[signed_origin("main", &o.url("/bucket"), "MAIN")],
+        "{main: main}",
+    ))
+    .test_credentials("MAIN_AK", "MAIN_SK")
+    .start();
+    let r = client()
+        .get(cascade.url("/obj.txt"))
+        .header("authorization", "Bearer client-token-XYZZY")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec = o.stats.last().unwrap();
+    let auths: Vec<_> = rec.headers.get_all("authorization").iter().collect();
+    assert_eq!(
+        auths.len(),
+        1,
+        "exactly one Authorization upstream: {auths:?}"
+    );
+    let auth = rec.header("authorization");
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 ")
+            && auth.contains(&format!("Credential={ACCESS_KEY}/"))
+            && auth.contains("/us-east-1/s3/aws4_request"),
+        "not a SigV4 Authorization: {auth}"
+    );
+    assert!(!auth.contains("XYZZY"));
+    for (name, value) in rec.headers.iter() {
+        assert!(
+            !value.as_bytes().windows(5).any(|w| w == b"XYZZY"),
+            "client token leaked upstream in {name}"
+        );
+    }
+    assert!(!rec.header("x-amz-date").is_empty(), "x-amz-date missing");
+    assert!(
+        !rec.header("x-amz-content-sha256").is_empty(),
+        "x-amz-content-sha256 missing"
+    );
+    assert_eq!(rec.header("host"), o.authority());
+}
+
+#[tokio::test]
+async fn upstream_path_and_host_are_rewritten() {
+    let o = HttpOrigin::start();
+    o.route("/prefix/a/b.txt", Reply::new(200, "ab"));
+    o.route("/prefix/c.txt", Reply::new(200, "c"));
+    let yaml = format!(
+        "origins:\n{}groups:\n  media: {{main: main}}\nroutes:\n\
+         - {{path: /media, strip_prefix: true, group: media}}\n\
+         - {{path: /, group: media}}\n",
+        plain_origin("main", &o.url("/prefix")),
+    );
+    let cascade = Cascade::start(&yaml);
+    let c = client();
+    let r = c
+        .get(cascade.url("/a/b.txt?x=1&y=two"))
+        .header("host", "media.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ab");
+    let rec = o.stats.last().unwrap();
+    assert_eq!(rec.uri, "/prefix/a/b.txt?x=1&y=two");
+    assert_eq!(
+        rec.header("host"),
+        o.authority(),
+        "Host must name the origin"
+    );
+
+    let r = c.get(cascade.url("/media/c.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "strip_prefix route");
+    assert_eq!(o.stats.last().unwrap().uri, "/prefix/c.txt");
+}
+
+#[tokio::test]
+async fn origin_down_is_502() {
+    let closed = free_port();
+    let cascade = Cascade::start(&config(
+        &[plain_origin(
+            "down",
+            &format!("http://127.0.0.1:{closed}/bucket"),
+        )],
+        "{main: down}",
+    ));
+    let t = Instant::now();
+    let r = client().get(cascade.url("/x.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn slow_origin_is_504_with_origin_timeouts() {
+    let o = HttpOrigin::start();
+    o.route("/b/slow.txt", Reply::new(200, "late"));
+    o.set_delay(Duration::from_secs(8));
+    let cascade = Cascade::start(&format!(
+        "origins:\n  slow: {{url: \"{}\", timeouts: {{read: 500ms, total: 2s}}}}\n\
+         groups:\n  media: {{main: slow}}\nroutes:\n  - {{path: /, group: media}}\n",
+        o.url("/b")
+    ));
+    let t = Instant::now();
+    let r = client().get(cascade.url("/slow.txt")).send().await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status(), 504);
+    assert!(took < Duration::from_secs(5), "504 only after {took:?}");
+    assert_eq!(o.stats.total(), 1);
+}
+
+#[tokio::test]
+async fn slow_origin_is_504_with_global_timeouts() {
+    let o = HttpOrigin::start();
+    o.route("/b/slow.txt", Reply::new(200, "late"));
+    o.set_delay(Duration::from_secs(8));
+    let cascade = Cascade::start(&format!(
+        "timeouts: {{connect: 1s, read: 500ms, total: 2s}}\n{}",
+        config(&[plain_origin("slow", &o.url("/b"))], "{main: slow}")
+    ));
+    let t = Instant::now();
+    let r = client().get(cascade.url("/slow.txt")).send().await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status(), 504);
+    assert!(took < Duration::from_secs(5), "504 only after {took:?}");
+}
+
+#[tokio::test]
+async fn dir_origin_refuses_path_traversal() {
+    let top = tempfile::tempdir().unwrap();
+    let root = top.path().join("root");
+    let outside = top.path().join("outside");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(root.join("public.txt"), "public-content").unwrap();
+    std::fs::write(root.join("sub/inner.txt"), "inner-content").unwrap();
+    const SECRET: &str = "TOP-SECRET-7f3a9c";
+    std::fs::write(top.path().join("secret.txt"), SECRET).unwrap();
+    std::fs::write(outside.join("secret.txt"), SECRET).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+    std::os::unix::fs::symlink(top.path().join("secret.txt"), root.join("leak.txt")).unwrap();
+
+    let mut cascade = Cascade::start(&format!(
+        "origins:\n  local: {{dir: \"{}\"}}\ngroups:\n  media: {{main: local}}\n\
+         routes:\n  - {{path: /, group: media}}\n",
+        root.display()
+    ));
+
+    // Positive controls: the origin serves files inside its root.
+    let ok = raw_get(cascade.addr, "/public.txt");
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert!(ok.text().contains("public-content"));
+    let ok = raw_get(cascade.addr, "/sub/inner.txt");
+    assert_eq!(ok.status, 200, "{}", ok.text());
+
+    let attacks = [
+        "/../secret.txt",
+        "/sub/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/%2E%2E/secret.txt",
+        "/sub/%2e%2e/%2e%2e/secret.txt",
+        "/..%2fsecret.txt",
+        "/%2e%2e%2fsecret.txt",
+        "/sub%2f..%2f..%2fsecret.txt",
+        "/..%5csecret.txt",
+        "/link/secret.txt",
+        "/leak.txt",
+        "//../secret.txt",
+    ];
+    for target in attacks {
+        let r = raw_get(cascade.addr, target);
+        let text = r.text();
+        assert!(
+            !text.contains(SECRET),
+            "{target}: file content leaked: {text}"
+        );
+        assert!(
+            [400, 403, 404].contains(&r.status),
+            "{target}: expected 400/403/404, got {}",
+            r.status
+        );
+    }
+    assert!(
+        cascade.is_running(),
+        "cascade died during the traversal attempts"
+    );
+}
+
+#[tokio::test]
+async fn no_route_is_404() {
+    let o = HttpOrigin::start();
+    o.set_default(Reply::new(200, "origin"));
+    let yaml = format!(
+        "origins:\n{}groups:\n  media: {{main: main}}\nroutes:\n\
+         - {{host: only.example.com, path: /, group: media}}\n\
+         - {{path: /media, group: media}}\n",
+        plain_origin("main", &o.url("/b"))
+    );
+    let cascade = Cascade::start(&yaml);
+    let c = client();
+    for path in ["/", "/other.txt", "/mediax/a.txt", "/medi"] {
+        let r = c.get(cascade.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
+    assert_eq!(o.stats.total(), 0, "an unrouted request reached the origin");
+
+    let r = c.get(cascade.url("/media/a.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "positive control /media/a.txt");
+    let r = c
+        .get(cascade.url("/x.txt"))
+        .header("host", "only.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "positive control host route");
+    assert_eq!(o.stats.total(), 2);
+}
+
+#[tokio::test]
+async fn read_only_group_refuses_writes() {
+    let o = HttpOrigin::start();
+    o.set_default(Reply::new(200, "ok"));
+    let cascade = Cascade::start(&config(
+        &[plain_origin("main", &o.url("/b"))],
+        "{main: main, read_only: true}",
+    ));
+    let c = client();
+    for method in ["PUT", "DELETE", "POST"] {
+        let r = c
+            .request(method.parse().unwrap(), cascade.url("/x.txt"))
+            .body("data")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method}");
+    }
+    assert_eq!(o.stats.total(), 0, "a refused write reached the origin");
+    let r = c.get(cascade.url("/x.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "reads still work");
+}
+
+#[tokio::test]
+async fn oversized_upload_is_413_before_the_body() {
+    let o = HttpOrigin::start();
+    o.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "origins:\n{}groups:\n  media: {{main: main}}\nroutes:\n\
+         - {{path: /, group: media, max_upload_size: 1MiB}}\n",
+        plain_origin("main", &o.url("/b"))
+    );
+    let cascade = Cascade::start(&yaml);
+
+    // Only the head is sent: the answer must come without the body being read.
+    let head = format!(
+        "PUT /big.bin HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+        cascade.addr,
+        2 << 20
+    );
+    let r = raw_request(cascade.addr, head.as_bytes(), Duration::from_secs(5));
+    assert_eq!(r.status, 413, "{}", r.head);
+    assert_eq!(
+        o.stats.total(),
+        0,
+        "the oversized upload reached the origin"
+    );
+
+    let c = client();
+    let r = c
+        .put(cascade.url("/small.bin"))
+        .body(vec![0u8; 1 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "an upload of exactly 1 MiB is allowed");
+    assert_eq!(o.stats.request_bytes(), 1 << 20);
+}
+
+#[tokio::test]
+async fn metrics_count_traffic() {
+    let main = HttpOrigin::start();
+    let prod = HttpOrigin::start();
+    main.route("/b/m.txt", Reply::new(200, "m"));
+    prod.route("/b/p.txt", Reply::new(200, "p"));
+    let closed = free_port();
+    let yaml = format!(
+        "origins:\n{}{}{}groups:\n  media: {{main: main, fallbacks: [prod]}}\n  \
+         broken: {{main: down}}\nroutes:\n  - {{path: /down, group: broken}}\n  \
+         - {{path: /, group: media}}\n",
+        plain_origin("main", &main.url("/b")),
+        plain_origin("prod", &prod.url("/b")),
+        plain_origin("down", &format!("http://127.0.0.1:{closed}/b")),
+    );
+    let cascade = Cascade::start(&yaml);
+    let before = cascade.metrics().await;
+    let req_before = metric_sum(&before, "cascade_requests_total", &[]).unwrap_or(0.0);
+
+    let c = client();
+    assert_eq!(
+        c.get(cascade.url("/m.txt")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.get(cascade.url("/p.txt")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        c.get(cascade.url("/none.txt"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        c.get(cascade.url("/down/x.txt"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        502
+    );
+
+    // Metrics are recorded in the logging phase, possibly just after the response: poll.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = cascade.metrics().await;
+        let reqs = metric_sum(&text, "cascade_requests_total", &[]).unwrap_or(0.0);
+        let replays = metric_sum(
+            &text,
+            "cascade_fallback_replays_total",
+            &[("group", "media")],
+        )
+        .unwrap_or(0.0);
+        let errors = metric_sum(
+            &text,
+            "cascade_upstream_errors_total",
+            &[("origin", "down")],
+        )
+        .unwrap_or(0.0);
+        if (reqs - req_before >= 4.0 && replays >= 2.0 && errors >= 1.0)
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reqs = metric_sum(&text, "cascade_requests_total", &[]);
+    assert!(
+        reqs.unwrap_or(0.0) - req_before >= 4.0,
+        "cascade_requests_total: {reqs:?} (before {req_before})\n{text}"
+    );
+    let replays = metric_sum(
+        &text,
+        "cascade_fallback_replays_total",
+        &[("group", "media")],
+    );
+    assert!(
+        replays.unwrap_or(0.0) >= 2.0,
+        "cascade_fallback_replays_total{{group=media}} = {replays:?} after 2 replays\n{text}"
+    );
+    let errors = metric_sum(
+        &text,
+        "cascade_upstream_errors_total",
+        &[("origin", "down")],
+    );
+    assert!(
+        errors.unwrap_or(0.0) >= 1.0,
+        "cascade_upstream_errors_total{{origin=down}} = {errors:?}\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cascade_upstream_errors_total{")
+                && l.contains("origin=\"down\"")
+                && l.contains("kind=\"")),
+        "upstream errors carry a kind label\n{text}"
+    );
+    let req_hist = metric_sum(&text, "cascade_request_duration_seconds_count", &[]);
+    assert!(
+        req_hist.unwrap_or(0.0) >= 4.0,
+        "cascade_request_duration_seconds_count = {req_hist:?}\n{text}"
+    );
+    let up_hist = metric_sum(&text, "cascade_upstream_duration_seconds_count", &[]);
+    assert!(
+        up_hist.unwrap_or(0.0) >= 3.0,
+        "cascade_upstream_duration_seconds_count = {up_hist:?}\n{text}"
+    );
+}
+
+#[tokio::test]
+async fn signed_requests_with_special_characters_in_keys() {
+    let t = two_buckets("");
+    let keys = [
+        ("dir/with space.txt", "/dir/with%20space.txt"),
+        ("plus+sign.txt", "/plus%2Bsign.txt"),
+        ("café/ünï.txt", "/caf%C3%A9/%C3%BCn%C3%AF.txt"),
+        ("paren(1)!'*.txt", "/paren%281%29%21%27%2A.txt"),
+        ("tilde~_-.txt", "/tilde~_-.txt"),
+    ];
+    for (i, (key, _)) in keys.iter().enumerate() {
+        t.main.put_file("staging", key, format!("main-{i}"));
+        t.prod
+            .put_file("production", &format!("fb/{key}"), format!("prod-{i}"));
+    }
+    let c = client();
+    for (i, (key, path)) in keys.iter().enumerate() {
+        let r = c.get(t.cascade.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "main GET {key:?} via {path}");
+        assert_eq!(r.text().await.unwrap(), format!("main-{i}"));
+        let r = c
+            .get(t.cascade.url(&format!("/fb{path}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "fallback GET {key:?} via /fb{path}");
+        assert_eq!(header(&r, "x-served-from"), "prod");
+        assert_eq!(r.text().await.unwrap(), format!("prod-{i}"));
+    }
+    // A signed query string (S3 response overrides) must verify too.
+    let r = c
+        .get(
+            t.cascade
+                .url("/dir/with%20space.txt?response-content-type=text%2Fx-test"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "GET with query string");
+    assert_eq!(header(&r, "content-type"), "text/x-test");
+    // And a signed PUT with a special key.
+    let r = c
+        .put(t.cascade.url("/up%20load/%C3%A9t%C3%A9.txt"))
+        .body("summer")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "PUT status {}", r.status());
+    assert_eq!(
+        t.main.read_file("staging", "up load/été.txt").as_deref(),
+        Some(&b"summer"[..])
+    );
+}
+
+#[tokio::test]
+async fn repeated_requests_on_keepalive_connections_stay_correct() {
+    let t = two_buckets("");
+    for i in 0..5 {
+        t.main
+            .put_file("staging", &format!("m{i}.txt"), format!("main-{i}"));
+        t.prod
+            .put_file("production", &format!("p{i}.txt"), format!("prod-{i}"));
+    }
+    let c = client();
+    for round in 0..10 {
+        for i in 0..5 {
+            let r = c
+                .get(t.cascade.url(&format!("/m{i}.txt")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "round {round} m{i}");
+            assert_eq!(r.text().await.unwrap(), format!("main-{i}"));
+            let r = c
+                .get(t.cascade.url(&format!("/p{i}.txt")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "round {round} p{i}");
+            assert_eq!(header(&r, "x-served-from"), "prod");
+            assert_eq!(r.text().await.unwrap(), format!("prod-{i}"));
+            let r = c.get(t.cascade.url("/nope.txt")).send().await.unwrap();
+            assert_eq!(r.status(), 404, "round {round} miss");
+            let _ = r.bytes().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversized_chunked_upload_does_not_get_through() {
+    const LIMIT: u64 = 1 << 20;
+    let o = HttpOrigin::start();
+    o.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "origins:\n{}groups:\n  media: {{main: main}}\nroutes:\n\
+         - {{path: /, group: media, max_upload_size: 1MiB}}\n",
+        plain_origin("main", &o.url("/b"))
+    );
+    let cascade = Cascade::start(&yaml);
+    // No Content-Length: the limit can only be enforced while streaming.
+    let r = client()
+        .put(cascade.url("/chunked.bin"))
+        .body(reqwest::Body::wrap_stream(pattern_stream(
+            4 * LIMIT,
+            64 << 10,
+        )))
+        .send()
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status(), 413, "4 MiB chunked upload over a 1 MiB limit"),
+        Err(e) => eprintln!("upload aborted by cascade: {e}"),
+    }
+    assert!(
+        o.stats.request_bytes() <= LIMIT + (256 << 10),
+        "origin received {} bytes past a 1 MiB limit",
+        o.stats.request_bytes()
+    );
+}
+
+#[tokio::test]
+async fn large_get_via_fallback_streams() {
+    const SIZE: u64 = 128 << 20;
+    let main = S3Server::signed();
+    let prod = S3Server::signed();
+    main.create_bucket("staging");
+    let data_path = prod.object_path("production", "big.bin");
+    std::fs::create_dir_all(data_path.parent().unwrap()).unwrap();
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&data_path).unwrap());
+        let mut off = 0;
+        while off < SIZE {
+            std::io::Write::write_all(&mut f, &pattern_chunk(off, 1 << 20)).unwrap();
+            off += 1 << 20;
+        }
+    }
+    let yaml = config(
+        &[
+            signed_origin("main", &main.bucket_url("staging"), "MAIN"),
+            signed_origin("prod", &prod.bucket_url("production"), "PROD"),
+        ],
+        "{main: main, fallbacks: [prod]}",
+    );
+    let cascade = Cascade::builder(&yaml)
+        .test_credentials("MAIN_AK", "MAIN_SK")
+        .test_credentials("PROD_AK", "PROD_SK")
+        .start();
+    prod.put_file("production", "warm.bin", vec![3u8; 64 << 10]);
+    let c = client_with_timeout(Duration::from_secs(300));
+    let r = c.get(cascade.url("/warm.bin")).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 64 << 10);
+    let baseline = cascade.vm_hwm_kib();
+
+    let mut r = c.get(cascade.url("/big.bin")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    let mut sum = Checksum::default();
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        sum.update(&chunk);
+    }
+    assert_eq!(sum.len, SIZE, "body length");
+    assert_eq!(sum, pattern_checksum(SIZE), "body content");
+    let peak = cascade.vm_hwm_kib();
+    let growth_mib = peak.saturating_sub(baseline) as f64 / 1024.0;
+    eprintln!("VmHWM baseline {baseline} KiB, after download {peak} KiB (+{growth_mib:.1} MiB)");
+    assert!(
+        growth_mib < 64.0,
+        "cascade buffered the download: VmHWM grew by {growth_mib:.1} MiB"
+    );
+}
