@@ -72,7 +72,10 @@ pub fn admit(router: &Router, groups: &[GroupConfig], req: &RequestFacts) -> Adm
         });
     }
     if !req.path.starts_with('/') {
-        return Admission::Local(LocalResponse::new(400, "request target must be an absolute path\n"));
+        return Admission::Local(LocalResponse::new(
+            400,
+            "request target must be an absolute path\n",
+        ));
     }
     let Some((route_ix, route)) = router.find(req.host, req.path) else {
         return Admission::Local(LocalResponse::new(
@@ -93,7 +96,10 @@ pub fn admit(router: &Router, groups: &[GroupConfig], req: &RequestFacts) -> Adm
     }
     let content_length = match req.content_length {
         None => None,
-        Some(v) => match std::str::from_utf8(v).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(v) => match std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
             Some(n) => Some(n),
             None => return Admission::Local(LocalResponse::new(400, "invalid Content-Length\n")),
         },
@@ -102,7 +108,9 @@ pub fn admit(router: &Router, groups: &[GroupConfig], req: &RequestFacts) -> Adm
         if len > limit {
             return Admission::Local(LocalResponse::new(
                 413,
-                format!("request body of {len} bytes exceeds this route's limit of {limit} bytes\n"),
+                format!(
+                    "request body of {len} bytes exceeds this route's limit of {limit} bytes\n"
+                ),
             ));
         }
     }
@@ -186,9 +194,11 @@ mod tests {
         }
     }
 
+    type Case<'a> = (&'a str, Option<&'a str>, &'a str, Option<&'a str>, u16);
+
     #[test]
     fn local_answers() {
-        let cases: &[(&str, Option<&str>, &str, Option<&str>, u16)] = &[
+        let cases: &[Case] = &[
             ("GET", Some("other.org"), "/m/x", None, 404),
             ("PUT", Some("media.example.com"), "/m/x", Some("2048"), 413),
             ("PUT", Some("media.example.com"), "/m/x", Some("1024"), 0),
@@ -205,7 +215,9 @@ mod tests {
             assert_eq!(status(run(m, *h, p, *len)), *want, "{m} {h:?} {p} {len:?}");
         }
         match run("GET", Some("nope.org"), "/zz", None) {
-            Admission::Local(r) => assert!(r.body.contains("no route") && r.body.contains("nope.org")),
+            Admission::Local(r) => {
+                assert!(r.body.contains("no route") && r.body.contains("nope.org"))
+            }
             _ => panic!(),
         }
     }

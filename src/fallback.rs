@@ -59,7 +59,11 @@ impl<'a> Plan<'a> {
     pub fn origin(&self, k: usize) -> Option<(usize, Role)> {
         match k {
             0 => Some((self.group.main, Role::Main)),
-            _ if self.replay => self.group.fallbacks.get(k - 1).map(|&o| (o, Role::Fallback)),
+            _ if self.replay => self
+                .group
+                .fallbacks
+                .get(k - 1)
+                .map(|&o| (o, Role::Fallback)),
             _ => None,
         }
     }
@@ -98,7 +102,10 @@ mod tests {
         assert_eq!(p.origin(3), None);
         assert!(p.should_replay(0, 404));
         assert!(p.should_replay(1, 403));
-        assert!(!p.should_replay(2, 404), "the last answer goes to the client");
+        assert!(
+            !p.should_replay(2, 404),
+            "the last answer goes to the client"
+        );
         assert!(!p.should_replay(0, 500));
         assert!(!p.should_replay(0, 200));
         assert!(Plan::new(&g, &Method::HEAD).should_replay(0, 404));
@@ -107,7 +114,13 @@ mod tests {
     #[test]
     fn writes_never_reach_a_fallback() {
         let g = group(vec![3], false);
-        for m in [Method::PUT, Method::POST, Method::DELETE, Method::PATCH, Method::OPTIONS] {
+        for m in [
+            Method::PUT,
+            Method::POST,
+            Method::DELETE,
+            Method::PATCH,
+            Method::OPTIONS,
+        ] {
             let p = Plan::new(&g, &m);
             assert_eq!(p.len(), 1, "{m}");
             assert_eq!(p.origin(1), None);

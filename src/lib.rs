@@ -67,11 +67,13 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     std::fs::create_dir_all(&rt_dir)
         .map_err(|e| format!("cannot create runtime dir {}: {e}", rt_dir.display()))?;
 
-    let mut conf = ServerConf::default();
-    conf.threads = cfg
-        .server
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut conf = ServerConf {
+        threads: cfg
+            .server
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        ..ServerConf::default()
+    };
     let grace = cfg.server.grace_period.as_secs();
     conf.grace_period_seconds = Some(grace);
     conf.graceful_shutdown_timeout_seconds = Some(grace);
@@ -112,7 +114,10 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     server.add_service(proxy);
 
     if let Some(addr) = cfg.metrics {
-        let mut svc = Service::new("metrics".to_string(), HttpServer::new_app(metrics::MetricsApp));
+        let mut svc = Service::new(
+            "metrics".to_string(),
+            HttpServer::new_app(metrics::MetricsApp),
+        );
         svc.threads = Some(1);
         svc.add_tcp(&addr.to_string());
         server.add_service(svc);

@@ -40,24 +40,26 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     match cli.command {
-        Command::Check { config } => match cascade::config::load_file(&config, &cascade::config::process_env) {
-            Ok(cfg) => {
-                println!(
-                    "{}: ok ({} listeners, {} origins, {} groups, {} routes)",
-                    config.display(),
-                    cfg.listen.len(),
-                    cfg.origins.len(),
-                    cfg.groups.len(),
-                    cfg.routes.len()
-                );
-                ExitCode::SUCCESS
+        Command::Check { config } => {
+            match cascade::config::load_file(&config, &cascade::config::process_env) {
+                Ok(cfg) => {
+                    println!(
+                        "{}: ok ({} listeners, {} origins, {} groups, {} routes)",
+                        config.display(),
+                        cfg.listen.len(),
+                        cfg.origins.len(),
+                        cfg.groups.len(),
+                        cfg.routes.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errs) => {
+                    eprintln!("{errs}");
+                    eprintln!("{}: {} error(s)", config.display(), errs.0.len());
+                    ExitCode::FAILURE
+                }
             }
-            Err(errs) => {
-                eprintln!("{errs}");
-                eprintln!("{}: {} error(s)", config.display(), errs.0.len());
-                ExitCode::FAILURE
-            }
-        },
+        }
         Command::Run { config } => {
             let cfg = match cascade::config::load_file(&config, &cascade::config::process_env) {
                 Ok(c) => c,
@@ -75,7 +77,11 @@ fn main() -> ExitCode {
             };
             log::info!(
                 "cascade listening on {} ({} routes)",
-                cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", "),
+                cfg.listen
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 cfg.routes.len()
             );
             server.run_forever()

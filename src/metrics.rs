@@ -12,8 +12,9 @@ use http::Method;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{
-    exponential_buckets, register_histogram_vec_with_registry, register_int_counter_vec_with_registry,
-    Encoder, HistogramVec, IntCounterVec, Registry, TextEncoder,
+    exponential_buckets, register_histogram_vec_with_registry,
+    register_int_counter_vec_with_registry, Encoder, HistogramVec, IntCounterVec, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -124,7 +125,11 @@ impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let path = session.req_header().uri.path();
         let (status, ctype, body) = match path {
-            "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", METRICS.render()),
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                METRICS.render(),
+            ),
             "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
             _ => (404, "text/plain", b"not found: try /metrics\n".to_vec()),
         };
@@ -152,11 +157,26 @@ mod tests {
 
     #[test]
     fn series_are_exported_with_conventional_names() {
-        METRICS.requests.with_label_values(&["r", "GET", "2xx", "main"]).inc();
-        METRICS.fallback_replays.with_label_values(&["g", "main"]).inc();
-        METRICS.upstream_errors.with_label_values(&["o", "timeout"]).inc();
-        METRICS.request_duration.with_label_values(&["r"]).observe(0.01);
-        METRICS.upstream_duration.with_label_values(&["o"]).observe(0.01);
+        METRICS
+            .requests
+            .with_label_values(&["r", "GET", "2xx", "main"])
+            .inc();
+        METRICS
+            .fallback_replays
+            .with_label_values(&["g", "main"])
+            .inc();
+        METRICS
+            .upstream_errors
+            .with_label_values(&["o", "timeout"])
+            .inc();
+        METRICS
+            .request_duration
+            .with_label_values(&["r"])
+            .observe(0.01);
+        METRICS
+            .upstream_duration
+            .with_label_values(&["o"])
+            .observe(0.01);
         let text = String::from_utf8(render_text().to_vec()).unwrap();
         for name in [
             "cascade_requests_total{method=\"GET\",route=\"r\",served_from=\"main\",status=\"2xx\"} 1",

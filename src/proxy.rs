@@ -40,7 +40,12 @@ pub struct State {
 impl State {
     /// The most attempts any request can make (main + the longest fallback list).
     pub fn max_attempts(&self) -> usize {
-        1 + self.groups.iter().map(|g| g.fallbacks.len()).max().unwrap_or(0)
+        1 + self
+            .groups
+            .iter()
+            .map(|g| g.fallbacks.len())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -66,7 +71,9 @@ pub struct Ctx {
 
 impl Ctx {
     fn plan<'a>(&self, state: &'a State, method: &http::Method) -> Option<Plan<'a>> {
-        self.req.as_ref().map(|r| Plan::new(&state.groups[r.group], method))
+        self.req
+            .as_ref()
+            .map(|r| Plan::new(&state.groups[r.group], method))
     }
 }
 
@@ -75,7 +82,10 @@ const TOTAL_TIMEOUT: ErrorType = ErrorType::Custom("TotalTimeout");
 
 /// The error that makes Pingora replay the request to the next fallback.
 fn replay_error(status: u16) -> Box<Error> {
-    let mut e = Error::explain(REPLAY, format!("origin answered {status}; replaying to the next fallback"));
+    let mut e = Error::explain(
+        REPLAY,
+        format!("origin answered {status}; replaying to the next fallback"),
+    );
     e.set_retry(true);
     e.esource = ErrorSource::Upstream;
     e
@@ -134,7 +144,9 @@ async fn respond_local(session: &mut Session, r: &LocalResponse) -> Result<()> {
         resp.insert_header(http::header::CONNECTION, "close")?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head_only).await?;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
     if !head_only {
         session
             .write_response_body(Some(Bytes::from(r.body.clone())), true)
@@ -193,7 +205,10 @@ impl ProxyHttp for Cascade {
             host,
             path: req.uri.path(),
             query: req.uri.query(),
-            content_length: req.headers.get(http::header::CONTENT_LENGTH).map(|v| v.as_bytes()),
+            content_length: req
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .map(|v| v.as_bytes()),
         };
         match admit::admit(&self.state.router, &self.state.groups, &facts) {
             Admission::Proxy(a) => {
@@ -214,7 +229,9 @@ impl ProxyHttp for Cascade {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(b), Some(limit)) = (body.as_ref(), ctx.req.as_ref().and_then(|r| r.upload_limit)) {
+        if let (Some(b), Some(limit)) =
+            (body.as_ref(), ctx.req.as_ref().and_then(|r| r.upload_limit))
+        {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > limit {
                 return Error::e_explain(
@@ -306,7 +323,10 @@ impl ProxyHttp for Cascade {
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         // The read timeout bounds a stall; this bounds a trickle.
-        if let (Some(t0), Some((origin, _))) = (ctx.attempt_start, self.origin_for(ctx, &session.req_header().method)) {
+        if let (Some(t0), Some((origin, _))) = (
+            ctx.attempt_start,
+            self.origin_for(ctx, &session.req_header().method),
+        ) {
             if t0.elapsed() > origin.timeouts.total {
                 return Err(total_timeout(origin));
             }
@@ -338,11 +358,15 @@ impl ProxyHttp for Cascade {
         if ctx.replay_pending {
             return e; // ours, already marked retryable
         }
-        self.count_error(ctx, &session.req_header().method.clone(), &e);
+        if e.esource() == &ErrorSource::Upstream {
+            // A client that went away is not an origin failure.
+            self.count_error(ctx, &session.req_header().method.clone(), &e);
+        }
         let mut e = e.more_context(format!("Peer: {peer}"));
         // Pingora's default: retry only idempotent requests whose body can be replayed,
         // and only when a reused pooled connection turned out to be dead.
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);
@@ -370,12 +394,22 @@ impl ProxyHttp for Cascade {
                 .origin_for(ctx, &session.req_header().method)
                 .map_or("-".to_string(), |(o, _)| o.name.clone());
             let body = match code {
-                502 => format!("cascade: origin `{origin}` is unreachable or sent an invalid response\n"),
+                502 => format!(
+                    "cascade: origin `{origin}` is unreachable or sent an invalid response\n"
+                ),
                 504 => format!("cascade: origin `{origin}` timed out\n"),
                 413 => "cascade: request body too large\n".to_string(),
-                _ => format!("cascade: {}\n", http::StatusCode::from_u16(code).map_or("error", |s| s.canonical_reason().unwrap_or("error"))),
+                _ => format!(
+                    "cascade: {}\n",
+                    http::StatusCode::from_u16(code)
+                        .map_or("error", |s| s.canonical_reason().unwrap_or("error"))
+                ),
             };
-            let r = LocalResponse { status: code, body, allow: None };
+            let r = LocalResponse {
+                status: code,
+                body,
+                allow: None,
+            };
             if let Err(err) = respond_local(session, &r).await {
                 log::debug!("cannot send error response: {err}");
             }
@@ -389,16 +423,20 @@ impl ProxyHttp for Cascade {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
-        let route = ctx
-            .req
-            .as_ref()
-            .map_or("none", |r| self.state.router.routes()[r.route].name.as_str());
+        let route = ctx.req.as_ref().map_or("none", |r| {
+            self.state.router.routes()[r.route].name.as_str()
+        });
         let served = ctx
             .served
             .map_or("cascade", |(o, _)| self.state.origins[o].name.as_str());
         METRICS
             .requests
-            .with_label_values(&[route, metrics::method_label(&req.method), metrics::status_class(status), served])
+            .with_label_values(&[
+                route,
+                metrics::method_label(&req.method),
+                metrics::status_class(status),
+                served,
+            ])
             .inc();
         let elapsed = ctx.start.elapsed();
         METRICS
@@ -432,7 +470,10 @@ impl ProxyHttp for Cascade {
 fn total_timeout(origin: &Origin) -> Box<Error> {
     let mut e = Error::explain(
         TOTAL_TIMEOUT,
-        format!("origin `{}` exceeded the total timeout of {:?}", origin.name, origin.timeouts.total),
+        format!(
+            "origin `{}` exceeded the total timeout of {:?}",
+            origin.name, origin.timeouts.total
+        ),
     );
     e.esource = ErrorSource::Upstream;
     e

@@ -40,9 +40,10 @@ impl Router {
     /// raw request path without query.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &RouteConfig)> {
         let host = host.map(normalize_host);
-        self.order.iter().map(|&i| (i, &self.routes[i])).find(|(_, r)| {
-            host_matches(&r.host, host.as_deref()) && prefix_matches(&r.path, path)
-        })
+        self.order
+            .iter()
+            .map(|&i| (i, &self.routes[i]))
+            .find(|(_, r)| host_matches(&r.host, host.as_deref()) && prefix_matches(&r.path, path))
     }
 }
 
@@ -68,7 +69,9 @@ fn host_matches(m: &HostMatch, host: Option<&str>) -> bool {
     match (m, host) {
         (HostMatch::Any, _) => true,
         (HostMatch::Exact(want), Some(h)) => want == h,
-        (HostMatch::Suffix(suffix), Some(h)) => h.len() > suffix.len() && h.ends_with(suffix.as_str()),
+        (HostMatch::Suffix(suffix), Some(h)) => {
+            h.len() > suffix.len() && h.ends_with(suffix.as_str())
+        }
         _ => false,
     }
 }
@@ -113,9 +116,17 @@ mod tests {
             r("any-root", HostMatch::Any, "/"),
             r("any-media", HostMatch::Any, "/media"),
             r("wild", HostMatch::Suffix(".example.com".into()), "/"),
-            r("wild-deeper", HostMatch::Suffix(".cdn.example.com".into()), "/"),
+            r(
+                "wild-deeper",
+                HostMatch::Suffix(".cdn.example.com".into()),
+                "/",
+            ),
             r("exact", HostMatch::Exact("media.example.com".into()), "/"),
-            r("exact-img", HostMatch::Exact("media.example.com".into()), "/img"),
+            r(
+                "exact-img",
+                HostMatch::Exact("media.example.com".into()),
+                "/img",
+            ),
         ])
     }
 
@@ -160,7 +171,10 @@ mod tests {
         let route = r("m", HostMatch::Any, "/media");
         assert_eq!(strip_prefix(&route, "/media/a/b.jpg"), "/a/b.jpg");
         assert_eq!(strip_prefix(&route, "/media"), "/");
-        let keep = RouteConfig { strip_prefix: false, ..route };
+        let keep = RouteConfig {
+            strip_prefix: false,
+            ..route
+        };
         assert_eq!(strip_prefix(&keep, "/media/a"), "/media/a");
     }
 }

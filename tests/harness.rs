@@ -193,8 +193,9 @@ fn metric_parser_sums_matching_series() {
 #[test]
 fn rss_probe_reads_proc_status() {
     let pid = std::process::id();
-    let hwm = proc_status_kib(pid, "VmHWM").unwrap();
+    // RSS first: the high-water mark read after it can only be as large or larger.
     let rss = proc_status_kib(pid, "VmRSS").unwrap();
+    let hwm = proc_status_kib(pid, "VmHWM").unwrap();
     assert!(hwm >= rss && rss > 0);
 }
 

@@ -60,7 +60,10 @@ impl std::error::Error for ConfigErrors {}
 
 /// Read, parse and validate a config file. Environment variables named by the file are read
 /// through `env` (the process environment in production, a map in tests).
-pub fn load_file(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+pub fn load_file(
+    path: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
     let src = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),

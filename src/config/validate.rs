@@ -152,7 +152,10 @@ pub(super) fn load(
     };
     let loc = Locator::build(src).map_err(|e| one(e.pos.line, e.pos.col, e.message))?;
     let root: Value = serde_yaml::from_str(src).map_err(|e| {
-        let (line, col) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+        let (line, col) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
         one(line, col, e.to_string())
     })?;
     let mut cx = Ctx {
@@ -179,7 +182,11 @@ pub(super) fn load(
                 &key,
                 format!(
                     "unknown field `{key}`, expected one of {}",
-                    TOP_LEVEL.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                    TOP_LEVEL
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             );
         }
@@ -201,7 +208,10 @@ pub(super) fn load(
         cx.err("server.threads", "must be at least 1");
     }
     if sections.get("listen").is_none_or(|v| v.is_null()) {
-        cx.err("listen", "at least one listener is required, e.g. `listen: [{addr: 0.0.0.0:8080}]`");
+        cx.err(
+            "listen",
+            "at least one listener is required, e.g. `listen: [{addr: 0.0.0.0:8080}]`",
+        );
     }
     let mut listen = Vec::new();
     let mut seen_addrs = HashSet::new();
@@ -287,7 +297,10 @@ pub(super) fn load(
             continue;
         }
         if !seen_names.insert(r.name.clone()) {
-            cx.err(&format!("{path}.name"), format!("route name `{}` is used twice", r.name));
+            cx.err(
+                &format!("{path}.name"),
+                format!("route name `{}` is used twice", r.name),
+            );
             continue;
         }
         routes.push(r);
@@ -330,12 +343,18 @@ fn origin(
             return None;
         }
         (None, None) => {
-            cx.err(path, "an origin needs `url` (an HTTP(S) origin or bucket) or `dir` (a local directory)");
+            cx.err(
+                path,
+                "an origin needs `url` (an HTTP(S) origin or bucket) or `dir` (a local directory)",
+            );
             return None;
         }
         (None, Some(dir)) => {
             if raw.s3.is_some() {
-                cx.err(&locate::join(path, "s3"), "a `dir` origin is not signed; remove `s3`");
+                cx.err(
+                    &locate::join(path, "s3"),
+                    "a `dir` origin is not signed; remove `s3`",
+                );
                 return None;
             }
             let p = base_dir.join(dir);
@@ -344,7 +363,10 @@ fn origin(
                     root: p.canonicalize().unwrap_or(p),
                 },
                 Ok(_) => {
-                    cx.err(&locate::join(path, "dir"), format!("{} is not a directory", p.display()));
+                    cx.err(
+                        &locate::join(path, "dir"),
+                        format!("{} is not a directory", p.display()),
+                    );
                     return None;
                 }
                 Err(e) => {
@@ -378,7 +400,10 @@ fn origin(
         }
     };
     if timeouts.connect.is_zero() || timeouts.read.is_zero() || timeouts.total.is_zero() {
-        cx.err(&locate::join(path, "timeouts"), "timeouts must be greater than zero");
+        cx.err(
+            &locate::join(path, "timeouts"),
+            "timeouts must be greater than zero",
+        );
         return None;
     }
     Some(OriginConfig {
@@ -420,7 +445,13 @@ fn signing(
     Some(S3Signing {
         region: s3.region,
         service: s3.service,
-        credentials: aws_credential_types::Credentials::new(ak?, sk?, token, None, "cascade-config"),
+        credentials: aws_credential_types::Credentials::new(
+            ak?,
+            sk?,
+            token,
+            None,
+            "cascade-config",
+        ),
     })
 }
 
@@ -439,16 +470,26 @@ fn parse_origin_url(url: &str) -> Result<ParsedUrl, String> {
         Some("http") => false,
         Some("https") => true,
         Some(other) => return Err(bad(&format!("scheme `{other}` is not http or https"))),
-        None => return Err(bad("it needs a scheme, e.g. `https://bucket.s3.us-east-1.amazonaws.com`")),
+        None => {
+            return Err(bad(
+                "it needs a scheme, e.g. `https://bucket.s3.us-east-1.amazonaws.com`",
+            ))
+        }
     };
     let auth = uri.authority().ok_or_else(|| bad("it has no host"))?;
     if auth.as_str().contains('@') {
-        return Err(bad("credentials do not belong in the URL; use `s3: {access_key_env, secret_key_env}`"));
+        return Err(bad(
+            "credentials do not belong in the URL; use `s3: {access_key_env, secret_key_env}`",
+        ));
     }
     if uri.query().is_some() {
         return Err(bad("a query string is not allowed"));
     }
-    let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_string();
+    let host = auth
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
     if host.is_empty() {
         return Err(bad("it has no host"));
     }
@@ -498,7 +539,10 @@ fn group(
     for (i, f) in raw.fallbacks.iter().enumerate() {
         let field = locate::index(&locate::join(path, "fallbacks"), i);
         if *f == raw.main {
-            cx.err(&field, format!("`{f}` is the main origin; a fallback must be another origin"));
+            cx.err(
+                &field,
+                format!("`{f}` is the main origin; a fallback must be another origin"),
+            );
             ok.set(false);
             continue;
         }
@@ -521,7 +565,10 @@ fn group(
         }
     }
     if raw.fallback_on.is_empty() && !raw.fallbacks.is_empty() {
-        cx.err(&locate::join(path, "fallback_on"), "empty: the fallbacks would never be used");
+        cx.err(
+            &locate::join(path, "fallback_on"),
+            "empty: the fallbacks would never be used",
+        );
         ok.set(false);
     }
     let main = main?;
@@ -550,7 +597,11 @@ fn route(
             known.sort_unstable();
             cx.err(
                 &locate::join(path, "group"),
-                format!("unknown group `{}` (defined: {})", raw.group, known.join(", ")),
+                format!(
+                    "unknown group `{}` (defined: {})",
+                    raw.group,
+                    known.join(", ")
+                ),
             );
             return None;
         }
@@ -582,7 +633,10 @@ fn route(
         }
     };
     if !raw.path.starts_with('/') {
-        cx.err(&locate::join(path, "path"), format!("path prefix `{}` must start with `/`", raw.path));
+        cx.err(
+            &locate::join(path, "path"),
+            format!("path prefix `{}` must start with `/`", raw.path),
+        );
         return None;
     }
     let prefix = if raw.path.len() > 1 {
@@ -592,13 +646,20 @@ fn route(
     };
     let name = raw.name.clone().unwrap_or_else(|| format!("route{i}"));
     if raw.max_upload_size == Some(0) {
-        cx.err(&locate::join(path, "max_upload_size"), "must be greater than zero");
+        cx.err(
+            &locate::join(path, "max_upload_size"),
+            "must be greater than zero",
+        );
         return None;
     }
     Some(RouteConfig {
         name,
         host,
-        path: if prefix.is_empty() { "/".into() } else { prefix },
+        path: if prefix.is_empty() {
+            "/".into()
+        } else {
+            prefix
+        },
         strip_prefix: raw.strip_prefix,
         group,
         max_upload_size: raw.max_upload_size,
@@ -612,7 +673,7 @@ mod tests {
     fn env(name: &str) -> Option<String> {
         match name {
             "AK" => Some("AKIDEXAMPLE".into()),
-            "SK" => Some("secret".into()),
+            "SK" => Some("wJalrSUPERSECRETVALUE".into()),
             _ => None,
         }
     }
@@ -645,7 +706,14 @@ routes:
         assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
         let a = &c.origins[0];
         match &a.kind {
-            OriginKind::Http { tls, host, port, prefix, s3, .. } => {
+            OriginKind::Http {
+                tls,
+                host,
+                port,
+                prefix,
+                s3,
+                ..
+            } => {
                 assert!(tls);
                 assert_eq!(host, "bucket.s3.eu-west-1.amazonaws.com");
                 assert_eq!(*port, 443);
@@ -655,14 +723,21 @@ routes:
             _ => panic!(),
         }
         match &c.origins[1].kind {
-            OriginKind::Http { prefix, host_header, .. } => {
+            OriginKind::Http {
+                prefix,
+                host_header,
+                ..
+            } => {
                 assert_eq!(prefix, "/prod-bucket");
                 assert_eq!(host_header, "127.0.0.1:9000");
             }
             _ => panic!(),
         }
         let g = &c.groups[0];
-        assert_eq!((g.main, g.fallbacks.clone(), g.fallback_on.clone()), (0, vec![1], vec![404]));
+        assert_eq!(
+            (g.main, g.fallbacks.clone(), g.fallback_on.clone()),
+            (0, vec![1], vec![404])
+        );
         let r = &c.routes[0];
         assert_eq!(r.host, HostMatch::Suffix(".example.com".into()));
         assert_eq!(r.path, "/media");
@@ -673,7 +748,7 @@ routes:
     fn secrets_do_not_appear_in_debug_output() {
         let c = load_ok(GOOD);
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("secret"), "{dbg}");
+        assert!(!dbg.contains("SUPERSECRET"), "{dbg}");
     }
 
     #[test]
@@ -713,7 +788,8 @@ routes:
 
     #[test]
     fn bad_units_and_types() {
-        let errs = load_err("listen: [{addr: 127.0.0.1:1}]\ntimeouts:\n  connect: soon\nroutes: []\n");
+        let errs =
+            load_err("listen: [{addr: 127.0.0.1:1}]\ntimeouts:\n  connect: soon\nroutes: []\n");
         assert_eq!(errs[0].field, "timeouts.connect");
         assert_eq!(errs[0].line, 3);
         let errs = load_err("listen: [{addr: nope}]\n");

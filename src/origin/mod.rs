@@ -70,7 +70,13 @@ impl Origin {
                 let sock = dir_socket.ok_or_else(|| format!("origin `{}`: no socket", cfg.name))?;
                 let peer = HttpPeer::new_uds(&sock.to_string_lossy(), false, String::new())
                     .map_err(|e| format!("origin `{}`: {e}", cfg.name))?;
-                (peer, "localhost".into(), String::new(), "http://localhost".into(), None)
+                (
+                    peer,
+                    "localhost".into(),
+                    String::new(),
+                    "http://localhost".into(),
+                    None,
+                )
             }
         };
         let t = cfg.timeouts;
@@ -101,8 +107,14 @@ impl Origin {
 
     /// Rewrite the upstream request for this origin: `key` is the object path (starts with
     /// `/`, raw as the client sent it after any route prefix strip), `query` the raw query.
-    pub fn rewrite(&self, req: &mut RequestHeader, key: &str, query: Option<&str>) -> Result<(), String> {
-        let mut target = String::with_capacity(self.prefix.len() + key.len() + 1 + query.map_or(0, str::len));
+    pub fn rewrite(
+        &self,
+        req: &mut RequestHeader,
+        key: &str,
+        query: Option<&str>,
+    ) -> Result<(), String> {
+        let mut target =
+            String::with_capacity(self.prefix.len() + key.len() + 1 + query.map_or(0, str::len));
         target.push_str(&self.prefix);
         if self.signer.is_some() {
             target.push_str(&s3_canonical_path(key));
@@ -143,7 +155,9 @@ mod tests {
                 s3: s3.then(|| S3Signing {
                     region: "us-east-1".into(),
                     service: "s3".into(),
-                    credentials: aws_credential_types::Credentials::new("AK", "SK", None, None, "t"),
+                    credentials: aws_credential_types::Credentials::new(
+                        "AK", "SK", None, None, "t",
+                    ),
                 }),
             },
             read_only: false,
@@ -158,7 +172,12 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/ignored", None).unwrap();
         req.insert_header("host", "media.example.com").unwrap();
         req.insert_header("authorization", "Bearer x").unwrap();
-        o.rewrite(&mut req, "/a/b c.jpg".replace(' ', "%20").as_str(), Some("v=1")).unwrap();
+        o.rewrite(
+            &mut req,
+            "/a/b c.jpg".replace(' ', "%20").as_str(),
+            Some("v=1"),
+        )
+        .unwrap();
         assert_eq!(req.uri.to_string(), "/bucket/a/b%20c.jpg?v=1");
         assert_eq!(req.headers.get("host").unwrap(), "127.0.0.1:9000");
         // unsigned origins see the client's credentials (they may be the origin's own scheme)

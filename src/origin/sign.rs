@@ -8,8 +8,8 @@
 use std::time::SystemTime;
 
 use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
-    SigningSettings, UriPathNormalizationMode,
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
@@ -54,12 +54,25 @@ impl Signer {
 
     /// Sign `req` in place for `url_base` (`http://host:port`), at `now`. The request's URI
     /// must already be the final upstream path and query, and its Host header set.
-    pub fn sign(&self, req: &mut RequestHeader, url_base: &str, now: SystemTime) -> Result<(), String> {
+    pub fn sign(
+        &self,
+        req: &mut RequestHeader,
+        url_base: &str,
+        now: SystemTime,
+    ) -> Result<(), String> {
         // Anything the client sent in these slots must not survive: the signer sets them.
-        for h in ["authorization", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"] {
+        for h in [
+            "authorization",
+            "x-amz-date",
+            "x-amz-content-sha256",
+            "x-amz-security-token",
+        ] {
             req.remove_header(h);
         }
-        let uri = format!("{url_base}{}", req.uri.path_and_query().map_or("/", |p| p.as_str()));
+        let uri = format!(
+            "{url_base}{}",
+            req.uri.path_and_query().map_or("/", |p| p.as_str())
+        );
         let headers: Vec<(&str, &str)> = req
             .headers
             .iter()
@@ -87,7 +100,9 @@ impl Signer {
             SignableBody::UnsignedPayload,
         )
         .map_err(|e| e.to_string())?;
-        let (instructions, _) = sign(signable, &params).map_err(|e| e.to_string())?.into_parts();
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|e| e.to_string())?
+            .into_parts();
         for (name, value) in instructions.headers() {
             req.insert_header(name.to_string(), value.to_string())
                 .map_err(|e| e.to_string())?;
@@ -101,7 +116,12 @@ impl Signer {
 /// when clients encode differently (`(`, `!`, `+`, UTF-8).
 pub fn s3_canonical_path(raw: &str) -> String {
     use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-    const S3: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~').remove(b'/');
+    const S3: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
     let decoded = percent_decode_str(raw).decode_utf8_lossy();
     utf8_percent_encode(&decoded, S3).to_string()
 }
@@ -115,7 +135,13 @@ mod tests {
         Signer::new(&S3Signing {
             region: "us-east-1".into(),
             service: "s3".into(),
-            credentials: aws_credential_types::Credentials::new("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", None, None, "t"),
+            credentials: aws_credential_types::Credentials::new(
+                "AKIDEXAMPLE",
+                "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+                None,
+                None,
+                "t",
+            ),
         })
     }
 
@@ -123,14 +149,26 @@ mod tests {
     fn signs_and_replaces_client_authorization() {
         let mut req = RequestHeader::build("GET", b"/bucket/a%20b.jpg?versionId=1", None).unwrap();
         req.insert_header("host", "127.0.0.1:9000").unwrap();
-        req.insert_header("authorization", "Bearer client-token").unwrap();
+        req.insert_header("authorization", "Bearer client-token")
+            .unwrap();
         req.insert_header("x-amz-meta-owner", "me").unwrap();
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         signer().sign(&mut req, "http://127.0.0.1:9000", t).unwrap();
         let auth = req.headers.get("authorization").unwrap().to_str().unwrap();
-        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20231114/us-east-1/s3/aws4_request"), "{auth}");
-        assert!(auth.contains("SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-meta-owner"), "{auth}");
-        assert_eq!(req.headers.get("x-amz-content-sha256").unwrap(), "UNSIGNED-PAYLOAD");
+        assert!(
+            auth.starts_with(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20231114/us-east-1/s3/aws4_request"
+            ),
+            "{auth}"
+        );
+        assert!(
+            auth.contains("SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-meta-owner"),
+            "{auth}"
+        );
+        assert_eq!(
+            req.headers.get("x-amz-content-sha256").unwrap(),
+            "UNSIGNED-PAYLOAD"
+        );
         assert_eq!(req.headers.get("x-amz-date").unwrap(), "20231114T221320Z");
         assert!(!format!("{:?}", signer()).contains("wJalr"));
     }
@@ -142,7 +180,12 @@ mod tests {
             let mut req = RequestHeader::build(m, p.as_bytes(), None).unwrap();
             req.insert_header("host", "h").unwrap();
             signer().sign(&mut req, "http://h", t).unwrap();
-            req.headers.get("authorization").unwrap().to_str().unwrap().to_string()
+            req.headers
+                .get("authorization")
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_string()
         };
         assert_ne!(sig("GET", "/a"), sig("GET", "/b"));
         assert_ne!(sig("GET", "/a"), sig("HEAD", "/a"));
@@ -152,7 +195,10 @@ mod tests {
     #[test]
     fn canonical_paths() {
         assert_eq!(s3_canonical_path("/a b/c.jpg"), "/a%20b/c.jpg");
-        assert_eq!(s3_canonical_path("/a%20b/(1)!.jpg"), "/a%20b/%281%29%21.jpg");
+        assert_eq!(
+            s3_canonical_path("/a%20b/(1)!.jpg"),
+            "/a%20b/%281%29%21.jpg"
+        );
         assert_eq!(s3_canonical_path("/caf%C3%A9"), "/caf%C3%A9");
         assert_eq!(s3_canonical_path("/x~y_z-1.2"), "/x~y_z-1.2");
         assert_eq!(s3_canonical_path("/a+b"), "/a%2Bb");
