@@ -985,3 +985,27 @@ async fn large_get_via_fallback_streams() {
         "cascade buffered the download: VmHWM grew by {growth_mib:.1} MiB"
     );
 }
+
+#[tokio::test]
+async fn malformed_requests_get_400_and_never_reach_the_origin() {
+    let o = HttpOrigin::start();
+    o.set_default(Reply::new(200, "origin"));
+    let yaml = format!(
+        "origins:\n{}groups:\n  media: {{main: main}}\nroutes:\n  - {{group: media}}\n",
+        plain_origin("main", &o.url("/b"))
+    );
+    let cascade = Cascade::start(&yaml);
+    let bad: [&[u8]; 3] = [
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
+        b"GET /a HTTP/1.1\r\nHost: a\r\nBroken Header\r\n\r\n",
+    ];
+    for req in bad {
+        let r = raw_request(cascade.addr, req, Duration::from_secs(5));
+        assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(req));
+    }
+    assert_eq!(o.stats.total(), 0, "a malformed request reached the origin");
+    // positive control: a well-formed request on the same proxy goes through
+    let r = raw_get(cascade.addr, "/a");
+    assert_eq!(r.status, 200);
+}
