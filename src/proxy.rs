@@ -374,6 +374,15 @@ impl ProxyHttp for Cascade {
         e
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        // A client that hangs up mid-response is routine at an edge, not an error to page on.
+        error.esource() == &ErrorSource::Downstream
+            && matches!(
+                error.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            )
+    }
+
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
