@@ -4,7 +4,7 @@
 //! Label values come only from the config (route, group and origin names) or from small
 //! fixed sets (method, status class, error kind), so cardinality is bounded by the config.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -145,10 +145,6 @@ impl ServeHttp for MetricsApp {
 /// Convenience for tests and the admin side: the rendered text.
 pub fn render_text() -> Bytes {
     Bytes::from(METRICS.render())
-}
-
-pub fn app() -> Arc<MetricsApp> {
-    Arc::new(MetricsApp)
 }
 
 #[cfg(test)]
