@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Load benchmark: cascade vs nginx as reverse proxies in front of the same two static origins,
-# on 127.0.0.1 only, for a bounded time. See benches/README.md.
+# Load benchmark: cascade vs nginx as reverse proxies (and caches) in front of the same two
+# static origins, on 127.0.0.1 only, for a bounded time. See benches/README.md.
 #
 #   benches/load.sh                          # defaults: THREADS=1 CONNS=32 DURATION=10s
 #   THREADS=2 DURATION=30s ROUNDS=3 CPU=1 benches/load.sh
+#   SCENARIOS="hit4k hit1m" PROXIES=nginx DURATION=2s benches/load.sh
 #
 # Knobs (environment):
 #   THREADS=1        worker threads of cascade = worker processes of nginx
 #   CONNS=32         wrk connections;  WRK_THREADS=2  wrk threads
 #   DURATION=10s     measured wrk run (wrk syntax: 10s, 1m);  WARMUP=2s  before each run (0 = none)
 #   ROUNDS=1         cascade/nginx alternations per scenario; the table shows medians
-#   SCENARIOS="pass fallback"
+#   SCENARIOS="pass fallback hit4k hit1m fallhit"   (see the scenario table below)
+#   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios)
 #   CPU=0            1: also report proxy CPU time per request (from /proc/PID/stat)
 #   PIN=0            1: pin the proxy to CPUs 0..THREADS-1 and wrk + origins to the others
 #   BUILD=1          0: skip `cargo build --release` (use CASCADE_BIN as it is)
 #   CASCADE_BIN      default $CARGO_TARGET_DIR/release/cascade
+#   CACHE_DISK=0     1: give cascade's cache a disk tier too (under the work directory)
+#   NGINX_MAIN404=locked   nginx cache profile, main's 404 in `location /`: locked (not cached,
+#                    proxy_cache_lock on), unlocked (not cached, lock off), cached (1m)
 #   NGINX, WRK, CURL paths of the tools;  KEEP=1 keeps the work directory (path printed)
 #
 # Needs nginx, wrk and curl (scripts/deps.sh --bench installs them on Debian).
@@ -26,11 +31,14 @@ WRK_THREADS=${WRK_THREADS:-2}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 ROUNDS=${ROUNDS:-1}
-SCENARIOS=${SCENARIOS:-pass fallback}
+SCENARIOS=${SCENARIOS:-pass fallback hit4k hit1m fallhit}
+PROXIES=${PROXIES:-cascade nginx}
 CPU=${CPU:-0}
 PIN=${PIN:-0}
 BUILD=${BUILD:-1}
 KEEP=${KEEP:-0}
+CACHE_DISK=${CACHE_DISK:-0}
+NGINX_MAIN404=${NGINX_MAIN404:-locked}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
@@ -40,8 +48,38 @@ NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 WRK=${WRK:-$(command -v wrk || echo wrk)}
 CURL=${CURL:-$(command -v curl || echo curl)}
 
-OBJ_SIZE=4096
 STARTUP_TRIES=100 # × 0.1 s: the longest wait for a server to accept
+
+# ---------------------------------------------------------------------------- scenarios
+# One line per scenario; adding one is adding a line (and, for a new profile, its templates).
+#   name      the SCENARIOS word
+#   profile   which configs the proxies run: cascade gets benches/cascade.yaml.template for
+#             "plain", else benches/cascade-PROFILE.yaml.template; nginx gets
+#             benches/nginx/proxy.conf.template for "plain", else nginx/proxy-PROFILE.conf.template.
+#             A proxy without a template for the profile sits the scenario out.
+#   path      the URL path requested; the fixture is fixtures/ORIGIN/PATH, in that origin only
+#   origin    the origin that holds the object = the X-Served-From both proxies must send
+#   bytes     fixture size
+#   xcache    the X-Cache both proxies must send before and after the measured run (- = none)
+#   what      description, for the report
+SCENARIO_TABLE='
+pass      plain  /main-4k.bin    main      4096     -    no cache; main answers 200
+fallback  plain  /fb-4k.bin      fallback  4096     -    no cache; main answers 404, replayed to the fallback
+hit4k     cache  /hit-4k.bin     main      4096     HIT  cache hit, 4 KiB object
+hit1m     cache  /hit-1m.bin     main      1048576  HIT  cache hit, 1 MiB object
+fallhit   cache  /fb-hit-4k.bin  fallback  4096     HIT  repeated hit of an object only the fallback has (4 KiB)
+'
+# Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
+declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
+
+declare -A PROFILE_OF PATH_OF FROM_OF SIZE_OF XCACHE_OF WHAT_OF
+ALL_SCENARIOS=()
+while read -r name profile path from size xcache what; do
+  [ -n "$name" ] || continue
+  ALL_SCENARIOS+=("$name")
+  PROFILE_OF[$name]=$profile PATH_OF[$name]=$path FROM_OF[$name]=$from
+  SIZE_OF[$name]=$size XCACHE_OF[$name]=$xcache WHAT_OF[$name]=$what
+done <<<"$SCENARIO_TABLE"
 
 log() { printf '%s\n' "load.sh: $*" >&2; }
 die() {
@@ -74,9 +112,28 @@ to_secs() {
 DURATION_S=$(to_secs "$DURATION") || DURATION_S=0
 [ "$DURATION_S" -ge 1 ] || die "DURATION must look like 10s, 2m (got '$DURATION')"
 WARMUP_S=$(to_secs "$WARMUP") || die "WARMUP must look like 2s, 0 (got '$WARMUP')"
+[ -n "${SCENARIOS// /}" ] || die "SCENARIOS is empty (known: ${ALL_SCENARIOS[*]})"
 for s in $SCENARIOS; do
-  case $s in pass | fallback) ;; *) die "unknown scenario '$s' (known: pass fallback)" ;; esac
+  [ -n "${PROFILE_OF[$s]:-}" ] || die "unknown scenario '$s' (known: ${ALL_SCENARIOS[*]})"
 done
+case $NGINX_MAIN404 in
+# Only main's 404s differ (the fallhit scenario): misses are never measured, and a
+# location-level proxy_cache_valid replaces the inherited ones, hence the 200 line again.
+locked) MAIN404_CONF="# locked: nothing here (main's 404 is not cached; proxy_cache_lock on is inherited)" ;;
+unlocked) MAIN404_CONF="proxy_cache_lock off;  # unlocked: main's 404 is not cached, no lock wait" ;;
+cached) MAIN404_CONF="proxy_cache_valid 200 1h; proxy_cache_valid 404 1m;  # cached: main's 404 too" ;;
+*) die "NGINX_MAIN404 must be locked, unlocked or cached (got '$NGINX_MAIN404')" ;;
+esac
+[ -n "${PROXIES// /}" ] || die "PROXIES is empty (known: cascade nginx)"
+for p in $PROXIES; do
+  case $p in cascade | nginx) ;; *) die "unknown proxy '$p' in PROXIES (known: cascade nginx)" ;; esac
+done
+# Canonical order, no duplicates: the report's columns are always cascade then nginx.
+RUN_PROXIES=()
+for p in cascade nginx; do
+  case " $PROXIES " in *" $p "*) RUN_PROXIES+=("$p") ;; esac
+done
+wants() { case " ${RUN_PROXIES[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
 
 for tool in "$NGINX" "$WRK" "$CURL"; do
   command -v "$tool" >/dev/null 2>&1 || die "$tool not found (scripts/deps.sh --bench installs nginx and wrk)"
@@ -102,14 +159,13 @@ pinned() {
 WORK=""
 PIDS=()
 WRK_PID=""
-cleanup() {
-  local rc=$? pid kids i
-  trap - EXIT INT TERM
-  if [ -n "$WRK_PID" ]; then kill -TERM "$WRK_PID" 2>/dev/null || true; fi
-  for pid in "${PIDS[@]}"; do
+# stop_pids PID...: TERM, a bounded wait, then KILL (with the children) for what is left.
+stop_pids() {
+  local pid kids i
+  for pid in "$@"; do
     kill -TERM "$pid" 2>/dev/null || true
   done
-  for pid in "${PIDS[@]}"; do
+  for pid in "$@"; do
     # nginx masters stop their workers on TERM; cascade exits after its 1 s grace period.
     for ((i = 0; i < 50; i++)); do
       kill -0 "$pid" 2>/dev/null || break
@@ -121,7 +177,14 @@ cleanup() {
       # shellcheck disable=SC2086 # word splitting of the child list is intended
       kill -KILL "$pid" $kids 2>/dev/null || true
     fi
+    wait "$pid" 2>/dev/null || true
   done
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$WRK_PID" ]; then kill -TERM "$WRK_PID" 2>/dev/null || true; fi
+  if [ ${#PIDS[@]} -gt 0 ]; then stop_pids "${PIDS[@]}"; fi
   wait 2>/dev/null || true
   if [ -n "$WORK" ] && [ -d "$WORK" ]; then
     if [ "$KEEP" = 1 ]; then log "work directory kept: $WORK"; else rm -rf "$WORK"; fi
@@ -135,11 +198,13 @@ trap 'exit 143' TERM
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # ---------------------------------------------------------------------------- build
-if [ "$BUILD" = 1 ]; then
-  log "building cascade (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-  (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+if wants cascade; then
+  if [ "$BUILD" = 1 ]; then
+    log "building cascade (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
+  fi
+  [ -x "$CASCADE_BIN" ] || die "no cascade binary at $CASCADE_BIN (PROXIES=nginx runs without it)"
 fi
-[ -x "$CASCADE_BIN" ] || die "no cascade binary at $CASCADE_BIN"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cascade-bench.XXXXXX")
 
@@ -200,10 +265,10 @@ else
   NGINX_USER="# not root: the workers run as the current user"
 fi
 
-# start_nginx NAME CONF_TEMPLATE CPUS KEY=VALUE...: render, test and start one nginx in
-# the foreground (daemon off) under $WORK/NAME; sets LAST_PID.
+# start_nginx DIR CONF_TEMPLATE CPUS KEY=VALUE...: render, test and start one nginx in the
+# foreground (daemon off) in the (new) directory DIR; sets LAST_PID.
 start_nginx() {
-  local name=$1 tpl=$2 cpus=$3 dir="$WORK/$1"
+  local dir=$1 tpl=$2 cpus=$3
   shift 3
   mkdir -p "$dir"
   render "$tpl" "$dir/nginx.conf" DIR="$dir" USER="$NGINX_USER" "$@"
@@ -221,71 +286,159 @@ start_nginx() {
 # ---------------------------------------------------------------------------- origins
 pick_port MAIN_PORT
 pick_port FB_PORT
-pick_port NGINX_PORT
-pick_port CASCADE_PORT
-pick_port METRICS_PORT
 
+# Each scenario's fixture lives in its origin only (the fallback ones must be 404 on main).
+for sc in $SCENARIOS; do
+  f="$WORK/fixtures/${FROM_OF[$sc]}${PATH_OF[$sc]}"
+  if [ ! -f "$f" ]; then
+    mkdir -p "$(dirname "$f")"
+    head -c "${SIZE_OF[$sc]}" /dev/urandom >"$f"
+  fi
+done
 mkdir -p "$WORK/fixtures/main" "$WORK/fixtures/fallback"
-head -c "$OBJ_SIZE" /dev/urandom >"$WORK/fixtures/main/main-4k.bin"
-head -c "$OBJ_SIZE" /dev/urandom >"$WORK/fixtures/fallback/fb-4k.bin" # only in fallback
+fixture_of() { echo "$WORK/fixtures/${FROM_OF[$1]}${PATH_OF[$1]}"; }
 
-start_nginx origin-main "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
+start_nginx "$WORK/origin-main" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
   NAME=main ROOT="$WORK/fixtures/main" PORT="$MAIN_PORT"
 MAIN_PID=$LAST_PID
-start_nginx origin-fallback "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
+start_nginx "$WORK/origin-fallback" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
   NAME=fallback ROOT="$WORK/fixtures/fallback" PORT="$FB_PORT"
 FB_PID=$LAST_PID
 wait_accept "origin main" "$MAIN_PORT" "$MAIN_PID" "$WORK/origin-main/error.log"
 wait_accept "origin fallback" "$FB_PORT" "$FB_PID" "$WORK/origin-fallback/error.log"
+LOGS=("$WORK/origin-main/error.log" "$WORK/origin-fallback/error.log")
 
 # ---------------------------------------------------------------------------- proxies
-start_nginx nginx "$BENCH/nginx/proxy.conf.template" "$PROXY_CPUS" \
-  THREADS="$THREADS" PORT="$NGINX_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT"
-NGINX_PID=$LAST_PID
+# The proxies run one profile at a time: when the next scenario needs another profile, the
+# running ones are stopped (cascade's metrics saved first) and fresh ones started, so every
+# profile starts with empty caches and each proxy gets a new work directory.
+template_of() { # PROXY PROFILE: the config template, or nothing if the proxy has none
+  local t
+  case $1,$2 in
+  cascade,plain) t="$BENCH/cascade.yaml.template" ;;
+  cascade,*) t="$BENCH/cascade-$2.yaml.template" ;;
+  nginx,plain) t="$BENCH/nginx/proxy.conf.template" ;;
+  nginx,*) t="$BENCH/nginx/proxy-$2.conf.template" ;;
+  esac
+  if [ -f "$t" ]; then echo "$t"; fi
+}
 
-mkdir -p "$WORK/cascade/run"
-render "$BENCH/cascade.yaml.template" "$WORK/cascade/gen.yaml" DIR="$WORK/cascade" \
-  THREADS="$THREADS" PORT="$CASCADE_PORT" METRICS_PORT="$METRICS_PORT" \
-  MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT"
-"$CASCADE_BIN" check -c "$WORK/cascade/gen.yaml" >"$WORK/cascade/check.log" 2>&1 ||
-  {
-    cat "$WORK/cascade/check.log" >&2
-    die "cascade rejected the generated config"
-  }
-(pinned "$PROXY_CPUS" "$CASCADE_BIN" run -c "$WORK/cascade/gen.yaml") >"$WORK/cascade/cascade.log" 2>&1 &
-CASCADE_PID=$!
-PIDS+=("$CASCADE_PID")
+declare -A PORT_OF PID_OF DIR_OF
+CUR_PROFILE="" ACTIVE=() CASCADE_DIRS=() INSTANCE=0
+METRICS_PORT=""
 
-wait_accept nginx "$NGINX_PORT" "$NGINX_PID" "$WORK/nginx/error.log"
-wait_accept cascade "$CASCADE_PORT" "$CASCADE_PID" "$WORK/cascade/cascade.log"
+start_proxies() { # PROFILE
+  local profile=$1 p tpl dir disk
+  CUR_PROFILE=$profile ACTIVE=()
+  INSTANCE=$((INSTANCE + 1))
+  for p in "${RUN_PROXIES[@]}"; do
+    tpl=$(template_of "$p" "$profile")
+    if [ -z "$tpl" ]; then
+      log "profile $profile: no $p config template, $p sits these scenarios out"
+      continue
+    fi
+    dir="$WORK/$p-$profile-$INSTANCE"
+    pick_port "PORT_OF[$p]"
+    case $p in
+    nginx)
+      start_nginx "$dir" "$tpl" "$PROXY_CPUS" \
+        THREADS="$THREADS" PORT="${PORT_OF[$p]}" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" \
+        MAIN404="$MAIN404_CONF"
+      PID_OF[$p]=$LAST_PID
+      LOGS+=("$dir/error.log")
+      ;;
+    cascade)
+      pick_port METRICS_PORT
+      mkdir -p "$dir/run"
+      if [ "$CACHE_DISK" = 1 ]; then
+        disk="disk: {path: \"$dir/cache-disk\", size: 1GiB}"
+      else
+        disk="# disk tier off (CACHE_DISK=1 adds one)"
+      fi
+      render "$tpl" "$dir/gen.yaml" DIR="$dir" THREADS="$THREADS" PORT="${PORT_OF[$p]}" \
+        METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk"
+      "$CASCADE_BIN" check -c "$dir/gen.yaml" >"$dir/check.log" 2>&1 ||
+        {
+          cat "$dir/check.log" >&2
+          die "cascade rejected the generated config $dir/gen.yaml"
+        }
+      (pinned "$PROXY_CPUS" "$CASCADE_BIN" run -c "$dir/gen.yaml") >"$dir/cascade.log" 2>&1 &
+      PID_OF[$p]=$!
+      PIDS+=("${PID_OF[$p]}")
+      LOGS+=("$dir/cascade.log")
+      CASCADE_DIRS+=("$dir")
+      ;;
+    esac
+    DIR_OF[$p]=$dir
+    ACTIVE+=("$p")
+  done
+  for p in "${ACTIVE[@]}"; do
+    case $p in
+    nginx) wait_accept "nginx ($profile)" "${PORT_OF[$p]}" "${PID_OF[$p]}" "${DIR_OF[$p]}/error.log" ;;
+    cascade) wait_accept "cascade ($profile)" "${PORT_OF[$p]}" "${PID_OF[$p]}" "${DIR_OF[$p]}/cascade.log" ;;
+    esac
+  done
+  if [ ${#ACTIVE[@]} -gt 0 ]; then log "profile $profile: ${ACTIVE[*]} running"; fi
+}
 
-declare -A PORT_OF=([cascade]=$CASCADE_PORT [nginx]=$NGINX_PORT)
-declare -A PID_OF=([cascade]=$CASCADE_PID [nginx]=$NGINX_PID)
-declare -A PATH_OF=([pass]=/main-4k.bin [fallback]=/fb-4k.bin)
-declare -A FROM_OF=([pass]=main [fallback]=fallback)
-declare -A FIXTURE_OF=([pass]="$WORK/fixtures/main/main-4k.bin" [fallback]="$WORK/fixtures/fallback/fb-4k.bin")
+stop_proxies() {
+  local p q keep=()
+  [ ${#ACTIVE[@]} -gt 0 ] || return 0
+  if [ -n "$METRICS_PORT" ] && wants cascade && [ -n "${DIR_OF[cascade]:-}" ]; then
+    "$CURL" -sS -m 5 "http://127.0.0.1:$METRICS_PORT/metrics" >"${DIR_OF[cascade]}/metrics.txt" 2>/dev/null || true
+  fi
+  for p in "${ACTIVE[@]}"; do stop_pids "${PID_OF[$p]}"; done
+  for q in "${PIDS[@]}"; do
+    for p in "${ACTIVE[@]}"; do [ "$q" != "${PID_OF[$p]}" ] || continue 2; done
+    keep+=("$q")
+  done
+  PIDS=("${keep[@]}")
+  for p in "${ACTIVE[@]}"; do unset "PID_OF[$p]" "DIR_OF[$p]"; done
+  ACTIVE=() CUR_PROFILE="" METRICS_PORT=""
+}
 
 # ---------------------------------------------------------------------------- checks
 # header NAME FILE: the value of the (last) response header NAME in a curl -D dump.
 header() { awk -v n="$(tr '[:upper:]' '[:lower:]' <<<"$1")" -F': *' \
   'tolower($1) == n { v = $2 } END { sub(/\r$/, "", v); print v }' "$2"; }
 
-# verify PROXY SCENARIO: one GET must be 200 with the fixture's exact bytes and the right
-# X-Served-From; anything else aborts, so a run never measures error pages.
+# verify PROXY SCENARIO [XCACHE]: one GET must be 200 with the fixture's exact bytes and the
+# right X-Served-From (and, if given, X-Cache); anything else aborts, so a run never measures
+# error pages or misses. Sets LAST_XCACHE.
 verify() {
-  local proxy=$1 sc=$2 code from role
+  local proxy=$1 sc=$2 want_xc=${3:-} code from role
   local url="http://127.0.0.1:${PORT_OF[$proxy]}${PATH_OF[$sc]}" hdr="$WORK/verify.hdr" body="$WORK/verify.body"
-  code=$("$CURL" -sS -m 5 -o "$body" -D "$hdr" -w '%{http_code}' "$url") || die "$proxy: GET $url failed"
+  code=$("$CURL" -sS -m 10 -o "$body" -D "$hdr" -w '%{http_code}' "$url") || die "$proxy: GET $url failed"
   from=$(header X-Served-From "$hdr")
-  if [ "$code" != 200 ] || ! cmp -s "$body" "${FIXTURE_OF[$sc]}" || [ "$from" != "${FROM_OF[$sc]}" ]; then
-    log "$proxy: GET $url gave status $code, $(wc -c <"$body") bytes, X-Served-From '$from'; headers:"
+  LAST_XCACHE=$(header X-Cache "$hdr")
+  if [ "$code" != 200 ] || ! cmp -s "$body" "$(fixture_of "$sc")" || [ "$from" != "${FROM_OF[$sc]}" ] ||
+    { [ -n "$want_xc" ] && [ "$LAST_XCACHE" != "$want_xc" ]; }; then
+    log "$proxy: GET $url gave status $code, $(wc -c <"$body") bytes, X-Served-From '$from', X-Cache '$LAST_XCACHE'; headers:"
     cat "$hdr" >&2
-    die "$proxy fails the $sc check (want 200, the $OBJ_SIZE-byte fixture, X-Served-From ${FROM_OF[$sc]})"
+    die "$proxy fails the $sc check (want 200, the ${SIZE_OF[$sc]}-byte fixture, X-Served-From ${FROM_OF[$sc]}${want_xc:+, X-Cache $want_xc})"
   fi
   if [ "$proxy" = cascade ]; then
     role=$(header X-Served-From-Role "$hdr")
     [ "$role" = "${FROM_OF[$sc]}" ] || log "warning: cascade X-Served-From-Role is '$role' for $sc (README says '${FROM_OF[$sc]}')"
   fi
+}
+
+# verify_hit PROXY SCENARIO: verify with the scenario's X-Cache. nginx renames a filled cache
+# file only after the response has gone out, so a check right after the fill (WARMUP=0) may
+# still see a MISS: up to 5 tries, 0.2 s apart, then fail.
+verify_hit() {
+  local proxy=$1 sc=$2 want=${XCACHE_OF[$2]} i
+  if [ "$want" = - ]; then
+    verify "$proxy" "$sc"
+    return
+  fi
+  for ((i = 1; i < 5; i++)); do
+    verify "$proxy" "$sc"
+    [ "$LAST_XCACHE" != "$want" ] || return 0
+    log "  $proxy/$sc: X-Cache '$LAST_XCACHE' (want $want), asking again"
+    sleep 0.2
+  done
+  verify "$proxy" "$sc" "$want"
 }
 
 # origin_counts PORT: "accepts requests" of an origin (stub_status; its own request included).
@@ -318,6 +471,16 @@ to_ms() {
     printf "%.3f", m }'
 }
 
+# to_bytes SIZE: wrk's Transfer/sec "512.00B" / "4.56KB" / "1.23MB" / "1.02GB" (binary
+# units: wrk divides by 1024) in bytes.
+to_bytes() {
+  awk -v v="$1" 'BEGIN {
+    n = split("B KB MB GB TB", u, " ")
+    for (i = n; i >= 1; i--) if (substr(v, length(v) - length(u[i]) + 1) == u[i]) {
+      printf "%.0f", substr(v, 1, length(v) - length(u[i])) * 1024 ^ (i - 1); exit }
+    print "nan" }'
+}
+
 run_wrk() { # PROXY SCENARIO DURATION OUTFILE
   local url="http://127.0.0.1:${PORT_OF[$1]}${PATH_OF[$2]}" secs
   secs=$(to_secs "$3")
@@ -339,22 +502,26 @@ add() { R[$1]="${R[$1]:-}${R[$1]:+ }$2"; }
 
 measure() { # PROXY SCENARIO ROUND
   local proxy=$1 sc=$2 round=$3 out="$WORK/wrk-$2-$1-$3.txt"
-  local t0 t1 m0 m1 f0 f1 rps p99 reqs non2xx sockerr errs
-  verify "$proxy" "$sc"
+  local t0 t1 m0 m1 f0 f1 rps bps p99 reqs non2xx sockerr errs first
+  verify "$proxy" "$sc" # fills the cache in the cache scenarios
+  first=$LAST_XCACHE
   if [ "$WARMUP_S" -gt 0 ]; then run_wrk "$proxy" "$sc" "$WARMUP" "$WORK/warmup.txt"; fi
+  verify_hit "$proxy" "$sc"
+  [ "${XCACHE_OF[$sc]}" = - ] || log "  $sc round $round $proxy: X-Cache ${first:-none} on the first request, $LAST_XCACHE before the run"
   m0=$(origin_counts "$MAIN_PORT") f0=$(origin_counts "$FB_PORT")
   t0=$(cpu_ticks "${PID_OF[$proxy]}")
   run_wrk "$proxy" "$sc" "$DURATION" "$out"
   t1=$(cpu_ticks "${PID_OF[$proxy]}")
   m1=$(origin_counts "$MAIN_PORT") f1=$(origin_counts "$FB_PORT")
-  verify "$proxy" "$sc" # still serving correctly after the load
+  verify_hit "$proxy" "$sc" # still serving correctly (and from the cache) after the load
 
   rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+  bps=$(to_bytes "$(awk '/^Transfer\/sec:/ { print $2 }' "$out")")
   p99=$(awk '$1 == "99%" { print $2 }' "$out")
   reqs=$(awk '/ requests in / { print $1 }' "$out")
   non2xx=$(awk -F': *' '/Non-2xx or 3xx responses/ { print $2 }' "$out")
   sockerr=$(awk '/Socket errors/ { gsub(/,/, ""); print $4 + $6 + $8 + $10 }' "$out")
-  if [ -z "$rps" ] || [ -z "$p99" ] || ! [[ $reqs =~ ^[0-9]+$ ]] || [ "$reqs" -eq 0 ]; then
+  if [ -z "$rps" ] || [ -z "$p99" ] || ! [[ $bps =~ ^[0-9]+$ ]] || ! [[ $reqs =~ ^[0-9]+$ ]] || [ "$reqs" -eq 0 ]; then
     cat "$out" >&2
     die "cannot parse wrk output for $proxy/$sc"
   fi
@@ -364,6 +531,7 @@ measure() { # PROXY SCENARIO ROUND
     grep -E 'Non-2xx|Socket errors' "$out" >&2 || true
   fi
   add "$sc,$proxy,rps" "$rps"
+  add "$sc,$proxy,bps" "$bps"
   add "$sc,$proxy,p99" "$(to_ms "$p99")"
   add "$sc,$proxy,errs" "$errs"
   add "$sc,$proxy,reqs" "$reqs"
@@ -372,85 +540,166 @@ measure() { # PROXY SCENARIO ROUND
   # status request itself).
   add "$sc,$proxy,mconn" "$(awk -v a="$m0" -v b="$m1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.1f", (y[1] - x[1] - 1) * 1000 / n }')"
   add "$sc,$proxy,fconn" "$(awk -v a="$f0" -v b="$f1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.1f", (y[1] - x[1] - 1) * 1000 / n }')"
-  add "$sc,$proxy,mreq" "$(awk -v a="$m0" -v b="$m1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", (y[2] - x[2] - 1) / n }')"
-  add "$sc,$proxy,freq" "$(awk -v a="$f0" -v b="$f1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", (y[2] - x[2] - 1) / n }')"
-  log "  $sc round $round $proxy: $rps req/s, p99 $p99, $reqs requests, $errs errors"
+  add "$sc,$proxy,mreq" "$(awk -v a="$m0" -v b="$m1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.3f", (y[2] - x[2] - 1) / n }')"
+  add "$sc,$proxy,freq" "$(awk -v a="$f0" -v b="$f1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.3f", (y[2] - x[2] - 1) / n }')"
+  log "  $sc round $round $proxy: $rps req/s, $(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 1048576 }') MiB/s, p99 $p99, $reqs requests, $errs errors"
 }
 
-log "cascade $("$CASCADE_BIN" --version 2>/dev/null | awk '{ print $NF }'), $("$NGINX" -v 2>&1 | sed 's/.*: //'), $("$WRK" -v 2>&1 | head -1 | awk '{ print $1, $2 }')"
-log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU"
+# (`wrk -v` exits 1 after printing its version: `|| true` keeps set -e quiet.)
+versions="$("$NGINX" -v 2>&1 | sed 's/.*: //' || true), $("$WRK" -v 2>&1 | head -1 | awk '{ print $1, $2 }' || true)"
+if wants cascade; then versions="cascade $("$CASCADE_BIN" --version 2>/dev/null | awk '{ print $NF }'), $versions"; fi
+log "$versions"
+log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU PROXIES='${RUN_PROXIES[*]}' CACHE_DISK=$CACHE_DISK NGINX_MAIN404=$NGINX_MAIN404"
 for sc in $SCENARIOS; do
+  if [ "${PROFILE_OF[$sc]}" != "$CUR_PROFILE" ]; then
+    stop_proxies
+    start_proxies "${PROFILE_OF[$sc]}"
+  fi
+  [ ${#ACTIVE[@]} -gt 0 ] || die "no proxy has a config for scenario $sc (profile ${PROFILE_OF[$sc]})"
   for ((round = 1; round <= ROUNDS; round++)); do
     # Alternate who goes first, so neither always runs on a warmer (or hotter) machine.
-    if ((round % 2)); then order="cascade nginx"; else order="nginx cascade"; fi
-    for proxy in $order; do measure "$proxy" "$sc" "$round"; done
+    order=("${ACTIVE[@]}")
+    if ((round % 2 == 0)); then
+      order=()
+      for ((i = ${#ACTIVE[@]} - 1; i >= 0; i--)); do order+=("${ACTIVE[$i]}"); done
+    fi
+    for proxy in "${order[@]}"; do measure "$proxy" "$sc" "$round"; done
   done
 done
+stop_proxies
 
 # ---------------------------------------------------------------------------- report
-median() { tr ' ' '\n' <<<"$1" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# All helpers print "-" / "n/a" for a proxy that did not run the scenario.
+median() {
+  [ -n "$1" ] || {
+    echo -
+    return
+  }
+  tr ' ' '\n' <<<"$1" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 sum() { tr ' ' '\n' <<<"$1" | awk '{ s += $1 } END { print s + 0 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf (a / b < 0.1 ? "%.3f" : "%.2f"), a / b; else print "n/a" }'; }
+# cell WIDTH FORMAT VALUE [SUFFIX]: VALUE printed with FORMAT and SUFFIX, or "-", right-aligned.
+cell() {
+  local s
+  if [ "$3" = - ]; then s=-; else printf -v s "$2%s" "$3" "${4:-}"; fi
+  printf ' %*s' "$1" "$s"
+}
+mib() { if [ "$1" = - ]; then echo -; else awk -v b="$1" 'BEGIN { printf "%.2f", b / 1048576 }'; fi; }
 
 echo
-echo "cascade vs nginx: THREADS=$THREADS CONNS=$CONNS DURATION=$DURATION (wrk -t$WRK_THREADS), 4 KiB objects, loopback$([ "$ROUNDS" -gt 1 ] && echo ", median of $ROUNDS rounds")"
-echo "ratio = cascade / nginx: req/s above 1 is better for cascade; p99 and CPU below 1 are better for cascade"
-hdr=$(printf '%-9s %12s %12s %6s %11s %11s %6s' scenario "cascade r/s" "nginx r/s" ratio "cascade p99" "nginx p99" ratio)
+echo "cascade vs nginx: THREADS=$THREADS CONNS=$CONNS DURATION=$DURATION (wrk -t$WRK_THREADS), loopback$([ "$ROUNDS" -gt 1 ] && echo ", median of $ROUNDS rounds"), CACHE_DISK=$CACHE_DISK NGINX_MAIN404=$NGINX_MAIN404"
+for sc in $SCENARIOS; do printf '  %-9s %-15s %s\n' "$sc" "${PATH_OF[$sc]}" "${WHAT_OF[$sc]}"; done
+echo "ratio = cascade / nginx: req/s and MiB/s above 1 are better for cascade; p99 and CPU below 1 are better for cascade"
+hdr=$(printf '%-9s %12s %12s %6s %13s %11s %6s %11s %11s %6s' scenario "cascade r/s" "nginx r/s" ratio \
+  "cascade MiB/s" "nginx MiB/s" ratio "cascade p99" "nginx p99" ratio)
 [ "$CPU" = 1 ] && hdr+=$(printf ' %11s %11s %6s' "cascade CPU" "nginx CPU" ratio)
 echo "$hdr"
 lines=()
+declare -A MED # MED[scenario,proxy,metric] = the median over the rounds, or "-"
+c() { echo "${MED[$sc,cascade,$1]}"; } # of the current scenario $sc
+n() { echo "${MED[$sc,nginx,$1]}"; }
 for sc in $SCENARIOS; do
-  crps=$(median "${R[$sc,cascade,rps]}") nrps=$(median "${R[$sc,nginx,rps]}")
-  cp99=$(median "${R[$sc,cascade,p99]}") np99=$(median "${R[$sc,nginx,p99]}")
-  ccpu=$(median "${R[$sc,cascade,cpu]}") ncpu=$(median "${R[$sc,nginx,cpu]}")
-  cerr=$(sum "${R[$sc,cascade,errs]}") nerr=$(sum "${R[$sc,nginx,errs]}")
-  row=$(printf '%-9s %12.0f %12.0f %6s %9.3fms %9.3fms %6s' "$sc" "$crps" "$nrps" "$(ratio "$crps" "$nrps")" \
-    "$cp99" "$np99" "$(ratio "$cp99" "$np99")")
-  [ "$CPU" = 1 ] && row+=$(printf ' %7.1fus/r %7.1fus/r %6s' "$ccpu" "$ncpu" "$(ratio "$ccpu" "$ncpu")")
+  for p in cascade nginx; do
+    for m in rps bps p99 cpu mconn fconn mreq freq; do MED[$sc,$p,$m]=$(median "${R[$sc,$p,$m]:-}"); done
+  done
+  row=$(printf '%-9s' "$sc")
+  row+=$(cell 12 '%.0f' "$(c rps)")$(cell 12 '%.0f' "$(n rps)")$(cell 6 '%s' "$(ratio "$(c rps)" "$(n rps)")")
+  row+=$(cell 13 '%s' "$(mib "$(c bps)")")$(cell 11 '%s' "$(mib "$(n bps)")")$(cell 6 '%s' "$(ratio "$(c bps)" "$(n bps)")")
+  row+=$(cell 11 '%.3f' "$(c p99)" ms)$(cell 11 '%.3f' "$(n p99)" ms)$(cell 6 '%s' "$(ratio "$(c p99)" "$(n p99)")")
+  [ "$CPU" = 1 ] && row+=$(cell 11 '%.1f' "$(c cpu)" us/r)$(cell 11 '%.1f' "$(n cpu)" us/r)$(cell 6 '%s' "$(ratio "$(c cpu)" "$(n cpu)")")
+  cerr=$(sum "${R[$sc,cascade,errs]:-}") nerr=$(sum "${R[$sc,nginx,errs]:-}")
   if [ "$cerr" -gt 0 ] || [ "$nerr" -gt 0 ]; then row+="  ! errors: cascade $cerr, nginx $nerr"; fi
   echo "$row"
-  line="BENCH scenario=$sc threads=$THREADS conns=$CONNS duration=$DURATION rounds=$ROUNDS"
-  line+=" cascade_rps=$crps nginx_rps=$nrps rps_ratio=$(ratio "$crps" "$nrps")"
-  line+=" cascade_p99_ms=$cp99 nginx_p99_ms=$np99 p99_ratio=$(ratio "$cp99" "$np99")"
-  [ "$CPU" = 1 ] && line+=" cascade_cpu_us_per_req=$ccpu nginx_cpu_us_per_req=$ncpu cpu_ratio=$(ratio "$ccpu" "$ncpu")"
+  line="BENCH scenario=$sc threads=$THREADS conns=$CONNS duration=$DURATION rounds=$ROUNDS object_bytes=${SIZE_OF[$sc]}"
+  [ "${PROFILE_OF[$sc]}" = plain ] || line+=" cache_disk=$CACHE_DISK nginx_main404=$NGINX_MAIN404"
+  line+=" cascade_rps=$(c rps) nginx_rps=$(n rps) rps_ratio=$(ratio "$(c rps)" "$(n rps)")"
+  line+=" cascade_bytes_per_s=$(c bps) nginx_bytes_per_s=$(n bps) bps_ratio=$(ratio "$(c bps)" "$(n bps)")"
+  line+=" cascade_p99_ms=$(c p99) nginx_p99_ms=$(n p99) p99_ratio=$(ratio "$(c p99)" "$(n p99)")"
+  [ "$CPU" = 1 ] && line+=" cascade_cpu_us_per_req=$(c cpu) nginx_cpu_us_per_req=$(n cpu) cpu_ratio=$(ratio "$(c cpu)" "$(n cpu)")"
   for p in cascade nginx; do
-    line+=" ${p}_errors=$(sum "${R[$sc,$p,errs]}")"
-    line+=" ${p}_main_conns_per_1k=$(median "${R[$sc,$p,mconn]}") ${p}_fb_conns_per_1k=$(median "${R[$sc,$p,fconn]}")"
-    line+=" ${p}_main_reqs_per_req=$(median "${R[$sc,$p,mreq]}") ${p}_fb_reqs_per_req=$(median "${R[$sc,$p,freq]}")"
+    line+=" ${p}_errors=$(sum "${R[$sc,$p,errs]:-}")"
+    line+=" ${p}_main_conns_per_1k=${MED[$sc,$p,mconn]} ${p}_fb_conns_per_1k=${MED[$sc,$p,fconn]}"
+    line+=" ${p}_main_reqs_per_req=${MED[$sc,$p,mreq]} ${p}_fb_reqs_per_req=${MED[$sc,$p,freq]}"
   done
+  if [ -n "${TARGET_OF[$sc]:-}" ]; then
+    read -r tm tmin <<<"${TARGET_OF[$sc]}"
+    tr=$(ratio "$(c "$tm")" "$(n "$tm")")
+    line+=" target_metric=${tm}_ratio target_min=$tmin target_met=$(awk -v r="$tr" -v t="$tmin" 'BEGIN { if (r == "n/a") print "n/a"; else print (r + 0 >= t + 0 ? "yes" : "no") }')"
+  fi
   lines+=("$line")
 done
+
+targets=()
+for sc in $SCENARIOS; do [ -z "${TARGET_OF[$sc]:-}" ] || targets+=("$sc"); done
+if [ ${#targets[@]} -gt 0 ]; then
+  echo
+  echo "targets (issue 3), cascade / nginx:"
+  for sc in "${targets[@]}"; do
+    read -r tm tmin <<<"${TARGET_OF[$sc]}"
+    tr=$(ratio "${MED[$sc,cascade,$tm]}" "${MED[$sc,nginx,$tm]}")
+    case $tr in
+    n/a) verdict="not measured" ;;
+    *) verdict=$(awk -v r="$tr" -v t="$tmin" 'BEGIN { print (r + 0 >= t + 0 ? "met" : "NOT met") }') ;;
+    esac
+    printf '  %-9s %-7s >= %s   measured %s   %s\n' "$sc" "$([ "$tm" = rps ] && echo req/s || echo bytes/s)" "$tmin" "$tr" "$verdict"
+  done
+fi
+
 echo
-echo "upstream connections opened per 1000 client requests (main origin / fallback origin):"
+echo "per 1000 client requests: upstream connections opened, upstream requests made (main / fallback origin):"
 for sc in $SCENARIOS; do
-  printf '  %-9s cascade %s / %s   nginx %s / %s\n' "$sc" \
-    "$(median "${R[$sc,cascade,mconn]}")" "$(median "${R[$sc,cascade,fconn]}")" \
-    "$(median "${R[$sc,nginx,mconn]}")" "$(median "${R[$sc,nginx,fconn]}")"
+  printf '  %-9s' "$sc"
+  for p in cascade nginx; do
+    if [ "${MED[$sc,$p,mconn]}" = - ]; then
+      printf '  %s -' "$p"
+    else
+      printf '  %s conns %.1f / %.1f, reqs %s / %s' "$p" "${MED[$sc,$p,mconn]}" "${MED[$sc,$p,fconn]}" \
+        "$(awk -v v="${MED[$sc,$p,mreq]}" 'BEGIN { printf "%.0f", v * 1000 }')" \
+        "$(awk -v v="${MED[$sc,$p,freq]}" 'BEGIN { printf "%.0f", v * 1000 }')"
+    fi
+  done
+  echo
 done
 echo
 printf '%s\n' "${lines[@]}"
 
 # Anything cascade or nginx complained about during the run (the work directory goes away).
-metrics=$("$CURL" -sS -m 5 "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null || true)
-bad=$(grep -E '^cascade_upstream_errors_total' <<<"$metrics" | awk '$NF > 0' || true)
-[ -z "$bad" ] || {
-  echo
-  echo "cascade upstream errors (metrics):"
-  echo "$bad"
-}
-# Clients cut off when wrk stops mid-request show up as "Fail to proxy: Downstream ..." in
-# cascade's log: expected, a few per run. Anything else is worth a look.
-down=$(grep -c 'Fail to proxy: Downstream' "$WORK/cascade/cascade.log" || true)
-if [ "${down:-0}" -gt 0 ]; then
-  echo
-  echo "cascade.log: $down 'Fail to proxy: Downstream ...' errors (clients cut off when each wrk run stops: expected)"
-fi
-for f in "$WORK/cascade/cascade.log" "$WORK/nginx/error.log" "$WORK/origin-main/error.log" "$WORK/origin-fallback/error.log"; do
+for d in "${CASCADE_DIRS[@]}"; do
+  [ -f "$d/metrics.txt" ] || continue
+  bad=$(grep -E '^cascade_(upstream_errors_total|cache_fill_errors_total)' "$d/metrics.txt" | awk '$NF > 0' || true)
+  [ -z "$bad" ] || {
+    echo
+    echo "${d#"$WORK"/}: upstream / cache fill errors (metrics):"
+    echo "$bad"
+  }
+  outcomes=$(grep -E '^cascade_cache_requests_total' "$d/metrics.txt" | awk '$NF > 0' || true)
+  [ -z "$outcomes" ] || {
+    echo
+    echo "${d#"$WORK"/}: cache outcomes (metrics, whole instance lifetime incl. checks and warmups):"
+    echo "$outcomes"
+  }
+done
+# Clients cut off when wrk stops mid-request show up in cascade's log as "Fail to proxy:
+# Downstream ..." (proxied) or "Fail to serve cache: Downstream ..." (cache hits): expected, a
+# few per run. Anything else is worth a look.
+down_pat='Fail to (proxy|serve cache): Downstream'
+for f in "${LOGS[@]}"; do
+  case $f in *cascade.log)
+    down=$(grep -Ec "$down_pat" "$f" || true)
+    if [ "${down:-0}" -gt 0 ]; then
+      echo
+      echo "${f#"$WORK"/}: $down 'Fail to proxy/serve cache: Downstream ...' errors (clients cut off when each wrk run stops: expected)"
+    fi
+    ;;
+  esac
+done
+for f in "${LOGS[@]}"; do
   pat='WARN|ERROR|\[(warn|error|crit|alert|emerg)\]'
-  n=$(grep -E "$pat" "$f" 2>/dev/null | grep -vc 'Fail to proxy: Downstream' || true)
+  n=$(grep -E "$pat" "$f" 2>/dev/null | grep -Evc "$down_pat" || true)
   if [ "${n:-0}" -gt 0 ]; then
     echo
     echo "${f#"$WORK"/}: $n other warning/error lines, first 5:"
-    grep -E "$pat" "$f" | grep -v 'Fail to proxy: Downstream' | head -5
+    grep -E "$pat" "$f" | grep -Ev "$down_pat" | head -5
   fi
 done
