@@ -146,6 +146,7 @@ mod tests {
                 strip_prefix: true,
                 group: 0,
                 max_upload_size: Some(1024),
+                cache: Default::default(),
             },
             RouteConfig {
                 name: "archive".into(),
@@ -154,6 +155,7 @@ mod tests {
                 strip_prefix: false,
                 group: 1,
                 max_upload_size: None,
+                cache: Default::default(),
             },
         ]);
         (router, vec![group(false), group(true)])

@@ -8,7 +8,9 @@
 //! ```
 //! See ARCHITECTURE.md for the request path and the invariants.
 
+pub mod admin;
 pub mod admit;
+pub mod cache;
 pub mod config;
 pub mod fallback;
 pub mod metrics;
@@ -54,6 +56,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         groups: cfg.groups.clone(),
         origins,
         access_log: cfg.server.access_log,
+        cache: None,
     })
 }
 
@@ -79,7 +82,16 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     conf.graceful_shutdown_timeout_seconds = Some(grace);
     conf.upgrade_sock = rt_dir.join("upgrade.sock").to_string_lossy().into_owned();
     conf.pid_file = rt_dir.join("cascade.pid").to_string_lossy().into_owned();
-    let state = Arc::new(build_state(cfg, &rt_dir)?);
+    let mut state = build_state(cfg, &rt_dir)?;
+    if let Some(c) = &cfg.cache {
+        let opened = cache::Cache::open(c.clone()).map_err(|e| match &c.disk {
+            Some((p, _)) => format!("cache.disk.path {}: {e}", p.display()),
+            None => format!("cache: {e}"),
+        })?;
+        state.cache = Some(Box::leak(Box::new(opened)));
+    }
+    let cache_storage = state.cache.map(|c| c.storage);
+    let state = Arc::new(state);
     // Replays are retries: allow one per fallback, plus Pingora's reused-connection retries.
     conf.max_retries = state.max_attempts() + 2;
 
@@ -112,6 +124,18 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+
+    if let Some(admin) = &cfg.admin {
+        let app = admin::AdminApp::new(
+            admin.token.clone(),
+            cfg.groups.iter().map(|g| g.name.clone()).collect(),
+            cache_storage,
+        );
+        let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
+        svc.threads = Some(1);
+        svc.add_tcp(&admin.addr.to_string());
+        server.add_service(svc);
+    }
 
     if let Some(addr) = cfg.metrics {
         let mut svc = Service::new(

@@ -12,9 +12,9 @@ use http::Method;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{
-    exponential_buckets, register_histogram_vec_with_registry,
-    register_int_counter_vec_with_registry, Encoder, HistogramVec, IntCounterVec, Registry,
-    TextEncoder,
+    exponential_buckets, register_gauge_vec_with_registry, register_histogram_vec_with_registry,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry, Encoder, GaugeVec,
+    HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -24,6 +24,14 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_duration: HistogramVec,
+    pub cache_requests: IntCounterVec,
+    pub cache_evictions: IntCounterVec,
+    pub cache_bytes: GaugeVec,
+    pub cache_objects: GaugeVec,
+    pub cache_fill_errors: IntCounter,
+    pub cache_lock_waits: IntCounter,
+    pub cache_served_bytes: IntCounterVec,
+    pub cache_purges: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -71,6 +79,65 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let cache_requests = register_int_counter_vec_with_registry!(
+            "cascade_cache_requests_total",
+            "Requests by cache outcome (the X-Cache value: HIT, MISS, EXPIRED, STALE, REVALIDATED, BYPASS) and route.",
+            &["route", "status"],
+            registry
+        )
+        .expect("metric");
+        let cache_evictions = register_int_counter_vec_with_registry!(
+            "cascade_cache_evictions_total",
+            "Entries evicted to keep a tier within its size, by tier (memory, disk).",
+            &["tier"],
+            registry
+        )
+        .expect("metric");
+        let cache_bytes = register_gauge_vec_with_registry!(
+            "cascade_cache_bytes",
+            "Bytes stored, by tier.",
+            &["tier"],
+            registry
+        )
+        .expect("metric");
+        let cache_objects = register_gauge_vec_with_registry!(
+            "cascade_cache_objects",
+            "Entries stored, by tier.",
+            &["tier"],
+            registry
+        )
+        .expect("metric");
+        let cache_fill_errors = register_int_counter_with_registry!(
+            "cascade_cache_fill_errors_total",
+            "Cache fills abandoned (client or origin failed mid-body, disk write failed): nothing was stored.",
+            registry
+        )
+        .expect("metric");
+        let cache_lock_waits = register_int_counter_with_registry!(
+            "cascade_cache_lock_waits_total",
+            "Requests that waited on another request's fill of the same key (collapsed misses).",
+            registry
+        )
+        .expect("metric");
+        let cache_served_bytes = register_int_counter_vec_with_registry!(
+            "cascade_cache_served_bytes_total",
+            "Response body bytes sent, by cache outcome.",
+            &["status"],
+            registry
+        )
+        .expect("metric");
+        let cache_purges = register_int_counter_vec_with_registry!(
+            "cascade_cache_purges_total",
+            "Cache entries removed by purge (admin) or by a write through cascade (invalidate).",
+            &["reason"],
+            registry
+        )
+        .expect("metric");
+        for tier in ["memory", "disk"] {
+            cache_evictions.with_label_values(&[tier]);
+            cache_bytes.with_label_values(&[tier]);
+            cache_objects.with_label_values(&[tier]);
+        }
         Metrics {
             registry,
             requests,
@@ -78,6 +145,14 @@ impl Metrics {
             upstream_errors,
             request_duration,
             upstream_duration,
+            cache_requests,
+            cache_evictions,
+            cache_bytes,
+            cache_objects,
+            cache_fill_errors,
+            cache_lock_waits,
+            cache_served_bytes,
+            cache_purges,
         }
     }
 

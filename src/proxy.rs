@@ -16,9 +16,12 @@ use bytes::Bytes;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_cache::key::{CacheHashKey, CacheKey, HashBinary};
+use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
+use pingora_proxy::{FailToProxy, ProxyHttp, RangeType, Session};
 
 use crate::admit::{self, Admission, LocalResponse, RequestFacts};
+use crate::cache::{self, slice, Cache};
 use crate::config::{CacheFallback, GroupConfig};
 use crate::fallback::{Plan, Role};
 use crate::metrics::{self, METRICS};
@@ -35,6 +38,7 @@ pub struct State {
     pub groups: Vec<GroupConfig>,
     pub origins: Vec<Origin>,
     pub access_log: bool,
+    pub cache: Option<&'static Cache>,
 }
 
 impl State {
@@ -67,6 +71,14 @@ pub struct Ctx {
     /// The error kind already counted for this attempt (avoid double counting).
     error_counted: bool,
     replays: u8,
+    /// The cache was enabled for this request (a lookup happened).
+    cache_enabled: bool,
+    /// The request is served from one slice of the object.
+    slice: Option<slice::SliceReq>,
+    /// The origin ignored a slice's Range (answered 200): do not store it.
+    slice_refused: bool,
+    /// The final `X-Cache` value, once the response header is known.
+    pub cache_status: Option<&'static str>,
 }
 
 impl Ctx {
@@ -190,6 +202,10 @@ impl ProxyHttp for Cascade {
             body_bytes: 0,
             error_counted: false,
             replays: 0,
+            cache_enabled: false,
+            slice: None,
+            slice_refused: false,
+            cache_status: None,
         }
     }
 
@@ -263,6 +279,10 @@ impl ProxyHttp for Cascade {
             return Error::e_explain(ErrorType::InternalError, "no origin for this attempt");
         };
         let req = ctx.req.as_ref().expect("admitted");
+        if let Some(s) = &ctx.slice {
+            // Before the rewrite: a signed origin signs the Range too.
+            upstream.insert_header(http::header::RANGE, s.upstream_range())?;
+        }
         origin
             .rewrite(upstream, &req.key, req.query.as_deref())
             .map_err(|m| Error::explain(ErrorType::InternalError, m))
@@ -311,6 +331,137 @@ impl ProxyHttp for Cascade {
             && resp.status.is_success()
         {
             resp.insert_header(http::header::CACHE_CONTROL, IMMUTABLE)?;
+        }
+        if let Some(s) = &ctx.slice {
+            if !cache_glue::slice_from_origin(resp, s)? {
+                ctx.slice_refused = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let (Some(cache), Some(req)) = (self.state.cache, ctx.req.as_ref()) else {
+            return Ok(());
+        };
+        let route = &self.state.router.routes()[req.route];
+        let Some(slice) = cache_glue::cacheable_request(
+            session.req_header(),
+            req,
+            &self.state.groups[req.group].name,
+            route,
+            cache,
+        )
+        else {
+            return Ok(());
+        };
+        ctx.slice = slice;
+        session
+            .cache
+            .enable(cache.storage, None, None, Some(cache.lock), None);
+        session
+            .cache
+            .set_max_file_size_bytes(cache.config.max_object_size as usize);
+        ctx.cache_enabled = true;
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        let req = ctx.req.as_ref().expect("cache is only enabled for admitted requests");
+        Ok(cache::cache_key(
+            &self.state.groups[req.group].name,
+            &cache::decode_key(&req.key),
+            ctx.slice.as_ref(),
+        ))
+    }
+
+    fn response_cache_filter(
+        &self,
+        _session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        let (Some(cache), Some(req)) = (self.state.cache, ctx.req.as_ref()) else {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::NeverEnabled));
+        };
+        if ctx.slice_refused {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                "origin ignored the slice range",
+            )));
+        }
+        let route = &self.state.router.routes()[req.route];
+        Ok(cache::policy::decide(
+            resp,
+            &cache::policy::Inputs {
+                config: &cache.config,
+                route_ttl: route.cache.ttl,
+                now: std::time::SystemTime::now(),
+            },
+        ))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut Ctx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        cache_glue::vary_key(meta, req)
+    }
+
+    fn range_header_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> RangeType {
+        match ctx.slice {
+            Some(s) if resp.headers.contains_key(slice::TOTAL_HEADER) => {
+                cache_glue::answer_from_slice(resp, &s)
+            }
+            _ => {
+                resp.remove_header(slice::TOTAL_HEADER);
+                pingora_proxy::range_header_filter(session.req_header(), resp, Some(200))
+            }
+        }
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+        error: Option<&Error>,
+    ) -> bool {
+        // None: stale-while-revalidate (pingora already checked the entry's window).
+        // Some: the origin failed (refused, timed out, 5xx); a client error never qualifies.
+        error.is_none_or(|e| e.esource() != &ErrorSource::Downstream)
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        resp.remove_header(slice::TOTAL_HEADER);
+        if let Some(cache) = self.state.cache {
+            let status = cache::status_label(&session.cache.phase(), ctx.cache_enabled);
+            ctx.cache_status = Some(status);
+            resp.insert_header("x-cache", status)?;
+            let method = &session.req_header().method;
+            if admit::is_write(method) && resp.status.is_success() {
+                if let Some(req) = ctx.req.as_ref() {
+                    let object = cache::object_key(
+                        &self.state.groups[req.group].name,
+                        &cache::decode_key(&req.key),
+                    );
+                    let n = cache.storage.invalidate(&object);
+                    METRICS
+                        .cache_purges
+                        .with_label_values(&["write"])
+                        .inc_by(n as u64);
+                }
+            }
         }
         Ok(())
     }
@@ -447,6 +598,16 @@ impl ProxyHttp for Cascade {
                 served,
             ])
             .inc();
+        if let Some(cs) = ctx.cache_status {
+            METRICS.cache_requests.with_label_values(&[route, cs]).inc();
+            METRICS
+                .cache_served_bytes
+                .with_label_values(&[cs])
+                .inc_by(session.body_bytes_sent() as u64);
+            if session.cache.lock_duration().is_some() {
+                METRICS.cache_lock_waits.inc();
+            }
+        }
         let elapsed = ctx.start.elapsed();
         METRICS
             .request_duration
@@ -458,10 +619,11 @@ impl ProxyHttp for Cascade {
                 .map_or_else(|| "-".to_string(), |a| a.to_string());
             // The query is never logged: presigned URLs carry signatures there.
             log::info!(
-                "{client} \"{} {}\" {status} {} route={route} served_from={served} replays={} {:.1}ms{}",
+                "{client} \"{} {}\" {status} {} route={route} served_from={served} cache={} replays={} {:.1}ms{}",
                 req.method,
                 req.uri.path(),
                 session.body_bytes_sent(),
+                ctx.cache_status.unwrap_or("-"),
                 ctx.replays,
                 elapsed.as_secs_f64() * 1000.0,
                 e.map_or(String::new(), |e| format!(" error=\"{}\"", e.etype().as_str())),
@@ -473,6 +635,148 @@ impl ProxyHttp for Cascade {
         // Pingora's default includes the query string, which may hold credentials.
         let req = session.req_header();
         format!("{} {}", req.method, req.uri.path())
+    }
+}
+
+/// The cache decisions that need request or response headers, kept out of the phase methods.
+mod cache_glue {
+    use super::*;
+    use crate::admit::Admitted;
+    use crate::config::RouteConfig;
+
+    /// Whether this request uses the cache, and on which slice. `None`: bypass.
+    pub fn cacheable_request(
+        req: &RequestHeader,
+        admitted: &Admitted,
+        group: &str,
+        route: &RouteConfig,
+        cache: &Cache,
+    ) -> Option<Option<slice::SliceReq>> {
+        if !route.cache.enabled || !matches!(req.method, http::Method::GET | http::Method::HEAD) {
+            return None;
+        }
+        if cache::query_bypasses(admitted.query.as_deref()) {
+            return None;
+        }
+        if req.headers.contains_key(http::header::AUTHORIZATION) && !route.cache.cache_authorized
+        {
+            return None;
+        }
+        let range = req.headers.get(http::header::RANGE);
+        let range_str = match range {
+            Some(v) => Some(v.to_str().ok()?),
+            None => None,
+        };
+        let is_head = req.method == http::Method::HEAD;
+        let s = slice::plan(range_str, is_head, cache.config.slice_size);
+        if s.is_some() {
+            // The whole object is already stored: answer the Range or HEAD from it.
+            let whole = cache::cache_key(group, &cache::decode_key(&admitted.key), None);
+            if cache.storage.has(&whole.combined_bin()) {
+                return Some(None);
+            }
+        }
+        if range.is_some() && s.is_none() && cache.config.slice_size > 0 {
+            // A suffix or multi-range on a sliced route: pass it to the origin untouched
+            // rather than pull the whole object.
+            return None;
+        }
+        Some(s)
+    }
+
+    /// Turns the origin's 206 for a slice into a cacheable 200 of the slice's bytes that
+    /// records the object's total length. `false`: the origin did not honour the Range.
+    pub fn slice_from_origin(resp: &mut ResponseHeader, s: &slice::SliceReq) -> Result<bool> {
+        if resp.status.as_u16() != 206 {
+            return Ok(resp.status.as_u16() != 200);
+        }
+        let parsed = resp
+            .headers
+            .get(http::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(slice::parse_content_range);
+        match parsed {
+            Some((first, last, total)) if first == s.start() => {
+                resp.set_status(200)?;
+                resp.remove_header(&http::header::CONTENT_RANGE);
+                resp.insert_header(http::header::CONTENT_LENGTH, last - first + 1)?;
+                resp.insert_header(slice::TOTAL_HEADER, total)?;
+                Ok(true)
+            }
+            _ => Error::e_explain(
+                ErrorType::InvalidHTTPHeader,
+                "origin answered a slice request with a mismatched Content-Range",
+            ),
+        }
+    }
+
+    /// Cuts the client's answer out of a slice entry (hit or fresh fill).
+    pub fn answer_from_slice(resp: &mut ResponseHeader, s: &slice::SliceReq) -> RangeType {
+        let total: u64 = resp
+            .headers
+            .get(slice::TOTAL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let body_len: u64 = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        resp.remove_header(slice::TOTAL_HEADER);
+        let set = |resp: &mut ResponseHeader, k: http::HeaderName, v: String| {
+            let _ = resp.insert_header(k, v);
+        };
+        match slice::answer(s, total, body_len) {
+            slice::Answer::Head { total } => {
+                set(resp, http::header::CONTENT_LENGTH, total.to_string());
+                set(resp, http::header::ACCEPT_RANGES, "bytes".into());
+                RangeType::None
+            }
+            slice::Answer::Unsatisfiable { total } => {
+                let _ = resp.set_status(416);
+                set(resp, http::header::CONTENT_RANGE, format!("bytes */{total}"));
+                set(resp, http::header::CONTENT_LENGTH, "0".into());
+                RangeType::Invalid
+            }
+            slice::Answer::Partial { lo, hi, total } => {
+                let _ = resp.set_status(206);
+                set(
+                    resp,
+                    http::header::CONTENT_RANGE,
+                    format!("bytes {lo}-{hi}/{total}"),
+                );
+                set(resp, http::header::CONTENT_LENGTH, (hi - lo + 1).to_string());
+                set(resp, http::header::ACCEPT_RANGES, "bytes".into());
+                let start = s.start();
+                RangeType::Single((lo - start) as usize..(hi - start + 1) as usize)
+            }
+        }
+    }
+
+    /// Variance for `Vary`: the named request headers' values.
+    pub fn vary_key(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
+        let mut names: Vec<String> = meta
+            .headers()
+            .get_all(http::header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|n| n.trim().to_ascii_lowercase())
+            .filter(|n| !n.is_empty() && n != "accept-encoding")
+            .collect();
+        if names.is_empty() {
+            return None;
+        }
+        names.sort();
+        names.dedup();
+        let mut v = pingora_cache::VarianceBuilder::new();
+        for n in &names {
+            let val = req.headers.get(n.as_str()).map_or(&b""[..], |v| v.as_bytes());
+            v.add_owned_name_value(n.clone(), val.to_vec());
+        }
+        v.finalize()
     }
 }
 

@@ -108,6 +108,7 @@ mod tests {
             strip_prefix: true,
             group: 0,
             max_upload_size: None,
+            cache: Default::default(),
         }
     }
 

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 pub use schema::{CacheFallback, Timeouts};
 pub use validate::{
-    Config, GroupConfig, HostMatch, OriginConfig, OriginKind, RouteConfig, S3Signing,
+    AdminConfig, Config, GroupConfig, HostMatch, OriginConfig, OriginKind, RouteCache, RouteConfig,
+    S3Signing,
 };
 
 /// One configuration error, located in the source file.

@@ -27,6 +27,95 @@ pub struct RawConfig {
     pub groups: BTreeMap<String, serde_yaml::Value>,
     #[serde(default)]
     pub routes: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    pub cache: Option<CacheSection>,
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
+}
+
+/// `cache:` — the edge cache. Absent: nothing is cached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    #[serde(default = "d_cache_memory", deserialize_with = "de_size")]
+    pub memory: u64,
+    #[serde(default)]
+    pub disk: Option<DiskSection>,
+    #[serde(default = "d_max_object", deserialize_with = "de_size")]
+    pub max_object_size: u64,
+    #[serde(default = "d_default_ttl", deserialize_with = "de_duration")]
+    pub default_ttl: Duration,
+    #[serde(default = "d_negative_ttl", deserialize_with = "de_duration")]
+    pub negative_ttl: Duration,
+    #[serde(default = "d_lock_timeout", deserialize_with = "de_duration")]
+    pub lock_timeout: Duration,
+    #[serde(default = "d_stale_if_error", deserialize_with = "de_duration")]
+    pub stale_if_error: Duration,
+    #[serde(default = "d_zero", deserialize_with = "de_duration")]
+    pub stale_while_revalidate: Duration,
+    #[serde(default = "d_slice", deserialize_with = "de_size")]
+    pub slice_size: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    pub path: String,
+    #[serde(deserialize_with = "de_size")]
+    pub size: u64,
+}
+
+fn d_cache_memory() -> u64 {
+    256 << 20
+}
+fn d_max_object() -> u64 {
+    1 << 30
+}
+fn d_default_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_negative_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_lock_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_stale_if_error() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_zero() -> Duration {
+    Duration::ZERO
+}
+fn d_slice() -> u64 {
+    1 << 20
+}
+
+/// `admin:` — the admin API (purge). The bearer token comes from the environment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub addr: String,
+    pub token_env: String,
+}
+
+/// A route's `cache:`: `true`/`false`, or a map.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawRouteCache {
+    Switch(bool),
+    Detailed(RouteCacheMap),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteCacheMap {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub ttl: Option<Duration>,
+    /// Cache answers to requests that carry `Authorization` (off by default).
+    #[serde(default)]
+    pub cache_authorized: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +322,8 @@ pub struct RawRoute {
     /// Largest accepted request body (PUT/POST); larger ones get 413 before any byte is read.
     #[serde(default, deserialize_with = "de_opt_size")]
     pub max_upload_size: Option<u64>,
+    #[serde(default)]
+    pub cache: Option<RawRouteCache>,
 }
 
 fn default_path() -> String {
@@ -249,6 +340,11 @@ fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, 
     parse_duration(&v.0)
         .map(Some)
         .map_err(serde::de::Error::custom)
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = HumanValue::deserialize(d)?;
+    parse_size(&v.0).map_err(serde::de::Error::custom)
 }
 
 fn de_opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

@@ -25,6 +25,32 @@ pub struct Config {
     pub origins: Vec<OriginConfig>,
     pub groups: Vec<GroupConfig>,
     pub routes: Vec<RouteConfig>,
+    pub cache: Option<crate::cache::CacheConfig>,
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin API: its address and the bearer token (from the environment; redacted in Debug).
+#[derive(Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("addr", &self.addr)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A route's cache rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RouteCache {
+    pub enabled: bool,
+    pub ttl: Option<std::time::Duration>,
+    pub cache_authorized: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -92,10 +118,11 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     pub group: usize,
     pub max_upload_size: Option<u64>,
+    pub cache: RouteCache,
 }
 
 const TOP_LEVEL: &[&str] = &[
-    "server", "listen", "metrics", "timeouts", "origins", "groups", "routes",
+    "server", "listen", "metrics", "timeouts", "origins", "groups", "routes", "cache", "admin",
 ];
 
 struct Ctx<'a> {
@@ -239,6 +266,42 @@ pub(super) fn load(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
 
+    // Cache and admin.
+    let cache_section: Option<CacheSection> = section("cache").and_then(|v| cx.de("cache", &v));
+    let cache = cache_section.and_then(|c| cache_config(&mut cx, c, &base_dir));
+    let admin_section: Option<AdminSection> = section("admin").and_then(|v| cx.de("admin", &v));
+    let admin = admin_section.and_then(|a| {
+        let addr = match parse_addr(&a.addr) {
+            Ok(x) if seen_addrs.contains(&x) || Some(x) == metrics_addr => {
+                cx.err("admin.addr", format!("{x} is already used by another listener"));
+                return None;
+            }
+            Ok(x) => x,
+            Err(m) => {
+                cx.err("admin.addr", m);
+                return None;
+            }
+        };
+        match env(&a.token_env) {
+            Some(t) if t.len() >= 16 => Some(AdminConfig { addr, token: t }),
+            Some(_) => {
+                cx.err(
+                    "admin.token_env",
+                    format!("the token in ${} is shorter than 16 characters", a.token_env),
+                );
+                None
+            }
+            None => {
+                cx.err(
+                    "admin.token_env",
+                    format!("environment variable ${} is not set", a.token_env),
+                );
+                None
+            }
+        }
+    });
+    let cache_declared = sections.get("cache").is_some_and(|v| !v.is_null());
+
     // Origins.
     let raw_origins: BTreeMap<String, Value> = section("origins")
         .and_then(|v| cx.de("origins", &v))
@@ -286,7 +349,7 @@ pub(super) fn load(
         let Some(raw) = cx.de::<RawRoute>(&path, v) else {
             continue;
         };
-        let Some(r) = route(&mut cx, &path, i, raw, &group_ix) else {
+        let Some(r) = route(&mut cx, &path, i, raw, &group_ix, cache_declared) else {
             continue;
         };
         if let Some(prev) = seen_routes.insert((r.host.clone(), r.path.clone()), i) {
@@ -318,6 +381,62 @@ pub(super) fn load(
         origins,
         groups,
         routes,
+        cache,
+        admin,
+    })
+}
+
+fn cache_config(
+    cx: &mut Ctx,
+    c: CacheSection,
+    base_dir: &Path,
+) -> Option<crate::cache::CacheConfig> {
+    let mut ok = true;
+    if c.memory < 1 << 20 {
+        cx.err("cache.memory", "must be at least 1MiB");
+        ok = false;
+    }
+    if c.slice_size != 0 && c.slice_size < 64 * 1024 {
+        cx.err("cache.slice_size", "must be 0 (off) or at least 64KiB");
+        ok = false;
+    }
+    if c.max_object_size == 0 {
+        cx.err("cache.max_object_size", "must be greater than zero");
+        ok = false;
+    }
+    if c.lock_timeout.is_zero() {
+        cx.err("cache.lock_timeout", "must be greater than zero");
+        ok = false;
+    }
+    let disk = match c.disk {
+        Some(d) => {
+            if d.size < 1 << 20 {
+                cx.err("cache.disk.size", "must be at least 1MiB");
+                ok = false;
+            }
+            let p = PathBuf::from(&d.path);
+            let p = if p.is_absolute() { p } else { base_dir.join(p) };
+            if p.exists() && !p.is_dir() {
+                cx.err(
+                    "cache.disk.path",
+                    format!("{} exists and is not a directory", p.display()),
+                );
+                ok = false;
+            }
+            Some((p, d.size))
+        }
+        None => None,
+    };
+    ok.then_some(crate::cache::CacheConfig {
+        memory: c.memory,
+        disk,
+        max_object_size: c.max_object_size,
+        default_ttl: c.default_ttl,
+        negative_ttl: c.negative_ttl,
+        lock_timeout: c.lock_timeout,
+        stale_if_error: c.stale_if_error,
+        stale_while_revalidate: c.stale_while_revalidate,
+        slice_size: c.slice_size,
     })
 }
 
@@ -589,6 +708,7 @@ fn route(
     i: usize,
     raw: RawRoute,
     group_ix: &HashMap<String, Option<usize>>,
+    cache_declared: bool,
 ) -> Option<RouteConfig> {
     let group = match group_ix.get(&raw.group) {
         Some(ix) => (*ix)?,
@@ -652,7 +772,30 @@ fn route(
         );
         return None;
     }
+    let cache = match raw.cache {
+        None => RouteCache {
+            enabled: cache_declared,
+            ..Default::default()
+        },
+        Some(RawRouteCache::Switch(on)) => RouteCache {
+            enabled: on,
+            ..Default::default()
+        },
+        Some(RawRouteCache::Detailed(m)) => RouteCache {
+            enabled: m.enabled,
+            ttl: m.ttl,
+            cache_authorized: m.cache_authorized,
+        },
+    };
+    if cache.enabled && !cache_declared {
+        cx.err(
+            &locate::join(path, "cache"),
+            "caching is on for this route but there is no top-level `cache:` section",
+        );
+        return None;
+    }
     Some(RouteConfig {
+        cache,
         name,
         host,
         path: if prefix.is_empty() {

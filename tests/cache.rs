@@ -1,0 +1,569 @@
+//! End-to-end tests of the edge cache: real S3 (s3s) and HTTP origins, the real cascade
+//! binary, origin request and byte counters as the proof of what was (not) fetched.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn signed_origin(name: &str, url: &str, env: &str) -> String {
+    format!(
+        "  {name}: {{url: \"{url}\", s3: {{region: us-east-1, access_key_env: {env}_AK, \
+         secret_key_env: {env}_SK}}}}\n"
+    )
+}
+
+/// One signed S3 bucket behind a cached catch-all route.
+struct Bucket {
+    s3: S3Server,
+    cascade: Cascade,
+    yaml: String,
+}
+
+fn bucket(cache: &str) -> Bucket {
+    let s3 = S3Server::signed();
+    s3.create_bucket("media");
+    let yaml = format!(
+        "origins:\n{}groups:\n  media: {{main: main}}\nroutes:\n  - {{path: /, group: media}}\n\
+         cache:\n{cache}\n",
+        signed_origin("main", &s3.bucket_url("media"), "MAIN")
+    );
+    let cascade = start(&yaml);
+    Bucket { s3, cascade, yaml }
+}
+
+fn start(yaml: &str) -> Cascade {
+    Cascade::builder(yaml)
+        .test_credentials("MAIN_AK", "MAIN_SK")
+        .test_credentials("PROD_AK", "PROD_SK")
+        .env("CASCADE_ADMIN_TOKEN", TOKEN)
+        .start()
+}
+
+/// One scriptable HTTP origin behind a cached catch-all route.
+fn http_origin(cache: &str) -> (HttpOrigin, Cascade) {
+    let o = HttpOrigin::start();
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  media: {{main: web}}\nroutes:\n  - {{path: /, group: media}}\n\
+         cache:\n{cache}\n",
+        o.url("")
+    );
+    let c = start(&yaml);
+    (o, c)
+}
+
+async fn get(c: &Cascade, path: &str) -> (u16, String, String) {
+    let r = client().get(c.url(path)).send().await.unwrap();
+    let status = r.status().as_u16();
+    let xc = header(&r, "x-cache");
+    (status, xc, r.text().await.unwrap())
+}
+
+fn files_under(p: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+fn cache_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| !p.starts_with(dir.join("tmp")))
+        .collect()
+}
+
+#[tokio::test]
+async fn hit_after_miss_is_not_fetched_again() {
+    let b = bucket("  memory: 16MiB");
+    b.s3.put_file("media", "a.txt", "hello cache");
+    assert_eq!(get(&b.cascade, "/a.txt").await, (200, "MISS".into(), "hello cache".into()));
+    assert_eq!(get(&b.cascade, "/a.txt").await, (200, "HIT".into(), "hello cache".into()));
+    assert_eq!(b.s3.stats.count("GET"), 1, "the hit never reached the origin");
+    // Another spelling of the same object shares the entry.
+    assert_eq!(get(&b.cascade, "/a%2Etxt").await.1, "HIT");
+    assert_eq!(b.s3.stats.count("GET"), 1);
+    let m = b.cascade.metrics().await;
+    assert!(metric_sum(&m, "cascade_cache_requests_total", &[("status", "HIT")]).unwrap() >= 2.0);
+    assert!(metric_sum(&m, "cascade_cache_bytes", &[("tier", "memory")]).unwrap() > 0.0);
+    let _ = &b.yaml;
+}
+
+#[tokio::test]
+async fn restart_serves_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "  memory: 8MiB\n  disk: {{path: \"{}\", size: 64MiB}}",
+        dir.path().display()
+    );
+    let mut b = bucket(&cache);
+    b.s3.put_file("media", "v/clip.bin", vec![7u8; 300_000]);
+    assert_eq!(get(&b.cascade, "/v/clip.bin").await.1, "MISS");
+    drop(std::mem::replace(&mut b.cascade, start(&b.yaml)));
+    let r = client().get(b.cascade.url("/v/clip.bin")).send().await.unwrap();
+    assert_eq!(header(&r, "x-cache"), "HIT");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), vec![7u8; 300_000]);
+    assert_eq!(b.s3.stats.count("GET"), 1, "served from disk after the restart");
+}
+
+#[tokio::test]
+async fn corrupted_or_truncated_cache_files_are_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "  memory: 8MiB\n  disk: {{path: \"{}\", size: 64MiB}}",
+        dir.path().display()
+    );
+    let Bucket { s3, cascade, yaml } = bucket(&cache);
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    s3.put_file("media", "x.bin", &body);
+    s3.put_file("media", "y.bin", &body);
+    assert_eq!(get(&cascade, "/x.bin").await.1, "MISS");
+    assert_eq!(get(&cascade, "/y.bin").await.1, "MISS");
+    drop(cascade); // memory tier gone; only the files remain
+    let files = cache_files(dir.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    // Flip one body byte in the first, truncate the second.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x55;
+    std::fs::write(&files[0], bytes).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&files[1]).unwrap();
+    f.set_len(1000).unwrap();
+    drop(f);
+    let cascade = start(&yaml);
+    for path in ["/x.bin", "/y.bin"] {
+        let r = client().get(cascade.url(path)).send().await.unwrap();
+        assert_eq!(header(&r, "x-cache"), "MISS", "{path}");
+        assert_eq!(r.bytes().await.unwrap().to_vec(), body, "{path}");
+    }
+    assert_eq!(s3.stats.count("GET"), 4);
+}
+
+#[tokio::test]
+async fn memory_and_disk_bounds_hold_after_writing_three_times_their_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "  memory: 2MiB\n  disk: {{path: \"{}\", size: 4MiB}}",
+        dir.path().display()
+    );
+    let b = bucket(&cache);
+    let body = vec![3u8; 100 * 1024];
+    for i in 0..123 {
+        // 123 x 100 KiB = 12 MiB: 3x the disk tier, 6x the memory tier.
+        b.s3.put_file("media", &format!("o/{i}"), &body);
+        let r = client().get(b.cascade.url(&format!("/o/{i}"))).send().await.unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), body.len());
+    }
+    let m = b.cascade.metrics().await;
+    let mem = metric_sum(&m, "cascade_cache_bytes", &[("tier", "memory")]).unwrap();
+    let disk = metric_sum(&m, "cascade_cache_bytes", &[("tier", "disk")]).unwrap();
+    assert!(mem <= 2.0 * 1024.0 * 1024.0, "memory tier {mem}");
+    assert!(mem > 0.0);
+    assert!(disk <= 4.0 * 1024.0 * 1024.0, "disk tier {disk}");
+    assert!(disk > 2.0 * 1024.0 * 1024.0, "disk tier is used: {disk}");
+    let on_disk: u64 = cache_files(dir.path())
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert!(on_disk <= 4 * 1024 * 1024, "{on_disk} bytes on disk");
+    assert!(metric_sum(&m, "cascade_cache_evictions_total", &[("tier", "disk")]).unwrap() > 0.0);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_cold_requests_make_one_origin_fetch() {
+    let (o, c) = http_origin("  memory: 16MiB");
+    o.route(
+        "/hot.bin",
+        Reply::new(200, vec![9u8; 50_000]).delay(Duration::from_millis(400)),
+    );
+    let cl = client();
+    let reqs = (0..50).map(|_| {
+        let cl = cl.clone();
+        let url = c.url("/hot.bin");
+        async move {
+            let r = cl.get(url).send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap().len())
+        }
+    });
+    let results = futures::future::join_all(reqs).await;
+    assert!(results.iter().all(|r| *r == (200, 50_000)), "{results:?}");
+    assert_eq!(o.stats.count("GET"), 1, "collapsed into one origin fetch");
+    let m = c.metrics().await;
+    assert!(metric_sum(&m, "cascade_cache_lock_waits_total", &[]).unwrap() >= 1.0);
+}
+
+#[tokio::test]
+async fn range_head_and_conditional_requests_are_served_from_cache() {
+    let b = bucket("  memory: 16MiB");
+    b.s3.put_file("media", "doc.txt", "0123456789abcdef");
+    let first = client().get(b.cascade.url("/doc.txt")).send().await.unwrap();
+    let etag = header(&first, "etag");
+    let last_modified = header(&first, "last-modified");
+    assert!(!etag.is_empty());
+    assert_eq!(first.text().await.unwrap(), "0123456789abcdef");
+
+    let r = client()
+        .get(b.cascade.url("/doc.txt"))
+        .header("range", "bytes=2-5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(header(&r, "content-range"), "bytes 2-5/16");
+    assert_eq!(header(&r, "x-cache"), "HIT");
+    assert_eq!(r.text().await.unwrap(), "2345");
+
+    let r = client()
+        .get(b.cascade.url("/doc.txt"))
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+
+    let r = client().head(b.cascade.url("/doc.txt")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), "16");
+    assert_eq!(header(&r, "x-cache"), "HIT");
+
+    let r = client()
+        .get(b.cascade.url("/doc.txt"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    let r = client()
+        .get(b.cascade.url("/doc.txt"))
+        .header("if-modified-since", &last_modified)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert_eq!(b.s3.stats.count("GET"), 1, "all answered from the cache");
+    assert_eq!(b.s3.stats.count("HEAD"), 0);
+}
+
+#[tokio::test]
+async fn a_one_byte_range_on_a_large_object_fetches_one_slice() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "  memory: 16MiB\n  slice_size: 1MiB\n  disk: {{path: \"{}\", size: 256MiB}}",
+        dir.path().display()
+    );
+    let b = bucket(&cache);
+    let size: usize = 64 << 20;
+    let body: Vec<u8> = (0..size).map(|i| (i % 253) as u8).collect();
+    b.s3.put_file("media", "movie.mp4", &body);
+    let at = 40_000_000usize;
+    let r = client()
+        .get(b.cascade.url("/movie.mp4"))
+        .header("range", format!("bytes={at}-{at}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(header(&r, "content-range"), format!("bytes {at}-{at}/{size}"));
+    assert_eq!(header(&r, "x-cache"), "MISS");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), vec![body[at]]);
+    let fetched = b.s3.stats.response_bytes();
+    assert!(
+        fetched <= (1 << 20) + 64 * 1024,
+        "fetched {fetched} bytes from the origin for one byte"
+    );
+    assert!(fetched >= 1 << 20, "one whole slice was fetched: {fetched}");
+
+    // Same slice again: a hit, nothing from the origin. A neighbouring range in it too.
+    let r = client()
+        .get(b.cascade.url("/movie.mp4"))
+        .header("range", format!("bytes={}-{}", at + 10, at + 19))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(header(&r, "x-cache"), "HIT");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), body[at + 10..at + 20].to_vec());
+    assert_eq!(b.s3.stats.response_bytes(), fetched);
+
+    // An open-ended range is answered up to the end of its slice.
+    let r = client()
+        .get(b.cascade.url("/movie.mp4"))
+        .header("range", format!("bytes={at}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    let slice_end = (at / (1 << 20) + 1) * (1 << 20) - 1;
+    assert_eq!(
+        header(&r, "content-range"),
+        format!("bytes {at}-{slice_end}/{size}")
+    );
+    assert_eq!(r.bytes().await.unwrap().to_vec(), body[at..=slice_end].to_vec());
+
+    // HEAD learns the size from slice 0, not from the whole object.
+    let r = client().head(b.cascade.url("/movie.mp4")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), size.to_string());
+    assert!(b.s3.stats.response_bytes() <= fetched + (1 << 20) + 64 * 1024);
+
+    // Past the end.
+    let r = client()
+        .get(b.cascade.url("/movie.mp4"))
+        .header("range", format!("bytes={}-", size + 5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+}
+
+#[tokio::test]
+async fn fallback_answers_are_cached_under_the_original_key() {
+    let main = S3Server::signed();
+    let prod = S3Server::signed();
+    main.create_bucket("staging");
+    prod.create_bucket("production");
+    prod.put_file("production", "img/old.jpg", "from-prod");
+    let yaml = format!(
+        "origins:\n{}{}groups:\n  media: {{main: main, fallbacks: [prod]}}\n\
+         routes:\n  - {{path: /, group: media}}\ncache:\n  memory: 16MiB\n",
+        signed_origin("main", &main.bucket_url("staging"), "MAIN"),
+        signed_origin("prod", &prod.bucket_url("production"), "PROD"),
+    );
+    let c = start(&yaml);
+    let r = client().get(c.url("/img/old.jpg")).send().await.unwrap();
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(header(&r, "x-cache"), "MISS");
+    let r = client().get(c.url("/img/old.jpg")).send().await.unwrap();
+    assert_eq!(header(&r, "x-served-from"), "prod");
+    assert_eq!(header(&r, "x-cache"), "HIT");
+    assert_eq!(r.text().await.unwrap(), "from-prod");
+    assert_eq!(main.stats.count("GET"), 1);
+    assert_eq!(prod.stats.count("GET"), 1);
+}
+
+#[tokio::test]
+async fn negative_cache_then_put_makes_the_object_visible() {
+    let main = S3Server::signed();
+    let prod = S3Server::signed();
+    main.create_bucket("staging");
+    prod.create_bucket("production");
+    let yaml = format!(
+        "origins:\n{}{}groups:\n  media: {{main: main, fallbacks: [prod]}}\n\
+         routes:\n  - {{path: /, group: media}}\ncache:\n  memory: 16MiB\n  negative_ttl: 60s\n",
+        signed_origin("main", &main.bucket_url("staging"), "MAIN"),
+        signed_origin("prod", &prod.bucket_url("production"), "PROD"),
+    );
+    let c = start(&yaml);
+    assert_eq!(get(&c, "/new.txt").await.0, 404);
+    let (status, xc, _) = get(&c, "/new.txt").await;
+    assert_eq!((status, xc.as_str()), (404, "HIT"), "the 404 is cached");
+    assert_eq!(main.stats.count("GET"), 1);
+    assert_eq!(prod.stats.count("GET"), 1, "no origin round-trips while cached");
+
+    let r = client()
+        .put(c.url("/new.txt"))
+        .body("now it exists")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&c, "/new.txt").await, (200, "MISS".into(), "now it exists".into()));
+    assert_eq!(get(&c, "/new.txt").await.1, "HIT");
+
+    // DELETE invalidates too.
+    let r = client().delete(c.url("/new.txt")).send().await.unwrap();
+    assert!(r.status().is_success());
+    assert_eq!(get(&c, "/new.txt").await.0, 404);
+}
+
+#[tokio::test]
+async fn stale_if_error_serves_the_stale_copy_when_the_origin_is_down() {
+    let (o, c) = http_origin("  memory: 16MiB\n  stale_if_error: 1h");
+    o.route(
+        "/s.txt",
+        Reply::new(200, "stale but safe").header("cache-control", "max-age=1"),
+    );
+    o.route(
+        "/e.txt",
+        Reply::new(200, "v1").header("cache-control", "max-age=1"),
+    );
+    assert_eq!(get(&c, "/s.txt").await.1, "MISS");
+    assert_eq!(get(&c, "/e.txt").await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // The origin answers 503 for one object: stale copy.
+    o.route("/e.txt", Reply::new(503, "down"));
+    assert_eq!(get(&c, "/e.txt").await, (200, "STALE".into(), "v1".into()));
+    // The origin is gone entirely.
+    drop(o);
+    assert_eq!(
+        get(&c, "/s.txt").await,
+        (200, "STALE".into(), "stale but safe".into())
+    );
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_refreshes_once_in_the_background() {
+    let (o, c) = http_origin("  memory: 16MiB");
+    o.route(
+        "/swr.txt",
+        Reply::new(200, "v1").header("cache-control", "max-age=1, stale-while-revalidate=60"),
+    );
+    assert_eq!(get(&c, "/swr.txt").await.1, "MISS");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    o.route(
+        "/swr.txt",
+        Reply::new(200, "v2")
+            .header("cache-control", "max-age=60")
+            .delay(Duration::from_millis(300)),
+    );
+    let cl = client();
+    let results = futures::future::join_all((0..5).map(|_| {
+        let cl = cl.clone();
+        let url = c.url("/swr.txt");
+        async move {
+            let r = cl.get(url).send().await.unwrap();
+            (header(&r, "x-cache"), r.text().await.unwrap())
+        }
+    }))
+    .await;
+    for (xc, body) in &results {
+        assert_eq!((xc.as_str(), body.as_str()), ("STALE", "v1"), "{results:?}");
+    }
+    let refreshed = eventually(Duration::from_secs(5), || o.stats.count("GET") == 2).await;
+    assert!(refreshed, "one background refresh: {}", o.stats.count("GET"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(o.stats.count("GET"), 2, "exactly one refresh");
+    assert_eq!(get(&c, "/swr.txt").await, (200, "HIT".into(), "v2".into()));
+}
+
+#[tokio::test]
+async fn purge_needs_the_token() {
+    let admin_port = free_port();
+    let o = HttpOrigin::start();
+    o.route("/p/a.txt", Reply::new(200, "a"));
+    o.route("/p/b.txt", Reply::new(200, "b"));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  media: {{main: web}}\nroutes:\n  - {{path: /, group: media}}\n\
+         cache:\n  memory: 16MiB\nadmin: {{addr: \"127.0.0.1:{admin_port}\", token_env: CASCADE_ADMIN_TOKEN}}\n",
+        o.url("")
+    );
+    let c = start(&yaml);
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    for p in ["/p/a.txt", "/p/b.txt"] {
+        assert_eq!(get(&c, p).await.1, "MISS");
+        assert_eq!(get(&c, p).await.1, "HIT");
+    }
+    let purge = |url: String, token: Option<&str>| {
+        let mut rb = client().request(reqwest::Method::from_bytes(b"PURGE").unwrap(), url);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        rb.send()
+    };
+    let r = purge(format!("{admin}/cache/media/p/a.txt"), None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(header(&r, "www-authenticate").starts_with("Bearer"));
+    let r = purge(format!("{admin}/cache/media/p/a.txt"), Some("wrong-token-wrong-token"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(get(&c, "/p/a.txt").await.1, "HIT", "nothing purged without the token");
+    let r = purge(format!("{admin}/cache/media/p/a.txt"), Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&c, "/p/a.txt").await.1, "MISS");
+    assert_eq!(get(&c, "/p/b.txt").await.1, "HIT", "only that key");
+    // Prefix purge.
+    let r = purge(format!("{admin}/cache/media/p/*"), Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get(&c, "/p/a.txt").await.1, "MISS");
+    assert_eq!(get(&c, "/p/b.txt").await.1, "MISS");
+}
+
+#[tokio::test]
+async fn no_store_private_and_authorization_are_not_cached() {
+    let (o, c) = http_origin("  memory: 16MiB");
+    o.route("/ns", Reply::new(200, "x").header("cache-control", "no-store"));
+    o.route("/pv", Reply::new(200, "x").header("cache-control", "private, max-age=600"));
+    o.route("/pub", Reply::new(200, "x").header("cache-control", "max-age=600"));
+    for p in ["/ns", "/pv"] {
+        assert_eq!(get(&c, p).await.1, "MISS");
+        assert_eq!(get(&c, p).await.1, "MISS", "{p} is never stored");
+    }
+    assert_eq!(o.stats.count("GET"), 4);
+    for _ in 0..2 {
+        let r = client()
+            .get(c.url("/pub"))
+            .header("authorization", "Bearer abc")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&r, "x-cache"), "BYPASS");
+    }
+    assert_eq!(o.stats.count("GET"), 6, "requests with Authorization bypass the cache");
+    assert_eq!(get(&c, "/pub").await.1, "MISS");
+    assert_eq!(get(&c, "/pub").await.1, "HIT");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_fill_leaves_no_complete_looking_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "  memory: 16MiB\n  slice_size: 0\n  disk: {{path: \"{}\", size: 256MiB}}",
+        dir.path().display()
+    );
+    let b = bucket(&cache);
+    let size = 48 << 20;
+    let body: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
+    b.s3.put_file("media", "big.bin", &body);
+    // Read the header and a little of the body, then hang up.
+    let resp = raw_request(
+        b.cascade.addr,
+        b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::from_millis(300),
+    );
+    assert!(resp.text().starts_with("HTTP/1.1 200"), "{}", resp.text());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Whatever the proxy did with the rest, the next reader gets the whole, correct object.
+    let r = client().get(b.cascade.url("/big.bin")).send().await.unwrap();
+    let xc = header(&r, "x-cache");
+    assert_eq!(r.bytes().await.unwrap().len(), size);
+    assert!(xc == "MISS" || xc == "HIT", "{xc}");
+    // Every file in the cache dir is a complete entry (the temp dir holds no finished file).
+    for f in cache_files(dir.path()) {
+        let len = std::fs::metadata(&f).unwrap().len();
+        assert!(len > size as u64, "{} is {len} bytes", f.display());
+    }
+}
+
+#[tokio::test]
+async fn routes_can_turn_caching_off_and_set_their_ttl() {
+    let o = HttpOrigin::start();
+    o.route("/a", Reply::new(200, "a"));
+    o.route("/nc/a", Reply::new(200, "a"));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  media: {{main: web}}\nroutes:\n  \
+         - {{path: /, group: media, cache: {{ttl: 1s}}}}\n  - {{path: /nc, group: media, cache: false}}\n\
+         cache:\n  memory: 16MiB\n  stale_if_error: 0s\n",
+        o.url("")
+    );
+    let c = start(&yaml);
+    assert_eq!(get(&c, "/nc/a").await.1, "BYPASS");
+    assert_eq!(get(&c, "/nc/a").await.1, "BYPASS");
+    assert_eq!(get(&c, "/a").await.1, "MISS");
+    assert_eq!(get(&c, "/a").await.1, "HIT");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(get(&c, "/a").await.1, "EXPIRED");
+    assert_eq!(o.stats.count("GET"), 4);
+}
