@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/cascade-target}"
 cargo fmt --all -- --check
+# The Wasm plugins (plugins/dist/*.wasm) are used by tests/plugins.rs, unit tests and benches.
+if [ -x scripts/build-plugins.sh ]; then
+  scripts/build-plugins.sh
+fi
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
   cargo test --doc

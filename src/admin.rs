@@ -65,7 +65,11 @@ pub fn parse_purge(path: &str, groups: &[String]) -> Result<PurgeReq, (u16, Stri
 }
 
 impl AdminApp {
-    pub fn new(token: String, groups: Vec<String>, storage: Option<&'static TieredStorage>) -> Self {
+    pub fn new(
+        token: String,
+        groups: Vec<String>,
+        storage: Option<&'static TieredStorage>,
+    ) -> Self {
         AdminApp {
             token,
             groups,
@@ -78,7 +82,10 @@ impl AdminApp {
             return (200, "ok\n".into());
         }
         if !authorized(auth, &self.token) {
-            return (401, "unauthorized: send Authorization: Bearer <token>\n".into());
+            return (
+                401,
+                "unauthorized: send Authorization: Bearer <token>\n".into(),
+            );
         }
         if method.as_str() != "PURGE" && method != Method::DELETE {
             return (405, "use PURGE (or DELETE)\n".into());
@@ -93,7 +100,10 @@ impl AdminApp {
                     .cache_purges
                     .with_label_values(&["admin"])
                     .inc_by(n as u64);
-                (if n > 0 { 200 } else { 404 }, format!("{{\"purged\":{n}}}\n"))
+                (
+                    if n > 0 { 200 } else { 404 },
+                    format!("{{\"purged\":{n}}}\n"),
+                )
             }
             Ok(PurgeReq::Prefix { prefix }) => {
                 let n = storage.purge_prefix(&prefix);
@@ -121,8 +131,11 @@ impl ServeHttp for AdminApp {
             .status(status)
             .header(http::header::CONTENT_LENGTH, body.len());
         b = if status == 401 {
-            b.header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"cascade admin\"")
-                .header(http::header::CONTENT_TYPE, "text/plain")
+            b.header(
+                http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"cascade admin\"",
+            )
+            .header(http::header::CONTENT_TYPE, "text/plain")
         } else if body.starts_with('{') {
             b.header(http::header::CONTENT_TYPE, "application/json")
         } else {

@@ -147,6 +147,7 @@ mod tests {
                 group: 0,
                 max_upload_size: Some(1024),
                 cache: Default::default(),
+                plugins: Vec::new(),
             },
             RouteConfig {
                 name: "archive".into(),
@@ -156,6 +157,7 @@ mod tests {
                 group: 1,
                 max_upload_size: None,
                 cache: Default::default(),
+                plugins: Vec::new(),
             },
         ]);
         (router, vec![group(false), group(true)])

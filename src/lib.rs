@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  config ──load/validate──► Config ──build()──► Server
-//!                                                 ├─ proxy service  (proxy::Cascade: admit → fallback plan → origin rewrite/sign)
+//!                                                 ├─ proxy service  (proxy::Cascade: admit → plugins → fallback plan → origin rewrite/sign)
 //!                                                 ├─ dir origins    (origin::dir::DirOrigin on Unix sockets)
 //!                                                 └─ metrics        (metrics::MetricsApp)
 //! ```
@@ -15,6 +15,7 @@ pub mod config;
 pub mod fallback;
 pub mod metrics;
 pub mod origin;
+pub mod plugin;
 pub mod proxy;
 pub mod route;
 
@@ -57,6 +58,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         origins,
         access_log: cfg.server.access_log,
         cache: None,
+        plugins: None,
     })
 }
 
@@ -89,6 +91,10 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
             None => format!("cache: {e}"),
         })?;
         state.cache = Some(Box::leak(Box::new(opened)));
+    }
+    state.plugins = plugin::Runtime::load(cfg)?;
+    if let Some(rt) = &state.plugins {
+        rt.watch_sighup();
     }
     let cache_storage = state.cache.map(|c| c.storage);
     let state = Arc::new(state);

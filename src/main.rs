@@ -43,13 +43,20 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             match cascade::config::load_file(&config, &cascade::config::process_env) {
                 Ok(cfg) => {
+                    // Plugins are loaded too (compiled, started, configured): a plugin that
+                    // rejects its configuration fails the check like any config error.
+                    if let Err(e) = cascade::plugin::Runtime::load(&cfg) {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
                     println!(
-                        "{}: ok ({} listeners, {} origins, {} groups, {} routes)",
+                        "{}: ok ({} listeners, {} origins, {} groups, {} routes, {} plugins)",
                         config.display(),
                         cfg.listen.len(),
                         cfg.origins.len(),
                         cfg.groups.len(),
-                        cfg.routes.len()
+                        cfg.routes.len(),
+                        cfg.plugins.len()
                     );
                     ExitCode::SUCCESS
                 }

@@ -13,8 +13,9 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use prometheus::{
     exponential_buckets, register_gauge_vec_with_registry, register_histogram_vec_with_registry,
-    register_int_counter_vec_with_registry, register_int_counter_with_registry, Encoder, GaugeVec,
-    HistogramVec, IntCounter, IntCounterVec, Registry, TextEncoder,
+    register_int_counter_vec_with_registry, register_int_counter_with_registry,
+    register_int_gauge_vec_with_registry, Encoder, GaugeVec, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -32,6 +33,13 @@ pub struct Metrics {
     pub cache_lock_waits: IntCounter,
     pub cache_served_bytes: IntCounterVec,
     pub cache_purges: IntCounterVec,
+    pub plugin_counter: IntCounterVec,
+    pub plugin_gauge: IntGaugeVec,
+    pub plugin_histogram: HistogramVec,
+    pub plugin_duration: HistogramVec,
+    pub plugin_traps: IntCounterVec,
+    pub plugin_instances: IntGaugeVec,
+    pub plugin_failures: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -133,6 +141,57 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let plugin_counter = register_int_counter_vec_with_registry!(
+            "cascade_plugin_counter",
+            "Counters defined by plugins (proxy_define_metric), by plugin and metric name.",
+            &["plugin", "name"],
+            registry
+        )
+        .expect("metric");
+        let plugin_gauge = register_int_gauge_vec_with_registry!(
+            "cascade_plugin_gauge",
+            "Gauges defined by plugins, by plugin and metric name.",
+            &["plugin", "name"],
+            registry
+        )
+        .expect("metric");
+        let plugin_histogram = register_histogram_vec_with_registry!(
+            "cascade_plugin_histogram",
+            "Histograms defined by plugins (values as recorded), by plugin and metric name.",
+            &["plugin", "name"],
+            exponential_buckets(1.0, 4.0, 12).expect("static buckets"),
+            registry
+        )
+        .expect("metric");
+        let plugin_duration = register_histogram_vec_with_registry!(
+            "cascade_plugin_duration_seconds",
+            "Time spent in plugin callbacks, by plugin and phase (request, response, log).",
+            &["plugin", "phase"],
+            exponential_buckets(0.000_002, 2.0, 16).expect("static buckets"),
+            registry
+        )
+        .expect("metric");
+        let plugin_traps = register_int_counter_vec_with_registry!(
+            "cascade_plugin_traps_total",
+            "Plugin callbacks that failed, by plugin and kind (trap, timeout, memory); the instance is discarded.",
+            &["plugin", "kind"],
+            registry
+        )
+        .expect("metric");
+        let plugin_instances = register_int_gauge_vec_with_registry!(
+            "cascade_plugin_instances",
+            "Live configured plugin instances (pooled or leased), by plugin.",
+            &["plugin"],
+            registry
+        )
+        .expect("metric");
+        let plugin_failures = register_int_counter_vec_with_registry!(
+            "cascade_plugin_failures_total",
+            "Requests whose plugin failed or was unavailable, by plugin and the on_error action taken (deny, allow).",
+            &["plugin", "action"],
+            registry
+        )
+        .expect("metric");
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -153,6 +212,13 @@ impl Metrics {
             cache_lock_waits,
             cache_served_bytes,
             cache_purges,
+            plugin_counter,
+            plugin_gauge,
+            plugin_histogram,
+            plugin_duration,
+            plugin_traps,
+            plugin_instances,
+            plugin_failures,
         }
     }
 

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora_cache::key::{CacheHashKey, CacheKey, HashBinary};
+use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_cache::key::{CacheHashKey, CacheKey, HashBinary};
-use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora_proxy::{FailToProxy, ProxyHttp, RangeType, Session};
 
 use crate::admit::{self, Admission, LocalResponse, RequestFacts};
@@ -26,6 +26,7 @@ use crate::config::{CacheFallback, GroupConfig};
 use crate::fallback::{Plan, Role};
 use crate::metrics::{self, METRICS};
 use crate::origin::Origin;
+use crate::plugin;
 use crate::route::Router;
 
 pub const SERVED_FROM: &str = "x-served-from";
@@ -39,6 +40,8 @@ pub struct State {
     pub origins: Vec<Origin>,
     pub access_log: bool,
     pub cache: Option<&'static Cache>,
+    /// Wasm plugins (`None`: the config has none).
+    pub plugins: Option<Arc<plugin::Runtime>>,
 }
 
 impl State {
@@ -79,6 +82,8 @@ pub struct Ctx {
     slice_refused: bool,
     /// The final `X-Cache` value, once the response header is known.
     pub cache_status: Option<&'static str>,
+    /// The request's plugin chain state (instances leased until `logging`).
+    plugins: Option<plugin::Exchange>,
 }
 
 impl Ctx {
@@ -144,6 +149,15 @@ pub fn error_status(e: &Error) -> u16 {
 }
 
 async fn respond_local(session: &mut Session, r: &LocalResponse) -> Result<()> {
+    respond_local_with(session, r, None).await
+}
+
+/// [`respond_local`], with the request's response-phase plugins run on the answer.
+async fn respond_local_with(
+    session: &mut Session,
+    r: &LocalResponse,
+    plugins: Option<&mut plugin::Exchange>,
+) -> Result<()> {
     let mut resp = ResponseHeader::build(r.status, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     resp.insert_header(http::header::CONTENT_LENGTH, r.body.len())?;
@@ -154,6 +168,9 @@ async fn respond_local(session: &mut Session, r: &LocalResponse) -> Result<()> {
         // The body was not read: the connection cannot carry another request.
         session.set_keepalive(None);
         resp.insert_header(http::header::CONNECTION, "close")?;
+    }
+    if let Some(ex) = plugins {
+        ex.response_headers(session.req_header(), &mut resp);
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     session
@@ -206,6 +223,7 @@ impl ProxyHttp for Cascade {
             slice: None,
             slice_refused: false,
             cache_status: None,
+            plugins: None,
         }
     }
 
@@ -227,9 +245,31 @@ impl ProxyHttp for Cascade {
                 .map(|v| v.as_bytes()),
         };
         match admit::admit(&self.state.router, &self.state.groups, &facts) {
-            Admission::Proxy(a) => {
+            Admission::Proxy(mut a) => {
+                let Some(rt) = self.state.plugins.as_deref() else {
+                    ctx.req = Some(a);
+                    return Ok(false);
+                };
+                let (exchange, verdict) =
+                    plugin::on_request(rt, session, &mut a, &self.state.groups);
                 ctx.req = Some(a);
-                Ok(false)
+                ctx.plugins = exchange;
+                match verdict {
+                    plugin::Verdict::Continue => Ok(false),
+                    plugin::Verdict::Reply(r) => {
+                        plugin::write_reply(session, &r).await?;
+                        Ok(true)
+                    }
+                    plugin::Verdict::Fail(status, body) => {
+                        let r = LocalResponse {
+                            status,
+                            body,
+                            allow: None,
+                        };
+                        respond_local(session, &r).await?;
+                        Ok(true)
+                    }
+                }
             }
             Admission::Local(r) => {
                 respond_local(session, &r).await?;
@@ -351,8 +391,7 @@ impl ProxyHttp for Cascade {
             &self.state.groups[req.group].name,
             route,
             cache,
-        )
-        else {
+        ) else {
             return Ok(());
         };
         ctx.slice = slice;
@@ -367,7 +406,10 @@ impl ProxyHttp for Cascade {
     }
 
     fn cache_key_callback(&self, _session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
-        let req = ctx.req.as_ref().expect("cache is only enabled for admitted requests");
+        let req = ctx
+            .req
+            .as_ref()
+            .expect("cache is only enabled for admitted requests");
         Ok(cache::cache_key(
             &self.state.groups[req.group].name,
             &cache::decode_key(&req.key),
@@ -462,6 +504,11 @@ impl ProxyHttp for Cascade {
                         .inc_by(n as u64);
                 }
             }
+        }
+        if let Some(ex) = ctx.plugins.as_mut() {
+            // Last: plugins see the final headers (X-Cache included), hit or miss.
+            ex.info.cache_status = ctx.cache_status;
+            ex.response_headers(session.req_header(), resp);
         }
         Ok(())
     }
@@ -570,7 +617,7 @@ impl ProxyHttp for Cascade {
                 body,
                 allow: None,
             };
-            if let Err(err) = respond_local(session, &r).await {
+            if let Err(err) = respond_local_with(session, &r, ctx.plugins.as_mut()).await {
                 log::debug!("cannot send error response: {err}");
             }
         }
@@ -581,6 +628,9 @@ impl ProxyHttp for Cascade {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(mut ex) = ctx.plugins.take() {
+            ex.log(session.req_header(), session.response_written());
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
         let route = ctx.req.as_ref().map_or("none", |r| {
@@ -658,8 +708,7 @@ mod cache_glue {
         if cache::query_bypasses(admitted.query.as_deref()) {
             return None;
         }
-        if req.headers.contains_key(http::header::AUTHORIZATION) && !route.cache.cache_authorized
-        {
+        if req.headers.contains_key(http::header::AUTHORIZATION) && !route.cache.cache_authorized {
             return None;
         }
         let range = req.headers.get(http::header::RANGE);
@@ -736,7 +785,11 @@ mod cache_glue {
             }
             slice::Answer::Unsatisfiable { total } => {
                 let _ = resp.set_status(416);
-                set(resp, http::header::CONTENT_RANGE, format!("bytes */{total}"));
+                set(
+                    resp,
+                    http::header::CONTENT_RANGE,
+                    format!("bytes */{total}"),
+                );
                 set(resp, http::header::CONTENT_LENGTH, "0".into());
                 RangeType::Invalid
             }
@@ -747,7 +800,11 @@ mod cache_glue {
                     http::header::CONTENT_RANGE,
                     format!("bytes {lo}-{hi}/{total}"),
                 );
-                set(resp, http::header::CONTENT_LENGTH, (hi - lo + 1).to_string());
+                set(
+                    resp,
+                    http::header::CONTENT_LENGTH,
+                    (hi - lo + 1).to_string(),
+                );
                 set(resp, http::header::ACCEPT_RANGES, "bytes".into());
                 let start = s.start();
                 RangeType::Single((lo - start) as usize..(hi - start + 1) as usize)
@@ -773,7 +830,10 @@ mod cache_glue {
         names.dedup();
         let mut v = pingora_cache::VarianceBuilder::new();
         for n in &names {
-            let val = req.headers.get(n.as_str()).map_or(&b""[..], |v| v.as_bytes());
+            let val = req
+                .headers
+                .get(n.as_str())
+                .map_or(&b""[..], |v| v.as_bytes());
             v.add_owned_name_value(n.clone(), val.to_vec());
         }
         v.finalize()

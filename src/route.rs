@@ -109,6 +109,7 @@ mod tests {
             group: 0,
             max_upload_size: None,
             cache: Default::default(),
+            plugins: Vec::new(),
         }
     }
 

@@ -89,9 +89,19 @@ fn cache_files(dir: &Path) -> Vec<PathBuf> {
 async fn hit_after_miss_is_not_fetched_again() {
     let b = bucket("  memory: 16MiB");
     b.s3.put_file("media", "a.txt", "hello cache");
-    assert_eq!(get(&b.cascade, "/a.txt").await, (200, "MISS".into(), "hello cache".into()));
-    assert_eq!(get(&b.cascade, "/a.txt").await, (200, "HIT".into(), "hello cache".into()));
-    assert_eq!(b.s3.stats.count("GET"), 1, "the hit never reached the origin");
+    assert_eq!(
+        get(&b.cascade, "/a.txt").await,
+        (200, "MISS".into(), "hello cache".into())
+    );
+    assert_eq!(
+        get(&b.cascade, "/a.txt").await,
+        (200, "HIT".into(), "hello cache".into())
+    );
+    assert_eq!(
+        b.s3.stats.count("GET"),
+        1,
+        "the hit never reached the origin"
+    );
     // Another spelling of the same object shares the entry.
     assert_eq!(get(&b.cascade, "/a%2Etxt").await.1, "HIT");
     assert_eq!(b.s3.stats.count("GET"), 1);
@@ -112,10 +122,18 @@ async fn restart_serves_from_disk() {
     b.s3.put_file("media", "v/clip.bin", vec![7u8; 300_000]);
     assert_eq!(get(&b.cascade, "/v/clip.bin").await.1, "MISS");
     drop(std::mem::replace(&mut b.cascade, start(&b.yaml)));
-    let r = client().get(b.cascade.url("/v/clip.bin")).send().await.unwrap();
+    let r = client()
+        .get(b.cascade.url("/v/clip.bin"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(header(&r, "x-cache"), "HIT");
     assert_eq!(r.bytes().await.unwrap().to_vec(), vec![7u8; 300_000]);
-    assert_eq!(b.s3.stats.count("GET"), 1, "served from disk after the restart");
+    assert_eq!(
+        b.s3.stats.count("GET"),
+        1,
+        "served from disk after the restart"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +157,10 @@ async fn corrupted_or_truncated_cache_files_are_misses() {
     let n = bytes.len();
     bytes[n - 100] ^= 0x55;
     std::fs::write(&files[0], bytes).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&files[1]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[1])
+        .unwrap();
     f.set_len(1000).unwrap();
     drop(f);
     let cascade = start(&yaml);
@@ -163,7 +184,11 @@ async fn memory_and_disk_bounds_hold_after_writing_three_times_their_size() {
     for i in 0..123 {
         // 123 x 100 KiB = 12 MiB: 3x the disk tier, 6x the memory tier.
         b.s3.put_file("media", &format!("o/{i}"), &body);
-        let r = client().get(b.cascade.url(&format!("/o/{i}"))).send().await.unwrap();
+        let r = client()
+            .get(b.cascade.url(&format!("/o/{i}")))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.bytes().await.unwrap().len(), body.len());
     }
     let m = b.cascade.metrics().await;
@@ -208,7 +233,11 @@ async fn fifty_concurrent_cold_requests_make_one_origin_fetch() {
 async fn range_head_and_conditional_requests_are_served_from_cache() {
     let b = bucket("  memory: 16MiB");
     b.s3.put_file("media", "doc.txt", "0123456789abcdef");
-    let first = client().get(b.cascade.url("/doc.txt")).send().await.unwrap();
+    let first = client()
+        .get(b.cascade.url("/doc.txt"))
+        .send()
+        .await
+        .unwrap();
     let etag = header(&first, "etag");
     let last_modified = header(&first, "last-modified");
     assert!(!etag.is_empty());
@@ -233,7 +262,11 @@ async fn range_head_and_conditional_requests_are_served_from_cache() {
         .unwrap();
     assert_eq!(r.status(), 416);
 
-    let r = client().head(b.cascade.url("/doc.txt")).send().await.unwrap();
+    let r = client()
+        .head(b.cascade.url("/doc.txt"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-length"), "16");
     assert_eq!(header(&r, "x-cache"), "HIT");
@@ -275,7 +308,10 @@ async fn a_one_byte_range_on_a_large_object_fetches_one_slice() {
         .await
         .unwrap();
     assert_eq!(r.status(), 206);
-    assert_eq!(header(&r, "content-range"), format!("bytes {at}-{at}/{size}"));
+    assert_eq!(
+        header(&r, "content-range"),
+        format!("bytes {at}-{at}/{size}")
+    );
     assert_eq!(header(&r, "x-cache"), "MISS");
     assert_eq!(r.bytes().await.unwrap().to_vec(), vec![body[at]]);
     let fetched = b.s3.stats.response_bytes();
@@ -294,7 +330,10 @@ async fn a_one_byte_range_on_a_large_object_fetches_one_slice() {
         .unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(header(&r, "x-cache"), "HIT");
-    assert_eq!(r.bytes().await.unwrap().to_vec(), body[at + 10..at + 20].to_vec());
+    assert_eq!(
+        r.bytes().await.unwrap().to_vec(),
+        body[at + 10..at + 20].to_vec()
+    );
     assert_eq!(b.s3.stats.response_bytes(), fetched);
 
     // An open-ended range is answered up to the end of its slice.
@@ -310,10 +349,17 @@ async fn a_one_byte_range_on_a_large_object_fetches_one_slice() {
         header(&r, "content-range"),
         format!("bytes {at}-{slice_end}/{size}")
     );
-    assert_eq!(r.bytes().await.unwrap().to_vec(), body[at..=slice_end].to_vec());
+    assert_eq!(
+        r.bytes().await.unwrap().to_vec(),
+        body[at..=slice_end].to_vec()
+    );
 
     // HEAD learns the size from slice 0, not from the whole object.
-    let r = client().head(b.cascade.url("/movie.mp4")).send().await.unwrap();
+    let r = client()
+        .head(b.cascade.url("/movie.mp4"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-length"), size.to_string());
     assert!(b.s3.stats.response_bytes() <= fetched + (1 << 20) + 64 * 1024);
@@ -370,7 +416,11 @@ async fn negative_cache_then_put_makes_the_object_visible() {
     let (status, xc, _) = get(&c, "/new.txt").await;
     assert_eq!((status, xc.as_str()), (404, "HIT"), "the 404 is cached");
     assert_eq!(main.stats.count("GET"), 1);
-    assert_eq!(prod.stats.count("GET"), 1, "no origin round-trips while cached");
+    assert_eq!(
+        prod.stats.count("GET"),
+        1,
+        "no origin round-trips while cached"
+    );
 
     let r = client()
         .put(c.url("/new.txt"))
@@ -379,7 +429,10 @@ async fn negative_cache_then_put_makes_the_object_visible() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(get(&c, "/new.txt").await, (200, "MISS".into(), "now it exists".into()));
+    assert_eq!(
+        get(&c, "/new.txt").await,
+        (200, "MISS".into(), "now it exists".into())
+    );
     assert_eq!(get(&c, "/new.txt").await.1, "HIT");
 
     // DELETE invalidates too.
@@ -442,7 +495,11 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
         assert_eq!((xc.as_str(), body.as_str()), ("STALE", "v1"), "{results:?}");
     }
     let refreshed = eventually(Duration::from_secs(5), || o.stats.count("GET") == 2).await;
-    assert!(refreshed, "one background refresh: {}", o.stats.count("GET"));
+    assert!(
+        refreshed,
+        "one background refresh: {}",
+        o.stats.count("GET")
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(o.stats.count("GET"), 2, "exactly one refresh");
     assert_eq!(get(&c, "/swr.txt").await, (200, "HIT".into(), "v2".into()));
@@ -472,20 +529,33 @@ async fn purge_needs_the_token() {
         }
         rb.send()
     };
-    let r = purge(format!("{admin}/cache/media/p/a.txt"), None).await.unwrap();
-    assert_eq!(r.status(), 401);
-    assert!(header(&r, "www-authenticate").starts_with("Bearer"));
-    let r = purge(format!("{admin}/cache/media/p/a.txt"), Some("wrong-token-wrong-token"))
+    let r = purge(format!("{admin}/cache/media/p/a.txt"), None)
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(get(&c, "/p/a.txt").await.1, "HIT", "nothing purged without the token");
-    let r = purge(format!("{admin}/cache/media/p/a.txt"), Some(TOKEN)).await.unwrap();
+    assert!(header(&r, "www-authenticate").starts_with("Bearer"));
+    let r = purge(
+        format!("{admin}/cache/media/p/a.txt"),
+        Some("wrong-token-wrong-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        get(&c, "/p/a.txt").await.1,
+        "HIT",
+        "nothing purged without the token"
+    );
+    let r = purge(format!("{admin}/cache/media/p/a.txt"), Some(TOKEN))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(get(&c, "/p/a.txt").await.1, "MISS");
     assert_eq!(get(&c, "/p/b.txt").await.1, "HIT", "only that key");
     // Prefix purge.
-    let r = purge(format!("{admin}/cache/media/p/*"), Some(TOKEN)).await.unwrap();
+    let r = purge(format!("{admin}/cache/media/p/*"), Some(TOKEN))
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(get(&c, "/p/a.txt").await.1, "MISS");
     assert_eq!(get(&c, "/p/b.txt").await.1, "MISS");
@@ -494,9 +564,18 @@ async fn purge_needs_the_token() {
 #[tokio::test]
 async fn no_store_private_and_authorization_are_not_cached() {
     let (o, c) = http_origin("  memory: 16MiB");
-    o.route("/ns", Reply::new(200, "x").header("cache-control", "no-store"));
-    o.route("/pv", Reply::new(200, "x").header("cache-control", "private, max-age=600"));
-    o.route("/pub", Reply::new(200, "x").header("cache-control", "max-age=600"));
+    o.route(
+        "/ns",
+        Reply::new(200, "x").header("cache-control", "no-store"),
+    );
+    o.route(
+        "/pv",
+        Reply::new(200, "x").header("cache-control", "private, max-age=600"),
+    );
+    o.route(
+        "/pub",
+        Reply::new(200, "x").header("cache-control", "max-age=600"),
+    );
     for p in ["/ns", "/pv"] {
         assert_eq!(get(&c, p).await.1, "MISS");
         assert_eq!(get(&c, p).await.1, "MISS", "{p} is never stored");
@@ -511,7 +590,11 @@ async fn no_store_private_and_authorization_are_not_cached() {
             .unwrap();
         assert_eq!(header(&r, "x-cache"), "BYPASS");
     }
-    assert_eq!(o.stats.count("GET"), 6, "requests with Authorization bypass the cache");
+    assert_eq!(
+        o.stats.count("GET"),
+        6,
+        "requests with Authorization bypass the cache"
+    );
     assert_eq!(get(&c, "/pub").await.1, "MISS");
     assert_eq!(get(&c, "/pub").await.1, "HIT");
 }
@@ -536,7 +619,11 @@ async fn a_client_that_disconnects_mid_fill_leaves_no_complete_looking_entry() {
     assert!(resp.text().starts_with("HTTP/1.1 200"), "{}", resp.text());
     tokio::time::sleep(Duration::from_millis(500)).await;
     // Whatever the proxy did with the rest, the next reader gets the whole, correct object.
-    let r = client().get(b.cascade.url("/big.bin")).send().await.unwrap();
+    let r = client()
+        .get(b.cascade.url("/big.bin"))
+        .send()
+        .await
+        .unwrap();
     let xc = header(&r, "x-cache");
     assert_eq!(r.bytes().await.unwrap().len(), size);
     assert!(xc == "MISS" || xc == "HIT", "{xc}");

@@ -439,7 +439,10 @@ pub struct DiskWriter {
 
 impl DiskWriter {
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        let f = self.file.as_mut().ok_or_else(|| io::Error::other("closed"))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("closed"))?;
         f.write_all(data)?;
         self.crc.update(data);
         self.header.body_len += data.len() as u64;
@@ -564,7 +567,11 @@ mod tests {
 
     fn put(t: &DiskTier, i: u8, body: &[u8]) {
         let mut w = t
-            .writer(h(i), &format!("g\0key{i}"), (Bytes::from_static(b"meta0"), Bytes::new()))
+            .writer(
+                h(i),
+                &format!("g\0key{i}"),
+                (Bytes::from_static(b"meta0"), Bytes::new()),
+            )
             .unwrap();
         w.write(body).unwrap();
         t.finish(w).unwrap();

@@ -155,7 +155,11 @@ mod tests {
             tier.put(entry(i, 4096)); // 3000 x 4 KiB = ~12 MiB written
             assert!(tier.bytes() <= 1 << 20, "{} bytes after {i}", tier.bytes());
         }
-        assert!(tier.bytes() > 512 * 1024, "the tier is used: {}", tier.bytes());
+        assert!(
+            tier.bytes() > 512 * 1024,
+            "the tier is used: {}",
+            tier.bytes()
+        );
     }
 
     #[test]

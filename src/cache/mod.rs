@@ -97,8 +97,7 @@ impl Cache {
             None => None,
         };
         let storage = storage::leak(TieredStorage::new(memory, disk));
-        let lock: &'static CacheKeyLockImpl =
-            Box::leak(CacheLock::new_boxed(config.lock_timeout));
+        let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(config.lock_timeout));
         Ok(Cache {
             config,
             storage,

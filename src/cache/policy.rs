@@ -31,12 +31,11 @@ pub fn decide(resp: &ResponseHeader, i: &Inputs) -> RespCacheable {
     if !matches!(status, 200 | 203 | 301 | 308 | 404 | 410) {
         return Uncacheable(NoCacheReason::Custom("status"));
     }
-    if resp
-        .headers
-        .get_all(http::header::VARY)
-        .iter()
-        .any(|v| v.as_bytes().split(|b| *b == b',').any(|p| p.trim_ascii() == b"*"))
-    {
+    if resp.headers.get_all(http::header::VARY).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|p| p.trim_ascii() == b"*")
+    }) {
         return Uncacheable(NoCacheReason::Custom("vary *"));
     }
     if let Some(len) = resp
@@ -138,7 +137,10 @@ mod tests {
                     .duration_since(SystemTime::UNIX_EPOCH)
                     .unwrap()
                     .as_secs() as i64
-                    - now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as i64,
+                    - now
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap()
+                        .as_secs() as i64,
             ),
             RespCacheable::Uncacheable(_) => None,
         }
@@ -147,7 +149,10 @@ mod tests {
     #[test]
     fn cache_control_rules() {
         assert_eq!(ttl(&resp(200, &[])), Some(3600), "default ttl");
-        assert_eq!(ttl(&resp(200, &[("cache-control", "max-age=60")])), Some(60));
+        assert_eq!(
+            ttl(&resp(200, &[("cache-control", "max-age=60")])),
+            Some(60)
+        );
         assert_eq!(
             ttl(&resp(200, &[("cache-control", "max-age=60, s-maxage=120")])),
             Some(120)
@@ -174,7 +179,10 @@ mod tests {
             now,
         };
         let RespCacheable::Cacheable(m) = decide(
-            &resp(200, &[("cache-control", "max-age=1, stale-while-revalidate=30")]),
+            &resp(
+                200,
+                &[("cache-control", "max-age=1, stale-while-revalidate=30")],
+            ),
             &i,
         ) else {
             panic!()
@@ -184,9 +192,10 @@ mod tests {
         assert!(!m.serve_stale_while_revalidate(after(31)));
         assert!(m.serve_stale_if_error(after(299)));
         assert!(!m.serve_stale_if_error(after(301)));
-        let RespCacheable::Cacheable(m) =
-            decide(&resp(200, &[("cache-control", "max-age=1, must-revalidate")]), &i)
-        else {
+        let RespCacheable::Cacheable(m) = decide(
+            &resp(200, &[("cache-control", "max-age=1, must-revalidate")]),
+            &i,
+        ) else {
             panic!()
         };
         assert!(!m.serve_stale_if_error(m.fresh_until() + Duration::from_secs(1)));

@@ -119,11 +119,7 @@ pub fn answer(req: &SliceReq, total: u64, body_len: u64) -> Answer {
         return Answer::Unsatisfiable { total };
     }
     let slice_last = req.start() + body_len.max(1) - 1;
-    let hi = req
-        .last
-        .unwrap_or(u64::MAX)
-        .min(slice_last)
-        .min(total - 1);
+    let hi = req.last.unwrap_or(u64::MAX).min(slice_last).min(total - 1);
     Answer::Partial {
         lo: req.first,
         hi,
@@ -191,10 +187,7 @@ mod tests {
 
     #[test]
     fn content_range() {
-        assert_eq!(
-            parse_content_range("bytes 0-99/1000"),
-            Some((0, 99, 1000))
-        );
+        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((0, 99, 1000)));
         assert_eq!(parse_content_range("bytes 0-99/*"), None);
         assert_eq!(parse_content_range("bytes 5-4/10"), None);
         assert_eq!(parse_content_range("bytes 0-10/10"), None);

@@ -99,7 +99,12 @@ impl TieredStorage {
     /// Removes every stored entry (the object and all its slices) of `object`
     /// (`cache::object_key(group, key)`). Returns how many entries were removed.
     pub fn invalidate(&self, object: &str) -> usize {
-        let mut all = self.catalog.lock().objects.remove(object).unwrap_or_default();
+        let mut all = self
+            .catalog
+            .lock()
+            .objects
+            .remove(object)
+            .unwrap_or_default();
         all.insert(CacheKey::new(object, "").combined_bin());
         all.iter().map(|h| usize::from(self.remove(h))).sum()
     }

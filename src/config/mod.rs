@@ -7,6 +7,7 @@
 //! `FILE:LINE:COL: FIELD: message`.
 
 pub mod locate;
+pub mod plugins;
 pub mod schema;
 pub mod units;
 mod validate;
@@ -14,7 +15,8 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use schema::{CacheFallback, Timeouts};
+pub use plugins::PluginConfig;
+pub use schema::{CacheFallback, OnError, Timeouts};
 pub use validate::{
     AdminConfig, Config, GroupConfig, HostMatch, OriginConfig, OriginKind, RouteCache, RouteConfig,
     S3Signing,

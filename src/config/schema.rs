@@ -31,6 +31,68 @@ pub struct RawConfig {
     pub cache: Option<CacheSection>,
     #[serde(default)]
     pub admin: Option<AdminSection>,
+    #[serde(default)]
+    pub plugins: BTreeMap<String, serde_yaml::Value>,
+}
+
+/// One entry of `plugins:` — a proxy-wasm module and how to run it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlugin {
+    /// The `.wasm` file (relative to the config file's directory).
+    pub wasm: String,
+    /// Handed to `proxy_on_configure`: a string as its raw bytes, anything else as JSON.
+    #[serde(default)]
+    pub config: serde_yaml::Value,
+    /// Handed to `proxy_on_vm_start`, same encoding.
+    #[serde(default)]
+    pub vm_config: serde_yaml::Value,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// Environment variables (names) handed to the plugin's WASI environment, e.g. for the
+    /// `auth` plugin's `*_env` secrets. Only these are visible to the plugin.
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+/// What a request gets when its plugin fails (trap, timeout, memory, unavailable).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Fail closed: 503 (the default; right for auth).
+    #[default]
+    Deny,
+    /// Fail open: skip the plugin for this request.
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Linear memory cap of one instance.
+    #[serde(default = "d_plugin_memory", deserialize_with = "de_size")]
+    pub memory: u64,
+    /// Deadline of one callback.
+    #[serde(default = "d_plugin_time", deserialize_with = "de_duration")]
+    pub time: Duration,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory: d_plugin_memory(),
+            time: d_plugin_time(),
+        }
+    }
+}
+
+fn d_plugin_memory() -> u64 {
+    32 << 20
+}
+fn d_plugin_time() -> Duration {
+    Duration::from_millis(100)
 }
 
 /// `cache:` — the edge cache. Absent: nothing is cached.
@@ -135,6 +197,9 @@ pub struct ServerSection {
     /// Access log on stderr (one line per request).
     #[serde(default = "default_true")]
     pub access_log: bool,
+    /// Directory of precompiled plugin modules (keyed by module hash and engine); optional.
+    #[serde(default)]
+    pub plugin_cache: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -144,6 +209,7 @@ impl Default for ServerSection {
             grace_period: default_grace(),
             runtime_dir: None,
             access_log: true,
+            plugin_cache: None,
         }
     }
 }
@@ -324,6 +390,9 @@ pub struct RawRoute {
     pub max_upload_size: Option<u64>,
     #[serde(default)]
     pub cache: Option<RawRouteCache>,
+    /// Ordered plugin chain (names from `plugins:`).
+    #[serde(default)]
+    pub plugins: Vec<String>,
 }
 
 fn default_path() -> String {

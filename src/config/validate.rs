@@ -27,6 +27,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     pub cache: Option<crate::cache::CacheConfig>,
     pub admin: Option<AdminConfig>,
+    /// Plugins by index (routes refer to them by index).
+    pub plugins: Vec<super::plugins::PluginConfig>,
+    /// `server.plugin_cache`, resolved against the config's directory.
+    pub plugin_cache: Option<PathBuf>,
 }
 
 /// The admin API: its address and the bearer token (from the environment; redacted in Debug).
@@ -119,20 +123,23 @@ pub struct RouteConfig {
     pub group: usize,
     pub max_upload_size: Option<u64>,
     pub cache: RouteCache,
+    /// The ordered plugin chain (indices into `Config::plugins`).
+    pub plugins: Vec<usize>,
 }
 
 const TOP_LEVEL: &[&str] = &[
     "server", "listen", "metrics", "timeouts", "origins", "groups", "routes", "cache", "admin",
+    "plugins",
 ];
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     file: &'a Path,
     loc: Locator,
     errors: Vec<ConfigError>,
 }
 
 impl Ctx<'_> {
-    fn err(&mut self, field: &str, message: impl Into<String>) {
+    pub(super) fn err(&mut self, field: &str, message: impl Into<String>) {
         let pos = self.loc.find(field);
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
@@ -144,7 +151,7 @@ impl Ctx<'_> {
     }
 
     /// Deserialize one node, reporting a failure at the innermost field serde names.
-    fn de<T: DeserializeOwned>(&mut self, path: &str, v: &Value) -> Option<T> {
+    pub(super) fn de<T: DeserializeOwned>(&mut self, path: &str, v: &Value) -> Option<T> {
         match serde_path_to_error::deserialize::<_, T>(v.clone()) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -273,7 +280,10 @@ pub(super) fn load(
     let admin = admin_section.and_then(|a| {
         let addr = match parse_addr(&a.addr) {
             Ok(x) if seen_addrs.contains(&x) || Some(x) == metrics_addr => {
-                cx.err("admin.addr", format!("{x} is already used by another listener"));
+                cx.err(
+                    "admin.addr",
+                    format!("{x} is already used by another listener"),
+                );
                 return None;
             }
             Ok(x) => x,
@@ -287,7 +297,10 @@ pub(super) fn load(
             Some(_) => {
                 cx.err(
                     "admin.token_env",
-                    format!("the token in ${} is shorter than 16 characters", a.token_env),
+                    format!(
+                        "the token in ${} is shorter than 16 characters",
+                        a.token_env
+                    ),
                 );
                 None
             }
@@ -334,6 +347,13 @@ pub(super) fn load(
         groups.extend(parsed);
     }
 
+    // Plugins.
+    let raw_plugins: BTreeMap<String, Value> = section("plugins")
+        .and_then(|v| cx.de("plugins", &v))
+        .unwrap_or_default();
+    let (plugins, plugin_ix) = super::plugins::plugins(&mut cx, &raw_plugins, &base_dir, env);
+    let plugin_cache = server.plugin_cache.as_ref().map(|d| base_dir.join(d));
+
     // Routes.
     let raw_routes: Vec<Value> = section("routes")
         .and_then(|v| cx.de("routes", &v))
@@ -349,9 +369,14 @@ pub(super) fn load(
         let Some(raw) = cx.de::<RawRoute>(&path, v) else {
             continue;
         };
-        let Some(r) = route(&mut cx, &path, i, raw, &group_ix, cache_declared) else {
+        let chain = super::plugins::chain(&mut cx, &path, &raw.plugins, &plugin_ix);
+        let Some(mut r) = route(&mut cx, &path, i, raw, &group_ix, cache_declared) else {
             continue;
         };
+        let Some(chain) = chain else {
+            continue;
+        };
+        r.plugins = chain;
         if let Some(prev) = seen_routes.insert((r.host.clone(), r.path.clone()), i) {
             cx.err(
                 &path,
@@ -383,6 +408,8 @@ pub(super) fn load(
         routes,
         cache,
         admin,
+        plugins,
+        plugin_cache,
     })
 }
 
@@ -806,6 +833,7 @@ fn route(
         strip_prefix: raw.strip_prefix,
         group,
         max_upload_size: raw.max_upload_size,
+        plugins: Vec::new(),
     })
 }
 

@@ -1,0 +1,135 @@
+//! cascade test fixture `chaos`: a plugin that misbehaves on purpose (trap, endless loop,
+//! unbounded memory growth) so the host's isolation can be tested. Never deploy it.
+
+use std::hint::black_box;
+use std::rc::Rc;
+use std::sync::Mutex;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use serde::Deserialize;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(ChaosRoot { config: None }) });
+}}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Trap,
+    Loop,
+    Grow,
+    Ok,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "lowercase")]
+enum Phase {
+    #[default]
+    Request,
+    Response,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    mode: Mode,
+    #[serde(default)]
+    phase: Phase,
+    only_if_header: Option<String>,
+}
+
+/// Where `grow` keeps what it allocates, so nothing is ever freed.
+static HOARD: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn misbehave(mode: Mode) {
+    match mode {
+        Mode::Trap => panic!("chaos: trap"),
+        Mode::Loop => {
+            log::warn!("chaos: looping forever");
+            let mut n: u64 = 0;
+            loop {
+                n = black_box(black_box(n).wrapping_add(1));
+            }
+        }
+        Mode::Grow => {
+            log::warn!("chaos: growing memory forever");
+            let mut hoard = HOARD.lock().unwrap_or_else(|e| e.into_inner());
+            let mut i: u8 = 0;
+            loop {
+                i = i.wrapping_add(1);
+                // Non-zero fill so every page is really touched.
+                hoard.push(black_box(vec![i | 1; 1 << 20]));
+            }
+        }
+        Mode::Ok => {}
+    }
+}
+
+struct ChaosRoot {
+    config: Option<Rc<Config>>,
+}
+
+impl Context for ChaosRoot {}
+
+impl RootContext for ChaosRoot {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        match serde_json::from_slice::<Config>(&bytes) {
+            Ok(mut c) => {
+                if let Some(h) = &mut c.only_if_header {
+                    h.make_ascii_lowercase();
+                }
+                log::info!("chaos: configured {c:?}");
+                self.config = Some(Rc::new(c));
+                true
+            }
+            Err(e) => {
+                log::error!("chaos: invalid configuration: {e}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = self.config.clone()?;
+        Some(Box::new(ChaosHttp {
+            config,
+            armed: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct ChaosHttp {
+    config: Rc<Config>,
+    /// Whether `only_if_header` (if any) was on the request.
+    armed: bool,
+}
+
+impl Context for ChaosHttp {}
+
+impl HttpContext for ChaosHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _eos: bool) -> Action {
+        self.armed = match &self.config.only_if_header {
+            Some(h) => self.get_http_request_header(h).is_some(),
+            None => true,
+        };
+        if self.armed && self.config.phase == Phase::Request {
+            misbehave(self.config.mode);
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _eos: bool) -> Action {
+        if self.armed && self.config.phase == Phase::Response {
+            misbehave(self.config.mode);
+        }
+        self.set_http_response_header("x-chaos", Some("ok"));
+        Action::Continue
+    }
+}

@@ -1,0 +1,211 @@
+//! cascade test fixture `probe`: a plugin written against the stock proxy-wasm SDK the way
+//! third parties write them, touching many host calls (logging, properties, header maps,
+//! metrics, shared data with CAS) and reporting what it saw in `x-probe-*` response headers.
+
+use std::rc::Rc;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use serde::Deserialize;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(ProbeRoot { context_id, config: None, metric: None })
+    });
+}}
+
+const COUNT_KEY: &str = "probe.count";
+
+#[derive(Deserialize, Debug)]
+struct Config {
+    greeting: String,
+}
+
+struct ProbeRoot {
+    context_id: u32,
+    config: Option<Rc<Config>>,
+    /// Id of the `probe_requests` counter (None if the host refused to define it).
+    metric: Option<u32>,
+}
+
+impl Context for ProbeRoot {}
+
+impl RootContext for ProbeRoot {
+    fn on_vm_start(&mut self, vm_configuration_size: usize) -> bool {
+        let vm_config = self.get_vm_configuration().map_or(0, |c| c.len());
+        log::info!(
+            "probe: vm start (root context {}), vm configuration size {vm_configuration_size}, {vm_config} bytes read",
+            self.context_id
+        );
+        true
+    }
+
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match serde_json::from_slice::<Config>(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("probe: invalid configuration (want {{\"greeting\": string}}): {e}");
+                return false;
+            }
+        };
+        if self.metric.is_none() {
+            match hostcalls::define_metric(MetricType::Counter, "probe_requests") {
+                Ok(id) => self.metric = Some(id),
+                Err(e) => log::warn!("probe: define_metric failed: {e:?}"),
+            }
+        }
+        log::info!(
+            "probe: configured ({plugin_configuration_size} bytes), greeting {:?}, metric {:?}",
+            config.greeting,
+            self.metric
+        );
+        self.config = Some(Rc::new(config));
+        true
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = self.config.clone()?;
+        Some(Box::new(ProbeHttp {
+            context_id,
+            config,
+            metric: self.metric,
+            path: String::new(),
+            method: String::new(),
+            route: String::new(),
+            client: "no",
+            count: 0,
+            code: String::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct ProbeHttp {
+    context_id: u32,
+    config: Rc<Config>,
+    metric: Option<u32>,
+    path: String,
+    method: String,
+    route: String,
+    client: &'static str,
+    count: u64,
+    code: String,
+}
+
+impl Context for ProbeHttp {}
+
+impl ProbeHttp {
+    /// A property as text; "-" when the host doesn't have it.
+    fn prop(&self, path: Vec<&str>) -> String {
+        match self.get_property(path) {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => "-".to_string(),
+        }
+    }
+
+    /// Increments the shared counter with compare-and-swap; returns the new value.
+    fn bump_shared_count(&self) -> u64 {
+        for _ in 0..64 {
+            let (value, cas) = self.get_shared_data(COUNT_KEY);
+            let current = value
+                .and_then(|v| std::str::from_utf8(&v).ok()?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            let next = current + 1;
+            match self.set_shared_data(COUNT_KEY, Some(next.to_string().as_bytes()), cas) {
+                Ok(()) => return next,
+                Err(Status::CasMismatch) => continue,
+                Err(e) => {
+                    log::warn!("probe: set_shared_data failed: {e:?}");
+                    return current;
+                }
+            }
+        }
+        log::warn!("probe: shared counter still contended after 64 tries");
+        0
+    }
+}
+
+impl HttpContext for ProbeHttp {
+    fn on_http_request_headers(&mut self, num_headers: usize, end_of_stream: bool) -> Action {
+        self.path = self.prop(vec!["request", "path"]);
+        self.method = self.prop(vec!["request", "method"]);
+        self.route = self.prop(vec!["cascade", "route"]);
+        let host = self.prop(vec!["request", "host"]);
+        let ua = self.prop(vec!["request", "headers", "user-agent"]);
+        let source = self.get_property(vec!["source", "address"]);
+        self.client = if source.is_some() { "yes" } else { "no" };
+
+        let headers = self.get_http_request_headers();
+        let ua_from_map = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+            .map_or("-", |(_, v)| v.as_str());
+        if ua != "-" && ua != ua_from_map {
+            log::warn!("probe: user-agent property {ua:?} != header {ua_from_map:?}");
+        }
+
+        if let Some(id) = self.metric {
+            if let Err(e) = hostcalls::increment_metric(id, 1) {
+                log::warn!("probe: increment_metric failed: {e:?}");
+            }
+        }
+        self.count = self.bump_shared_count();
+
+        log::info!(
+            "probe[{}]: {} {} host={host} route={} ua={ua} headers={num_headers}/{} eos={end_of_stream} count={}",
+            self.context_id,
+            self.method,
+            self.path,
+            self.route,
+            headers.len(),
+            self.count
+        );
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _eos: bool) -> Action {
+        let served_from = self.prop(vec!["cascade", "served_from"]);
+        let cache = self.prop(vec!["cascade", "cache_status"]);
+        self.code = self.prop(vec!["response", "code"]);
+        log::debug!(
+            "probe[{}]: response {} from {served_from} cache {cache}",
+            self.context_id,
+            self.code
+        );
+        let count = self.count.to_string();
+        let set = [
+            ("x-probe-greeting", self.config.greeting.as_str()),
+            ("x-probe-path", self.path.as_str()),
+            ("x-probe-method", self.method.as_str()),
+            ("x-probe-route", self.route.as_str()),
+            ("x-probe-client", self.client),
+            ("x-probe-served-from", served_from.as_str()),
+            ("x-probe-cache", cache.as_str()),
+            ("x-probe-count", count.as_str()),
+        ];
+        for (name, value) in set {
+            self.set_http_response_header(name, Some(value));
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        log::info!(
+            "probe[{}]: done {} {} -> {}",
+            self.context_id,
+            self.method,
+            self.path,
+            if self.code.is_empty() {
+                "-"
+            } else {
+                &self.code
+            }
+        );
+    }
+}

@@ -1,0 +1,189 @@
+//! The proxy-wasm ABI v0.2.1 as data: status codes, enum values, and the wire format of
+//! header maps. Pure; no wasmtime here.
+//!
+//! Header maps travel as: u32 count, then count × (u32 key_len, u32 value_len), then every
+//! key and value followed by a NUL byte, all little-endian.
+
+/// `proxy_status_t`.
+pub mod status {
+    pub const OK: i32 = 0;
+    pub const NOT_FOUND: i32 = 1;
+    pub const BAD_ARGUMENT: i32 = 2;
+    pub const SERIALIZATION_FAILURE: i32 = 3;
+    pub const INVALID_MEMORY_ACCESS: i32 = 6;
+    pub const EMPTY: i32 = 7;
+    pub const CAS_MISMATCH: i32 = 8;
+    pub const INTERNAL_FAILURE: i32 = 10;
+    pub const UNIMPLEMENTED: i32 = 12;
+}
+
+/// WASI preview1 errno values used by the host.
+pub mod errno {
+    pub const SUCCESS: i32 = 0;
+    pub const BADF: i32 = 8;
+    pub const FAULT: i32 = 21;
+    pub const INVAL: i32 = 28;
+    pub const NOSYS: i32 = 52;
+    pub const NOTSUP: i32 = 58;
+}
+
+/// `proxy_map_type_t`.
+pub mod map {
+    pub const REQUEST_HEADERS: i32 = 0;
+    pub const REQUEST_TRAILERS: i32 = 1;
+    pub const RESPONSE_HEADERS: i32 = 2;
+    pub const RESPONSE_TRAILERS: i32 = 3;
+}
+
+/// `proxy_buffer_type_t`.
+pub mod buffer {
+    pub const REQUEST_BODY: i32 = 0;
+    pub const RESPONSE_BODY: i32 = 1;
+    pub const VM_CONFIGURATION: i32 = 6;
+    pub const PLUGIN_CONFIGURATION: i32 = 7;
+}
+
+/// `proxy_stream_type_t`.
+pub mod stream {
+    pub const HTTP_REQUEST: i32 = 0;
+    pub const HTTP_RESPONSE: i32 = 1;
+}
+
+/// `proxy_action_t`.
+pub const ACTION_CONTINUE: i32 = 0;
+
+/// `proxy_log_level_t` → `log::Level` (critical maps to error).
+pub fn log_level(level: i32) -> Option<log::Level> {
+    Some(match level {
+        0 => log::Level::Trace,
+        1 => log::Level::Debug,
+        2 => log::Level::Info,
+        3 => log::Level::Warn,
+        4 | 5 => log::Level::Error,
+        _ => return None,
+    })
+}
+
+/// The host's current level as a `proxy_log_level_t` (5 = critical when logging is off).
+pub fn current_log_level() -> i32 {
+    match log::max_level() {
+        log::LevelFilter::Trace => 0,
+        log::LevelFilter::Debug => 1,
+        log::LevelFilter::Info => 2,
+        log::LevelFilter::Warn => 3,
+        log::LevelFilter::Error => 4,
+        log::LevelFilter::Off => 5,
+    }
+}
+
+/// Serializes `pairs` into `out` in one pass; `data` is scratch space for the key/value
+/// bytes. Both are cleared first; neither allocates once warm.
+pub fn serialize_map<'a>(
+    out: &mut Vec<u8>,
+    data: &mut Vec<u8>,
+    pairs: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+) {
+    out.clear();
+    data.clear();
+    out.extend_from_slice(&[0; 4]);
+    let mut n: u32 = 0;
+    for (k, v) in pairs {
+        n += 1;
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        data.extend_from_slice(k);
+        data.push(0);
+        data.extend_from_slice(v);
+        data.push(0);
+    }
+    out[..4].copy_from_slice(&n.to_le_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Parses a serialized map; `None` when the bytes are malformed.
+pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |at: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(0)?;
+    if n > bytes.len() / 8 + 1 {
+        return None;
+    }
+    let mut pos = 4 + 8 * n;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let kl = u32_at(4 + 8 * i)?;
+        let vl = u32_at(8 + 8 * i)?;
+        let k = bytes.get(pos..pos.checked_add(kl)?)?;
+        pos += kl + 1;
+        let v = bytes.get(pos..pos.checked_add(vl)?)?;
+        pos += vl + 1;
+        if pos > bytes.len() {
+            return None;
+        }
+        out.push((k, v));
+    }
+    Some(out)
+}
+
+/// Splits a property path: segments separated by NUL (a trailing NUL is ignored). A single
+/// dotted segment (`request.path`, as some SDKs send) is split on dots, except that
+/// everything after `request.headers.` / `response.headers.` is one header name.
+pub fn property_path(raw: &[u8]) -> Vec<&[u8]> {
+    let raw = raw.strip_suffix(&[0]).unwrap_or(raw);
+    let segs: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    if segs.len() != 1 || !segs[0].contains(&b'.') {
+        return segs;
+    }
+    let s = segs[0];
+    for prefix in [&b"request.headers."[..], b"response.headers."] {
+        if let Some(name) = s.strip_prefix(prefix) {
+            let head = &prefix[..prefix.len() - 1];
+            let dot = head.iter().position(|b| *b == b'.').unwrap_or(head.len());
+            return vec![&head[..dot], &head[dot + 1..], name];
+        }
+    }
+    s.split(|b| *b == b'.').collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_round_trip() {
+        let pairs: Vec<(&[u8], &[u8])> =
+            vec![(b":path", b"/a?b"), (b"x", b""), (b"k", b"\xff\x00v")];
+        let (mut out, mut data) = (Vec::new(), Vec::new());
+        serialize_map(&mut out, &mut data, pairs.iter().copied());
+        assert_eq!(&out[..4], &3u32.to_le_bytes());
+        assert_eq!(deserialize_map(&out).unwrap(), pairs);
+        assert!(deserialize_map(&out[..out.len() - 3]).is_none());
+        assert!(deserialize_map(&[1, 0, 0, 0, 9]).is_none());
+        assert_eq!(deserialize_map(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn property_paths() {
+        assert_eq!(
+            property_path(b"request\0path"),
+            vec![&b"request"[..], b"path"]
+        );
+        assert_eq!(
+            property_path(b"request\0path\0"),
+            vec![&b"request"[..], b"path"]
+        );
+        assert_eq!(
+            property_path(b"request.headers.x-a.b"),
+            vec![&b"request"[..], b"headers", b"x-a.b"]
+        );
+        assert_eq!(
+            property_path(b"cascade.route"),
+            vec![&b"cascade"[..], b"route"]
+        );
+        assert_eq!(property_path(b"plugin_name"), vec![&b"plugin_name"[..]]);
+    }
+}

@@ -1,0 +1,313 @@
+//! One request's walk through its plugin chain, and the glue the proxy phases call.
+//!
+//! Request headers run in chain order (a local response or a failure stops the chain);
+//! response headers run in reverse order (as Envoy's encoder filters do); at the end every
+//! live context gets `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` and the instances
+//! go back to their plugin's pool. A faulted instance is discarded and the plugin's
+//! `on_error` decides: `deny` fails the request with 503 (request phase; later phases only
+//! log, the response is already under way), `allow` skips the plugin.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use pingora_error::Result;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+use super::host::{Env, Phase};
+use super::runtime::{Instance, Plugin};
+use super::{LocalReply, Names, RequestInfo};
+use crate::config::OnError;
+
+/// What the proxy does after the request-headers chain.
+#[derive(Debug)]
+pub enum Verdict {
+    Continue,
+    /// A plugin answered (`proxy_send_local_response`): send it, skip the origin.
+    Reply(LocalReply),
+    /// The request fails: status and a short message for the body.
+    Fail(u16, String),
+}
+
+struct Slot {
+    plugin: Arc<Plugin>,
+    inst: Option<Instance>,
+    /// Live HTTP context id (0: none).
+    ctx: i32,
+}
+
+/// The plugin state of one request.
+pub struct Exchange {
+    slots: Vec<Slot>,
+    names: Arc<Names>,
+    pub info: RequestInfo,
+}
+
+impl Exchange {
+    pub(super) fn new(plugins: Vec<Arc<Plugin>>, names: Arc<Names>, info: RequestInfo) -> Exchange {
+        Exchange {
+            slots: plugins
+                .into_iter()
+                .map(|plugin| Slot {
+                    plugin,
+                    inst: None,
+                    ctx: 0,
+                })
+                .collect(),
+            names,
+            info,
+        }
+    }
+
+    fn env(&mut self, phase: Phase, req: *const RequestHeader, resp: *const ResponseHeader) -> Env {
+        Env {
+            phase,
+            req: req as *mut RequestHeader,
+            resp: resp as *mut ResponseHeader,
+            info: &mut self.info,
+            names: Arc::as_ptr(&self.names),
+        }
+    }
+
+    fn deny(plugin: &Plugin, why: &str) -> Verdict {
+        plugin.info.state.failures_deny.inc();
+        Verdict::Fail(
+            503,
+            format!("cascade: plugin `{}` {why}\n", plugin.info.name),
+        )
+    }
+
+    /// Runs `proxy_on_request_headers` of the chain, in order, on `req` (edits land in it).
+    pub fn request_headers(&mut self, req: &mut RequestHeader, end_of_stream: bool) -> Verdict {
+        let req_ptr: *mut RequestHeader = req;
+        // One clock read per plugin: each plugin's time runs from the previous one's end.
+        let mut t0 = Instant::now();
+        for i in 0..self.slots.len() {
+            let env = self.env(Phase::Request, req_ptr, std::ptr::null());
+            let slot = &mut self.slots[i];
+            if slot.inst.is_none() {
+                match slot.plugin.lease() {
+                    Some(inst) => slot.inst = Some(inst),
+                    None => match slot.plugin.on_error {
+                        OnError::Deny => return Self::deny(&slot.plugin, "is unavailable"),
+                        OnError::Allow => {
+                            slot.plugin.info.state.failures_allow.inc();
+                            continue;
+                        }
+                    },
+                }
+            }
+            let inst = slot.inst.as_mut().expect("leased");
+            // SAFETY: `req_ptr` comes from the `&mut` this method holds.
+            let n = count_request_headers(unsafe { &*req_ptr });
+            let r = inst.new_context(env).and_then(|ctx| {
+                inst.request_headers(ctx, n, end_of_stream, env)
+                    .map(|_| ctx)
+            });
+            let t1 = Instant::now();
+            slot.plugin.info.state.durations[0].observe((t1 - t0).as_secs_f64());
+            t0 = t1;
+            match r {
+                Ok(ctx) => slot.ctx = ctx,
+                Err(f) => {
+                    slot.inst = None;
+                    slot.ctx = 0;
+                    slot.plugin.record_fault("request", &f);
+                    self.info.local = None;
+                    self.info.route_error = None;
+                    match slot.plugin.on_error {
+                        OnError::Deny => return Self::deny(&slot.plugin, "failed"),
+                        OnError::Allow => {
+                            slot.plugin.info.state.failures_allow.inc();
+                            continue;
+                        }
+                    }
+                }
+            }
+            if let Some(reply) = self.info.local.take() {
+                return Verdict::Reply(reply);
+            }
+            if let Some(e) = self.info.route_error.take() {
+                log::error!(target: "plugin", "{e}");
+                return Verdict::Fail(500, format!("cascade: {e}\n"));
+            }
+            if self.info.closed {
+                return Verdict::Fail(
+                    403,
+                    format!(
+                        "cascade: plugin `{}` closed the request\n",
+                        slot.plugin.info.name
+                    ),
+                );
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp`.
+    pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) {
+        let resp_ptr: *mut ResponseHeader = resp;
+        let mut t0 = Instant::now();
+        for i in (0..self.slots.len()).rev() {
+            let env = self.env(Phase::Response, req, resp_ptr);
+            let slot = &mut self.slots[i];
+            let (Some(inst), ctx) = (slot.inst.as_mut(), slot.ctx) else {
+                continue;
+            };
+            if ctx == 0 {
+                continue;
+            }
+            // SAFETY: `resp_ptr` comes from the `&mut` this method holds.
+            let n = 1 + unsafe { &*resp_ptr }.headers.len();
+            let r = inst.response_headers(ctx, n, env);
+            let t1 = Instant::now();
+            slot.plugin.info.state.durations[1].observe((t1 - t0).as_secs_f64());
+            t0 = t1;
+            if let Err(f) = r {
+                slot.inst = None;
+                slot.ctx = 0;
+                slot.plugin.record_fault("response", &f);
+                match slot.plugin.on_error {
+                    OnError::Deny => slot.plugin.info.state.failures_deny.inc(),
+                    OnError::Allow => slot.plugin.info.state.failures_allow.inc(),
+                }
+            }
+            if let Some(reply) = self.info.local.take() {
+                log::warn!(
+                    target: "plugin",
+                    "[{}] send_local_response({}) in the response phase is not supported; ignored",
+                    reply.plugin,
+                    reply.status
+                );
+            }
+        }
+    }
+
+    /// `proxy_on_done`/`proxy_on_log`/`proxy_on_delete` for every live context, then the
+    /// instances go back to their pools.
+    pub fn log(&mut self, req: &RequestHeader, resp: Option<&ResponseHeader>) {
+        let resp_ptr = resp.map_or(std::ptr::null(), |r| r as *const ResponseHeader);
+        let mut t0 = Instant::now();
+        for i in 0..self.slots.len() {
+            let env = self.env(Phase::Log, req, resp_ptr);
+            let slot = &mut self.slots[i];
+            let Some(mut inst) = slot.inst.take() else {
+                continue;
+            };
+            let ctx = std::mem::take(&mut slot.ctx);
+            if ctx == 0 {
+                slot.plugin.give_back(inst);
+                continue;
+            }
+            let r = inst.finish(ctx, Some(env), true);
+            let t1 = Instant::now();
+            slot.plugin.info.state.durations[2].observe((t1 - t0).as_secs_f64());
+            t0 = t1;
+            match r {
+                Ok(()) => slot.plugin.give_back(inst),
+                Err(f) => slot.plugin.record_fault("log", &f),
+            }
+        }
+    }
+
+    /// Which routing the plugins chose: `(group, key)` when they changed it.
+    pub fn routing(&self) -> Option<(usize, &str)> {
+        self.info
+            .routing_changed
+            .then_some((self.info.group, self.info.key.as_str()))
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // `log` not reached (e.g. the request was dropped): free the contexts, keep instances.
+        for slot in &mut self.slots {
+            let Some(mut inst) = slot.inst.take() else {
+                continue;
+            };
+            let ctx = std::mem::take(&mut slot.ctx);
+            if ctx == 0 || inst.finish(ctx, None, false).is_ok() {
+                slot.plugin.give_back(inst);
+            }
+        }
+    }
+}
+
+fn count_request_headers(req: &RequestHeader) -> usize {
+    4 + req.headers.len() - usize::from(req.headers.contains_key(http::header::HOST))
+}
+
+/// Writes a plugin's local response (its status, headers and body; Content-Length set).
+pub async fn write_reply(session: &mut Session, r: &LocalReply) -> Result<()> {
+    let mut resp = ResponseHeader::build(r.status, Some(r.headers.len() + 2))?;
+    let mut has_type = false;
+    for (k, v) in &r.headers {
+        if k.starts_with(b":") {
+            continue;
+        }
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(k),
+            http::HeaderValue::from_bytes(v),
+        ) else {
+            log::warn!(target: "plugin", "[{}] dropped an invalid local-response header", r.plugin);
+            continue;
+        };
+        if name == http::header::CONTENT_LENGTH || name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        has_type |= name == http::header::CONTENT_TYPE;
+        resp.append_header(name, value)?;
+    }
+    if !has_type && !r.body.is_empty() {
+        resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    }
+    resp.insert_header(http::header::CONTENT_LENGTH, r.body.len())?;
+    let head_only = session.req_header().method == http::Method::HEAD || r.body.is_empty();
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
+    if !head_only {
+        session
+            .write_response_body(Some(Bytes::clone(&r.body)), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The request phase as the proxy runs it, right after admission: starts the route's
+/// exchange (`None` without a chain), runs the chain on the session's request header (header
+/// edits reach the origin), and applies the plugins' routing to the admitted request so that
+/// fallback planning, origin rewrite/signing and the cache key follow it.
+pub fn on_request(
+    rt: &super::Runtime,
+    session: &mut Session,
+    a: &mut crate::admit::Admitted,
+    groups: &[crate::config::GroupConfig],
+) -> (Option<Exchange>, Verdict) {
+    let source = session.client_addr().and_then(|s| s.as_inet()).copied();
+    let Some(mut ex) = rt.exchange(a.route, a.group, &a.key, source) else {
+        return (None, Verdict::Continue);
+    };
+    let req = session.req_header_mut();
+    let has_body = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .is_some_and(|v| v.as_bytes() != b"0")
+        || req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    let verdict = ex.request_headers(req, !has_body);
+    if !matches!(verdict, Verdict::Continue) {
+        return (Some(ex), verdict);
+    }
+    if let Some((group, key)) = ex.routing() {
+        if crate::admit::is_write(&session.req_header().method) && groups[group].read_only {
+            let body = format!("cascade: group `{}` is read-only\n", groups[group].name);
+            return (Some(ex), Verdict::Fail(405, body));
+        }
+        a.group = group;
+        if key != a.key {
+            a.key = key.to_string();
+        }
+    }
+    (Some(ex), verdict)
+}

@@ -1,0 +1,1325 @@
+//! The host side of the ABI: the store data of one instance ([`Host`]), what a callback may
+//! touch while it runs ([`Env`]: raw pointers to the phase's request/response header and the
+//! request's [`RequestInfo`], set only for the duration of one synchronous call), and the
+//! [`linker`] that defines every `env.proxy_*` and `wasi_snapshot_preview1.*` import.
+//!
+//! Rules kept here: the host never unwraps UTF-8 from a guest or a client (bytes pass
+//! through); a bad pointer from the guest is `INVALID_MEMORY_ACCESS`, never a panic; calls the
+//! host does not implement answer `UNIMPLEMENTED` (or WASI `ENOSYS`) so any SDK plugin links.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use pingora_http::{RequestHeader, ResponseHeader};
+use prometheus::{Histogram, IntCounter, IntGauge};
+use wasmtime::{Caller, Engine, Linker, Memory, Module, ResourceLimiter, TypedFunc, Val};
+
+use super::abi::{self, errno, map, status};
+use super::props;
+use super::{LocalReply, Names, RequestInfo};
+use crate::metrics::METRICS;
+
+/// Metrics one plugin may define (bounds the series it can mint).
+const MAX_METRICS: usize = 256;
+
+/// Shared data of a plugin: key → (value, cas).
+type SharedData = HashMap<Vec<u8>, (Vec<u8>, u32)>;
+
+/// A plugin's state that outlives its instances and reloads: shared data, defined metrics,
+/// the host's own series for it.
+pub struct PluginState {
+    pub name: String,
+    shared: Mutex<SharedData>,
+    metrics: RwLock<MetricTable>,
+    /// trap, timeout, memory
+    pub traps: [IntCounter; 3],
+    /// request, response, log
+    pub durations: [Histogram; 3],
+    pub instances: IntGauge,
+    pub failures_deny: IntCounter,
+    pub failures_allow: IntCounter,
+}
+
+#[derive(Default)]
+struct MetricTable {
+    by_name: HashMap<(i32, String), u32>,
+    defs: Vec<MetricDef>,
+}
+
+enum MetricDef {
+    Counter(IntCounter),
+    Gauge(IntGauge),
+    Histogram(Histogram),
+}
+
+impl PluginState {
+    pub fn new(name: &str) -> PluginState {
+        let m = &*METRICS;
+        let trap = |k: &str| m.plugin_traps.with_label_values(&[name, k]);
+        let dur = |p: &str| m.plugin_duration.with_label_values(&[name, p]);
+        PluginState {
+            name: name.to_string(),
+            shared: Mutex::new(HashMap::new()),
+            metrics: RwLock::new(MetricTable::default()),
+            traps: [trap("trap"), trap("timeout"), trap("memory")],
+            durations: [dur("request"), dur("response"), dur("log")],
+            instances: m.plugin_instances.with_label_values(&[name]),
+            failures_deny: m.plugin_failures.with_label_values(&[name, "deny"]),
+            failures_allow: m.plugin_failures.with_label_values(&[name, "allow"]),
+        }
+    }
+
+    fn define_metric(&self, kind: i32, name: &[u8]) -> Option<u32> {
+        let name = String::from_utf8_lossy(name).into_owned();
+        let mut t = self.metrics.write();
+        if let Some(id) = t.by_name.get(&(kind, name.clone())) {
+            return Some(*id);
+        }
+        if t.defs.len() >= MAX_METRICS {
+            log::warn!(target: "plugin", "[{}] more than {MAX_METRICS} metrics defined; refusing `{name}`", self.name);
+            return None;
+        }
+        let labels = [self.name.as_str(), name.as_str()];
+        let m = &*METRICS;
+        let def = match kind {
+            0 => MetricDef::Counter(m.plugin_counter.with_label_values(&labels)),
+            1 => MetricDef::Gauge(m.plugin_gauge.with_label_values(&labels)),
+            2 => MetricDef::Histogram(m.plugin_histogram.with_label_values(&labels)),
+            _ => return None,
+        };
+        t.defs.push(def);
+        let id = t.defs.len() as u32;
+        t.by_name.insert((kind, name), id);
+        Some(id)
+    }
+
+    fn metric_op(&self, id: i32, op: MetricOp) -> Result<u64, i32> {
+        let t = self.metrics.read();
+        let Some(def) = (id as u32)
+            .checked_sub(1)
+            .and_then(|i| t.defs.get(i as usize))
+        else {
+            return Err(status::NOT_FOUND);
+        };
+        match (def, op) {
+            (MetricDef::Counter(c), MetricOp::Increment(d)) if d >= 0 => c.inc_by(d as u64),
+            (MetricDef::Counter(_), MetricOp::Increment(_)) => return Err(status::BAD_ARGUMENT),
+            (MetricDef::Counter(c), MetricOp::Record(v)) => {
+                let cur = c.get();
+                if v < cur {
+                    return Err(status::BAD_ARGUMENT);
+                }
+                c.inc_by(v - cur)
+            }
+            (MetricDef::Gauge(g), MetricOp::Increment(d)) => g.add(d),
+            (MetricDef::Gauge(g), MetricOp::Record(v)) => g.set(v as i64),
+            (MetricDef::Histogram(h), MetricOp::Record(v)) => h.observe(v as f64),
+            (MetricDef::Histogram(_), MetricOp::Increment(_)) => return Err(status::BAD_ARGUMENT),
+            (MetricDef::Counter(c), MetricOp::Get) => return Ok(c.get()),
+            (MetricDef::Gauge(g), MetricOp::Get) => return Ok(g.get().max(0) as u64),
+            (MetricDef::Histogram(h), MetricOp::Get) => return Ok(h.get_sample_count()),
+        }
+        Ok(0)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum MetricOp {
+    Increment(i64),
+    Record(u64),
+    Get,
+}
+
+/// One loaded version of a plugin: its configuration bytes and its persistent state.
+pub struct PluginInfo {
+    pub name: Arc<str>,
+    pub config: Vec<u8>,
+    pub vm_config: Vec<u8>,
+    pub state: Arc<PluginState>,
+    /// The WASI environment: `NAME=value\0` entries, concatenated.
+    pub environ: Vec<u8>,
+    pub environ_count: usize,
+}
+
+/// Which callback is running: decides what may be read and written.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
+    Init,
+    Request,
+    Response,
+    Log,
+}
+
+/// What one callback may touch. Raw pointers because the store data must be `'static`;
+/// they are set right before a synchronous call into the guest and cleared right after, and
+/// point at values the caller holds borrowed for that whole call.
+#[derive(Clone, Copy)]
+pub struct Env {
+    pub phase: Phase,
+    pub req: *mut RequestHeader,
+    pub resp: *mut ResponseHeader,
+    pub info: *mut RequestInfo,
+    pub names: *const Names,
+}
+
+impl Env {
+    pub fn req(&self) -> Option<&RequestHeader> {
+        // SAFETY: see the type's doc; null when not bound.
+        unsafe { self.req.as_ref() }
+    }
+    fn req_mut(&mut self) -> Option<&mut RequestHeader> {
+        if self.phase != Phase::Request {
+            return None;
+        }
+        // SAFETY: in the request phase the pointer comes from a `&mut` held for the call.
+        unsafe { self.req.as_mut() }
+    }
+    pub fn resp(&self) -> Option<&ResponseHeader> {
+        // SAFETY: see the type's doc.
+        unsafe { self.resp.as_ref() }
+    }
+    fn resp_mut(&mut self) -> Option<&mut ResponseHeader> {
+        if self.phase != Phase::Response {
+            return None;
+        }
+        // SAFETY: in the response phase the pointer comes from a `&mut` held for the call.
+        unsafe { self.resp.as_mut() }
+    }
+    pub fn info(&mut self) -> Option<&mut RequestInfo> {
+        // SAFETY: see the type's doc.
+        unsafe { self.info.as_mut() }
+    }
+    pub fn names(&self) -> Option<&Names> {
+        // SAFETY: see the type's doc.
+        unsafe { self.names.as_ref() }
+    }
+    pub fn split(&mut self) -> (Option<&mut RequestInfo>, Option<&Names>) {
+        // SAFETY: see the type's doc; the two pointers never alias.
+        unsafe { (self.info.as_mut(), self.names.as_ref()) }
+    }
+}
+
+/// Memory cap of one instance. Growing past it traps (classified as `memory`).
+pub struct Limiter {
+    pub max_memory: usize,
+    pub hit: bool,
+}
+
+#[derive(Debug)]
+pub struct MemoryLimit(pub usize);
+
+impl std::fmt::Display for MemoryLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plugin memory limit of {} bytes reached", self.0)
+    }
+}
+
+impl std::error::Error for MemoryLimit {}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            self.hit = true;
+            return Err(wasmtime::Error::new(MemoryLimit(self.max_memory)));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// The store data of one instance.
+pub struct Host {
+    pub info: Arc<PluginInfo>,
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub limiter: Limiter,
+    pub env: Option<Env>,
+    /// Serialization scratch (reused: no allocation per call once warm).
+    out: Vec<u8>,
+    data: Vec<u8>,
+}
+
+// SAFETY: the raw pointers in `env` are only set for the duration of a synchronous call made
+// by the thread that owns the borrowed values; between calls `env` is `None`. A `Host` is
+// only ever reached through its `Store`, by one thread at a time (`&mut`).
+unsafe impl Send for Host {}
+// SAFETY: as above; no `&Host` is shared across threads.
+unsafe impl Sync for Host {}
+
+impl Host {
+    pub fn new(info: Arc<PluginInfo>, max_memory: usize) -> Host {
+        Host {
+            info,
+            memory: None,
+            alloc: None,
+            limiter: Limiter {
+                max_memory,
+                hit: false,
+            },
+            env: None,
+            out: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+}
+
+fn range(ptr: i32, len: i32) -> Option<std::ops::Range<usize>> {
+    let p = ptr as u32 as usize;
+    let l = len as u32 as usize;
+    Some(p..p.checked_add(l)?)
+}
+
+fn put_u32(mem: &mut [u8], ptr: i32, v: u32) -> bool {
+    match mem.get_mut(range(ptr, 4).unwrap_or(0..0)) {
+        Some(s) if s.len() == 4 => {
+            s.copy_from_slice(&v.to_le_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
+fn put_u64(mem: &mut [u8], ptr: i32, v: u64) -> bool {
+    match mem.get_mut(range(ptr, 8).unwrap_or(0..0)) {
+        Some(s) if s.len() == 8 => {
+            s.copy_from_slice(&v.to_le_bytes());
+            true
+        }
+        _ => false,
+    }
+}
+
+type C<'a> = Caller<'a, Host>;
+
+fn parts<'a>(c: &'a mut C<'_>) -> Option<(&'a mut [u8], &'a mut Host)> {
+    let m = c.data().memory?;
+    Some(m.data_and_store_mut(c))
+}
+
+/// Reads guest bytes into an owned copy (the guest memory may move when we call back in).
+fn read(c: &mut C<'_>, ptr: i32, len: i32) -> Option<Vec<u8>> {
+    let (mem, _) = parts(c)?;
+    mem.get(range(ptr, len)?).map(<[u8]>::to_vec)
+}
+
+/// Copies `host.out` into memory allocated by the guest, and writes its address and length
+/// to `ret_ptr` / `ret_len`.
+fn return_out(c: &mut C<'_>, ret_ptr: i32, ret_len: i32) -> wasmtime::Result<i32> {
+    let len = c.data().out.len();
+    // Taken out and put back: cloning a `TypedFunc` costs a type-registry round trip.
+    let Some(alloc) = c.data_mut().alloc.take() else {
+        return Ok(status::INTERNAL_FAILURE);
+    };
+    let r = alloc.call(&mut *c, len as i32);
+    c.data_mut().alloc = Some(alloc);
+    let addr = r?;
+    if addr == 0 && len > 0 {
+        return Ok(status::INTERNAL_FAILURE);
+    }
+    let Some((mem, host)) = parts(c) else {
+        return Ok(status::INTERNAL_FAILURE);
+    };
+    let Some(dst) = range(addr, len as i32).and_then(|r| mem.get_mut(r)) else {
+        return Ok(status::INVALID_MEMORY_ACCESS);
+    };
+    dst.copy_from_slice(&host.out);
+    if !put_u32(mem, ret_ptr, addr as u32) || !put_u32(mem, ret_len, len as u32) {
+        return Ok(status::INVALID_MEMORY_ACCESS);
+    }
+    Ok(status::OK)
+}
+
+/// Puts `bytes` into `host.out` and returns them to the guest.
+fn return_bytes(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_len: i32) -> wasmtime::Result<i32> {
+    let out = &mut c.data_mut().out;
+    out.clear();
+    out.extend_from_slice(bytes);
+    return_out(c, ret_ptr, ret_len)
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn monotonic_nanos() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header maps
+// ---------------------------------------------------------------------------------------------
+
+/// The `:authority` of a request: the Host header, else the URI's authority.
+pub fn authority(req: &RequestHeader) -> &[u8] {
+    req.headers
+        .get(http::header::HOST)
+        .map(|v| v.as_bytes())
+        .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()))
+        .unwrap_or_default()
+}
+
+fn serialize_headers(host: &mut Host, map_type: i32) {
+    let env = host.env;
+    let (out, data) = (&mut host.out, &mut host.data);
+    match (map_type, env) {
+        (map::REQUEST_HEADERS, Some(e)) if e.req().is_some() => {
+            let req = e.req().expect("checked");
+            let pseudo: [(&[u8], &[u8]); 4] = [
+                (b":authority", authority(req)),
+                (b":path", req.raw_path()),
+                (b":method", req.method.as_str().as_bytes()),
+                (b":scheme", b"http"),
+            ];
+            let regular = req
+                .headers
+                .iter()
+                .filter(|(k, _)| *k != http::header::HOST)
+                .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()));
+            abi::serialize_map(out, data, pseudo.into_iter().chain(regular));
+        }
+        (map::RESPONSE_HEADERS, Some(e)) if e.resp().is_some() => {
+            let resp = e.resp().expect("checked");
+            let pseudo: [(&[u8], &[u8]); 1] = [(b":status", resp.status.as_str().as_bytes())];
+            let regular = resp
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()));
+            abi::serialize_map(out, data, pseudo.into_iter().chain(regular));
+        }
+        _ => abi::serialize_map(out, data, std::iter::empty()),
+    }
+}
+
+fn get_header(env: &Env, map_type: i32, key: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let lookup = |h: &http::HeaderMap, out: &mut Vec<u8>| -> bool {
+        let Ok(name) = std::str::from_utf8(key) else {
+            return false;
+        };
+        match h.get(name) {
+            Some(v) => {
+                out.extend_from_slice(v.as_bytes());
+                true
+            }
+            None => false,
+        }
+    };
+    match map_type {
+        map::REQUEST_HEADERS => {
+            let Some(req) = env.req() else { return false };
+            match key {
+                b":path" => out.extend_from_slice(req.raw_path()),
+                b":method" => out.extend_from_slice(req.method.as_str().as_bytes()),
+                b":authority" => out.extend_from_slice(authority(req)),
+                b":scheme" => out.extend_from_slice(b"http"),
+                _ => return lookup(&req.headers, out),
+            }
+            true
+        }
+        map::RESPONSE_HEADERS => {
+            let Some(resp) = env.resp() else { return false };
+            if key == b":status" {
+                out.extend_from_slice(resp.status.as_str().as_bytes());
+                return true;
+            }
+            lookup(&resp.headers, out)
+        }
+        _ => false,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    Replace,
+    Add,
+    Remove,
+}
+
+fn plugin_name(host: &Host) -> &str {
+    &host.info.name
+}
+
+/// Applies one header edit. Invalid names/values are dropped with a warning (the SDK would
+/// trap on an error status); edits outside their phase are ignored.
+fn edit_header(host: &mut Host, map_type: i32, key: &[u8], value: &[u8], edit: Edit) {
+    let name_for_log = host.info.name.clone();
+    let Some(env) = host.env.as_mut() else { return };
+    let bad = |what: &str| {
+        log::warn!(
+            target: "plugin",
+            "[{name_for_log}] ignored an invalid header {what}: {:?}",
+            String::from_utf8_lossy(key)
+        );
+    };
+    match map_type {
+        map::REQUEST_HEADERS => {
+            let Some(req) = env.req_mut() else { return };
+            match key {
+                b":path" => {
+                    if edit != Edit::Remove && req.set_raw_path(value).is_err() {
+                        bad(":path value");
+                    }
+                    return;
+                }
+                b":method" => {
+                    if edit != Edit::Remove {
+                        match http::Method::from_bytes(value) {
+                            Ok(m) => req.set_method(m),
+                            Err(_) => bad(":method value"),
+                        }
+                    }
+                    return;
+                }
+                b":scheme" => return,
+                _ => {}
+            }
+            let key = if key == b":authority" { b"host" } else { key };
+            let Ok(name) = http::HeaderName::from_bytes(key) else {
+                return bad("name");
+            };
+            if edit == Edit::Remove {
+                req.remove_header(&name);
+                return;
+            }
+            let Ok(v) = http::HeaderValue::from_bytes(value) else {
+                return bad("value");
+            };
+            let r = match edit {
+                Edit::Replace => req.insert_header(name, v),
+                _ => req.append_header(name, v).map(|_| ()),
+            };
+            if r.is_err() {
+                bad("edit");
+            }
+        }
+        map::RESPONSE_HEADERS => {
+            let Some(resp) = env.resp_mut() else { return };
+            if key == b":status" {
+                if edit != Edit::Remove {
+                    let code = std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|s| s.parse::<u16>().ok());
+                    if code.is_none_or(|c| resp.set_status(c).is_err()) {
+                        bad(":status value");
+                    }
+                }
+                return;
+            }
+            let Ok(name) = http::HeaderName::from_bytes(key) else {
+                return bad("name");
+            };
+            if edit == Edit::Remove {
+                resp.remove_header(&name);
+                return;
+            }
+            let Ok(v) = http::HeaderValue::from_bytes(value) else {
+                return bad("value");
+            };
+            let r = match edit {
+                Edit::Replace => resp.insert_header(name, v),
+                _ => resp.append_header(name, v).map(|_| ()),
+            };
+            if r.is_err() {
+                bad("edit");
+            }
+        }
+        _ => {}
+    }
+}
+
+fn set_header_pairs(host: &mut Host, map_type: i32, pairs: &[(&[u8], &[u8])]) {
+    {
+        let Some(env) = host.env.as_mut() else { return };
+        let names: Vec<http::HeaderName> = match map_type {
+            map::REQUEST_HEADERS => match env.req_mut() {
+                Some(r) => r.headers.keys().cloned().collect(),
+                None => return,
+            },
+            map::RESPONSE_HEADERS => match env.resp_mut() {
+                Some(r) => r.headers.keys().cloned().collect(),
+                None => return,
+            },
+            _ => return,
+        };
+        for n in names {
+            if map_type == map::REQUEST_HEADERS {
+                if let Some(r) = env.req_mut() {
+                    r.remove_header(&n);
+                }
+            } else if let Some(r) = env.resp_mut() {
+                r.remove_header(&n);
+            }
+        }
+    }
+    for (k, v) in pairs {
+        let edit = if k.starts_with(b":") {
+            Edit::Replace
+        } else {
+            Edit::Add
+        };
+        edit_header(host, map_type, k, v, edit);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The linker
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! unimplemented_calls {
+    ($linker:expr, $def:ident, $( $name:literal => ($($arg:ty),*) ),* $(,)?) => {
+        $(
+            $linker.func_wrap("env", $name, |$(_: $arg),*| -> i32 { status::UNIMPLEMENTED })?;
+            $def("env", $name);
+        )*
+    };
+}
+
+/// Every import of `module`, defined. Imports the host does not know are defined too:
+/// returning `UNIMPLEMENTED` (`env`) / `ENOSYS` (WASI) when they return an `i32`, trapping
+/// otherwise.
+pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>> {
+    let mut l: Linker<Host> = Linker::new(engine);
+    let mut defined: Vec<(&str, &str)> = Vec::new();
+    let mut def = |m: &'static str, n: &'static str| defined.push((m, n));
+
+    // --- logging, time -------------------------------------------------------------------
+    l.func_wrap("env", "proxy_log", |mut c: C<'_>, level: i32, ptr: i32, len: i32| -> i32 {
+        let Some(lvl) = abi::log_level(level) else {
+            return status::BAD_ARGUMENT;
+        };
+        if !log::log_enabled!(target: "plugin", lvl) {
+            return status::OK;
+        }
+        let Some((mem, host)) = parts(&mut c) else {
+            return status::INVALID_MEMORY_ACCESS;
+        };
+        let Some(msg) = range(ptr, len).and_then(|r| mem.get(r)) else {
+            return status::INVALID_MEMORY_ACCESS;
+        };
+        log::log!(target: "plugin", lvl, "[{}] {}", plugin_name(host), String::from_utf8_lossy(msg));
+        status::OK
+    })?;
+    def("env", "proxy_log");
+    l.func_wrap(
+        "env",
+        "proxy_get_log_level",
+        |mut c: C<'_>, ret: i32| -> i32 {
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u32(mem, ret, abi::current_log_level() as u32) {
+                        status::OK
+                    } else {
+                        status::INVALID_MEMORY_ACCESS
+                    }
+                }
+                None => status::INVALID_MEMORY_ACCESS,
+            }
+        },
+    )?;
+    def("env", "proxy_get_log_level");
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, ret: i32| -> i32 {
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u64(mem, ret, now_nanos()) {
+                        status::OK
+                    } else {
+                        status::INVALID_MEMORY_ACCESS
+                    }
+                }
+                None => status::INVALID_MEMORY_ACCESS,
+            }
+        },
+    )?;
+    def("env", "proxy_get_current_time_nanoseconds");
+    // Ticks are never delivered; accepting the period keeps SDK plugins from trapping.
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |_: i32| -> i32 { status::OK },
+    )?;
+    def("env", "proxy_set_tick_period_milliseconds");
+
+    // --- buffers ---------------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>,
+         kind: i32,
+         start: i32,
+         max: i32,
+         ret_ptr: i32,
+         ret_len: i32|
+         -> wasmtime::Result<i32> {
+            let info = c.data().info.clone();
+            let buf: &[u8] = match kind {
+                abi::buffer::PLUGIN_CONFIGURATION => &info.config,
+                abi::buffer::VM_CONFIGURATION => &info.vm_config,
+                abi::buffer::REQUEST_BODY | abi::buffer::RESPONSE_BODY => {
+                    return Ok(status::NOT_FOUND)
+                }
+                _ => return Ok(status::BAD_ARGUMENT),
+            };
+            let start = start as u32 as usize;
+            if start > buf.len() {
+                return Ok(status::BAD_ARGUMENT);
+            }
+            let end = start.saturating_add(max as u32 as usize).min(buf.len());
+            return_bytes(&mut c, &buf[start..end], ret_ptr, ret_len)
+        },
+    )?;
+    def("env", "proxy_get_buffer_bytes");
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: C<'_>, kind: i32, ret_len: i32, ret_flags: i32| -> i32 {
+            let n = match kind {
+                abi::buffer::PLUGIN_CONFIGURATION => c.data().info.config.len(),
+                abi::buffer::VM_CONFIGURATION => c.data().info.vm_config.len(),
+                abi::buffer::REQUEST_BODY | abi::buffer::RESPONSE_BODY => return status::NOT_FOUND,
+                _ => return status::BAD_ARGUMENT,
+            };
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u32(mem, ret_len, n as u32) && put_u32(mem, ret_flags, 0) {
+                        status::OK
+                    } else {
+                        status::INVALID_MEMORY_ACCESS
+                    }
+                }
+                None => status::INVALID_MEMORY_ACCESS,
+            }
+        },
+    )?;
+    def("env", "proxy_get_buffer_status");
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |_: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { status::UNIMPLEMENTED },
+    )?;
+    def("env", "proxy_set_buffer_bytes");
+
+    // --- header maps -----------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, mt: i32, ret_ptr: i32, ret_len: i32| -> wasmtime::Result<i32> {
+            serialize_headers(c.data_mut(), mt);
+            return_out(&mut c, ret_ptr, ret_len)
+        },
+    )?;
+    def("env", "proxy_get_header_map_pairs");
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: C<'_>, mt: i32, ret_len: i32| -> i32 {
+            serialize_headers(c.data_mut(), mt);
+            let n = c.data().out.len() as u32;
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u32(mem, ret_len, n) {
+                        status::OK
+                    } else {
+                        status::INVALID_MEMORY_ACCESS
+                    }
+                }
+                None => status::INVALID_MEMORY_ACCESS,
+            }
+        },
+    )?;
+    def("env", "proxy_get_header_map_size");
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, mt: i32, ptr: i32, len: i32| -> i32 {
+            let Some(bytes) = read(&mut c, ptr, len) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(pairs) = abi::deserialize_map(&bytes) else {
+                return status::BAD_ARGUMENT;
+            };
+            set_header_pairs(c.data_mut(), mt, &pairs);
+            status::OK
+        },
+    )?;
+    def("env", "proxy_set_header_map_pairs");
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: C<'_>,
+         mt: i32,
+         kp: i32,
+         kl: i32,
+         ret_ptr: i32,
+         ret_len: i32|
+         -> wasmtime::Result<i32> {
+            // Zero-copy: the key is read in place (guest memory and host state are disjoint).
+            let Some((mem, host)) = parts(&mut c) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let Some(key) = range(kp, kl).and_then(|r| mem.get(r)) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let Some(env) = host.env else {
+                return Ok(status::NOT_FOUND);
+            };
+            if !get_header(&env, mt, key, &mut host.out) {
+                return Ok(status::NOT_FOUND);
+            }
+            return_out(&mut c, ret_ptr, ret_len)
+        },
+    )?;
+    def("env", "proxy_get_header_map_value");
+    for (name, edit) in [
+        ("proxy_replace_header_map_value", Edit::Replace),
+        ("proxy_add_header_map_value", Edit::Add),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: C<'_>, mt: i32, kp: i32, kl: i32, vp: i32, vl: i32| -> i32 {
+                let Some((mem, host)) = parts(&mut c) else {
+                    return status::INVALID_MEMORY_ACCESS;
+                };
+                let (Some(k), Some(v)) = (
+                    range(kp, kl).and_then(|r| mem.get(r)),
+                    range(vp, vl).and_then(|r| mem.get(r)),
+                ) else {
+                    return status::INVALID_MEMORY_ACCESS;
+                };
+                edit_header(host, mt, k, v, edit);
+                status::OK
+            },
+        )?;
+    }
+    def("env", "proxy_replace_header_map_value");
+    def("env", "proxy_add_header_map_value");
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, mt: i32, kp: i32, kl: i32| -> i32 {
+            let Some((mem, host)) = parts(&mut c) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(k) = range(kp, kl).and_then(|r| mem.get(r)) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            edit_header(host, mt, k, b"", Edit::Remove);
+            status::OK
+        },
+    )?;
+    def("env", "proxy_remove_header_map_value");
+
+    // --- properties ------------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: C<'_>, pp: i32, pl: i32, ret_ptr: i32, ret_len: i32| -> wasmtime::Result<i32> {
+            let Some((mem, host)) = parts(&mut c) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let Some(path) = range(pp, pl).and_then(|r| mem.get(r)) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let Host { info, env, out, .. } = host;
+            let found = props::get(&abi::property_path(path), env.as_mut(), info, out);
+            if !found {
+                return Ok(status::NOT_FOUND);
+            }
+            return_out(&mut c, ret_ptr, ret_len)
+        },
+    )?;
+    def("env", "proxy_get_property");
+    l.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: C<'_>, pp: i32, pl: i32, vp: i32, vl: i32| -> i32 {
+            let (Some(path), Some(value)) = (read(&mut c, pp, pl), read(&mut c, vp, vl)) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let host = c.data_mut();
+            let name = host.info.name.clone();
+            if let Some(env) = host.env.as_mut() {
+                let phase = env.phase;
+                if let (Some(info), Some(names)) = env.split() {
+                    props::set(
+                        &abi::property_path(&path),
+                        &value,
+                        phase,
+                        info,
+                        names,
+                        &name,
+                    );
+                }
+            }
+            status::OK
+        },
+    )?;
+    def("env", "proxy_set_property");
+
+    // --- shared data -----------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: C<'_>,
+         kp: i32,
+         kl: i32,
+         ret_ptr: i32,
+         ret_len: i32,
+         ret_cas: i32|
+         -> wasmtime::Result<i32> {
+            let Some(key) = read(&mut c, kp, kl) else {
+                return Ok(status::INVALID_MEMORY_ACCESS);
+            };
+            let state = c.data().info.state.clone();
+            let cas = {
+                let shared = state.shared.lock();
+                let Some((v, cas)) = shared.get(&key) else {
+                    return Ok(status::NOT_FOUND);
+                };
+                let out = &mut c.data_mut().out;
+                out.clear();
+                out.extend_from_slice(v);
+                *cas
+            };
+            let st = return_out(&mut c, ret_ptr, ret_len)?;
+            if st != status::OK {
+                return Ok(st);
+            }
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u32(mem, ret_cas, cas) {
+                        Ok(status::OK)
+                    } else {
+                        Ok(status::INVALID_MEMORY_ACCESS)
+                    }
+                }
+                None => Ok(status::INVALID_MEMORY_ACCESS),
+            }
+        },
+    )?;
+    def("env", "proxy_get_shared_data");
+    l.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: C<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> i32 {
+            let (Some(key), Some(value)) = (read(&mut c, kp, kl), read(&mut c, vp, vl)) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let state = c.data().info.state.clone();
+            let mut shared = state.shared.lock();
+            let cas = cas as u32;
+            match shared.get_mut(&key) {
+                Some((_, cur)) if cas != 0 && *cur != cas => status::CAS_MISMATCH,
+                Some((v, cur)) => {
+                    *v = value;
+                    *cur = cur.wrapping_add(1).max(1);
+                    status::OK
+                }
+                None => {
+                    if shared.len() >= 100_000 {
+                        return status::INTERNAL_FAILURE;
+                    }
+                    shared.insert(key, (value, 1));
+                    status::OK
+                }
+            }
+        },
+    )?;
+    def("env", "proxy_set_shared_data");
+
+    // --- streams, local responses ------------------------------------------------------------
+    l.func_wrap("env", "proxy_continue_stream", |_: i32| -> i32 {
+        status::OK
+    })?;
+    def("env", "proxy_continue_stream");
+    l.func_wrap(
+        "env",
+        "proxy_close_stream",
+        |mut c: C<'_>, _stream: i32| -> i32 {
+            if let Some(info) = c.data_mut().env.as_mut().and_then(|e| e.info()) {
+                info.closed = true;
+            }
+            status::OK
+        },
+    )?;
+    def("env", "proxy_close_stream");
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         code: i32,
+         dp: i32,
+         dl: i32,
+         bp: i32,
+         bl: i32,
+         hp: i32,
+         hl: i32,
+         _grpc: i32|
+         -> i32 {
+            let (Some(details), Some(body), Some(headers)) = (
+                read(&mut c, dp, dl),
+                read(&mut c, bp, bl),
+                read(&mut c, hp, hl),
+            ) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(pairs) = abi::deserialize_map(&headers) else {
+                return status::BAD_ARGUMENT;
+            };
+            let code = code as u32;
+            if !(100..=999).contains(&code) {
+                return status::BAD_ARGUMENT;
+            }
+            let reply = LocalReply {
+                status: code as u16,
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect(),
+                body: bytes::Bytes::from(body),
+                details: String::from_utf8_lossy(&details).into_owned(),
+                plugin: c.data().info.name.clone(),
+            };
+            match c.data_mut().env.as_mut().and_then(|e| e.info()) {
+                Some(info) => {
+                    info.local = Some(reply);
+                    status::OK
+                }
+                None => status::BAD_ARGUMENT,
+            }
+        },
+    )?;
+    def("env", "proxy_send_local_response");
+    l.func_wrap("env", "proxy_set_effective_context", |_: i32| -> i32 {
+        status::OK
+    })?;
+    def("env", "proxy_set_effective_context");
+    l.func_wrap("env", "proxy_done", || -> i32 { status::OK })?;
+    def("env", "proxy_done");
+    l.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |_: i32, _: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { status::NOT_FOUND },
+    )?;
+    def("env", "proxy_call_foreign_function");
+
+    // --- metrics ---------------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: C<'_>, kind: i32, np: i32, nl: i32, ret: i32| -> i32 {
+            let Some(name) = read(&mut c, np, nl) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(id) = c.data().info.state.define_metric(kind, &name) else {
+                return status::BAD_ARGUMENT;
+            };
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u32(mem, ret, id) {
+                        status::OK
+                    } else {
+                        status::INVALID_MEMORY_ACCESS
+                    }
+                }
+                None => status::INVALID_MEMORY_ACCESS,
+            }
+        },
+    )?;
+    def("env", "proxy_define_metric");
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |c: C<'_>, id: i32, delta: i64| -> i32 {
+            match c
+                .data()
+                .info
+                .state
+                .metric_op(id, MetricOp::Increment(delta))
+            {
+                Ok(_) => status::OK,
+                Err(s) => s,
+            }
+        },
+    )?;
+    def("env", "proxy_increment_metric");
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |c: C<'_>, id: i32, value: i64| -> i32 {
+            match c
+                .data()
+                .info
+                .state
+                .metric_op(id, MetricOp::Record(value as u64))
+            {
+                Ok(_) => status::OK,
+                Err(s) => s,
+            }
+        },
+    )?;
+    def("env", "proxy_record_metric");
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: C<'_>, id: i32, ret: i32| -> i32 {
+            let v = match c.data().info.state.metric_op(id, MetricOp::Get) {
+                Ok(v) => v,
+                Err(s) => return s,
+            };
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u64(mem, ret, v) {
+                        status::OK
+                    } else {
+                        status::INVALID_MEMORY_ACCESS
+                    }
+                }
+                None => status::INVALID_MEMORY_ACCESS,
+            }
+        },
+    )?;
+    def("env", "proxy_get_metric");
+
+    // --- not implemented: HTTP/gRPC callouts, shared queues, status ----------------------------
+    unimplemented_calls!(l, def,
+        "proxy_http_call" => (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32),
+        "proxy_grpc_call" => (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32),
+        "proxy_grpc_stream" => (i32, i32, i32, i32, i32, i32, i32, i32, i32),
+        "proxy_grpc_send" => (i32, i32, i32, i32),
+        "proxy_grpc_cancel" => (i32),
+        "proxy_grpc_close" => (i32),
+        "proxy_get_status" => (i32, i32, i32),
+        "proxy_register_shared_queue" => (i32, i32, i32),
+        "proxy_resolve_shared_queue" => (i32, i32, i32, i32, i32),
+        "proxy_dequeue_shared_queue" => (i32, i32, i32),
+        "proxy_enqueue_shared_queue" => (i32, i32, i32),
+    );
+
+    // --- WASI preview1 -----------------------------------------------------------------------
+    const W: &str = "wasi_snapshot_preview1";
+    l.func_wrap(
+        W,
+        "fd_write",
+        |mut c: C<'_>, fd: i32, iovs: i32, n: i32, ret: i32| -> i32 {
+            if fd != 1 && fd != 2 {
+                return errno::BADF;
+            }
+            let Some((mem, host)) = parts(&mut c) else {
+                return errno::FAULT;
+            };
+            let mut msg = Vec::new();
+            for i in 0..n.max(0) {
+                let at = iovs.wrapping_add(i.wrapping_mul(8));
+                let Some(iov) = range(at, 8).and_then(|r| mem.get(r)) else {
+                    return errno::FAULT;
+                };
+                let p = i32::from_le_bytes(iov[..4].try_into().expect("4 bytes"));
+                let l = i32::from_le_bytes(iov[4..].try_into().expect("4 bytes"));
+                let Some(s) = range(p, l).and_then(|r| mem.get(r)) else {
+                    return errno::FAULT;
+                };
+                msg.extend_from_slice(s);
+            }
+            let text = String::from_utf8_lossy(&msg);
+            let text = text.trim_end_matches('\n');
+            if !text.is_empty() {
+                let lvl = if fd == 1 {
+                    log::Level::Info
+                } else {
+                    log::Level::Error
+                };
+                log::log!(target: "plugin", lvl, "[{}] {}", host.info.name, text);
+            }
+            if put_u32(mem, ret, msg.len() as u32) {
+                errno::SUCCESS
+            } else {
+                errno::FAULT
+            }
+        },
+    )?;
+    def(W, "fd_write");
+    l.func_wrap(
+        W,
+        "clock_time_get",
+        |mut c: C<'_>, id: i32, _precision: i64, ret: i32| -> i32 {
+            let v = match id {
+                0 => now_nanos(),
+                1..=3 => monotonic_nanos(),
+                _ => return errno::NOTSUP,
+            };
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u64(mem, ret, v) {
+                        errno::SUCCESS
+                    } else {
+                        errno::FAULT
+                    }
+                }
+                None => errno::FAULT,
+            }
+        },
+    )?;
+    def(W, "clock_time_get");
+    l.func_wrap(
+        W,
+        "clock_res_get",
+        |mut c: C<'_>, _id: i32, ret: i32| -> i32 {
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u64(mem, ret, 1_000) {
+                        errno::SUCCESS
+                    } else {
+                        errno::FAULT
+                    }
+                }
+                None => errno::FAULT,
+            }
+        },
+    )?;
+    def(W, "clock_res_get");
+    l.func_wrap(W, "random_get", |mut c: C<'_>, ptr: i32, len: i32| -> i32 {
+        if len as u32 > 1 << 20 {
+            return errno::INVAL;
+        }
+        let Some((mem, _)) = parts(&mut c) else {
+            return errno::FAULT;
+        };
+        match range(ptr, len).and_then(|r| mem.get_mut(r)) {
+            Some(buf) => {
+                if getrandom::getrandom(buf).is_err() {
+                    return errno::NOSYS;
+                }
+                errno::SUCCESS
+            }
+            None => errno::FAULT,
+        }
+    })?;
+    def(W, "random_get");
+    l.func_wrap(
+        W,
+        "environ_sizes_get",
+        |mut c: C<'_>, count: i32, size: i32| -> i32 {
+            let Some((mem, host)) = parts(&mut c) else {
+                return errno::FAULT;
+            };
+            let (n, len) = (
+                host.info.environ_count as u32,
+                host.info.environ.len() as u32,
+            );
+            if put_u32(mem, count, n) && put_u32(mem, size, len) {
+                errno::SUCCESS
+            } else {
+                errno::FAULT
+            }
+        },
+    )?;
+    def(W, "environ_sizes_get");
+    l.func_wrap(
+        W,
+        "environ_get",
+        |mut c: C<'_>, array: i32, buf: i32| -> i32 {
+            let Some((mem, host)) = parts(&mut c) else {
+                return errno::FAULT;
+            };
+            let env = &host.info.environ;
+            let Some(dst) = range(buf, env.len() as i32).and_then(|r| mem.get_mut(r)) else {
+                return errno::FAULT;
+            };
+            dst.copy_from_slice(env);
+            let mut at = 0usize;
+            for (i, entry) in env.split_inclusive(|b| *b == 0).enumerate() {
+                let ptr = (buf as u32).wrapping_add(at as u32);
+                if !put_u32(mem, array.wrapping_add(4 * i as i32), ptr) {
+                    return errno::FAULT;
+                }
+                at += entry.len();
+            }
+            errno::SUCCESS
+        },
+    )?;
+    def(W, "environ_get");
+    l.func_wrap(
+        W,
+        "args_sizes_get",
+        |mut c: C<'_>, count: i32, size: i32| -> i32 {
+            match parts(&mut c) {
+                Some((mem, _)) => {
+                    if put_u32(mem, count, 0) && put_u32(mem, size, 0) {
+                        errno::SUCCESS
+                    } else {
+                        errno::FAULT
+                    }
+                }
+                None => errno::FAULT,
+            }
+        },
+    )?;
+    def(W, "args_sizes_get");
+    l.func_wrap(W, "args_get", |_: i32, _: i32| -> i32 { errno::SUCCESS })?;
+    def(W, "args_get");
+    l.func_wrap(
+        W,
+        "proc_exit",
+        |c: C<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::Error::msg(format!(
+                "plugin `{}` called proc_exit({code})",
+                c.data().info.name
+            )))
+        },
+    )?;
+    def(W, "proc_exit");
+    l.func_wrap(W, "sched_yield", || -> i32 { errno::SUCCESS })?;
+    def(W, "sched_yield");
+
+    // Anything else the module imports: defined so it links.
+    for imp in module.imports() {
+        let (m, n) = (imp.module(), imp.name());
+        if defined.iter().any(|(dm, dn)| *dm == m && *dn == n) {
+            continue;
+        }
+        let wasmtime::ExternType::Func(ft) = imp.ty() else {
+            continue; // memories/tables/globals: instantiation reports them
+        };
+        let code = if m == W {
+            errno::NOSYS
+        } else {
+            status::UNIMPLEMENTED
+        };
+        let returns_i32 =
+            ft.results().len() == 1 && matches!(ft.results().next(), Some(wasmtime::ValType::I32));
+        let what = format!("{m}.{n}");
+        l.func_new(m, n, ft.clone(), move |_c, _params, results| {
+            if returns_i32 {
+                results[0] = Val::I32(code);
+                Ok(())
+            } else {
+                Err(wasmtime::Error::msg(format!(
+                    "unsupported host call {what}"
+                )))
+            }
+        })?;
+    }
+    Ok(l)
+}

@@ -1,0 +1,66 @@
+//! Wasm plugins: a proxy-wasm ABI v0.2.1 host on wasmtime.
+//!
+//! ```text
+//!  config ──► Runtime::load ──► Plugin (compiled Module + InstancePre, pool of configured
+//!                                       instances, health/backoff, per-name PluginState)
+//!  request ─► Runtime::exchange(route) ─► Exchange: one instance leased per plugin of the
+//!             route's chain for the request's lifetime; request headers (chain order),
+//!             response headers (reverse order), log/done/delete; instances go back to the pool
+//! ```
+//!
+//! - `abi`      status codes, enums, header-map wire format, property paths (pure)
+//! - `host`     store data, the per-callback `Env`, every hostcall (the `Linker`)
+//! - `props`    readable/writable properties (`request.*`, `cascade.*`, …)
+//! - `runtime`  engine + epoch ticker, compile (with the on-disk precompiled cache),
+//!   instances, pool, traps/backoff, SIGHUP reload
+//! - `exchange` one request's walk through its chain, and the glue the proxy phases call
+//!
+//! Not implemented: `proxy_http_call`/gRPC callouts and shared queues (they answer
+//! `UNIMPLEMENTED`), body callbacks (bodies stream, cascade never buffers them), ticks.
+
+pub mod abi;
+mod exchange;
+pub mod host;
+mod props;
+mod runtime;
+
+pub use exchange::{on_request, write_reply, Exchange, Verdict};
+pub use runtime::{engine, Fault, FaultKind, Runtime};
+
+use std::sync::Arc;
+
+/// Names the properties hand out, by index (fixed for the life of a config).
+#[derive(Debug, Default)]
+pub struct Names {
+    pub routes: Vec<String>,
+    pub groups: Vec<String>,
+}
+
+/// What the plugins of one request see and change besides the headers.
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    pub route: usize,
+    /// Origin group (writable through `cascade.origin_group`).
+    pub group: usize,
+    /// Object path sent upstream (writable through `cascade.upstream_path`).
+    pub key: String,
+    pub source: Option<std::net::SocketAddr>,
+    /// The `X-Cache` value, for `cascade.cache_status` (response phase).
+    pub cache_status: Option<&'static str>,
+    pub(crate) routing_changed: bool,
+    pub(crate) key_changed: bool,
+    pub(crate) route_error: Option<String>,
+    pub(crate) custom: Vec<(Vec<u8>, Vec<u8>)>,
+    pub(crate) local: Option<LocalReply>,
+    pub(crate) closed: bool,
+}
+
+/// A response a plugin asked for with `proxy_send_local_response`.
+#[derive(Debug, Clone)]
+pub struct LocalReply {
+    pub status: u16,
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub body: bytes::Bytes,
+    pub details: String,
+    pub plugin: Arc<str>,
+}

@@ -1,0 +1,162 @@
+//! Properties (`proxy_get_property` / `proxy_set_property`): what a plugin can read about the
+//! request, and cascade's writable routing properties.
+//!
+//! Readable: `request.{path,url_path,host,method,scheme,query,protocol}`,
+//! `request.headers.<name>`, `source.{address,port}`, `plugin_name`, `plugin_root_id`,
+//! `cascade.{route,origin_group,upstream_path}`; in the response phase and later also
+//! `response.code`, `response.headers.<name>`, `cascade.served_from`, `cascade.cache_status`.
+//! Numbers (`source.port`, `response.code`) are 8-byte little-endian integers, as in Envoy.
+//!
+//! Writable (request phase only): `cascade.origin_group` (a group name) and
+//! `cascade.upstream_path` (an object path starting with `/`). A bad value does not fail the
+//! call (the Rust SDK traps on any error status); it fails the request with 500 and a log
+//! line naming the plugin. Any other path is stored for the request and readable back by
+//! every plugin of the chain (Envoy's filter state), and the call returns OK.
+
+use super::host::{authority, Env, Phase, PluginInfo};
+use super::{Names, RequestInfo};
+
+const MAX_CUSTOM: usize = 64;
+
+fn put(out: &mut Vec<u8>, b: &[u8]) -> bool {
+    out.extend_from_slice(b);
+    true
+}
+
+/// Writes the value of `path` into `out`; `false` when there is no such property.
+pub fn get(path: &[&[u8]], env: Option<&mut Env>, plugin: &PluginInfo, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    match path {
+        [b"plugin_name"] | [b"plugin_root_id"] => return put(out, plugin.name.as_bytes()),
+        [b"plugin_vm_id"] => return true,
+        _ => {}
+    }
+    let Some(env) = env else { return false };
+    let late = matches!(env.phase, Phase::Response | Phase::Log);
+    let (req, resp) = (env.req(), env.resp());
+    let req_ok = req.is_some();
+    match path {
+        [b"request", rest @ ..] if req_ok => {
+            let req = req.expect("checked");
+            match rest {
+                [b"path"] => put(out, req.raw_path()),
+                [b"url_path"] => put(out, req.uri.path().as_bytes()),
+                [b"host"] => put(out, authority(req)),
+                [b"method"] => put(out, req.method.as_str().as_bytes()),
+                [b"scheme"] => put(out, b"http"),
+                [b"query"] => put(out, req.uri.query().unwrap_or("").as_bytes()),
+                [b"protocol"] => put(out, format!("{:?}", req.version).as_bytes()),
+                [b"headers", name] => match std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| req.headers.get(n))
+                {
+                    Some(v) => put(out, v.as_bytes()),
+                    None => false,
+                },
+                _ => false,
+            }
+        }
+        [b"response", rest @ ..] if late && resp.is_some() => {
+            let resp = resp.expect("checked");
+            match rest {
+                [b"code"] => put(out, &(resp.status.as_u16() as i64).to_le_bytes()),
+                [b"headers", name] => match std::str::from_utf8(name)
+                    .ok()
+                    .and_then(|n| resp.headers.get(n))
+                {
+                    Some(v) => put(out, v.as_bytes()),
+                    None => false,
+                },
+                _ => false,
+            }
+        }
+        [b"cascade", b"served_from"] if late => {
+            let from = resp
+                .and_then(|r| r.headers.get(crate::proxy::SERVED_FROM))
+                .map_or(&b"cascade"[..], |v| v.as_bytes());
+            put(out, from)
+        }
+        _ => {
+            let (info, names) = env.split();
+            let (Some(info), Some(names)) = (info, names) else {
+                return false;
+            };
+            match path {
+                [b"source", b"address"] => match info.source {
+                    Some(a) => put(out, a.to_string().as_bytes()),
+                    None => false,
+                },
+                [b"source", b"port"] => match info.source {
+                    Some(a) => put(out, &(a.port() as i64).to_le_bytes()),
+                    None => false,
+                },
+                [b"cascade", b"route"] => put(out, names.routes[info.route].as_bytes()),
+                [b"cascade", b"origin_group"] => put(out, names.groups[info.group].as_bytes()),
+                [b"cascade", b"upstream_path"] => put(out, info.key.as_bytes()),
+                [b"cascade", b"cache_status"] if late => {
+                    put(out, info.cache_status.unwrap_or("-").as_bytes())
+                }
+                _ => {
+                    let key = path.join(&0u8);
+                    match info.custom.iter().find(|(k, _)| *k == key) {
+                        Some((_, v)) => put(out, v),
+                        None => false,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Applies a property write (request phase only; ignored otherwise).
+pub fn set(
+    path: &[&[u8]],
+    value: &[u8],
+    phase: Phase,
+    info: &mut RequestInfo,
+    names: &Names,
+    plugin: &str,
+) {
+    let lossy = || String::from_utf8_lossy(value).into_owned();
+    match path {
+        [b"cascade", b"origin_group"] if phase == Phase::Request => {
+            match names.groups.iter().position(|g| g.as_bytes() == value) {
+                Some(ix) => {
+                    info.group = ix;
+                    info.routing_changed = true;
+                }
+                None => {
+                    info.route_error = Some(format!(
+                        "plugin `{plugin}` set cascade.origin_group to `{}`, which is not a group (defined: {})",
+                        lossy(),
+                        names.groups.join(", ")
+                    ))
+                }
+            }
+        }
+        [b"cascade", b"upstream_path"] if phase == Phase::Request => {
+            match std::str::from_utf8(value) {
+                Ok(p) if p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_control()) => {
+                    info.key = p.to_string();
+                    info.key_changed = true;
+                    info.routing_changed = true;
+                }
+                _ => {
+                    info.route_error = Some(format!(
+                        "plugin `{plugin}` set cascade.upstream_path to {:?}; it must be a path starting with `/`",
+                        lossy()
+                    ))
+                }
+            }
+        }
+        [b"cascade", ..] => {} // read-only or out of phase: accepted, ignored
+        _ => {
+            let key = path.join(&0u8);
+            if let Some(slot) = info.custom.iter_mut().find(|(k, _)| *k == key) {
+                slot.1 = value.to_vec();
+            } else if info.custom.len() < MAX_CUSTOM {
+                info.custom.push((key, value.to_vec()));
+            }
+        }
+    }
+}

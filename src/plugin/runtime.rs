@@ -1,0 +1,783 @@
+//! Plugins as loaded code: the process-wide engine (epoch interruption, one ticker thread),
+//! compilation (once, optionally through an on-disk cache of precompiled modules keyed by
+//! sha256(module) and the engine's compatibility hash), configured instances in a pool, fault
+//! classification (trap / timeout / memory), backoff and a trap-rate limit, and reload.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use sha2::{Digest, Sha256};
+use wasmtime::{Engine, InstancePre, Module, Store, Trap, TypedFunc, WasmParams, WasmResults};
+
+use super::exchange::Exchange;
+use super::host::{self, Env, Host, PluginInfo, PluginState};
+use super::{Names, RequestInfo};
+use crate::config::{Config, OnError, PluginConfig};
+
+/// Epoch tick period: the resolution of callback deadlines.
+const TICK: Duration = Duration::from_millis(1);
+/// The root context of every instance.
+pub(super) const ROOT_CONTEXT: i32 = 1;
+/// Idle configured instances kept per plugin.
+const MAX_IDLE: usize = 256;
+/// Faults per second after which no new instance is built until the second is over.
+const TRAP_RATE_LIMIT: u32 = 20;
+
+/// The process-wide engine. Its first use starts the epoch ticker thread.
+pub fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut c = wasmtime::Config::new();
+        c.epoch_interruption(true);
+        c.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        c.max_wasm_stack(512 * 1024);
+        if std::env::var_os("CASCADE_WASM_PERFMAP").is_some() {
+            // `perf` can then name plugin functions (/tmp/perf-<pid>.map).
+            c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
+        let engine = Engine::new(&c).expect("wasmtime engine");
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                ticker.increment_epoch();
+            })
+            .expect("epoch thread");
+        engine
+    })
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() as u64)
+        .div_ceil(TICK.as_micros() as u64)
+        .max(1)
+        + 1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    Trap,
+    Timeout,
+    Memory,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::Trap => "trap",
+            FaultKind::Timeout => "timeout",
+            FaultKind::Memory => "memory",
+        }
+    }
+}
+
+/// A callback that did not return normally; its instance is discarded.
+#[derive(Debug)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+fn classify(e: wasmtime::Error, host: &Host, deadline: Duration) -> Fault {
+    if host.limiter.hit || e.downcast_ref::<host::MemoryLimit>().is_some() {
+        return Fault {
+            kind: FaultKind::Memory,
+            message: format!("memory limit of {} bytes reached", host.limiter.max_memory),
+        };
+    }
+    if let Some(Trap::Interrupt) = e.downcast_ref::<Trap>() {
+        return Fault {
+            kind: FaultKind::Timeout,
+            message: format!("callback exceeded its deadline of {deadline:?}"),
+        };
+    }
+    Fault {
+        kind: FaultKind::Trap,
+        message: format!("{e:#}")
+            .lines()
+            .next()
+            .unwrap_or("trap")
+            .to_string(),
+    }
+}
+
+type Cb1 = TypedFunc<i32, ()>;
+type CbHeaders = TypedFunc<(i32, i32, i32), i32>;
+
+/// One configured instance (its own `Store`).
+pub struct Instance {
+    store: Store<Host>,
+    deadline: Duration,
+    ticks: u64,
+    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
+    on_request_headers: Option<CbHeaders>,
+    on_response_headers: Option<CbHeaders>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<Cb1>,
+    on_delete: Option<Cb1>,
+    next_ctx: i32,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.store.data().info.state.instances.dec();
+    }
+}
+
+fn call<P: WasmParams, R: WasmResults>(
+    store: &mut Store<Host>,
+    ticks: u64,
+    deadline: Duration,
+    f: &TypedFunc<P, R>,
+    args: P,
+    env: Option<Env>,
+) -> Result<R, Fault> {
+    store.set_epoch_deadline(ticks);
+    store.data_mut().env = env;
+    let r = f.call(&mut *store, args);
+    store.data_mut().env = None;
+    r.map_err(|e| classify(e, store.data(), deadline))
+}
+
+impl Instance {
+    /// A fresh HTTP context id (never the root's).
+    pub(super) fn new_context(&mut self, env: Env) -> Result<i32, Fault> {
+        self.next_ctx = if self.next_ctx >= i32::MAX - 1 {
+            2
+        } else {
+            self.next_ctx + 1
+        };
+        let id = self.next_ctx;
+        if let Some(f) = &self.on_context_create {
+            call(
+                &mut self.store,
+                self.ticks,
+                self.deadline,
+                f,
+                (id, ROOT_CONTEXT),
+                Some(env),
+            )?;
+        }
+        Ok(id)
+    }
+
+    pub(super) fn request_headers(
+        &mut self,
+        ctx: i32,
+        n: usize,
+        eos: bool,
+        env: Env,
+    ) -> Result<i32, Fault> {
+        match &self.on_request_headers {
+            Some(f) => call(
+                &mut self.store,
+                self.ticks,
+                self.deadline,
+                f,
+                (ctx, n as i32, eos as i32),
+                Some(env),
+            ),
+            None => Ok(super::abi::ACTION_CONTINUE),
+        }
+    }
+
+    pub(super) fn response_headers(&mut self, ctx: i32, n: usize, env: Env) -> Result<i32, Fault> {
+        match &self.on_response_headers {
+            Some(f) => call(
+                &mut self.store,
+                self.ticks,
+                self.deadline,
+                f,
+                (ctx, n as i32, 0),
+                Some(env),
+            ),
+            None => Ok(super::abi::ACTION_CONTINUE),
+        }
+    }
+
+    /// `proxy_on_done`, then (`log`) `proxy_on_log`, then `proxy_on_delete`.
+    pub(super) fn finish(&mut self, ctx: i32, env: Option<Env>, log: bool) -> Result<(), Fault> {
+        let (t, d) = (self.ticks, self.deadline);
+        if let Some(f) = &self.on_done {
+            call(&mut self.store, t, d, f, ctx, env)?;
+        }
+        if log {
+            if let Some(f) = &self.on_log {
+                call(&mut self.store, t, d, f, ctx, env)?;
+            }
+        }
+        if let Some(f) = &self.on_delete {
+            call(&mut self.store, t, d, f, ctx, env)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Health {
+    window_start: Option<Instant>,
+    faults_in_window: u32,
+    backoff: Duration,
+    backoff_until: Option<Instant>,
+}
+
+/// One loaded version of a plugin.
+pub struct Plugin {
+    pub info: Arc<PluginInfo>,
+    pub on_error: OnError,
+    pre: InstancePre<Host>,
+    pool: Mutex<Vec<Instance>>,
+    health: Mutex<Health>,
+    max_memory: usize,
+    deadline: Duration,
+    /// sha256 of the module bytes (reload compares it).
+    digest: [u8; 32],
+}
+
+impl Plugin {
+    fn load(
+        cfg: &PluginConfig,
+        state: Arc<PluginState>,
+        cache_dir: Option<&Path>,
+    ) -> Result<Arc<Plugin>, String> {
+        let bytes = std::fs::read(&cfg.wasm)
+            .map_err(|e| format!("cannot read {}: {e}", cfg.wasm.display()))?;
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        Plugin::from_bytes(cfg, state, cache_dir, &bytes, digest)
+    }
+
+    fn from_bytes(
+        cfg: &PluginConfig,
+        state: Arc<PluginState>,
+        cache_dir: Option<&Path>,
+        bytes: &[u8],
+        digest: [u8; 32],
+    ) -> Result<Arc<Plugin>, String> {
+        let engine = engine();
+        let module = compile(engine, bytes, &digest, cache_dir).map_err(|e| {
+            format!(
+                "{} is not a loadable Wasm module: {e:#}",
+                cfg.wasm.display()
+            )
+        })?;
+        if module.get_export("proxy_abi_version_0_2_1").is_none()
+            && module.get_export("proxy_abi_version_0_2_0").is_none()
+        {
+            log::warn!(
+                target: "plugin",
+                "[{}] the module does not export proxy_abi_version_0_2_1; loading it anyway",
+                cfg.name
+            );
+        }
+        let linker = host::linker(engine, &module).map_err(|e| format!("linking: {e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("linking: {e:#}"))?;
+        let plugin = Arc::new(Plugin {
+            info: Arc::new(PluginInfo {
+                name: Arc::from(cfg.name.as_str()),
+                config: cfg.config.clone(),
+                vm_config: cfg.vm_config.clone(),
+                state,
+                environ: cfg
+                    .env
+                    .iter()
+                    .flat_map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes(), b"\0"])
+                    .flatten()
+                    .copied()
+                    .collect(),
+                environ_count: cfg.env.len(),
+            }),
+            on_error: cfg.on_error,
+            pre,
+            pool: Mutex::new(Vec::new()),
+            health: Mutex::new(Health::default()),
+            max_memory: cfg.memory as usize,
+            deadline: cfg.time,
+            digest,
+        });
+        // Build one instance now: a plugin that cannot start is a load error.
+        let first = plugin.new_instance()?;
+        plugin.pool.lock().push(first);
+        Ok(plugin)
+    }
+
+    /// Instantiates and configures an instance: `_initialize`/`_start`, root context,
+    /// `proxy_on_vm_start`, `proxy_on_configure`.
+    fn new_instance(&self) -> Result<Instance, String> {
+        let engine = engine();
+        let mut store = Store::new(engine, Host::new(self.info.clone(), self.max_memory));
+        store.limiter(|h| &mut h.limiter);
+        // Start-up may do more work than a request callback (parsing config): 10× the budget.
+        let init_deadline = (self.deadline * 10).max(Duration::from_millis(500));
+        store.set_epoch_deadline(ticks(init_deadline));
+        let fail = |store: &Store<Host>, what: &str, e: wasmtime::Error| {
+            format!("{what}: {}", classify(e, store.data(), init_deadline))
+        };
+        let inst = match self.pre.instantiate(&mut store) {
+            Ok(i) => i,
+            Err(e) => return Err(fail(&store, "instantiation failed", e)),
+        };
+        let memory = inst.get_memory(&mut store, "memory");
+        let alloc = inst
+            .get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate")
+            .or_else(|_| inst.get_typed_func::<i32, i32>(&mut store, "malloc"))
+            .ok();
+        store.data_mut().memory = memory;
+        let has_alloc = alloc.is_some();
+        store.data_mut().alloc = alloc;
+        if memory.is_none() {
+            return Err("the module exports no memory".into());
+        }
+        if !has_alloc {
+            return Err("the module exports neither proxy_on_memory_allocate nor malloc".into());
+        }
+        if let Ok(init) = inst.get_typed_func::<(), ()>(&mut store, "_initialize") {
+            if let Err(e) = init.call(&mut store, ()) {
+                return Err(fail(&store, "_initialize failed", e));
+            }
+            if let Ok(main) = inst.get_typed_func::<(i32, i32), i32>(&mut store, "main") {
+                if let Err(e) = main.call(&mut store, (0, 0)) {
+                    return Err(fail(&store, "main failed", e));
+                }
+            }
+        } else if let Ok(start) = inst.get_typed_func::<(), ()>(&mut store, "_start") {
+            if let Err(e) = start.call(&mut store, ()) {
+                return Err(fail(&store, "_start failed", e));
+            }
+        }
+        let typed2 =
+            |store: &mut Store<Host>, n: &str| inst.get_typed_func::<(i32, i32), ()>(store, n).ok();
+        let on_context_create = typed2(&mut store, "proxy_on_context_create");
+        if let Some(f) = &on_context_create {
+            if let Err(e) = f.call(&mut store, (ROOT_CONTEXT, 0)) {
+                return Err(fail(&store, "proxy_on_context_create (root) failed", e));
+            }
+        }
+        let env = Env {
+            phase: host::Phase::Init,
+            req: std::ptr::null_mut(),
+            resp: std::ptr::null_mut(),
+            info: std::ptr::null_mut(),
+            names: std::ptr::null(),
+        };
+        store.data_mut().env = Some(env);
+        for (export, size) in [
+            ("proxy_on_vm_start", self.info.vm_config.len()),
+            ("proxy_on_configure", self.info.config.len()),
+        ] {
+            if let Ok(f) = inst.get_typed_func::<(i32, i32), i32>(&mut store, export) {
+                match f.call(&mut store, (ROOT_CONTEXT, size as i32)) {
+                    Ok(0) => {
+                        return Err(format!(
+                            "{export} returned false (see the plugin's log above)"
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(fail(&store, &format!("{export} failed"), e)),
+                }
+            }
+        }
+        store.data_mut().env = None;
+        let headers = |store: &mut Store<Host>, n: &str| {
+            inst.get_typed_func::<(i32, i32, i32), i32>(store, n).ok()
+        };
+        let one = |store: &mut Store<Host>, n: &str| inst.get_typed_func::<i32, ()>(store, n).ok();
+        let on_request_headers = headers(&mut store, "proxy_on_request_headers");
+        let on_response_headers = headers(&mut store, "proxy_on_response_headers");
+        let on_done = inst
+            .get_typed_func::<i32, i32>(&mut store, "proxy_on_done")
+            .ok();
+        let on_log = one(&mut store, "proxy_on_log");
+        let on_delete = one(&mut store, "proxy_on_delete");
+        self.info.state.instances.inc();
+        Ok(Instance {
+            store,
+            deadline: self.deadline,
+            ticks: ticks(self.deadline),
+            on_context_create,
+            on_request_headers,
+            on_response_headers,
+            on_done,
+            on_log,
+            on_delete,
+            next_ctx: ROOT_CONTEXT,
+        })
+    }
+
+    /// An idle configured instance, or a new one. `None` while backing off after failures.
+    pub(super) fn lease(&self) -> Option<Instance> {
+        if let Some(i) = self.pool.lock().pop() {
+            return Some(i);
+        }
+        let now = Instant::now();
+        {
+            let h = self.health.lock();
+            if h.backoff_until.is_some_and(|t| now < t) {
+                return None;
+            }
+        }
+        match self.new_instance() {
+            Ok(i) => {
+                self.health.lock().backoff = Duration::ZERO;
+                Some(i)
+            }
+            Err(e) => {
+                let mut h = self.health.lock();
+                h.backoff =
+                    (h.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
+                h.backoff_until = Some(now + h.backoff);
+                log::error!(
+                    target: "plugin",
+                    "[{}] cannot build a new instance ({e}); retrying in {:?}",
+                    self.info.name,
+                    h.backoff
+                );
+                None
+            }
+        }
+    }
+
+    pub(super) fn give_back(&self, inst: Instance) {
+        let mut pool = self.pool.lock();
+        if pool.len() < MAX_IDLE {
+            pool.push(inst);
+        }
+    }
+
+    /// Counts a fault (the instance is already discarded) and applies the trap-rate limit.
+    pub(super) fn record_fault(&self, phase: &str, f: &Fault) {
+        let ix = match f.kind {
+            FaultKind::Trap => 0,
+            FaultKind::Timeout => 1,
+            FaultKind::Memory => 2,
+        };
+        self.info.state.traps[ix].inc();
+        let now = Instant::now();
+        let mut h = self.health.lock();
+        if h.window_start
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            h.window_start = Some(now);
+            h.faults_in_window = 0;
+        }
+        h.faults_in_window += 1;
+        if h.faults_in_window == TRAP_RATE_LIMIT {
+            let until = h.window_start.expect("set") + Duration::from_secs(1);
+            h.backoff_until = Some(h.backoff_until.map_or(until, |t| t.max(until)));
+            log::warn!(
+                target: "plugin",
+                "[{}] {TRAP_RATE_LIMIT} faults within a second: no new instances until {:?} from now",
+                self.info.name,
+                until.saturating_duration_since(now)
+            );
+        }
+        drop(h);
+        log::error!(
+            target: "plugin",
+            "[{}] {phase} callback failed, instance discarded ({f}); on_error: {}",
+            self.info.name,
+            match self.on_error {
+                OnError::Deny => "deny",
+                OnError::Allow => "allow",
+            }
+        );
+    }
+}
+
+/// Compiles `bytes`, through the precompiled cache in `cache_dir` when given.
+fn compile(
+    engine: &Engine,
+    bytes: &[u8],
+    digest: &[u8; 32],
+    cache_dir: Option<&Path>,
+) -> wasmtime::Result<Module> {
+    let Some(dir) = cache_dir else {
+        return Module::new(engine, bytes);
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(format!("{hex}-{:016x}.cwasm", h.finish()));
+    if let Ok(data) = std::fs::read(&path) {
+        // SAFETY: the file was written by `precompile_module` of an engine with the same
+        // compatibility hash (it is in the name) into cascade's own cache directory.
+        match unsafe { Module::deserialize(engine, &data) } {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                log::warn!(
+                    "plugin cache: {} unusable ({e}); recompiling",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let data = engine.precompile_module(bytes)?;
+    let stored = std::fs::create_dir_all(dir).and_then(|_| {
+        let tmp = dir.join(format!(".{hex}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, &data)?;
+        std::fs::rename(&tmp, &path)
+    });
+    if let Err(e) = stored {
+        log::warn!("plugin cache: cannot store {}: {e}", path.display());
+    }
+    // SAFETY: `data` was produced by this engine just now.
+    unsafe { Module::deserialize(engine, &data) }
+}
+
+struct Slot {
+    cfg: PluginConfig,
+    state: Arc<PluginState>,
+    current: RwLock<Arc<Plugin>>,
+}
+
+/// Every plugin of a config and the chain of each route.
+pub struct Runtime {
+    slots: Vec<Slot>,
+    chains: Vec<Vec<usize>>,
+    names: Arc<Names>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Runtime {
+    /// Loads every plugin of `cfg`. `None` when the config has no plugins. An error names the
+    /// plugin and the config file.
+    pub fn load(cfg: &Config) -> Result<Option<Arc<Runtime>>, String> {
+        if cfg.plugins.is_empty() {
+            return Ok(None);
+        }
+        let cache_dir = cfg.plugin_cache.clone();
+        let mut slots = Vec::with_capacity(cfg.plugins.len());
+        for p in &cfg.plugins {
+            let state = Arc::new(PluginState::new(&p.name));
+            let t0 = Instant::now();
+            let plugin = Plugin::load(p, state.clone(), cache_dir.as_deref()).map_err(|e| {
+                format!(
+                    "plugin `{}` (plugins.{}.wasm in {}) failed to load: {e}",
+                    p.name,
+                    p.name,
+                    cfg.source.display()
+                )
+            })?;
+            log::info!(
+                "plugin `{}` loaded from {} in {:.1}ms",
+                p.name,
+                p.wasm.display(),
+                t0.elapsed().as_secs_f64() * 1000.0
+            );
+            slots.push(Slot {
+                cfg: p.clone(),
+                state,
+                current: RwLock::new(plugin),
+            });
+        }
+        Ok(Some(Arc::new(Runtime {
+            slots,
+            chains: cfg.routes.iter().map(|r| r.plugins.clone()).collect(),
+            names: Arc::new(Names {
+                routes: cfg.routes.iter().map(|r| r.name.clone()).collect(),
+                groups: cfg.groups.iter().map(|g| g.name.clone()).collect(),
+            }),
+            cache_dir,
+        })))
+    }
+
+    /// The plugin exchange of one request on `route`, or `None` when the route has no chain.
+    pub fn exchange(
+        &self,
+        route: usize,
+        group: usize,
+        key: &str,
+        source: Option<std::net::SocketAddr>,
+    ) -> Option<Exchange> {
+        let chain = self.chains.get(route)?;
+        if chain.is_empty() {
+            return None;
+        }
+        let plugins = chain
+            .iter()
+            .map(|&i| self.slots[i].current.read().clone())
+            .collect();
+        Some(Exchange::new(
+            plugins,
+            self.names.clone(),
+            RequestInfo {
+                route,
+                group,
+                key: key.to_string(),
+                source,
+                ..Default::default()
+            },
+        ))
+    }
+
+    /// Re-reads every plugin file; changed ones are compiled, started and swapped in. New
+    /// requests use the new instances; requests in flight keep the ones they leased. A plugin
+    /// that fails to load keeps its previous version. Returns how many were swapped.
+    pub fn reload(&self) -> usize {
+        let mut swapped = 0;
+        for s in &self.slots {
+            let bytes = match std::fs::read(&s.cfg.wasm) {
+                Ok(b) => b,
+                Err(e) => {
+                    log::error!(
+                        "plugin `{}`: reload: cannot read {}: {e}",
+                        s.cfg.name,
+                        s.cfg.wasm.display()
+                    );
+                    continue;
+                }
+            };
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            if s.current.read().digest == digest {
+                continue;
+            }
+            match Plugin::from_bytes(
+                &s.cfg,
+                s.state.clone(),
+                self.cache_dir.as_deref(),
+                &bytes,
+                digest,
+            ) {
+                Ok(p) => {
+                    *s.current.write() = p;
+                    swapped += 1;
+                    log::info!(
+                        "plugin `{}` reloaded from {}",
+                        s.cfg.name,
+                        s.cfg.wasm.display()
+                    );
+                }
+                Err(e) => log::error!(
+                    "plugin `{}`: reload failed, keeping the loaded version: {e}",
+                    s.cfg.name
+                ),
+            }
+        }
+        swapped
+    }
+
+    /// Reloads changed plugins on SIGHUP (a small watcher thread; cascade has no other reload
+    /// machinery yet).
+    pub fn watch_sighup(self: &Arc<Self>) {
+        let rt = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("plugin-reload".into())
+            .spawn(move || {
+                let Ok(tokio_rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                tokio_rt.block_on(async move {
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                        log::error!("plugins: cannot listen for SIGHUP; reload disabled");
+                        return;
+                    };
+                    while hup.recv().await.is_some() {
+                        let Some(rt) = rt.upgrade() else { return };
+                        log::info!("SIGHUP: reloading changed plugins");
+                        let n = tokio::task::spawn_blocking(move || rt.reload())
+                            .await
+                            .unwrap_or(0);
+                        log::info!("SIGHUP: {n} plugin(s) swapped");
+                    }
+                });
+            });
+        if let Err(e) = spawned {
+            log::error!("plugins: cannot start the reload thread: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config with the probe plugin from `plugins/dist` (None when it is not built).
+    fn probe_config(name: &str, extra_server: &str) -> Option<Config> {
+        let wasm = format!("{}/plugins/dist/probe.wasm", env!("CARGO_MANIFEST_DIR"));
+        if !Path::new(&wasm).exists() {
+            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
+            return None;
+        }
+        let yaml = format!(
+            "listen: [{{addr: 127.0.0.1:1}}]\n{extra_server}\
+             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
+             plugins: {{{name}: {{wasm: {wasm}, config: {{greeting: hi}}}}}}\n\
+             routes: [{{path: /, group: g, plugins: [{name}]}}, {{path: /none, group: g}}]\n"
+        );
+        Some(crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap())
+    }
+
+    fn one_request(rt: &Runtime) {
+        let mut req = pingora_http::RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("host", "h").unwrap();
+        let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
+        assert!(matches!(
+            ex.request_headers(&mut req, true),
+            super::super::Verdict::Continue
+        ));
+        let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
+        ex.response_headers(&req, &mut resp);
+        assert_eq!(resp.headers.get("x-probe-greeting").unwrap(), "hi");
+        ex.log(&req, Some(&resp));
+    }
+
+    #[test]
+    fn configured_instances_are_reused_and_routes_without_chain_cost_nothing() {
+        let Some(cfg) = probe_config("probe-reuse", "") else {
+            return;
+        };
+        let rt = Runtime::load(&cfg).unwrap().unwrap();
+        let before = rt.slots[0].state.instances.get();
+        for _ in 0..5 {
+            one_request(&rt);
+        }
+        assert_eq!(
+            rt.slots[0].state.instances.get(),
+            before,
+            "no new instance per request"
+        );
+        assert!(rt.exchange(1, 0, "/none/x", None).is_none());
+    }
+
+    #[test]
+    fn precompiled_modules_are_cached_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = format!("server: {{plugin_cache: \"{}\"}}\n", dir.path().display());
+        let Some(cfg) = probe_config("probe-cached", &server) else {
+            return;
+        };
+        let rt = Runtime::load(&cfg).unwrap().unwrap();
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        assert!(files[0].ends_with(".cwasm"));
+        drop(rt);
+        // Second start: loaded from the cache (a corrupt entry would be recompiled).
+        let rt = Runtime::load(&cfg).unwrap().unwrap();
+        one_request(&rt);
+    }
+
+    #[test]
+    fn deadlines_round_up_to_ticks() {
+        assert_eq!(ticks(Duration::from_millis(100)), 101);
+        assert_eq!(ticks(Duration::from_micros(10)), 2);
+    }
+}
