@@ -11,7 +11,8 @@
 #   CONNS=32         wrk connections;  WRK_THREADS=2  wrk threads
 #   DURATION=10s     measured wrk run (wrk syntax: 10s, 1m);  WARMUP=2s  before each run (0 = none)
 #   ROUNDS=1         cascade/nginx alternations per scenario; the table shows medians
-#   SCENARIOS="pass fallback hit4k hit1m fallhit"   (see the scenario table below)
+#   SCENARIOS="pass fallback hit4k hit1m fallhit plughit"   (see the scenario table below;
+#                    plughit runs the Wasm plugins from plugins/dist, built if missing)
 #   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios)
 #   CPU=0            1: also report proxy CPU time per request (from /proc/PID/stat)
 #   PIN=0            1: pin the proxy to CPUs 0..THREADS-1 and wrk + origins to the others
@@ -31,7 +32,7 @@ WRK_THREADS=${WRK_THREADS:-2}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 ROUNDS=${ROUNDS:-1}
-SCENARIOS=${SCENARIOS:-pass fallback hit4k hit1m fallhit}
+SCENARIOS=${SCENARIOS:-pass fallback hit4k hit1m fallhit plughit}
 PROXIES=${PROXIES:-cascade nginx}
 CPU=${CPU:-0}
 PIN=${PIN:-0}
@@ -68,9 +69,16 @@ fallback  plain  /fb-4k.bin      fallback  4096     -    no cache; main answers 
 hit4k     cache  /hit-4k.bin     main      4096     HIT  cache hit, 4 KiB object
 hit1m     cache  /hit-1m.bin     main      1048576  HIT  cache hit, 1 MiB object
 fallhit   cache  /fb-hit-4k.bin  fallback  4096     HIT  repeated hit of an object only the fallback has (4 KiB)
+plughit   plugins /hit-4k.bin    main      4096     HIT  hit4k with the auth, tenant-router and headers plugins (cascade only)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
+# Request headers a scenario sends (curl checks and wrk alike): plughit's API key.
+declare -A HEADER_OF=([plughit]="x-api-key: bench-key")
+# Plugin cost (issue 4): scenario -> the scenario it is compared with, on cascade alone,
+# and the largest allowed req/s loss.
+declare -A PLUGIN_BASE_OF=([plughit]=hit4k)
+PLUGIN_MAX_COST=0.10
 
 declare -A PROFILE_OF PATH_OF FROM_OF SIZE_OF XCACHE_OF WHAT_OF
 ALL_SCENARIOS=()
@@ -204,6 +212,14 @@ if wants cascade; then
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
   fi
   [ -x "$CASCADE_BIN" ] || die "no cascade binary at $CASCADE_BIN (PROXIES=nginx runs without it)"
+  for s in $SCENARIOS; do
+    [ "${PROFILE_OF[$s]}" = plugins ] || continue
+    if [ "$BUILD" = 1 ] || ! ls "$ROOT"/plugins/dist/{auth,tenant-router,headers}.wasm >/dev/null 2>&1; then
+      log "building the Wasm plugins (scripts/build-plugins.sh)"
+      "$ROOT/scripts/build-plugins.sh" >/dev/null || die "scripts/build-plugins.sh failed"
+    fi
+    break
+  done
 fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/cascade-bench.XXXXXX")
@@ -356,7 +372,8 @@ start_proxies() { # PROFILE
         disk="# disk tier off (CACHE_DISK=1 adds one)"
       fi
       render "$tpl" "$dir/gen.yaml" DIR="$dir" THREADS="$THREADS" PORT="${PORT_OF[$p]}" \
-        METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk"
+        METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk" \
+        ROOT="$ROOT"
       "$CASCADE_BIN" check -c "$dir/gen.yaml" >"$dir/check.log" 2>&1 ||
         {
           cat "$dir/check.log" >&2
@@ -408,7 +425,9 @@ header() { awk -v n="$(tr '[:upper:]' '[:lower:]' <<<"$1")" -F': *' \
 verify() {
   local proxy=$1 sc=$2 want_xc=${3:-} code from role
   local url="http://127.0.0.1:${PORT_OF[$proxy]}${PATH_OF[$sc]}" hdr="$WORK/verify.hdr" body="$WORK/verify.body"
-  code=$("$CURL" -sS -m 10 -o "$body" -D "$hdr" -w '%{http_code}' "$url") || die "$proxy: GET $url failed"
+  local extra=()
+  if [ -n "${HEADER_OF[$sc]:-}" ]; then extra=(-H "${HEADER_OF[$sc]}"); fi
+  code=$("$CURL" -sS -m 10 "${extra[@]}" -o "$body" -D "$hdr" -w '%{http_code}' "$url") || die "$proxy: GET $url failed"
   from=$(header X-Served-From "$hdr")
   LAST_XCACHE=$(header X-Cache "$hdr")
   if [ "$code" != 200 ] || ! cmp -s "$body" "$(fixture_of "$sc")" || [ "$from" != "${FROM_OF[$sc]}" ] ||
@@ -482,11 +501,12 @@ to_bytes() {
 }
 
 run_wrk() { # PROXY SCENARIO DURATION OUTFILE
-  local url="http://127.0.0.1:${PORT_OF[$1]}${PATH_OF[$2]}" secs
+  local url="http://127.0.0.1:${PORT_OF[$1]}${PATH_OF[$2]}" secs extra=()
   secs=$(to_secs "$3")
+  if [ -n "${HEADER_OF[$2]:-}" ]; then extra=(-H "${HEADER_OF[$2]}"); fi
   # In the background and waited for, so that a signal to this script is handled at once.
   (pinned "$LOAD_CPUS" timeout $((secs + 30)) "$WRK" -t"$WRK_THREADS" -c"$CONNS" -d"$3" \
-    --timeout 5s --latency "$url") >"$4" 2>&1 &
+    --timeout 5s --latency "${extra[@]}" "$url") >"$4" 2>&1 &
   WRK_PID=$!
   if ! wait "$WRK_PID"; then
     WRK_PID=""
@@ -644,6 +664,35 @@ if [ ${#targets[@]} -gt 0 ]; then
     esac
     printf '  %-9s %-7s >= %s   measured %s   %s\n' "$sc" "$([ "$tm" = rps ] && echo req/s || echo bytes/s)" "$tmin" "$tr" "$verdict"
   done
+fi
+
+plugin_rows=()
+for sc in $SCENARIOS; do
+  base=${PLUGIN_BASE_OF[$sc]:-}
+  [ -n "$base" ] && [ "${MED[$sc,cascade,rps]}" != - ] || continue
+  if [ -z "${MED[$base,cascade,rps]:-}" ] || [ "${MED[$base,cascade,rps]}" = - ]; then
+    plugin_rows+=("$(printf '  %-9s vs %s: not measured (add %s to SCENARIOS)' "$sc" "$base" "$base")")
+    continue
+  fi
+  pr=$(ratio "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}")
+  cost=$(awk -v r="$pr" 'BEGIN { printf "%.1f", (1 - r) * 100 }')
+  met=$(awk -v r="$pr" -v m="$PLUGIN_MAX_COST" 'BEGIN { print (1 - r <= m + 0 ? "met" : "NOT met") }')
+  row=$(printf '  %-9s vs %-6s req/s %.0f vs %.0f = %s (cost %s%%, target <= %.0f%%: %s)' "$sc" "$base" \
+    "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}" "$pr" "$cost" \
+    "$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }')" "$met")
+  line="BENCH plugin_cost scenario=$sc base=$base rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
+  if [ "$CPU" = 1 ]; then
+    d=$(awk -v a="${MED[$sc,cascade,cpu]}" -v b="${MED[$base,cascade,cpu]}" 'BEGIN { printf "%.1f", a - b }')
+    row+=", CPU ${MED[$sc,cascade,cpu]} vs ${MED[$base,cascade,cpu]} us/req: plugins add $d us/req"
+    line+=" cpu_us_per_req=${MED[$sc,cascade,cpu]} base_cpu_us_per_req=${MED[$base,cascade,cpu]} plugin_cpu_us_per_req=$d"
+  fi
+  plugin_rows+=("$row")
+  lines+=("$line")
+done
+if [ ${#plugin_rows[@]} -gt 0 ]; then
+  echo
+  echo "plugin chain cost (issue 4), cascade with the plugins / cascade without (same run):"
+  printf '%s\n' "${plugin_rows[@]}"
 fi
 
 echo

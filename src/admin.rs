@@ -49,7 +49,7 @@ pub fn parse_purge(path: &str, groups: &[String]) -> Result<PurgeReq, (u16, Stri
         .ok_or((404, "not found: PURGE /cache/<group>/<key>\n".to_string()))?;
     let (group, key) = rest.split_once('/').unwrap_or((rest, ""));
     let group = crate::cache::decode_key(group);
-    if !groups.iter().any(|g| *g == group) {
+    if !groups.contains(&group) {
         return Err((404, format!("unknown group `{group}`\n")));
     }
     let key = format!("/{key}");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_cache::key::{CacheHashKey, CacheKey, HashBinary};
-use pingora_cache::{CacheMeta, NoCacheReason, RespCacheable};
+use pingora_cache::{CacheMeta, CachePhase, NoCacheReason, RespCacheable};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -417,6 +417,19 @@ impl ProxyHttp for Cascade {
         ))
     }
 
+    fn cache_miss(&self, session: &mut Session, ctx: &mut Ctx) {
+        if ctx.slice.is_some_and(|s| s.head) {
+            // A HEAD has no body to hold the request open while slice 0 fills (Pingora would
+            // abandon that fill when the headers are out): ask the origin with a HEAD instead.
+            ctx.slice = None;
+            session
+                .cache
+                .disable(NoCacheReason::Custom("HEAD miss on a sliced route"));
+            return;
+        }
+        session.cache.cache_miss();
+    }
+
     fn response_cache_filter(
         &self,
         _session: &Session,
@@ -459,7 +472,19 @@ impl ProxyHttp for Cascade {
     ) -> RangeType {
         match ctx.slice {
             Some(s) if resp.headers.contains_key(slice::TOTAL_HEADER) => {
-                cache_glue::answer_from_slice(resp, &s)
+                let range = cache_glue::answer_from_slice(resp, &s);
+                if matches!(
+                    session.cache.phase(),
+                    CachePhase::Miss | CachePhase::Expired
+                ) && matches!(range, RangeType::Single(_))
+                {
+                    // A fill: the client's range ends before the slice does, and Pingora ends
+                    // the request (abandoning the fill) once the response is complete. Without
+                    // a length the response ends with the upstream body (chunked), so the
+                    // whole slice is stored, as with nginx's slice subrequests.
+                    resp.remove_header(&http::header::CONTENT_LENGTH);
+                }
+                range
             }
             _ => {
                 resp.remove_header(slice::TOTAL_HEADER);

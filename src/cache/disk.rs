@@ -449,7 +449,8 @@ impl DiskWriter {
         Ok(())
     }
 
-    pub fn len(&self) -> u64 {
+    /// Body bytes written so far.
+    pub fn written(&self) -> u64 {
         self.header.body_len
     }
 
