@@ -84,6 +84,9 @@ pub struct Ctx {
     pub cache_status: Option<&'static str>,
     /// The request's plugin chain state (instances leased until `logging`).
     plugins: Option<plugin::Exchange>,
+    /// The response header as the plugins left it, for their body callbacks' properties
+    /// (kept only when a plugin of the chain takes bodies).
+    plugin_resp: Option<ResponseHeader>,
 }
 
 impl Ctx {
@@ -224,6 +227,7 @@ impl ProxyHttp for Cascade {
             slice_refused: false,
             cache_status: None,
             plugins: None,
+            plugin_resp: None,
         }
     }
 
@@ -280,11 +284,15 @@ impl ProxyHttp for Cascade {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let Some(ex) = ctx.plugins.as_mut().filter(|ex| ex.wants_bodies()) {
+            ex.body(false, session.req_header(), None, body, end_of_stream)
+                .map_err(|m| Error::explain(ErrorType::HTTPStatus(503), m))?;
+        }
         if let (Some(b), Some(limit)) =
             (body.as_ref(), ctx.req.as_ref().and_then(|r| r.upload_limit))
         {
@@ -534,8 +542,32 @@ impl ProxyHttp for Cascade {
             // Last: plugins see the final headers (X-Cache included), hit or miss.
             ex.info.cache_status = ctx.cache_status;
             ex.response_headers(session.req_header(), resp);
+            if ex.wants_bodies() {
+                ctx.plugin_resp = Some(resp.clone());
+            }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<Duration>> {
+        if let Some(ex) = ctx.plugins.as_mut().filter(|ex| ex.wants_bodies()) {
+            // A failed `deny` plugin aborts the response: its body must not go out unfiltered.
+            ex.body(
+                true,
+                session.req_header(),
+                ctx.plugin_resp.as_ref(),
+                body,
+                end_of_stream,
+            )
+            .map_err(|m| Error::explain(ErrorType::InternalError, m))?;
+        }
+        Ok(None)
     }
 
     fn upstream_response_body_filter(

@@ -664,3 +664,79 @@ async fn plugins_get_only_the_environment_variables_they_are_given() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn body_callbacks_rewrite_responses_hit_or_miss_and_stream_request_bodies() {
+    let s3 = S3Server::anonymous();
+    s3.create_bucket("media");
+    let body: Vec<u8> = (0..300_000).map(|i| b'a' + (i % 26) as u8).collect();
+    s3.put_file("media", "up/big.txt", &body);
+    s3.put_file("media", "plain/big.txt", &body);
+    let yaml = format!(
+        "origins:\n  s3: {{url: \"{}\"}}\ngroups:\n  main: {{main: s3}}\n\
+         cache: {{memory: 16MiB}}\n\
+         plugins:\n\
+         \x20 upper: {{wasm: {w}, config: {{response: upper}}}}\n\
+         \x20 upper-off: {{wasm: {w}, config: {{response: upper}}, bodies: false}}\n\
+         \x20 redact: {{wasm: {w}, config: {{redact: secret}}}}\n\
+         routes:\n\
+         \x20 - {{path: /up/, group: main, plugins: [upper]}}\n\
+         \x20 - {{path: /plain/, group: main, plugins: [upper-off]}}\n\
+         \x20 - {{path: /put/, group: main, plugins: [redact]}}\n",
+        s3.bucket_url("media"),
+        w = wasm("rewrite")
+    );
+    let c = Cascade::start(&yaml);
+    let upper = body.to_ascii_uppercase();
+    for want in ["MISS", "HIT"] {
+        let r = client().get(c.url("/up/big.txt")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-cache"), want);
+        assert_eq!(header(&r, "x-rewrite"), "upper");
+        let got = r.bytes().await.unwrap();
+        assert!(got.len() > upper.len(), "{want}: {} bytes", got.len());
+        assert_eq!(
+            &got[..upper.len()],
+            &upper[..],
+            "{want}: the whole body, rewritten"
+        );
+        let trailer = String::from_utf8_lossy(&got[upper.len()..]).to_string();
+        assert!(
+            trailer.starts_with("\n-- 300000 bytes, "),
+            "{want}: the plugin saw the whole body at the end: {trailer:?}"
+        );
+        if want == "MISS" {
+            // Streamed from the origin in many chunks: the plugin paused and was called again.
+            let calls: u32 = trailer
+                .trim()
+                .trim_start_matches("-- 300000 bytes, ")
+                .trim_end_matches(" callbacks")
+                .parse()
+                .unwrap();
+            assert!(calls >= 2, "{trailer:?}");
+        }
+    }
+    assert_eq!(
+        s3.stats.count("GET"),
+        1,
+        "the cache holds the origin's bytes"
+    );
+
+    // `bodies: false`: the same plugin's header edits run, its body callbacks do not.
+    let r = client().get(c.url("/plain/big.txt")).send().await.unwrap();
+    assert_eq!(header(&r, "x-rewrite"), "upper");
+    assert_eq!(r.bytes().await.unwrap().to_vec(), body);
+
+    // Request bodies stream through the plugin on their way to the bucket.
+    let r = client()
+        .put(c.url("/put/doc.txt"))
+        .body("my secret is secret, ok")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        s3.read_file("media", "put/doc.txt").unwrap(),
+        b"my XXXXXX is XXXXXX, ok"
+    );
+}

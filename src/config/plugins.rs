@@ -30,6 +30,10 @@ pub struct PluginConfig {
     pub time: Duration,
     /// `NAME=value` pairs of the plugin's WASI environment (read from cascade's environment).
     pub env: Vec<(String, String)>,
+    /// Body callbacks on (`bodies:`).
+    pub bodies: bool,
+    /// Most body bytes held for a plugin that pauses (`limits.body`).
+    pub max_body: u64,
 }
 
 impl std::fmt::Debug for PluginConfig {
@@ -181,6 +185,8 @@ fn plugin(
         memory: raw.limits.memory,
         time: raw.limits.time,
         env: vars,
+        bodies: raw.bodies,
+        max_body: raw.limits.body,
     })
 }
 

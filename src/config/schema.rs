@@ -55,6 +55,10 @@ pub struct RawPlugin {
     /// `auth` plugin's `*_env` secrets. Only these are visible to the plugin.
     #[serde(default)]
     pub env: Vec<String>,
+    /// Call `proxy_on_request_body`/`proxy_on_response_body` (default true). `false` saves
+    /// two Wasm calls per body chunk for plugins that never look at bodies.
+    #[serde(default = "d_true")]
+    pub bodies: bool,
 }
 
 /// What a request gets when its plugin fails (trap, timeout, memory, unavailable).
@@ -77,6 +81,9 @@ pub struct PluginLimits {
     /// Deadline of one callback.
     #[serde(default = "d_plugin_time", deserialize_with = "de_duration")]
     pub time: Duration,
+    /// Most body bytes held for a plugin that pauses a body (`Action::Pause`) to see more.
+    #[serde(default = "d_plugin_body", deserialize_with = "de_size")]
+    pub body: u64,
 }
 
 impl Default for PluginLimits {
@@ -84,6 +91,7 @@ impl Default for PluginLimits {
         PluginLimits {
             memory: d_plugin_memory(),
             time: d_plugin_time(),
+            body: d_plugin_body(),
         }
     }
 }
@@ -93,6 +101,12 @@ fn d_plugin_memory() -> u64 {
 }
 fn d_plugin_time() -> Duration {
     Duration::from_millis(100)
+}
+fn d_true() -> bool {
+    true
+}
+fn d_plugin_body() -> u64 {
+    1 << 20
 }
 
 /// `cache:` — the edge cache. Absent: nothing is cached.

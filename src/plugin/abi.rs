@@ -51,6 +51,8 @@ pub mod stream {
 
 /// `proxy_action_t`.
 pub const ACTION_CONTINUE: i32 = 0;
+/// `Action::Pause` (Envoy's StopIterationAndBuffer in body callbacks).
+pub const ACTION_PAUSE: i32 = 1;
 
 /// `proxy_log_level_t` → `log::Level` (critical maps to error).
 pub fn log_level(level: i32) -> Option<log::Level> {

@@ -15,6 +15,7 @@ use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
+use super::abi;
 use super::host::{Env, Phase};
 use super::runtime::{Instance, Plugin};
 use super::{LocalReply, Names, RequestInfo};
@@ -35,6 +36,10 @@ struct Slot {
     inst: Option<Instance>,
     /// Live HTTP context id (0: none).
     ctx: i32,
+    /// Body bytes held while this plugin pauses (`[request, response]`).
+    held: [Vec<u8>; 2],
+    /// Body callbacks stopped for this request after `held` outgrew `limits.body`.
+    body_off: [bool; 2],
 }
 
 /// The plugin state of one request.
@@ -53,6 +58,8 @@ impl Exchange {
                     plugin,
                     inst: None,
                     ctx: 0,
+                    held: [Vec::new(), Vec::new()],
+                    body_off: [false; 2],
                 })
                 .collect(),
             names,
@@ -67,6 +74,7 @@ impl Exchange {
             resp: resp as *mut ResponseHeader,
             info: &mut self.info,
             names: Arc::as_ptr(&self.names),
+            body: std::ptr::null_mut(),
         }
     }
 
@@ -182,6 +190,108 @@ impl Exchange {
                 );
             }
         }
+    }
+
+    /// Runs the body callbacks on one chunk (`None`: no bytes, e.g. only end of stream):
+    /// request bodies in chain order, response bodies in reverse, each plugin seeing what the
+    /// previous one let through. A plugin that answers `Pause` before the end has the bytes
+    /// held (up to its `limits.body`) and sees them again, with the next chunk appended, on
+    /// its next call, as in Envoy; at the end of the stream everything held goes on.
+    /// `Err`: a failed plugin with `on_error: deny` (the body must not go on unfiltered).
+    pub fn body(
+        &mut self,
+        response: bool,
+        req: &RequestHeader,
+        resp: Option<&ResponseHeader>,
+        chunk: &mut Option<Bytes>,
+        eos: bool,
+    ) -> Result<(), String> {
+        let dir = usize::from(response);
+        let (phase, kind) = if response {
+            (Phase::ResponseBody, "response body")
+        } else {
+            (Phase::RequestBody, "request body")
+        };
+        let resp_ptr = resp.map_or(std::ptr::null(), |r| r as *const ResponseHeader);
+        let n = self.slots.len();
+        let mut t0 = Instant::now();
+        for step in 0..n {
+            let i = if response { n - 1 - step } else { step };
+            let slot = &self.slots[i];
+            if !slot.plugin.bodies || slot.body_off[dir] || slot.ctx == 0 || slot.inst.is_none() {
+                continue;
+            }
+            let mut data = chunk.take().unwrap_or_default();
+            if data.is_empty() && !eos {
+                *chunk = Some(data);
+                continue;
+            }
+            let slot = &mut self.slots[i];
+            if !slot.held[dir].is_empty() {
+                let mut v = std::mem::take(&mut slot.held[dir]);
+                v.extend_from_slice(&data);
+                data = Bytes::from(v);
+            }
+            let mut env = self.env(phase, req, resp_ptr);
+            env.body = &mut data;
+            let slot = &mut self.slots[i];
+            let inst = slot.inst.as_mut().expect("checked");
+            let r = inst.body(response, slot.ctx, data.len(), eos, env);
+            let t1 = Instant::now();
+            slot.plugin.info.state.durations[dir].observe((t1 - t0).as_secs_f64());
+            t0 = t1;
+            match r {
+                Ok(Some(abi::ACTION_PAUSE)) if !eos => {
+                    if data.len() <= slot.plugin.max_body {
+                        slot.held[dir] = data.to_vec();
+                        *chunk = None;
+                        // Nothing goes further down the chain until this plugin continues.
+                        return Ok(());
+                    }
+                    slot.body_off[dir] = true;
+                    let why = format!(
+                        "paused on more than its limits.body ({} bytes) of {kind}",
+                        slot.plugin.max_body
+                    );
+                    if let Err(e) = Self::body_failure(slot, &why) {
+                        return Err(e);
+                    }
+                    *chunk = Some(data);
+                }
+                Ok(_) => *chunk = Some(data),
+                Err(f) => {
+                    slot.inst = None;
+                    slot.ctx = 0;
+                    slot.plugin.record_fault(kind, &f);
+                    Self::body_failure(slot, "failed")?;
+                    *chunk = Some(data);
+                }
+            }
+        }
+        if chunk.as_ref().is_some_and(Bytes::is_empty) && !eos {
+            *chunk = None;
+        }
+        Ok(())
+    }
+
+    /// A plugin's body processing failed: `deny` → the error, `allow` → go on without it.
+    fn body_failure(slot: &mut Slot, why: &str) -> Result<(), String> {
+        match slot.plugin.on_error {
+            OnError::Deny => {
+                slot.plugin.info.state.failures_deny.inc();
+                Err(format!("plugin `{}` {why}", slot.plugin.info.name))
+            }
+            OnError::Allow => {
+                slot.plugin.info.state.failures_allow.inc();
+                log::warn!(target: "plugin", "[{}] {why}; on_error: allow, body passed on", slot.plugin.info.name);
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether any plugin of the chain takes body callbacks.
+    pub fn wants_bodies(&self) -> bool {
+        self.slots.iter().any(|s| s.plugin.bodies)
     }
 
     /// `proxy_on_done`/`proxy_on_log`/`proxy_on_delete` for every live context, then the

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use pingora_http::{RequestHeader, ResponseHeader};
 use prometheus::{Histogram, IntCounter, IntGauge};
@@ -148,7 +149,11 @@ pub struct PluginInfo {
 pub enum Phase {
     Init,
     Request,
+    /// `proxy_on_request_body`: headers read-only, the chunk in `Env::body`.
+    RequestBody,
     Response,
+    /// `proxy_on_response_body`: headers read-only, the chunk in `Env::body`.
+    ResponseBody,
     Log,
 }
 
@@ -162,6 +167,8 @@ pub struct Env {
     pub resp: *mut ResponseHeader,
     pub info: *mut RequestInfo,
     pub names: *const Names,
+    /// The body bytes a body callback sees and may replace (null outside body callbacks).
+    pub body: *mut Bytes,
 }
 
 impl Env {
@@ -175,6 +182,20 @@ impl Env {
         }
         // SAFETY: in the request phase the pointer comes from a `&mut` held for the call.
         unsafe { self.req.as_mut() }
+    }
+    /// The body buffer `kind` (`abi::buffer::REQUEST_BODY`/`RESPONSE_BODY`), if this
+    /// callback is the body callback of that direction.
+    fn body_mut(&mut self, kind: i32) -> Option<&mut Bytes> {
+        let live = match self.phase {
+            Phase::RequestBody => abi::buffer::REQUEST_BODY,
+            Phase::ResponseBody => abi::buffer::RESPONSE_BODY,
+            _ => return None,
+        };
+        if kind != live {
+            return None;
+        }
+        // SAFETY: in a body phase the pointer comes from a `&mut` held for the call.
+        unsafe { self.body.as_mut() }
     }
     pub fn resp(&self) -> Option<&ResponseHeader> {
         // SAFETY: see the type's doc.
@@ -350,6 +371,23 @@ fn return_bytes(c: &mut C<'_>, bytes: &[u8], ret_ptr: i32, ret_len: i32) -> wasm
     out.clear();
     out.extend_from_slice(bytes);
     return_out(c, ret_ptr, ret_len)
+}
+
+/// `body` with bytes `[start, start + len)` (clamped to its end) replaced by `data`; `None`
+/// when `start` is past the end.
+fn splice(body: &Bytes, start: usize, len: usize, data: &[u8]) -> Option<Bytes> {
+    if start > body.len() {
+        return None;
+    }
+    let end = start.saturating_add(len).min(body.len());
+    if start == 0 && end == body.len() {
+        return Some(Bytes::copy_from_slice(data));
+    }
+    let mut v = Vec::with_capacity(body.len() - (end - start) + data.len());
+    v.extend_from_slice(&body[..start]);
+    v.extend_from_slice(data);
+    v.extend_from_slice(&body[end..]);
+    Some(Bytes::from(v))
 }
 
 fn now_nanos() -> u64 {
@@ -672,11 +710,19 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
          ret_len: i32|
          -> wasmtime::Result<i32> {
             let info = c.data().info.clone();
+            let body: Bytes;
             let buf: &[u8] = match kind {
                 abi::buffer::PLUGIN_CONFIGURATION => &info.config,
                 abi::buffer::VM_CONFIGURATION => &info.vm_config,
                 abi::buffer::REQUEST_BODY | abi::buffer::RESPONSE_BODY => {
-                    return Ok(status::NOT_FOUND)
+                    let mut env = c.data().env;
+                    match env.as_mut().and_then(|e| e.body_mut(kind)) {
+                        Some(b) => {
+                            body = b.clone();
+                            &body
+                        }
+                        None => return Ok(status::NOT_FOUND),
+                    }
                 }
                 _ => return Ok(status::BAD_ARGUMENT),
             };
@@ -696,7 +742,13 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
             let n = match kind {
                 abi::buffer::PLUGIN_CONFIGURATION => c.data().info.config.len(),
                 abi::buffer::VM_CONFIGURATION => c.data().info.vm_config.len(),
-                abi::buffer::REQUEST_BODY | abi::buffer::RESPONSE_BODY => return status::NOT_FOUND,
+                abi::buffer::REQUEST_BODY | abi::buffer::RESPONSE_BODY => {
+                    let mut env = c.data().env;
+                    match env.as_mut().and_then(|e| e.body_mut(kind)) {
+                        Some(b) => b.len(),
+                        None => return status::NOT_FOUND,
+                    }
+                }
                 _ => return status::BAD_ARGUMENT,
             };
             match parts(&mut c) {
@@ -712,10 +764,39 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         },
     )?;
     def("env", "proxy_get_buffer_status");
+    // Replaces bytes [start, start + len) of the live body chunk with the given data (Envoy's
+    // semantics: start 0 + len >= size replaces it all, start == size appends).
     l.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |_: i32, _: i32, _: i32, _: i32, _: i32| -> i32 { status::UNIMPLEMENTED },
+        |mut c: C<'_>, kind: i32, start: i32, len: i32, ptr: i32, size: i32| -> i32 {
+            let mut env = match c.data().env {
+                Some(e) => e,
+                None => return status::NOT_FOUND,
+            };
+            if !matches!(kind, abi::buffer::REQUEST_BODY | abi::buffer::RESPONSE_BODY) {
+                return if kind == abi::buffer::PLUGIN_CONFIGURATION
+                    || kind == abi::buffer::VM_CONFIGURATION
+                {
+                    status::BAD_ARGUMENT
+                } else {
+                    status::NOT_FOUND
+                };
+            }
+            let Some(data) = read(&mut c, ptr, size) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(body) = env.body_mut(kind) else {
+                return status::NOT_FOUND;
+            };
+            match splice(body, start as u32 as usize, len as u32 as usize, &data) {
+                Some(b) => {
+                    *body = b;
+                    status::OK
+                }
+                None => status::BAD_ARGUMENT,
+            }
+        },
     )?;
     def("env", "proxy_set_buffer_bytes");
 
@@ -1322,4 +1403,21 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         })?;
     }
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_prepends_appends_and_cuts() {
+        let b = Bytes::from_static(b"hello world");
+        assert_eq!(splice(&b, 0, 11, b"bye").unwrap(), "bye");
+        assert_eq!(splice(&b, 0, 999, b"all").unwrap(), "all");
+        assert_eq!(splice(&b, 0, 0, b">> ").unwrap(), ">> hello world");
+        assert_eq!(splice(&b, 11, 0, b"!").unwrap(), "hello world!");
+        assert_eq!(splice(&b, 6, 5, b"there").unwrap(), "hello there");
+        assert_eq!(splice(&b, 5, 6, b"").unwrap(), "hello");
+        assert!(splice(&b, 12, 0, b"x").is_none(), "past the end");
+    }
 }

@@ -32,7 +32,10 @@ pub fn get(path: &[&[u8]], env: Option<&mut Env>, plugin: &PluginInfo, out: &mut
         _ => {}
     }
     let Some(env) = env else { return false };
-    let late = matches!(env.phase, Phase::Response | Phase::Log);
+    let late = matches!(
+        env.phase,
+        Phase::Response | Phase::ResponseBody | Phase::Log
+    );
     let (req, resp) = (env.req(), env.resp());
     let req_ok = req.is_some();
     match path {

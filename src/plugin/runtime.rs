@@ -122,6 +122,8 @@ pub struct Instance {
     on_context_create: Option<TypedFunc<(i32, i32), ()>>,
     on_request_headers: Option<CbHeaders>,
     on_response_headers: Option<CbHeaders>,
+    on_request_body: Option<CbHeaders>,
+    on_response_body: Option<CbHeaders>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<Cb1>,
     on_delete: Option<Cb1>,
@@ -191,6 +193,35 @@ impl Instance {
         }
     }
 
+    /// `proxy_on_request_body` / `proxy_on_response_body` (`response`) for a chunk of `size`
+    /// bytes; `Ok(None)` when the module has no such export.
+    pub(super) fn body(
+        &mut self,
+        response: bool,
+        ctx: i32,
+        size: usize,
+        eos: bool,
+        env: Env,
+    ) -> Result<Option<i32>, Fault> {
+        let f = if response {
+            &self.on_response_body
+        } else {
+            &self.on_request_body
+        };
+        match f {
+            Some(f) => call(
+                &mut self.store,
+                self.ticks,
+                self.deadline,
+                f,
+                (ctx, size as i32, eos as i32),
+                Some(env),
+            )
+            .map(Some),
+            None => Ok(None),
+        }
+    }
+
     pub(super) fn response_headers(&mut self, ctx: i32, n: usize, env: Env) -> Result<i32, Fault> {
         match &self.on_response_headers {
             Some(f) => call(
@@ -235,6 +266,10 @@ struct Health {
 pub struct Plugin {
     pub info: Arc<PluginInfo>,
     pub on_error: OnError,
+    /// Body callbacks are made (`bodies:`).
+    pub bodies: bool,
+    /// Most body bytes held while the plugin pauses a body.
+    pub max_body: usize,
     pre: InstancePre<Host>,
     pool: Mutex<Vec<Instance>>,
     health: Mutex<Health>,
@@ -299,6 +334,8 @@ impl Plugin {
                 environ_count: cfg.env.len(),
             }),
             on_error: cfg.on_error,
+            bodies: cfg.bodies,
+            max_body: cfg.max_body as usize,
             pre,
             pool: Mutex::new(Vec::new()),
             health: Mutex::new(Health::default()),
@@ -370,6 +407,7 @@ impl Plugin {
             resp: std::ptr::null_mut(),
             info: std::ptr::null_mut(),
             names: std::ptr::null(),
+            body: std::ptr::null_mut(),
         };
         store.data_mut().env = Some(env);
         for (export, size) in [
@@ -395,6 +433,8 @@ impl Plugin {
         let one = |store: &mut Store<Host>, n: &str| inst.get_typed_func::<i32, ()>(store, n).ok();
         let on_request_headers = headers(&mut store, "proxy_on_request_headers");
         let on_response_headers = headers(&mut store, "proxy_on_response_headers");
+        let on_request_body = headers(&mut store, "proxy_on_request_body");
+        let on_response_body = headers(&mut store, "proxy_on_response_body");
         let on_done = inst
             .get_typed_func::<i32, i32>(&mut store, "proxy_on_done")
             .ok();
@@ -408,6 +448,8 @@ impl Plugin {
             on_context_create,
             on_request_headers,
             on_response_headers,
+            on_request_body,
+            on_response_body,
             on_done,
             on_log,
             on_delete,
