@@ -21,6 +21,7 @@
 #   CACHE_DISK=0     1: give cascade's cache a disk tier too (under the work directory)
 #   NGINX_MAIN404=locked   nginx cache profile, main's 404 in `location /`: locked (not cached,
 #                    proxy_cache_lock on), unlocked (not cached, lock off), cached (1m)
+#   PLUGIN_BODIES=0  1: the plughit plugins take body callbacks too (bodies: true)
 #   NGINX, WRK, CURL paths of the tools;  KEEP=1 keeps the work directory (path printed)
 #
 # Needs nginx, wrk and curl (scripts/deps.sh --bench installs them on Debian).
@@ -40,6 +41,7 @@ BUILD=${BUILD:-1}
 KEEP=${KEEP:-0}
 CACHE_DISK=${CACHE_DISK:-0}
 NGINX_MAIN404=${NGINX_MAIN404:-locked}
+PLUGIN_BODIES=${PLUGIN_BODIES:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
@@ -373,7 +375,7 @@ start_proxies() { # PROFILE
       fi
       render "$tpl" "$dir/gen.yaml" DIR="$dir" THREADS="$THREADS" PORT="${PORT_OF[$p]}" \
         METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk" \
-        ROOT="$ROOT"
+        ROOT="$ROOT" BODIES="$([ "$PLUGIN_BODIES" = 1 ] && echo true || echo false)"
       "$CASCADE_BIN" check -c "$dir/gen.yaml" >"$dir/check.log" 2>&1 ||
         {
           cat "$dir/check.log" >&2
@@ -569,7 +571,7 @@ measure() { # PROXY SCENARIO ROUND
 versions="$("$NGINX" -v 2>&1 | sed 's/.*: //' || true), $("$WRK" -v 2>&1 | head -1 | awk '{ print $1, $2 }' || true)"
 if wants cascade; then versions="cascade $("$CASCADE_BIN" --version 2>/dev/null | awk '{ print $NF }'), $versions"; fi
 log "$versions"
-log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU PROXIES='${RUN_PROXIES[*]}' CACHE_DISK=$CACHE_DISK NGINX_MAIN404=$NGINX_MAIN404"
+log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU PROXIES='${RUN_PROXIES[*]}' CACHE_DISK=$CACHE_DISK NGINX_MAIN404=$NGINX_MAIN404 PLUGIN_BODIES=$PLUGIN_BODIES"
 for sc in $SCENARIOS; do
   if [ "${PROFILE_OF[$sc]}" != "$CUR_PROFILE" ]; then
     stop_proxies
@@ -680,7 +682,7 @@ for sc in $SCENARIOS; do
   row=$(printf '  %-9s vs %-6s req/s %.0f vs %.0f = %s (cost %s%%, target <= %.0f%%: %s)' "$sc" "$base" \
     "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}" "$pr" "$cost" \
     "$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }')" "$met")
-  line="BENCH plugin_cost scenario=$sc base=$base rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
+  line="BENCH plugin_cost scenario=$sc base=$base plugin_bodies=$PLUGIN_BODIES rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
   if [ "$CPU" = 1 ]; then
     d=$(awk -v a="${MED[$sc,cascade,cpu]}" -v b="${MED[$base,cascade,cpu]}" 'BEGIN { printf "%.1f", a - b }')
     row+=", CPU ${MED[$sc,cascade,cpu]} vs ${MED[$base,cascade,cpu]} us/req: plugins add $d us/req"
