@@ -17,8 +17,10 @@ use super::host::{self, Env, Host, PluginInfo, PluginState};
 use super::{Names, RequestInfo};
 use crate::config::{Config, OnError, PluginConfig};
 
-/// Epoch tick period: the resolution of callback deadlines.
-const TICK: Duration = Duration::from_millis(1);
+/// Epoch tick period: the resolution of callback deadlines (a deadline D interrupts a
+/// callback no sooner than D and at most two ticks later). 5 ms keeps the ticker thread to
+/// 200 wakeups a second.
+const TICK: Duration = Duration::from_millis(5);
 /// The root context of every instance.
 pub(super) const ROOT_CONTEXT: i32 = 1;
 /// Idle configured instances kept per plugin.
