@@ -105,7 +105,15 @@ async fn hit_after_miss_is_not_fetched_again() {
     // Another spelling of the same object shares the entry.
     assert_eq!(get(&b.cascade, "/a%2Etxt").await.1, "HIT");
     assert_eq!(b.s3.stats.count("GET"), 1);
-    let m = b.cascade.metrics().await;
+    // Request metrics are counted after the response is out: wait (bounded) for the last one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut m = b.cascade.metrics().await;
+    while metric_sum(&m, "cascade_cache_requests_total", &[("status", "HIT")]).unwrap_or(0.0) < 2.0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        m = b.cascade.metrics().await;
+    }
     assert!(metric_sum(&m, "cascade_cache_requests_total", &[("status", "HIT")]).unwrap() >= 2.0);
     assert!(metric_sum(&m, "cascade_cache_bytes", &[("tier", "memory")]).unwrap() > 0.0);
     let _ = &b.yaml;

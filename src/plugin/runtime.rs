@@ -821,7 +821,10 @@ mod tests {
 
     #[test]
     fn deadlines_round_up_to_ticks() {
-        assert_eq!(ticks(Duration::from_millis(100)), 101);
+        assert_eq!(
+            ticks(Duration::from_millis(100)),
+            100 / TICK.as_millis() as u64 + 1
+        );
         assert_eq!(ticks(Duration::from_micros(10)), 2);
     }
 }
