@@ -1,5 +1,5 @@
 //! The admin API, on its own listener: cache purge (one object, or every object under a key
-//! prefix) and a health probe. Every request but `/healthz` needs
+//! prefix), plugin reload and a health probe. Every request but `/healthz` needs
 //! `Authorization: Bearer <token>`, the token read from the environment variable named in
 //! `admin.token_env`, compared in constant time; without it the answer is 401.
 //!
@@ -7,6 +7,7 @@
 //! PURGE|DELETE /cache/<group>/<object key>     one object (all its slices)
 //! PURGE|DELETE /cache/<group>/<key prefix>*    every object whose key starts with the prefix
 //! PURGE|DELETE /cache/<group>/*                the whole group
+//! POST /plugins/reload                         re-read the plugin files (as SIGHUP does)
 //! ```
 //! The object key is the one the route hands to the origin (after `strip_prefix`), the same
 //! string the cache key is built from.
@@ -19,11 +20,13 @@ use subtle::ConstantTimeEq;
 
 use crate::cache::{self, TieredStorage};
 use crate::metrics::METRICS;
+use crate::plugin;
 
 pub struct AdminApp {
     token: String,
     groups: Vec<String>,
     storage: Option<&'static TieredStorage>,
+    plugins: Option<std::sync::Arc<plugin::Runtime>>,
 }
 
 /// What a purge request asks for, after parsing (pure, for tests).
@@ -69,12 +72,32 @@ impl AdminApp {
         token: String,
         groups: Vec<String>,
         storage: Option<&'static TieredStorage>,
+        plugins: Option<std::sync::Arc<plugin::Runtime>>,
     ) -> Self {
         AdminApp {
             token,
             groups,
             storage,
+            plugins,
         }
+    }
+
+    /// `POST /plugins/reload`: compiles and swaps changed plugin files off the async threads;
+    /// 200 with what was swapped, 500 when a plugin failed (it keeps its loaded version).
+    async fn reload_plugins(&self) -> (u16, String) {
+        let Some(rt) = self.plugins.clone() else {
+            return (404, "no plugins are configured\n".into());
+        };
+        let report = match tokio::task::spawn_blocking(move || rt.reload()).await {
+            Ok(r) => r,
+            Err(e) => return (500, format!("reload failed: {e}\n")),
+        };
+        let mut body = format!("swapped: {:?}\n", report.swapped);
+        for f in &report.failed {
+            body.push_str(f);
+            body.push('\n');
+        }
+        (if report.failed.is_empty() { 200 } else { 500 }, body)
     }
 
     fn handle(&self, method: &Method, path: &str, auth: Option<&[u8]>) -> (u16, String) {
@@ -86,6 +109,9 @@ impl AdminApp {
                 401,
                 "unauthorized: send Authorization: Bearer <token>\n".into(),
             );
+        }
+        if path == "/plugins/reload" {
+            return (405, "use POST /plugins/reload\n".into());
         }
         if method.as_str() != "PURGE" && method != Method::DELETE {
             return (405, "use PURGE (or DELETE)\n".into());
@@ -126,7 +152,14 @@ impl ServeHttp for AdminApp {
             .headers
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        let (status, body) = self.handle(&req.method, req.uri.path(), auth);
+        let (status, body) = if req.uri.path() == "/plugins/reload"
+            && req.method == Method::POST
+            && authorized(auth, &self.token)
+        {
+            self.reload_plugins().await
+        } else {
+            self.handle(&req.method, req.uri.path(), auth)
+        };
         let mut b = Response::builder()
             .status(status)
             .header(http::header::CONTENT_LENGTH, body.len());
@@ -187,10 +220,12 @@ mod tests {
 
     #[test]
     fn handle_requires_token_before_anything() {
-        let app = AdminApp::new("0123456789abcdef".into(), vec!["g".into()], None);
+        let app = AdminApp::new("0123456789abcdef".into(), vec!["g".into()], None, None);
         assert_eq!(app.handle(&Method::GET, "/cache/g/x", None).0, 401);
         assert_eq!(app.handle(&Method::GET, "/healthz", None).0, 200);
         let ok = Some(&b"Bearer 0123456789abcdef"[..]);
         assert_eq!(app.handle(&Method::GET, "/cache/g/x", ok).0, 405);
+        assert_eq!(app.handle(&Method::GET, "/plugins/reload", None).0, 401);
+        assert_eq!(app.handle(&Method::GET, "/plugins/reload", ok).0, 405);
     }
 }

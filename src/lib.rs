@@ -97,6 +97,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         rt.watch_sighup();
     }
     let cache_storage = state.cache.map(|c| c.storage);
+    let plugin_runtime = state.plugins.clone();
     let state = Arc::new(state);
     // Replays are retries: allow one per fallback, plus Pingora's reused-connection retries.
     conf.max_retries = state.max_attempts() + 2;
@@ -136,6 +137,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
             admin.token.clone(),
             cfg.groups.iter().map(|g| g.name.clone()).collect(),
             cache_storage,
+            plugin_runtime,
         );
         let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
         svc.threads = Some(1);

@@ -740,3 +740,62 @@ async fn body_callbacks_rewrite_responses_hit_or_miss_and_stream_request_bodies(
         b"my XXXXXX is XXXXXX, ok"
     );
 }
+
+#[tokio::test]
+async fn admin_reload_swaps_a_changed_plugin_and_reports_failures() {
+    const TOKEN: &str = "admin-token-for-plugin-reload";
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "x"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("headers.wasm");
+    std::fs::copy(wasm("headers"), &file).unwrap();
+    let admin_port = free_port();
+    let yaml = format!(
+        "{}admin: {{addr: \"127.0.0.1:{admin_port}\", token_env: CASCADE_ADMIN_TOKEN}}\n\
+         plugins:\n  hdr: {{wasm: {}, config: {{response: {{set: {{x-v: one}}}}}}}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [hdr]}}\n",
+        http_origin_yaml(&origin),
+        file.display()
+    );
+    let c = Cascade::builder(&yaml)
+        .env("CASCADE_ADMIN_TOKEN", TOKEN)
+        .start();
+    let reload = |token: Option<&'static str>| {
+        let mut r = client().post(format!("http://127.0.0.1:{admin_port}/plugins/reload"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(reload(None).await.unwrap().status(), 401);
+    let r = reload(Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.text().await.unwrap(),
+        "swapped: []\n",
+        "nothing changed yet"
+    );
+
+    // Same code, different bytes (a custom section): swapped, and requests keep working.
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(&[0, 4, 3, b'r', b'e', b'v']);
+    std::fs::write(&file, &bytes).unwrap();
+    let r = reload(Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "swapped: [\"hdr\"]\n");
+    let r = client().get(c.url("/a")).send().await.unwrap();
+    assert_eq!(header(&r, "x-v"), "one");
+
+    // A broken file is refused; the loaded version keeps serving.
+    std::fs::write(&file, b"not wasm").unwrap();
+    let r = reload(Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), 500);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("plugin `hdr`") && body.contains("keeping the loaded version"),
+        "{body}"
+    );
+    let r = client().get(c.url("/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-v"), "one");
+}

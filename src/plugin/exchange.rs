@@ -253,9 +253,7 @@ impl Exchange {
                         "paused on more than its limits.body ({} bytes) of {kind}",
                         slot.plugin.max_body
                     );
-                    if let Err(e) = Self::body_failure(slot, &why) {
-                        return Err(e);
-                    }
+                    Self::body_failure(slot, &why)?;
                     *chunk = Some(data);
                 }
                 Ok(_) => *chunk = Some(data),

@@ -25,7 +25,7 @@ mod props;
 mod runtime;
 
 pub use exchange::{on_request, write_reply, Exchange, Verdict};
-pub use runtime::{engine, Fault, FaultKind, Runtime};
+pub use runtime::{engine, Fault, FaultKind, ReloadReport, Runtime};
 
 use std::sync::Arc;
 

@@ -580,6 +580,13 @@ fn compile(
     unsafe { Module::deserialize(engine, &data) }
 }
 
+/// What a reload did: plugins swapped (by name), and why others kept their version.
+#[derive(Debug, Default)]
+pub struct ReloadReport {
+    pub swapped: Vec<String>,
+    pub failed: Vec<String>,
+}
+
 struct Slot {
     cfg: PluginConfig,
     state: Arc<PluginState>,
@@ -668,18 +675,20 @@ impl Runtime {
 
     /// Re-reads every plugin file; changed ones are compiled, started and swapped in. New
     /// requests use the new instances; requests in flight keep the ones they leased. A plugin
-    /// that fails to load keeps its previous version. Returns how many were swapped.
-    pub fn reload(&self) -> usize {
-        let mut swapped = 0;
+    /// that fails to load keeps its previous version.
+    pub fn reload(&self) -> ReloadReport {
+        let mut report = ReloadReport::default();
         for s in &self.slots {
             let bytes = match std::fs::read(&s.cfg.wasm) {
                 Ok(b) => b,
                 Err(e) => {
-                    log::error!(
+                    let msg = format!(
                         "plugin `{}`: reload: cannot read {}: {e}",
                         s.cfg.name,
                         s.cfg.wasm.display()
                     );
+                    log::error!("{msg}");
+                    report.failed.push(msg);
                     continue;
                 }
             };
@@ -696,20 +705,24 @@ impl Runtime {
             ) {
                 Ok(p) => {
                     *s.current.write() = p;
-                    swapped += 1;
+                    report.swapped.push(s.cfg.name.clone());
                     log::info!(
                         "plugin `{}` reloaded from {}",
                         s.cfg.name,
                         s.cfg.wasm.display()
                     );
                 }
-                Err(e) => log::error!(
-                    "plugin `{}`: reload failed, keeping the loaded version: {e}",
-                    s.cfg.name
-                ),
+                Err(e) => {
+                    let msg = format!(
+                        "plugin `{}`: reload failed, keeping the loaded version: {e}",
+                        s.cfg.name
+                    );
+                    log::error!("{msg}");
+                    report.failed.push(msg);
+                }
             }
         }
-        swapped
+        report
     }
 
     /// Reloads changed plugins on SIGHUP (a small watcher thread; cascade has no other reload
@@ -734,7 +747,7 @@ impl Runtime {
                     while hup.recv().await.is_some() {
                         let Some(rt) = rt.upgrade() else { return };
                         log::info!("SIGHUP: reloading changed plugins");
-                        let n = tokio::task::spawn_blocking(move || rt.reload())
+                        let n = tokio::task::spawn_blocking(move || rt.reload().swapped.len())
                             .await
                             .unwrap_or(0);
                         log::info!("SIGHUP: {n} plugin(s) swapped");
