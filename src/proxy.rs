@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora_cache::key::{CacheHashKey, CacheKey, HashBinary};
-use pingora_cache::{CacheMeta, CachePhase, NoCacheReason, RespCacheable};
+use pingora_cache::{
+    CacheMeta, CachePhase, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
+};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -291,7 +293,7 @@ impl ProxyHttp for Cascade {
     ) -> Result<()> {
         if let Some(ex) = ctx.plugins.as_mut().filter(|ex| ex.wants_bodies()) {
             ex.body(false, session.req_header(), None, body, end_of_stream)
-                .map_err(|m| Error::explain(ErrorType::HTTPStatus(503), m))?;
+                .map_err(|(status, m)| Error::explain(ErrorType::HTTPStatus(status), m))?;
         }
         if let (Some(b), Some(limit)) =
             (body.as_ref(), ctx.req.as_ref().and_then(|r| r.upload_limit))
@@ -425,14 +427,29 @@ impl ProxyHttp for Cascade {
         ))
     }
 
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        _meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        // An expired slice 0 cannot be refreshed by a HEAD (see `cache_miss`): a miss, which
+        // `cache_miss` turns into a HEAD to the origin.
+        if !is_fresh && ctx.slice.is_some_and(|s| s.head) {
+            return Ok(Some(ForcedFreshness::ForceMiss));
+        }
+        Ok(None)
+    }
+
     fn cache_miss(&self, session: &mut Session, ctx: &mut Ctx) {
         if ctx.slice.is_some_and(|s| s.head) {
             // A HEAD has no body to hold the request open while slice 0 fills (Pingora would
             // abandon that fill when the headers are out): ask the origin with a HEAD instead.
             ctx.slice = None;
-            session
-                .cache
-                .disable(NoCacheReason::Custom("HEAD miss on a sliced route"));
+            // DeclinedToUpstream: a GET waiting on the lock takes the fill over.
+            session.cache.disable(NoCacheReason::DeclinedToUpstream);
             return;
         }
         session.cache.cache_miss();
@@ -485,11 +502,14 @@ impl ProxyHttp for Cascade {
                     session.cache.phase(),
                     CachePhase::Miss | CachePhase::Expired
                 ) && matches!(range, RangeType::Single(_))
+                    && session.req_header().version >= http::Version::HTTP_11
                 {
                     // A fill: the client's range ends before the slice does, and Pingora ends
                     // the request (abandoning the fill) once the response is complete. Without
                     // a length the response ends with the upstream body (chunked), so the
-                    // whole slice is stored, as with nginx's slice subrequests.
+                    // whole slice is stored, as with nginx's slice subrequests. (HTTP/1.0
+                    // clients cannot take chunked: they keep the length, and the fill ends
+                    // with their range.)
                     resp.remove_header(&http::header::CONTENT_LENGTH);
                 }
                 range
@@ -541,6 +561,15 @@ impl ProxyHttp for Cascade {
         if let Some(ex) = ctx.plugins.as_mut() {
             // Last: plugins see the final headers (X-Cache included), hit or miss.
             ex.info.cache_status = ctx.cache_status;
+            if ex.wants_bodies() {
+                let len = resp
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let no_body = session.req_header().method == http::Method::HEAD
+                    || matches!(resp.status.as_u16(), 204 | 304);
+                ex.set_response_length(if no_body { Some(0) } else { len });
+            }
             ex.response_headers(session.req_header(), resp);
             if ex.wants_bodies() {
                 ctx.plugin_resp = Some(resp.clone());
@@ -565,7 +594,7 @@ impl ProxyHttp for Cascade {
                 body,
                 end_of_stream,
             )
-            .map_err(|m| Error::explain(ErrorType::InternalError, m))?;
+            .map_err(|(_, m)| Error::explain(ErrorType::InternalError, m))?;
         }
         Ok(None)
     }

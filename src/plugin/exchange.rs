@@ -47,6 +47,15 @@ pub struct Exchange {
     slots: Vec<Slot>,
     names: Arc<Names>,
     pub info: RequestInfo,
+    /// The request has a body (its headers did not end the stream).
+    request_body: bool,
+    /// The response body's length as the source sent it (Content-Length before the plugins),
+    /// and the bytes seen so far: the end of the stream is known by count too, since some
+    /// of Pingora's paths (a body served from the cache after a 304) never flag it.
+    response_len: Option<u64>,
+    response_seen: u64,
+    /// The body callbacks of that direction have seen the end of the stream.
+    ended: [bool; 2],
 }
 
 impl Exchange {
@@ -64,6 +73,10 @@ impl Exchange {
                 .collect(),
             names,
             info,
+            request_body: true,
+            response_len: None,
+            response_seen: 0,
+            ended: [false; 2],
         }
     }
 
@@ -205,8 +218,17 @@ impl Exchange {
         resp: Option<&ResponseHeader>,
         chunk: &mut Option<Bytes>,
         eos: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), (u16, String)> {
         let dir = usize::from(response);
+        if self.ended[dir] || (!response && !self.request_body) {
+            return Ok(());
+        }
+        let mut eos = eos;
+        if response {
+            self.response_seen += chunk.as_ref().map_or(0, |c| c.len() as u64);
+            eos |= self.response_len.is_some_and(|n| self.response_seen >= n);
+        }
+        self.ended[dir] = eos;
         let (phase, kind) = if response {
             (Phase::ResponseBody, "response body")
         } else {
@@ -243,10 +265,11 @@ impl Exchange {
             match r {
                 Ok(Some(abi::ACTION_PAUSE)) if !eos => {
                     if data.len() <= slot.plugin.max_body {
-                        slot.held[dir] = data.to_vec();
-                        *chunk = None;
+                        slot.held[dir] = Vec::from(data);
                         // Nothing goes further down the chain until this plugin continues.
-                        return Ok(());
+                        // An empty chunk, not `None`: Pingora reads `None` as the end.
+                        *chunk = Some(Bytes::new());
+                        return self.body_verdict(response);
                     }
                     slot.body_off[dir] = true;
                     let why = format!(
@@ -265,19 +288,49 @@ impl Exchange {
                     *chunk = Some(data);
                 }
             }
-        }
-        if chunk.as_ref().is_some_and(Bytes::is_empty) && !eos {
-            *chunk = None;
+            self.body_verdict(response)?;
         }
         Ok(())
     }
 
+    /// After a body callback: a local response or a closed stream stops the body. On a
+    /// request body that is the plugin's answer (its status); on a response body, whose
+    /// headers are already out, the response is cut.
+    fn body_verdict(&mut self, response: bool) -> Result<(), (u16, String)> {
+        if let Some(reply) = self.info.local.take() {
+            let status = if response { 500 } else { reply.status };
+            return Err((
+                status,
+                format!(
+                    "plugin `{}` answered {} from a body callback",
+                    reply.plugin, reply.status
+                ),
+            ));
+        }
+        if self.info.closed {
+            return Err((
+                403,
+                "a plugin closed the stream from a body callback".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records what the body callbacks need from the request and response headers: whether
+    /// the request has a body, the response body's length (before the plugins edit it).
+    pub fn set_request_body(&mut self, has_body: bool) {
+        self.request_body = has_body;
+    }
+    pub fn set_response_length(&mut self, len: Option<u64>) {
+        self.response_len = len;
+    }
+
     /// A plugin's body processing failed: `deny` → the error, `allow` → go on without it.
-    fn body_failure(slot: &mut Slot, why: &str) -> Result<(), String> {
+    fn body_failure(slot: &mut Slot, why: &str) -> Result<(), (u16, String)> {
         match slot.plugin.on_error {
             OnError::Deny => {
                 slot.plugin.info.state.failures_deny.inc();
-                Err(format!("plugin `{}` {why}", slot.plugin.info.name))
+                Err((503, format!("plugin `{}` {why}", slot.plugin.info.name)))
             }
             OnError::Allow => {
                 slot.plugin.info.state.failures_allow.inc();
@@ -403,6 +456,7 @@ pub fn on_request(
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes() != b"0")
         || req.headers.contains_key(http::header::TRANSFER_ENCODING);
+    ex.set_request_body(has_body);
     let verdict = ex.request_headers(req, !has_body);
     if !matches!(verdict, Verdict::Continue) {
         return (Some(ex), verdict);

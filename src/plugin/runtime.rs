@@ -599,6 +599,8 @@ pub struct Runtime {
     chains: Vec<Vec<usize>>,
     names: Arc<Names>,
     cache_dir: Option<PathBuf>,
+    /// One reload at a time (SIGHUP and the admin API may ask together).
+    reloading: Mutex<()>,
 }
 
 impl Runtime {
@@ -641,6 +643,7 @@ impl Runtime {
                 groups: cfg.groups.iter().map(|g| g.name.clone()).collect(),
             }),
             cache_dir,
+            reloading: Mutex::new(()),
         })))
     }
 
@@ -677,6 +680,7 @@ impl Runtime {
     /// requests use the new instances; requests in flight keep the ones they leased. A plugin
     /// that fails to load keeps its previous version.
     pub fn reload(&self) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock();
         let mut report = ReloadReport::default();
         for s in &self.slots {
             let bytes = match std::fs::read(&s.cfg.wasm) {

@@ -5,7 +5,9 @@
 //!   and a trailer line; it drops `Content-Length` in the headers phase since the length
 //!   changes.
 //! - `redact: WORD` rewrites every occurrence of WORD in request body chunks, as they stream,
-//!   to as many `X` (same length, so the upload's `Content-Length` stays right).
+//!   to as many `X` (same length, so the upload's `Content-Length` stays right). With
+//!   `redact_whole: true` it pauses until the whole request body is there first, so a WORD
+//!   split across chunks is caught too.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -25,6 +27,8 @@ struct Config {
     response: Option<String>,
     #[serde(default)]
     redact: Option<String>,
+    #[serde(default)]
+    redact_whole: bool,
 }
 
 struct Root {
@@ -76,10 +80,13 @@ struct Rewrite {
 impl Context for Rewrite {}
 
 impl HttpContext for Rewrite {
-    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let Some(word) = self.config.redact.as_deref().filter(|w| !w.is_empty()) else {
             return Action::Continue;
         };
+        if self.config.redact_whole && !end_of_stream {
+            return Action::Pause;
+        }
         let Some(body) = self.get_http_request_body(0, body_size) else {
             return Action::Continue;
         };
