@@ -498,12 +498,13 @@ fn plugin_name(host: &Host) -> &str {
 /// Applies one header edit. Invalid names/values are dropped with a warning (the SDK would
 /// trap on an error status); edits outside their phase are ignored.
 fn edit_header(host: &mut Host, map_type: i32, key: &[u8], value: &[u8], edit: Edit) {
-    let name_for_log = host.info.name.clone();
-    let Some(env) = host.env.as_mut() else { return };
+    let Host { info, env, .. } = host;
+    let Some(env) = env.as_mut() else { return };
     let bad = |what: &str| {
         log::warn!(
             target: "plugin",
-            "[{name_for_log}] ignored an invalid header {what}: {:?}",
+            "[{}] ignored an invalid header {what}: {:?}",
+            info.name,
             String::from_utf8_lossy(key)
         );
     };
@@ -530,23 +531,7 @@ fn edit_header(host: &mut Host, map_type: i32, key: &[u8], value: &[u8], edit: E
                 _ => {}
             }
             let key = if key == b":authority" { b"host" } else { key };
-            let Ok(name) = http::HeaderName::from_bytes(key) else {
-                return bad("name");
-            };
-            if edit == Edit::Remove {
-                req.remove_header(&name);
-                return;
-            }
-            let Ok(v) = http::HeaderValue::from_bytes(value) else {
-                return bad("value");
-            };
-            let r = match edit {
-                Edit::Replace => req.insert_header(name, v),
-                _ => req.append_header(name, v).map(|_| ()),
-            };
-            if r.is_err() {
-                bad("edit");
-            }
+            apply_edit(req, key, value, edit, bad);
         }
         map::RESPONSE_HEADERS => {
             let Some(resp) = env.resp_mut() else { return };
@@ -561,25 +546,54 @@ fn edit_header(host: &mut Host, map_type: i32, key: &[u8], value: &[u8], edit: E
                 }
                 return;
             }
-            let Ok(name) = http::HeaderName::from_bytes(key) else {
-                return bad("name");
-            };
-            if edit == Edit::Remove {
-                resp.remove_header(&name);
-                return;
-            }
-            let Ok(v) = http::HeaderValue::from_bytes(value) else {
-                return bad("value");
-            };
-            let r = match edit {
-                Edit::Replace => resp.insert_header(name, v),
-                _ => resp.append_header(name, v).map(|_| ()),
-            };
-            if r.is_err() {
-                bad("edit");
-            }
+            apply_edit(resp, key, value, edit, bad);
         }
         _ => {}
+    }
+}
+
+/// The header operations Pingora's request and response headers both offer.
+trait HeaderOps {
+    fn remove(&mut self, name: &http::HeaderName);
+    fn set(&mut self, name: http::HeaderName, value: http::HeaderValue) -> bool;
+    fn append(&mut self, name: http::HeaderName, value: http::HeaderValue) -> bool;
+}
+
+macro_rules! header_ops {
+    ($t:ty) => {
+        impl HeaderOps for $t {
+            fn remove(&mut self, name: &http::HeaderName) {
+                self.remove_header(name);
+            }
+            fn set(&mut self, name: http::HeaderName, value: http::HeaderValue) -> bool {
+                self.insert_header(name, value).is_ok()
+            }
+            fn append(&mut self, name: http::HeaderName, value: http::HeaderValue) -> bool {
+                self.append_header(name, value).is_ok()
+            }
+        }
+    };
+}
+header_ops!(RequestHeader);
+header_ops!(ResponseHeader);
+
+/// One edit of a regular (non-pseudo) header; `bad` reports what was invalid.
+fn apply_edit(h: &mut impl HeaderOps, key: &[u8], value: &[u8], edit: Edit, bad: impl Fn(&str)) {
+    let Ok(name) = http::HeaderName::from_bytes(key) else {
+        return bad("name");
+    };
+    if edit == Edit::Remove {
+        return h.remove(&name);
+    }
+    let Ok(v) = http::HeaderValue::from_bytes(value) else {
+        return bad("value");
+    };
+    let ok = match edit {
+        Edit::Replace => h.set(name, v),
+        _ => h.append(name, v),
+    };
+    if !ok {
+        bad("edit");
     }
 }
 
