@@ -17,7 +17,13 @@ use std::time::Instant;
 use cascade::plugin::{Runtime, Verdict};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-const ITERS: u32 = 20_000;
+/// Iterations per measurement (`BENCH_ITERS` overrides, e.g. for a longer `perf record`).
+fn iters() -> u32 {
+    std::env::var("BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
 
 fn main() {
     let root = env!("CARGO_MANIFEST_DIR");
@@ -77,6 +83,7 @@ routes:
         resp.insert_header(k, v).unwrap();
     }
 
+    let iters = iters();
     let run = |route: usize| -> f64 {
         let once = || {
             let mut q = req.clone();
@@ -97,19 +104,19 @@ routes:
             once();
         }
         let t0 = Instant::now();
-        for _ in 0..ITERS {
+        for _ in 0..iters {
             once();
         }
-        t0.elapsed().as_secs_f64() * 1e6 / ITERS as f64
+        t0.elapsed().as_secs_f64() * 1e6 / iters as f64
     };
     // Baseline: the header clones the loop does anyway.
     let t0 = Instant::now();
-    for _ in 0..ITERS {
+    for _ in 0..iters {
         std::hint::black_box((req.clone(), resp.clone()));
     }
-    let base = t0.elapsed().as_secs_f64() * 1e6 / ITERS as f64;
+    let base = t0.elapsed().as_secs_f64() * 1e6 / iters as f64;
 
-    println!("plugin overhead per request (request + response + log, warm instances, {ITERS} iterations)");
+    println!("plugin overhead per request (request + response + log, warm instances, {iters} iterations)");
     for (route, name) in [
         (1, "auth"),
         (2, "tenant-router"),

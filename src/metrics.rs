@@ -14,8 +14,8 @@ use pingora_core::protocols::http::ServerSession;
 use prometheus::{
     exponential_buckets, register_gauge_vec_with_registry, register_histogram_vec_with_registry,
     register_int_counter_vec_with_registry, register_int_counter_with_registry,
-    register_int_gauge_vec_with_registry, Encoder, GaugeVec, HistogramVec, IntCounter,
-    IntCounterVec, IntGaugeVec, Registry, TextEncoder,
+    register_int_gauge_vec_with_registry, register_int_gauge_with_registry, Encoder, GaugeVec,
+    HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -39,6 +39,8 @@ pub struct Metrics {
     pub plugin_duration: HistogramVec,
     pub plugin_traps: IntCounterVec,
     pub plugin_instances: IntGaugeVec,
+    pub plugin_pool_slots: IntGauge,
+    pub plugin_pool_full: IntCounterVec,
     pub plugin_failures: IntCounterVec,
 }
 
@@ -185,6 +187,19 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let plugin_pool_slots = register_int_gauge_with_registry!(
+            "cascade_plugin_pool_slots",
+            "Slots of the plugin instance pool (server.plugin_instances), shared by all plugins; 0 when instances are allocated on demand.",
+            registry
+        )
+        .expect("metric");
+        let plugin_pool_full = register_int_counter_vec_with_registry!(
+            "cascade_plugin_pool_full_total",
+            "Requests that found no free slot in the plugin instance pool (their plugin's on_error applies), by plugin.",
+            &["plugin"],
+            registry
+        )
+        .expect("metric");
         let plugin_failures = register_int_counter_vec_with_registry!(
             "cascade_plugin_failures_total",
             "Requests whose plugin failed or was unavailable, by plugin and the on_error action taken (deny, allow).",
@@ -218,6 +233,8 @@ impl Metrics {
             plugin_duration,
             plugin_traps,
             plugin_instances,
+            plugin_pool_slots,
+            plugin_pool_full,
             plugin_failures,
         }
     }

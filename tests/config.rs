@@ -255,6 +255,16 @@ fn wrong_type_in_server_section() {
 }
 
 #[test]
+fn plugin_pool_size_out_of_range() {
+    let c = check(&format!("server:\n  plugin_instances: 0  # <-\n{BASE}"));
+    c.assert_reports("# <-", Some("server.plugin_instances"), &["between 1 and"]);
+    let c = check(&format!(
+        "server:\n  plugin_instances: 100000  # <-\n{BASE}"
+    ));
+    c.assert_reports("# <-", Some("server.plugin_instances"), &["10000"]);
+}
+
+#[test]
 fn wrong_type_in_origin() {
     let c = check(&BASE.replace("    read_only: true\n", "    read_only: maybe  # <-\n"));
     c.assert_reports("# <-", Some("origins.prod.read_only"), &[]);

@@ -863,3 +863,72 @@ async fn paused_bodies_are_complete_on_uploads_and_on_revalidated_hits() {
     assert!(text.starts_with(expect), "{text:?}");
     assert_eq!(origin.stats.count("GET"), 2);
 }
+
+#[tokio::test]
+async fn the_instance_pool_bounds_instances_and_idle_ones_give_up_their_slots() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    origin.route(
+        "/a/slow",
+        Reply::new(200, "slow").delay(Duration::from_secs(2)),
+    );
+    let headers = wasm("headers");
+    let yaml = format!(
+        "{}plugins:\n\
+         \x20 pa: {{wasm: {headers}, on_error: deny, config: {{response: {{set: {{x-a: \"1\"}}}}}}}}\n\
+         \x20 pb: {{wasm: {headers}, on_error: allow, config: {{response: {{set: {{x-b: \"1\"}}}}}}}}\n\
+         routes:\n  - {{path: /a, group: main, plugins: [pa]}}\n  - {{path: /b, group: main, plugins: [pb]}}\n",
+        http_origin_yaml(&origin),
+    );
+    // Three slots: one idle instance of each plugin after start, one free.
+    let c = Cascade::builder(&yaml)
+        .server("plugin_instances", "3")
+        .start();
+    let m = c.metrics().await;
+    assert_eq!(metric_sum(&m, "cascade_plugin_pool_slots", &[]), Some(3.0));
+
+    // Three slow requests on `pa` hold three instances: its idle one, the free slot, and the
+    // slot of `pb`'s idle instance, which gives it up.
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let url = c.url("/a/slow");
+            tokio::spawn(async move { client().get(url).send().await.unwrap() })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while origin.stats.count("GET") < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow requests never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The pool is full now: `pa` (deny) fails its request, `pb` (allow) is skipped.
+    let r = client().get(c.url("/a/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let r = client().get(c.url("/b/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-b"), "", "pb ran without a slot");
+    for h in slow {
+        let r = h.await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-a"), "1");
+    }
+    // The slow requests are over: `pb` takes a slot from `pa`'s idle instances.
+    let r = client().get(c.url("/b/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-b"), "1");
+    let m = c.metrics().await;
+    for plugin in ["pa", "pb"] {
+        assert_eq!(
+            metric_sum(&m, "cascade_plugin_pool_full_total", &[("plugin", plugin)]),
+            Some(1.0),
+            "{plugin}\n{m}"
+        );
+    }
+    let live: f64 = ["pa", "pb"]
+        .iter()
+        .map(|p| metric_sum(&m, "cascade_plugin_instances", &[("plugin", p)]).unwrap_or(0.0))
+        .sum();
+    assert!(live <= 3.0, "{live} instances in a pool of 3\n{m}");
+}

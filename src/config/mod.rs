@@ -16,7 +16,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use plugins::PluginConfig;
-pub use schema::{CacheFallback, OnError, Timeouts};
+pub use schema::{
+    CacheFallback, OnError, Timeouts, DEFAULT_PLUGIN_INSTANCES, MAX_PLUGIN_INSTANCES,
+};
 pub use validate::{
     AdminConfig, Config, GroupConfig, HostMatch, OriginConfig, OriginKind, RouteCache, RouteConfig,
     S3Signing,

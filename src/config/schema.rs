@@ -214,6 +214,10 @@ pub struct ServerSection {
     /// Directory of precompiled plugin modules (keyed by module hash and engine); optional.
     #[serde(default)]
     pub plugin_cache: Option<String>,
+    /// Slots of the plugin instance pool (wasmtime's pooling allocator), shared by every
+    /// plugin: the most configured instances alive at once, idle or leased. Fixed at start.
+    #[serde(default = "default_plugin_instances")]
+    pub plugin_instances: u32,
 }
 
 impl Default for ServerSection {
@@ -224,8 +228,19 @@ impl Default for ServerSection {
             runtime_dir: None,
             access_log: true,
             plugin_cache: None,
+            plugin_instances: default_plugin_instances(),
         }
     }
+}
+
+/// Wasmtime's own default pool size.
+pub const DEFAULT_PLUGIN_INSTANCES: u32 = 1000;
+/// Each slot reserves 4 GiB + guards of address space (not memory): 10,000 slots are
+/// ~40 TiB of the 128 TiB a Linux x86-64 process has.
+pub const MAX_PLUGIN_INSTANCES: u32 = 10_000;
+
+fn default_plugin_instances() -> u32 {
+    DEFAULT_PLUGIN_INSTANCES
 }
 
 fn default_grace() -> Duration {

@@ -238,6 +238,15 @@ pub(super) fn load(
         .unwrap_or_default();
     let metrics: Option<MetricsSection> = section("metrics").and_then(|v| cx.de("metrics", &v));
 
+    if !(1..=super::schema::MAX_PLUGIN_INSTANCES).contains(&server.plugin_instances) {
+        cx.err(
+            "server.plugin_instances",
+            format!(
+                "must be between 1 and {}",
+                super::schema::MAX_PLUGIN_INSTANCES
+            ),
+        );
+    }
     if server.threads == Some(0) {
         cx.err("server.threads", "must be at least 1");
     }
@@ -353,6 +362,16 @@ pub(super) fn load(
         .unwrap_or_default();
     let (plugins, plugin_ix) = super::plugins::plugins(&mut cx, &raw_plugins, &base_dir, env);
     let plugin_cache = server.plugin_cache.as_ref().map(|d| base_dir.join(d));
+    if raw_plugins.len() > server.plugin_instances as usize {
+        cx.err(
+            "server.plugin_instances",
+            format!(
+                "{} slots cannot hold one instance of each of the {} plugins",
+                server.plugin_instances,
+                raw_plugins.len()
+            ),
+        );
+    }
 
     // Routes.
     let raw_routes: Vec<Value> = section("routes")

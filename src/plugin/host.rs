@@ -39,6 +39,8 @@ pub struct PluginState {
     /// request, response, log
     pub durations: [Histogram; 3],
     pub instances: IntGauge,
+    /// Requests that found the instance pool full.
+    pub pool_full: IntCounter,
     pub failures_deny: IntCounter,
     pub failures_allow: IntCounter,
 }
@@ -67,6 +69,7 @@ impl PluginState {
             traps: [trap("trap"), trap("timeout"), trap("memory")],
             durations: [dur("request"), dur("response"), dur("log")],
             instances: m.plugin_instances.with_label_values(&[name]),
+            pool_full: m.plugin_pool_full.with_label_values(&[name]),
             failures_deny: m.plugin_failures.with_label_values(&[name, "deny"]),
             failures_allow: m.plugin_failures.with_label_values(&[name, "allow"]),
         }

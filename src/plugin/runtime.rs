@@ -28,9 +28,17 @@ const MAX_IDLE: usize = 256;
 /// Faults per second after which no new instance is built until the second is over.
 const TRAP_RATE_LIMIT: u32 = 20;
 
-/// The process-wide engine. Its first use starts the epoch ticker thread.
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// The process-wide engine. Its first use starts the epoch ticker thread and sizes the
+/// instance pool (default size when no config asked first).
 pub fn engine() -> &'static Engine {
-    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    engine_with_slots(crate::config::DEFAULT_PLUGIN_INSTANCES)
+}
+
+/// The engine, created with a pool of `slots` instances when it does not exist yet. The pool
+/// is fixed for the process: a later config's `server.plugin_instances` cannot resize it.
+fn engine_with_slots(slots: u32) -> &'static Engine {
     ENGINE.get_or_init(|| {
         let mut c = wasmtime::Config::new();
         c.epoch_interruption(true);
@@ -40,7 +48,32 @@ pub fn engine() -> &'static Engine {
             // `perf` can then name plugin functions (/tmp/perf-<pid>.map).
             c.profiler(wasmtime::ProfilingStrategy::PerfMap);
         }
-        let engine = Engine::new(&c).expect("wasmtime engine");
+        // The pooling allocator: every instance gets a slot of address space reserved at
+        // start (4 GiB + guards each, so memory accesses need no bounds checks), a rebuilt
+        // instance reuses a warm slot (copy-on-write data segments, no mmap per instance),
+        // and `slots` bounds how many instances, hence how much plugin memory, can exist.
+        let mut pool = wasmtime::PoolingAllocationConfig::new();
+        pool.total_core_instances(slots)
+            .total_memories(slots)
+            .total_tables(slots)
+            .max_memories_per_module(1)
+            .max_tables_per_module(1);
+        let mut pooled = c.clone();
+        pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+        let engine = match Engine::new(&pooled) {
+            Ok(e) => {
+                crate::metrics::METRICS.plugin_pool_slots.set(i64::from(slots));
+                e
+            }
+            Err(e) => {
+                // E.g. an address-space limit (`ulimit -v`) too small for the pool.
+                log::warn!(
+                    target: "plugin",
+                    "cannot reserve a pool of {slots} plugin instances ({e:#}); instances are allocated on demand"
+                );
+                Engine::new(&c).expect("wasmtime engine")
+            }
+        };
         let ticker = engine.clone();
         std::thread::Builder::new()
             .name("plugin-epoch".into())
@@ -51,6 +84,30 @@ pub fn engine() -> &'static Engine {
             .expect("epoch thread");
         engine
     })
+}
+
+/// Every loaded plugin version, so that a plugin short of pool slots can take one from
+/// another plugin's idle instances (idle instances are a cache; demand comes first).
+static LOADED: Mutex<Vec<std::sync::Weak<Plugin>>> = Mutex::new(Vec::new());
+
+/// Drops one idle instance of the plugin (other than `except`) with the most idle ones,
+/// freeing its pool slot. `false` when no plugin has an idle instance.
+fn free_an_idle_slot(except: *const Plugin) -> bool {
+    let victim = {
+        let mut loaded = LOADED.lock();
+        loaded.retain(|w| w.strong_count() > 0);
+        loaded
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), except))
+            .max_by_key(|p| p.pool.lock().len())
+    };
+    let Some(victim) = victim else {
+        return false;
+    };
+    let inst = victim.pool.lock().pop();
+    // Dropped here, outside every lock: the slot goes back to the engine's pool.
+    inst.is_some()
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -256,6 +313,13 @@ impl Instance {
     }
 }
 
+/// Why an instance could not be built.
+enum Build {
+    /// Every slot of the engine's instance pool is taken: not the plugin's fault.
+    PoolFull(String),
+    Failed(String),
+}
+
 #[derive(Default)]
 struct Health {
     window_start: Option<Instant>,
@@ -346,14 +410,20 @@ impl Plugin {
             digest,
         });
         // Build one instance now: a plugin that cannot start is a load error.
-        let first = plugin.new_instance()?;
+        let mut first = plugin.build_instance();
+        if matches!(first, Err(Build::PoolFull(_))) && free_an_idle_slot(Arc::as_ptr(&plugin)) {
+            first = plugin.build_instance();
+        }
+        let first = first.map_err(|(Build::PoolFull(e) | Build::Failed(e))| e)?;
         plugin.pool.lock().push(first);
+        LOADED.lock().push(Arc::downgrade(&plugin));
         Ok(plugin)
     }
 
     /// Instantiates and configures an instance: `_initialize`/`_start`, root context,
-    /// `proxy_on_vm_start`, `proxy_on_configure`.
-    fn new_instance(&self) -> Result<Instance, String> {
+    /// `proxy_on_vm_start`, `proxy_on_configure`. A full instance pool is told apart from a
+    /// plugin that fails.
+    fn build_instance(&self) -> Result<Instance, Build> {
         let engine = engine();
         let mut store = Store::new(engine, Host::new(self.info.clone(), self.max_memory));
         store.limiter(|h| &mut h.limiter);
@@ -361,10 +431,18 @@ impl Plugin {
         let init_deadline = (self.deadline * 10).max(Duration::from_millis(500));
         store.set_epoch_deadline(ticks(init_deadline));
         let fail = |store: &Store<Host>, what: &str, e: wasmtime::Error| {
-            format!("{what}: {}", classify(e, store.data(), init_deadline))
+            Build::Failed(format!(
+                "{what}: {}",
+                classify(e, store.data(), init_deadline)
+            ))
         };
         let inst = match self.pre.instantiate(&mut store) {
             Ok(i) => i,
+            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                return Err(Build::PoolFull(format!(
+                    "the plugin instance pool is full ({e}); raise server.plugin_instances"
+                )))
+            }
             Err(e) => return Err(fail(&store, "instantiation failed", e)),
         };
         let memory = inst.get_memory(&mut store, "memory");
@@ -376,10 +454,12 @@ impl Plugin {
         let has_alloc = alloc.is_some();
         store.data_mut().alloc = alloc;
         if memory.is_none() {
-            return Err("the module exports no memory".into());
+            return Err(Build::Failed("the module exports no memory".into()));
         }
         if !has_alloc {
-            return Err("the module exports neither proxy_on_memory_allocate nor malloc".into());
+            return Err(Build::Failed(
+                "the module exports neither proxy_on_memory_allocate nor malloc".into(),
+            ));
         }
         if let Ok(init) = inst.get_typed_func::<(), ()>(&mut store, "_initialize") {
             if let Err(e) = init.call(&mut store, ()) {
@@ -419,9 +499,9 @@ impl Plugin {
             if let Ok(f) = inst.get_typed_func::<(i32, i32), i32>(&mut store, export) {
                 match f.call(&mut store, (ROOT_CONTEXT, size as i32)) {
                     Ok(0) => {
-                        return Err(format!(
+                        return Err(Build::Failed(format!(
                             "{export} returned false (see the plugin's log above)"
-                        ))
+                        )))
                     }
                     Ok(_) => {}
                     Err(e) => return Err(fail(&store, &format!("{export} failed"), e)),
@@ -459,7 +539,9 @@ impl Plugin {
         })
     }
 
-    /// An idle configured instance, or a new one. `None` while backing off after failures.
+    /// An idle configured instance, or a new one. `None` while backing off after failures,
+    /// or when the instance pool is full even after taking a slot from another plugin's idle
+    /// instances.
     pub(super) fn lease(&self) -> Option<Instance> {
         if let Some(i) = self.pool.lock().pop() {
             return Some(i);
@@ -471,12 +553,22 @@ impl Plugin {
                 return None;
             }
         }
-        match self.new_instance() {
+        let mut built = self.build_instance();
+        if matches!(built, Err(Build::PoolFull(_))) && free_an_idle_slot(self) {
+            built = self.build_instance();
+        }
+        match built {
             Ok(i) => {
                 self.health.lock().backoff = Duration::ZERO;
                 Some(i)
             }
-            Err(e) => {
+            Err(Build::PoolFull(e)) => {
+                // No backoff: a slot frees up as soon as any request ends.
+                self.info.state.pool_full.inc();
+                log::warn!(target: "plugin", "[{}] no instance for this request: {e}", self.info.name);
+                None
+            }
+            Err(Build::Failed(e)) => {
                 let mut h = self.health.lock();
                 h.backoff =
                     (h.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(5));
@@ -610,6 +702,7 @@ impl Runtime {
         if cfg.plugins.is_empty() {
             return Ok(None);
         }
+        engine_with_slots(cfg.server.plugin_instances);
         let cache_dir = cfg.plugin_cache.clone();
         let mut slots = Vec::with_capacity(cfg.plugins.len());
         for p in &cfg.plugins {

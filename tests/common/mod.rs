@@ -655,6 +655,8 @@ pub fn cascade_bin() -> &'static str {
 /// Configures and starts a [`Cascade`].
 pub struct CascadeBuilder {
     yaml: String,
+    /// Extra `server:` lines (each `  key: value\n`).
+    server: String,
     env: Vec<(String, String)>,
     ready_timeout: Duration,
 }
@@ -663,6 +665,12 @@ impl CascadeBuilder {
     /// Set an environment variable on the child.
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.to_string(), v.to_string()));
+        self
+    }
+
+    /// Add `key: value` to the `server:` section the harness writes.
+    pub fn server(mut self, key: &str, value: &str) -> Self {
+        self.server.push_str(&format!("  {key}: {value}\n"));
         self
     }
 
@@ -680,8 +688,9 @@ impl CascadeBuilder {
         std::fs::create_dir_all(&runtime_dir).unwrap();
         let config = format!(
             "listen:\n  - addr: \"127.0.0.1:{port}\"\nmetrics:\n  addr: \"127.0.0.1:{metrics_port}\"\n\
-             server:\n  threads: 1\n  grace_period: 1s\n  runtime_dir: \"{}\"\n{}\n",
+             server:\n  threads: 1\n  grace_period: 1s\n  runtime_dir: \"{}\"\n{}{}\n",
             runtime_dir.display(),
+            self.server,
             self.yaml
         );
         let config_path = dir.path().join("cascade.yaml");
@@ -733,6 +742,7 @@ impl Cascade {
     pub fn builder(yaml: &str) -> CascadeBuilder {
         CascadeBuilder {
             yaml: yaml.to_string(),
+            server: String::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(20),
         }
