@@ -17,7 +17,7 @@ use pingora_proxy::Session;
 
 use super::abi;
 use super::host::{Env, Phase};
-use super::runtime::{Instance, Plugin};
+use super::runtime::{Fault, Handle, Plugin};
 use super::{LocalReply, Names, RequestInfo};
 use crate::config::OnError;
 
@@ -33,9 +33,11 @@ pub enum Verdict {
 
 struct Slot {
     plugin: Arc<Plugin>,
-    inst: Option<Instance>,
+    inst: Option<Handle>,
     /// Live HTTP context id (0: none).
     ctx: i32,
+    /// The instance is back in its plugin's pool, holding this request's parked context.
+    parked: bool,
     /// Body bytes held while this plugin pauses (`[request, response]`).
     held: [Vec<u8>; 2],
     /// Body callbacks stopped for this request after `held` outgrew `limits.body`.
@@ -67,6 +69,7 @@ impl Exchange {
                     plugin,
                     inst: None,
                     ctx: 0,
+                    parked: false,
                     held: [Vec::new(), Vec::new()],
                     body_off: [false; 2],
                 })
@@ -119,13 +122,24 @@ impl Exchange {
                     },
                 }
             }
-            let inst = slot.inst.as_mut().expect("leased");
-            // SAFETY: `req_ptr` comes from the `&mut` this method holds.
-            let n = count_request_headers(unsafe { &*req_ptr });
-            let r = inst.new_context(env).and_then(|ctx| {
-                inst.request_headers(ctx, n, end_of_stream, env)
-                    .map(|_| ctx)
-            });
+            let mut guard = slot.inst.as_ref().expect("leased").lock();
+            let r = match guard.as_mut() {
+                Some(inst) => {
+                    // SAFETY: `req_ptr` comes from the `&mut` this method holds.
+                    let n = count_request_headers(unsafe { &*req_ptr });
+                    let r = inst.new_context(env).and_then(|ctx| {
+                        inst.request_headers(ctx, n, end_of_stream, env)
+                            .map(|_| ctx)
+                    });
+                    if r.is_err() {
+                        *guard = None;
+                    }
+                    r
+                }
+                // Discarded between lease and lock by a fault in a parked context's finish.
+                None => Err(Fault::lost()),
+            };
+            drop(guard);
             let t1 = Instant::now();
             slot.plugin.info.state.durations[0].observe((t1 - t0).as_secs_f64());
             t0 = t1;
@@ -166,22 +180,36 @@ impl Exchange {
         Verdict::Continue
     }
 
-    /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp`.
+    /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp`. A plugin
+    /// without body callbacks is then left with only its finishing callbacks: its context is
+    /// parked and its instance goes back to the pool, so a long body holds no instance.
     pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) {
         let resp_ptr: *mut ResponseHeader = resp;
         let mut t0 = Instant::now();
         for i in (0..self.slots.len()).rev() {
             let env = self.env(Phase::Response, req, resp_ptr);
             let slot = &mut self.slots[i];
-            let (Some(inst), ctx) = (slot.inst.as_mut(), slot.ctx) else {
+            let (Some(handle), ctx) = (slot.inst.as_ref(), slot.ctx) else {
                 continue;
             };
-            if ctx == 0 {
+            if ctx == 0 || slot.parked {
                 continue;
             }
-            // SAFETY: `resp_ptr` comes from the `&mut` this method holds.
-            let n = 1 + unsafe { &*resp_ptr }.headers.len();
-            let r = inst.response_headers(ctx, n, env);
+            let mut guard = handle.lock();
+            let (r, park) = match guard.as_mut() {
+                Some(inst) => {
+                    // SAFETY: `resp_ptr` comes from the `&mut` this method holds.
+                    let n = 1 + unsafe { &*resp_ptr }.headers.len();
+                    let r = inst.response_headers(ctx, n, env);
+                    let park = !(slot.plugin.bodies && inst.has_body_callbacks());
+                    if r.is_err() {
+                        *guard = None;
+                    }
+                    (r, park)
+                }
+                None => (Err(Fault::lost()), false),
+            };
+            drop(guard);
             let t1 = Instant::now();
             slot.plugin.info.state.durations[1].observe((t1 - t0).as_secs_f64());
             t0 = t1;
@@ -193,6 +221,9 @@ impl Exchange {
                     OnError::Deny => slot.plugin.info.state.failures_deny.inc(),
                     OnError::Allow => slot.plugin.info.state.failures_allow.inc(),
                 }
+            } else if park {
+                slot.parked = true;
+                slot.plugin.give_back(Arc::clone(handle));
             }
             if let Some(reply) = self.info.local.take() {
                 log::warn!(
@@ -240,7 +271,12 @@ impl Exchange {
         for step in 0..n {
             let i = if response { n - 1 - step } else { step };
             let slot = &self.slots[i];
-            if !slot.plugin.bodies || slot.body_off[dir] || slot.ctx == 0 || slot.inst.is_none() {
+            if !slot.plugin.bodies
+                || slot.body_off[dir]
+                || slot.ctx == 0
+                || slot.parked
+                || slot.inst.is_none()
+            {
                 continue;
             }
             let mut data = chunk.take().unwrap_or_default();
@@ -257,8 +293,19 @@ impl Exchange {
             let mut env = self.env(phase, req, resp_ptr);
             env.body = &mut data;
             let slot = &mut self.slots[i];
-            let inst = slot.inst.as_mut().expect("checked");
-            let r = inst.body(response, slot.ctx, data.len(), eos, env);
+            let r = {
+                let mut guard = slot.inst.as_ref().expect("checked").lock();
+                match guard.as_mut() {
+                    Some(inst) => {
+                        let r = inst.body(response, slot.ctx, data.len(), eos, env);
+                        if r.is_err() {
+                            *guard = None;
+                        }
+                        r
+                    }
+                    None => Ok(None),
+                }
+            };
             let t1 = Instant::now();
             slot.plugin.info.state.durations[dir].observe((t1 - t0).as_secs_f64());
             t0 = t1;
@@ -346,27 +393,30 @@ impl Exchange {
     }
 
     /// `proxy_on_done`/`proxy_on_log`/`proxy_on_delete` for every live context, then the
-    /// instances go back to their pools.
+    /// instances go back to their pools (a parked one is there already).
     pub fn log(&mut self, req: &RequestHeader, resp: Option<&ResponseHeader>) {
         let resp_ptr = resp.map_or(std::ptr::null(), |r| r as *const ResponseHeader);
         let mut t0 = Instant::now();
         for i in 0..self.slots.len() {
             let env = self.env(Phase::Log, req, resp_ptr);
             let slot = &mut self.slots[i];
-            let Some(mut inst) = slot.inst.take() else {
+            let Some(handle) = slot.inst.take() else {
                 continue;
             };
             let ctx = std::mem::take(&mut slot.ctx);
-            if ctx == 0 {
-                slot.plugin.give_back(inst);
-                continue;
-            }
-            let r = inst.finish(ctx, Some(env), true);
-            let t1 = Instant::now();
-            slot.plugin.info.state.durations[2].observe((t1 - t0).as_secs_f64());
-            t0 = t1;
+            let parked = std::mem::take(&mut slot.parked);
+            let r = if ctx == 0 {
+                Ok(())
+            } else {
+                let r = finish(&handle, ctx, Some(env), true);
+                let t1 = Instant::now();
+                slot.plugin.info.state.durations[2].observe((t1 - t0).as_secs_f64());
+                t0 = t1;
+                r
+            };
             match r {
-                Ok(()) => slot.plugin.give_back(inst),
+                Ok(()) if !parked => slot.plugin.give_back(handle),
+                Ok(()) => {}
                 Err(f) => slot.plugin.record_fault("log", &f),
             }
         }
@@ -384,15 +434,36 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         // `log` not reached (e.g. the request was dropped): free the contexts, keep instances.
         for slot in &mut self.slots {
-            let Some(mut inst) = slot.inst.take() else {
+            let Some(handle) = slot.inst.take() else {
                 continue;
             };
             let ctx = std::mem::take(&mut slot.ctx);
-            if ctx == 0 || inst.finish(ctx, None, false).is_ok() {
-                slot.plugin.give_back(inst);
+            let ok = ctx == 0 || finish(&handle, ctx, None, false).is_ok();
+            if ok && !std::mem::take(&mut slot.parked) {
+                slot.plugin.give_back(handle);
             }
         }
     }
+}
+
+/// The finishing callbacks of context `ctx` in the instance behind `handle` (which may be
+/// parked, so it is locked for the call). A discarded instance took the context with it.
+/// On a fault the instance is discarded.
+fn finish(
+    handle: &Handle,
+    ctx: i32,
+    env: Option<Env>,
+    log: bool,
+) -> std::result::Result<(), Fault> {
+    let mut guard = handle.lock();
+    let Some(inst) = guard.as_mut() else {
+        return Ok(());
+    };
+    let r = inst.finish(ctx, env, log);
+    if r.is_err() {
+        *guard = None;
+    }
+    r
 }
 
 fn count_request_headers(req: &RequestHeader) -> usize {

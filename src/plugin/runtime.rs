@@ -91,7 +91,8 @@ fn engine_with_slots(slots: u32) -> &'static Engine {
 static LOADED: Mutex<Vec<std::sync::Weak<Plugin>>> = Mutex::new(Vec::new());
 
 /// Drops one idle instance of the plugin (other than `except`) with the most idle ones,
-/// freeing its pool slot. `false` when no plugin has an idle instance.
+/// freeing its pool slot. Instances still holding parked contexts are skipped: their slot
+/// would not come free. `false` when there is nothing to drop.
 fn free_an_idle_slot(except: *const Plugin) -> bool {
     let victim = {
         let mut loaded = LOADED.lock();
@@ -105,9 +106,14 @@ fn free_an_idle_slot(except: *const Plugin) -> bool {
     let Some(victim) = victim else {
         return false;
     };
-    let inst = victim.pool.lock().pop();
+    let handle = {
+        let mut pool = victim.pool.lock();
+        pool.iter()
+            .rposition(|h| Arc::strong_count(h) == 1)
+            .map(|i| pool.swap_remove(i))
+    };
     // Dropped here, outside every lock: the slot goes back to the engine's pool.
-    inst.is_some()
+    handle.is_some()
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -141,6 +147,17 @@ pub struct Fault {
     pub message: String,
 }
 
+impl Fault {
+    /// The instance holding this request's context was discarded by a fault of another
+    /// request that shared it (a parked context's finishing callbacks).
+    pub(super) fn lost() -> Fault {
+        Fault {
+            kind: FaultKind::Trap,
+            message: "the instance was discarded after another request's fault".into(),
+        }
+    }
+}
+
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.kind.as_str(), self.message)
@@ -172,6 +189,14 @@ fn classify(e: wasmtime::Error, host: &Host, deadline: Duration) -> Fault {
 
 type Cb1 = TypedFunc<i32, ()>;
 type CbHeaders = TypedFunc<(i32, i32, i32), i32>;
+
+/// A configured instance as requests hold it. One request leases it from its request headers
+/// on; a request left with only its finishing callbacks (`proxy_on_done`/`_log`/`_delete`)
+/// parks its context there and hands the instance back, so that a long response body does not
+/// hold an instance: later requests lease it meanwhile, and the parked request takes the lock
+/// again for its finish. `None` once a fault discarded the instance (parked contexts die with
+/// it; their finishing callbacks are skipped).
+pub type Handle = Arc<Mutex<Option<Instance>>>;
 
 /// One configured instance (its own `Store`).
 pub struct Instance {
@@ -211,6 +236,11 @@ fn call<P: WasmParams, R: WasmResults>(
 }
 
 impl Instance {
+    /// Whether the module exports a body callback.
+    pub(super) fn has_body_callbacks(&self) -> bool {
+        self.on_request_body.is_some() || self.on_response_body.is_some()
+    }
+
     /// A fresh HTTP context id (never the root's).
     pub(super) fn new_context(&mut self, env: Env) -> Result<i32, Fault> {
         self.next_ctx = if self.next_ctx >= i32::MAX - 1 {
@@ -337,7 +367,8 @@ pub struct Plugin {
     /// Most body bytes held while the plugin pauses a body.
     pub max_body: usize,
     pre: InstancePre<Host>,
-    pool: Mutex<Vec<Instance>>,
+    /// Idle instances (possibly holding parked contexts).
+    pool: Mutex<Vec<Handle>>,
     health: Mutex<Health>,
     max_memory: usize,
     deadline: Duration,
@@ -415,7 +446,7 @@ impl Plugin {
             first = plugin.build_instance();
         }
         let first = first.map_err(|(Build::PoolFull(e) | Build::Failed(e))| e)?;
-        plugin.pool.lock().push(first);
+        plugin.pool.lock().push(Arc::new(Mutex::new(Some(first))));
         LOADED.lock().push(Arc::downgrade(&plugin));
         Ok(plugin)
     }
@@ -542,9 +573,15 @@ impl Plugin {
     /// An idle configured instance, or a new one. `None` while backing off after failures,
     /// or when the instance pool is full even after taking a slot from another plugin's idle
     /// instances.
-    pub(super) fn lease(&self) -> Option<Instance> {
-        if let Some(i) = self.pool.lock().pop() {
-            return Some(i);
+    pub(super) fn lease(&self) -> Option<Handle> {
+        loop {
+            let Some(h) = self.pool.lock().pop() else {
+                break;
+            };
+            if h.lock().is_some() {
+                return Some(h);
+            }
+            // Discarded by a fault while parked contexts held it: forget it.
         }
         let now = Instant::now();
         {
@@ -560,7 +597,7 @@ impl Plugin {
         match built {
             Ok(i) => {
                 self.health.lock().backoff = Duration::ZERO;
-                Some(i)
+                Some(Arc::new(Mutex::new(Some(i))))
             }
             Err(Build::PoolFull(e)) => {
                 // No backoff: a slot frees up as soon as any request ends.
@@ -584,10 +621,15 @@ impl Plugin {
         }
     }
 
-    pub(super) fn give_back(&self, inst: Instance) {
+    /// Returns a leased instance to the idle pool (unless it was discarded or the pool is
+    /// full; parked contexts keep a dropped instance alive until they finish).
+    pub(super) fn give_back(&self, h: Handle) {
+        if h.lock().is_none() {
+            return;
+        }
         let mut pool = self.pool.lock();
         if pool.len() < MAX_IDLE {
-            pool.push(inst);
+            pool.push(h);
         }
     }
 
@@ -863,6 +905,11 @@ mod tests {
 
     /// A config with the probe plugin from `plugins/dist` (None when it is not built).
     fn probe_config(name: &str, extra_server: &str) -> Option<Config> {
+        probe_config_with(name, extra_server, "")
+    }
+
+    /// As `probe_config`, with `extra_plugin` (`key: value, `) in the plugin's definition.
+    fn probe_config_with(name: &str, extra_server: &str, extra_plugin: &str) -> Option<Config> {
         let wasm = format!("{}/plugins/dist/probe.wasm", env!("CARGO_MANIFEST_DIR"));
         if !Path::new(&wasm).exists() {
             eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
@@ -871,7 +918,7 @@ mod tests {
         let yaml = format!(
             "listen: [{{addr: 127.0.0.1:1}}]\n{extra_server}\
              origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
-             plugins: {{{name}: {{wasm: {wasm}, config: {{greeting: hi}}}}}}\n\
+             plugins: {{{name}: {{{extra_plugin}wasm: {wasm}, config: {{greeting: hi}}}}}}\n\
              routes: [{{path: /, group: g, plugins: [{name}]}}, {{path: /none, group: g}}]\n"
         );
         Some(crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap())
@@ -907,6 +954,51 @@ mod tests {
             "no new instance per request"
         );
         assert!(rt.exchange(1, 0, "/none/x", None).is_none());
+    }
+
+    /// Runs the request and response headers of one request; the exchange is left to `log`.
+    fn until_response(rt: &Runtime) -> (Exchange, pingora_http::RequestHeader) {
+        let mut req = pingora_http::RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("host", "h").unwrap();
+        let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
+        assert!(matches!(
+            ex.request_headers(&mut req, true),
+            super::super::Verdict::Continue
+        ));
+        let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
+        ex.response_headers(&req, &mut resp);
+        assert_eq!(resp.headers.get("x-probe-greeting").unwrap(), "hi");
+        (ex, req)
+    }
+
+    #[test]
+    fn without_body_callbacks_a_streaming_response_holds_no_instance() {
+        for (bodies, instances) in [("bodies: false, ", 1), ("", 2)] {
+            let name = format!("probe-park-{}", bodies.len());
+            let Some(cfg) = probe_config_with(&name, "", bodies) else {
+                return;
+            };
+            let rt = Runtime::load(&cfg).unwrap().unwrap();
+            let state = &rt.slots[0].state;
+            // Two responses under way at once (bodies still streaming, logs not reached).
+            let (mut a, req_a) = until_response(&rt);
+            let (mut b, req_b) = until_response(&rt);
+            assert_eq!(
+                state.instances.get(),
+                instances,
+                "{bodies:?}: contexts parked after their response headers share an instance"
+            );
+            a.log(&req_a, None);
+            b.log(&req_b, None);
+            drop((a, b));
+            one_request(&rt);
+            assert_eq!(state.instances.get(), instances);
+            let faults: u64 = state.traps.iter().map(|c| c.get()).sum();
+            assert_eq!(
+                faults, 0,
+                "{bodies:?}: finishing parked contexts never faults"
+            );
+        }
     }
 
     #[test]
