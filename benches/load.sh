@@ -12,6 +12,7 @@
 #   DURATION=10s     measured wrk run (wrk syntax: 10s, 1m);  WARMUP=2s  before each run (0 = none)
 #   ROUNDS=1         cascade/nginx alternations per scenario; the table shows medians
 #   SCENARIOS="pass fallback hit4k hit1m fallhit plughit"   (see the scenario table below;
+#                    plugnoop, not in the default set, is hit4k with three no-op plugins;
 #                    plughit runs the Wasm plugins from plugins/dist, built if missing)
 #   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios)
 #   CPU=0            1: also report proxy CPU time per request (from /proc/PID/stat)
@@ -72,6 +73,7 @@ hit4k     cache  /hit-4k.bin     main      4096     HIT  cache hit, 4 KiB object
 hit1m     cache  /hit-1m.bin     main      1048576  HIT  cache hit, 1 MiB object
 fallhit   cache  /fb-hit-4k.bin  fallback  4096     HIT  repeated hit of an object only the fallback has (4 KiB)
 plughit   plugins /hit-4k.bin    main      4096     HIT  hit4k with the auth, tenant-router and headers plugins (cascade only)
+plugnoop  plugnoop /hit-4k.bin   main      4096     HIT  hit4k with three no-op SDK plugins: the ABI floor (cascade only)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
@@ -79,7 +81,7 @@ declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
 declare -A HEADER_OF=([plughit]="x-api-key: bench-key")
 # Plugin cost (issue 4): scenario -> the scenario it is compared with, on cascade alone,
 # and the largest allowed req/s loss.
-declare -A PLUGIN_BASE_OF=([plughit]=hit4k)
+declare -A PLUGIN_BASE_OF=([plughit]=hit4k [plugnoop]=hit4k)
 PLUGIN_MAX_COST=0.10
 
 declare -A PROFILE_OF PATH_OF FROM_OF SIZE_OF XCACHE_OF WHAT_OF
@@ -215,8 +217,8 @@ if wants cascade; then
   fi
   [ -x "$CASCADE_BIN" ] || die "no cascade binary at $CASCADE_BIN (PROXIES=nginx runs without it)"
   for s in $SCENARIOS; do
-    [ "${PROFILE_OF[$s]}" = plugins ] || continue
-    if [ "$BUILD" = 1 ] || ! ls "$ROOT"/plugins/dist/{auth,tenant-router,headers}.wasm >/dev/null 2>&1; then
+    case ${PROFILE_OF[$s]} in plugins | plugnoop) ;; *) continue ;; esac
+    if [ "$BUILD" = 1 ] || ! ls "$ROOT"/plugins/dist/{auth,tenant-router,headers,noop}.wasm >/dev/null 2>&1; then
       log "building the Wasm plugins (scripts/build-plugins.sh)"
       "$ROOT/scripts/build-plugins.sh" >/dev/null || die "scripts/build-plugins.sh failed"
     fi

@@ -8,7 +8,9 @@
 //! cargo bench --profile dev --bench plugins   # quicker to build; host code less optimized
 //! ```
 //!
-//! Prints µs per request for each plugin alone and for the chain of three.
+//! Prints µs per request for each plugin alone, for the chain of three, and for a chain of
+//! three `noop` plugins (SDK defaults, no host calls): what the ABI's six callbacks per
+//! plugin cost before a plugin does anything.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,7 +30,7 @@ fn iters() -> u32 {
 fn main() {
     let root = env!("CARGO_MANIFEST_DIR");
     let dist = format!("{root}/plugins/dist");
-    for p in ["auth", "tenant-router", "headers"] {
+    for p in ["auth", "tenant-router", "headers", "noop"] {
         let f = format!("{dist}/{p}.wasm");
         assert!(
             Path::new(&f).exists(),
@@ -40,18 +42,24 @@ fn main() {
 origins: {{a: {{url: \"http://127.0.0.1:9/bucket-a\"}}, b: {{url: \"http://127.0.0.1:9/bucket-b\"}}}}
 groups: {{ga: {{main: a}}, gb: {{main: b}}}}
 plugins:
-  auth: {{wasm: {dist}/auth.wasm, config: {{keys: [k-3f9a0c, k-77b1d2]}}}}
+  auth: {{wasm: {dist}/auth.wasm, bodies: false, config: {{keys: [k-3f9a0c, k-77b1d2]}}}}
   tenant-router:
     wasm: {dist}/tenant-router.wasm
+    bodies: false
     config: {{tenants: [{{name: one, host: one.example, group: gb, key_prefix: t1/}}]}}
   headers:
     wasm: {dist}/headers.wasm
+    bodies: false
     config: {{response: {{set: {{x-frame-options: DENY, cache-control: \"public, max-age=60\"}}, remove: [x-amz-request-id]}}}}
+  n1: {{wasm: {dist}/noop.wasm, bodies: false}}
+  n2: {{wasm: {dist}/noop.wasm, bodies: false}}
+  n3: {{wasm: {dist}/noop.wasm, bodies: false}}
 routes:
   - {{name: three, path: /, group: ga, plugins: [auth, tenant-router, headers]}}
   - {{name: auth, path: /auth, group: ga, plugins: [auth]}}
   - {{name: tenant, path: /tenant, group: ga, plugins: [tenant-router]}}
   - {{name: headers, path: /headers, group: ga, plugins: [headers]}}
+  - {{name: noop, path: /noop, group: ga, plugins: [n1, n2, n3]}}
 "
     );
     let cfg = cascade::config::load_str(&yaml, Path::new("/tmp/bench.yaml"), &|_| None)
@@ -122,6 +130,7 @@ routes:
         (2, "tenant-router"),
         (3, "headers"),
         (0, "auth+tenant-router+headers"),
+        (4, "noop x3 (the ABI's floor)"),
     ] {
         let us = run(route) - base;
         println!("  {name:<28} {us:>7.2} µs/request");

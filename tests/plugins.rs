@@ -932,3 +932,53 @@ async fn the_instance_pool_bounds_instances_and_idle_ones_give_up_their_slots() 
         .sum();
     assert!(live <= 3.0, "{live} instances in a pool of 3\n{m}");
 }
+
+#[tokio::test]
+async fn a_plugin_without_body_callbacks_holds_no_instance_while_a_body_streams() {
+    let origin = HttpOrigin::start();
+    let body = vec![b'x'; 64 * 1024];
+    origin.route(
+        "/s/big",
+        Reply::new(200, body.clone()).trickle(Duration::from_millis(1500)),
+    );
+    let headers = wasm("headers");
+    // One slot: while the first download streams, the second request needs that instance.
+    // `bodies: false` parks the first request's context and hands the instance back after
+    // its response headers; with body callbacks it stays leased and the second gets 503.
+    for (bodies, second_status) in [("false", 200), ("true", 503)] {
+        let yaml = format!(
+            "{}plugins:\n\
+             \x20 ph: {{wasm: {headers}, bodies: {bodies}, on_error: deny, config: {{response: {{set: {{x-h: \"1\"}}}}}}}}\n\
+             routes:\n  - {{path: /s, group: main, plugins: [ph]}}\n",
+            http_origin_yaml(&origin),
+        );
+        let c = Cascade::builder(&yaml)
+            .server("plugin_instances", "1")
+            .start();
+        let first = client().get(c.url("/s/big")).send().await.unwrap();
+        assert_eq!(first.status(), 200, "bodies: {bodies}");
+        assert_eq!(header(&first, "x-h"), "1");
+        // The first body is still streaming (its second half comes 1.5 s later).
+        let second = client().get(c.url("/s/big")).send().await.unwrap();
+        assert_eq!(second.status(), second_status, "bodies: {bodies}");
+        if second_status == 200 {
+            assert_eq!(header(&second, "x-h"), "1");
+            assert_eq!(second.bytes().await.unwrap().len(), body.len());
+        }
+        assert_eq!(
+            first.bytes().await.unwrap().len(),
+            body.len(),
+            "bodies: {bodies}"
+        );
+        // Every context finished: the parked one's on_log ran and nothing faulted.
+        let m = c.metrics().await;
+        let faults = metric_sum(&m, "cascade_plugin_traps_total", &[("plugin", "ph")]);
+        assert!(faults.unwrap_or(0.0) == 0.0, "{m}");
+        let third = client().get(c.url("/s/big")).send().await.unwrap();
+        assert_eq!(
+            third.status(),
+            200,
+            "bodies: {bodies}: the instance came back"
+        );
+    }
+}

@@ -1,11 +1,12 @@
 //! One request's walk through its plugin chain, and the glue the proxy phases call.
 //!
 //! Request headers run in chain order (a local response or a failure stops the chain);
-//! response headers run in reverse order (as Envoy's encoder filters do); at the end every
-//! live context gets `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` and the instances
-//! go back to their plugin's pool. A faulted instance is discarded and the plugin's
-//! `on_error` decides: `deny` fails the request with 503 (request phase; later phases only
-//! log, the response is already under way), `allow` skips the plugin.
+//! response headers run in reverse order (as Envoy's encoder filters do); a plugin without
+//! body callbacks then parks its context and its instance goes back to the pool; at the end
+//! every live context gets `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` and the
+//! instances still leased go back to their plugin's pool. A faulted instance is discarded
+//! and the plugin's `on_error` decides: `deny` fails the request with 503 (request phase;
+//! later phases only log, the response is already under way), `allow` skips the plugin.
 
 use std::sync::Arc;
 use std::time::Instant;

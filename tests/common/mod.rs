@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -375,6 +376,8 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     /// Sleep this long before answering.
     pub delay: Duration,
+    /// Send the body in two halves this far apart (zero: all at once).
+    pub gap: Duration,
 }
 
 impl Reply {
@@ -385,6 +388,7 @@ impl Reply {
             body: body.into(),
             headers: Vec::new(),
             delay: Duration::ZERO,
+            gap: Duration::ZERO,
         }
     }
 
@@ -398,6 +402,71 @@ impl Reply {
     pub fn delay(mut self, d: Duration) -> Reply {
         self.delay = d;
         self
+    }
+
+    /// Send the headers and the first half of the body at once, the rest `d` later: a
+    /// response that is still streaming.
+    pub fn trickle(mut self, d: Duration) -> Reply {
+        self.gap = d;
+        self
+    }
+}
+
+/// A body sent in parts, `gap` apart.
+struct Trickle {
+    parts: std::collections::VecDeque<Bytes>,
+    gap: Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Trickle {
+    fn new(body: &Bytes, gap: Duration) -> Trickle {
+        let mid = body.len() / 2;
+        let parts = if gap.is_zero() || mid == 0 {
+            vec![body.clone()]
+        } else {
+            vec![body.slice(..mid), body.slice(mid..)]
+        };
+        Trickle {
+            parts: parts.into(),
+            gap,
+            sleep: None,
+        }
+    }
+}
+
+impl Body for Trickle {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(sleep) = this.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            this.sleep = None;
+        }
+        match this.parts.pop_front() {
+            Some(part) => {
+                if !this.parts.is_empty() {
+                    this.sleep = Some(Box::pin(tokio::time::sleep(this.gap)));
+                }
+                Poll::Ready(Some(Ok(Frame::data(part))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.parts.iter().map(|p| p.len() as u64).sum())
     }
 }
 
@@ -467,7 +536,7 @@ impl HttpOrigin {
                 }
                 let resp = resp
                     .body(CountingBody {
-                        inner: Box::pin(Full::new(reply.body.clone())),
+                        inner: Box::pin(Trickle::new(&reply.body, reply.gap)),
                         stats,
                     })
                     .unwrap();
