@@ -128,6 +128,8 @@ pub enum FaultKind {
     Trap,
     Timeout,
     Memory,
+    /// Not this callback's fault: another request's fault discarded the shared instance.
+    Lost,
 }
 
 impl FaultKind {
@@ -136,6 +138,7 @@ impl FaultKind {
             FaultKind::Trap => "trap",
             FaultKind::Timeout => "timeout",
             FaultKind::Memory => "memory",
+            FaultKind::Lost => "lost",
         }
     }
 }
@@ -152,7 +155,7 @@ impl Fault {
     /// request that shared it (a parked context's finishing callbacks).
     pub(super) fn lost() -> Fault {
         Fault {
-            kind: FaultKind::Trap,
+            kind: FaultKind::Lost,
             message: "the instance was discarded after another request's fault".into(),
         }
     }
@@ -374,18 +377,25 @@ pub struct Plugin {
     deadline: Duration,
     /// sha256 of the module bytes (reload compares it).
     digest: [u8; 32],
+    /// The compiled module (shared with every plugin loaded from the same bytes).
+    module: Module,
 }
+
+/// Compiled modules by sha256 of their bytes: plugins loaded from the same file (one module,
+/// several configurations) share one compilation and one copy of machine code.
+type Compiled = std::collections::HashMap<[u8; 32], Module>;
 
 impl Plugin {
     fn load(
         cfg: &PluginConfig,
         state: Arc<PluginState>,
         cache_dir: Option<&Path>,
+        compiled: &mut Compiled,
     ) -> Result<Arc<Plugin>, String> {
         let bytes = std::fs::read(&cfg.wasm)
             .map_err(|e| format!("cannot read {}: {e}", cfg.wasm.display()))?;
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        Plugin::from_bytes(cfg, state, cache_dir, &bytes, digest)
+        Plugin::from_bytes(cfg, state, cache_dir, &bytes, digest, compiled)
     }
 
     fn from_bytes(
@@ -394,14 +404,22 @@ impl Plugin {
         cache_dir: Option<&Path>,
         bytes: &[u8],
         digest: [u8; 32],
+        compiled: &mut Compiled,
     ) -> Result<Arc<Plugin>, String> {
         let engine = engine();
-        let module = compile(engine, bytes, &digest, cache_dir).map_err(|e| {
-            format!(
-                "{} is not a loadable Wasm module: {e:#}",
-                cfg.wasm.display()
-            )
-        })?;
+        let module = match compiled.get(&digest) {
+            Some(m) => m.clone(),
+            None => {
+                let m = compile(engine, bytes, &digest, cache_dir).map_err(|e| {
+                    format!(
+                        "{} is not a loadable Wasm module: {e:#}",
+                        cfg.wasm.display()
+                    )
+                })?;
+                compiled.insert(digest, m.clone());
+                m
+            }
+        };
         if module.get_export("proxy_abi_version_0_2_1").is_none()
             && module.get_export("proxy_abi_version_0_2_0").is_none()
         {
@@ -439,6 +457,7 @@ impl Plugin {
             max_memory: cfg.memory as usize,
             deadline: cfg.time,
             digest,
+            module,
         });
         // Build one instance now: a plugin that cannot start is a load error.
         let mut first = plugin.build_instance();
@@ -634,11 +653,16 @@ impl Plugin {
     }
 
     /// Counts a fault (the instance is already discarded) and applies the trap-rate limit.
+    /// A lost instance was counted where it faulted; it is only logged here.
     pub(super) fn record_fault(&self, phase: &str, f: &Fault) {
         let ix = match f.kind {
             FaultKind::Trap => 0,
             FaultKind::Timeout => 1,
             FaultKind::Memory => 2,
+            FaultKind::Lost => {
+                log::warn!(target: "plugin", "[{}] {phase}: {f}", self.info.name);
+                return;
+            }
         };
         self.info.state.traps[ix].inc();
         let now = Instant::now();
@@ -747,17 +771,19 @@ impl Runtime {
         engine_with_slots(cfg.server.plugin_instances);
         let cache_dir = cfg.plugin_cache.clone();
         let mut slots = Vec::with_capacity(cfg.plugins.len());
+        let mut compiled = Compiled::new();
         for p in &cfg.plugins {
             let state = Arc::new(PluginState::new(&p.name));
             let t0 = Instant::now();
-            let plugin = Plugin::load(p, state.clone(), cache_dir.as_deref()).map_err(|e| {
-                format!(
-                    "plugin `{}` (plugins.{}.wasm in {}) failed to load: {e}",
-                    p.name,
-                    p.name,
-                    cfg.source.display()
-                )
-            })?;
+            let plugin = Plugin::load(p, state.clone(), cache_dir.as_deref(), &mut compiled)
+                .map_err(|e| {
+                    format!(
+                        "plugin `{}` (plugins.{}.wasm in {}) failed to load: {e}",
+                        p.name,
+                        p.name,
+                        cfg.source.display()
+                    )
+                })?;
             log::info!(
                 "plugin `{}` loaded from {} in {:.1}ms",
                 p.name,
@@ -817,6 +843,14 @@ impl Runtime {
     pub fn reload(&self) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock();
         let mut report = ReloadReport::default();
+        let mut compiled: Compiled = self
+            .slots
+            .iter()
+            .map(|s| {
+                let p = s.current.read();
+                (p.digest, p.module.clone())
+            })
+            .collect();
         for s in &self.slots {
             let bytes = match std::fs::read(&s.cfg.wasm) {
                 Ok(b) => b,
@@ -841,6 +875,7 @@ impl Runtime {
                 self.cache_dir.as_deref(),
                 &bytes,
                 digest,
+                &mut compiled,
             ) {
                 Ok(p) => {
                     *s.current.write() = p;
@@ -1019,6 +1054,83 @@ mod tests {
         // Second start: loaded from the cache (a corrupt entry would be recompiled).
         let rt = Runtime::load(&cfg).unwrap().unwrap();
         one_request(&rt);
+    }
+
+    #[test]
+    fn a_fault_in_a_parked_context_costs_the_sharing_request_only_its_plugin() {
+        let wasm = format!("{}/plugins/dist/chaos.wasm", env!("CARGO_MANIFEST_DIR"));
+        if !Path::new(&wasm).exists() {
+            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
+            return;
+        }
+        let yaml = format!(
+            "listen: [{{addr: 127.0.0.1:1}}]\n\
+             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
+             plugins: {{c: {{wasm: {wasm}, bodies: false, on_error: allow, config: {{mode: trap, phase: log, only_if_header: x-chaos}}}}}}\n\
+             routes: [{{path: /, group: g, plugins: [c]}}]\n"
+        );
+        let cfg = crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap();
+        let rt = Runtime::load(&cfg).unwrap().unwrap();
+        let state = &rt.slots[0].state;
+        let start = |armed: bool| {
+            let mut req = pingora_http::RequestHeader::build("GET", b"/x", None).unwrap();
+            if armed {
+                req.insert_header("x-chaos", "1").unwrap();
+            }
+            let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
+            assert!(matches!(
+                ex.request_headers(&mut req, true),
+                super::super::Verdict::Continue
+            ));
+            (ex, req)
+        };
+        // A parks its context in the only instance; B leases that instance.
+        let (mut a, req_a) = start(true);
+        let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
+        a.response_headers(&req_a, &mut resp);
+        let (mut b, req_b) = start(false);
+        assert_eq!(state.instances.get(), 1);
+        // A's on_log traps: the instance is discarded, with B's context in it.
+        a.log(&req_a, None);
+        assert_eq!(state.traps[0].get(), 1);
+        assert_eq!(state.instances.get(), 0);
+        // B loses only this plugin (on_error: allow); the fault is not counted twice.
+        let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
+        b.response_headers(&req_b, &mut resp);
+        assert!(resp.headers.get("x-chaos").is_none());
+        assert_eq!(state.failures_allow.get(), 1);
+        b.log(&req_b, None);
+        assert_eq!(state.traps.iter().map(|c| c.get()).sum::<u64>(), 1);
+        // The next request gets a fresh instance.
+        let (mut c, req_c) = start(false);
+        let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
+        c.response_headers(&req_c, &mut resp);
+        assert_eq!(resp.headers.get("x-chaos").unwrap(), "ok");
+        c.log(&req_c, None);
+    }
+
+    #[test]
+    fn plugins_loaded_from_one_file_share_one_compiled_module() {
+        let wasm = format!("{}/plugins/dist/probe.wasm", env!("CARGO_MANIFEST_DIR"));
+        if !Path::new(&wasm).exists() {
+            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
+            return;
+        }
+        let yaml = format!(
+            "listen: [{{addr: 127.0.0.1:1}}]\n\
+             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
+             plugins: {{p1: {{wasm: {wasm}, config: {{greeting: one}}}}, p2: {{wasm: {wasm}, config: {{greeting: two}}}}}}\n\
+             routes: [{{path: /, group: g, plugins: [p1, p2]}}]\n"
+        );
+        let cfg = crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap();
+        let rt = Runtime::load(&cfg).unwrap().unwrap();
+        let (a, b) = (rt.slots[0].current.read(), rt.slots[1].current.read());
+        assert!(Module::same(&a.module, &b.module));
+        // Each keeps its own configuration.
+        assert_ne!(a.info.config, b.info.config);
+        drop((a, b));
+        // A reload that changes nothing keeps them as they are.
+        assert!(rt.reload().swapped.is_empty());
     }
 
     #[test]

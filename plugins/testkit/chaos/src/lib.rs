@@ -29,6 +29,8 @@ enum Phase {
     #[default]
     Request,
     Response,
+    /// `proxy_on_log`, after the response.
+    Log,
 }
 
 #[derive(Deserialize, Debug)]
@@ -131,5 +133,11 @@ impl HttpContext for ChaosHttp {
         }
         self.set_http_response_header("x-chaos", Some("ok"));
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if self.armed && self.config.phase == Phase::Log {
+            misbehave(self.config.mode);
+        }
     }
 }
