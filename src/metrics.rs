@@ -41,6 +41,7 @@ pub struct Metrics {
     pub plugin_instances: IntGaugeVec,
     pub plugin_pool_slots: IntGauge,
     pub plugin_pool_full: IntCounterVec,
+    pub plugin_lost: IntCounterVec,
     pub plugin_failures: IntCounterVec,
 }
 
@@ -200,6 +201,13 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let plugin_lost = register_int_counter_vec_with_registry!(
+            "cascade_plugin_lost_contexts_total",
+            "Request contexts lost because another request's fault discarded the instance they shared (their remaining callbacks of that plugin are skipped), by plugin.",
+            &["plugin"],
+            registry
+        )
+        .expect("metric");
         let plugin_failures = register_int_counter_vec_with_registry!(
             "cascade_plugin_failures_total",
             "Requests whose plugin failed or was unavailable, by plugin and the on_error action taken (deny, allow).",
@@ -235,6 +243,7 @@ impl Metrics {
             plugin_instances,
             plugin_pool_slots,
             plugin_pool_full,
+            plugin_lost,
             plugin_failures,
         }
     }

@@ -123,6 +123,19 @@ impl Exchange {
                     },
                 }
             }
+            if slot.inst.as_ref().is_some_and(|h| h.lock().is_none()) {
+                // Discarded since the lease by a fault in a context parked there: lease again.
+                slot.inst = slot.plugin.lease();
+                if slot.inst.is_none() {
+                    match slot.plugin.on_error {
+                        OnError::Deny => return Self::deny(&slot.plugin, "is unavailable"),
+                        OnError::Allow => {
+                            slot.plugin.info.state.failures_allow.inc();
+                            continue;
+                        }
+                    }
+                }
+            }
             let mut guard = slot.inst.as_ref().expect("leased").lock();
             let r = match guard.as_mut() {
                 Some(inst) => {
@@ -224,7 +237,7 @@ impl Exchange {
                 }
             } else if park {
                 slot.parked = true;
-                slot.plugin.give_back(Arc::clone(handle));
+                slot.plugin.park(handle);
             }
             if let Some(reply) = self.info.local.take() {
                 log::warn!(
@@ -409,7 +422,7 @@ impl Exchange {
             let r = if ctx == 0 {
                 Ok(())
             } else {
-                let r = finish(&handle, ctx, Some(env), true);
+                let r = finish(&slot.plugin, &handle, ctx, Some(env), true);
                 let t1 = Instant::now();
                 slot.plugin.info.state.durations[2].observe((t1 - t0).as_secs_f64());
                 t0 = t1;
@@ -439,7 +452,7 @@ impl Drop for Exchange {
                 continue;
             };
             let ctx = std::mem::take(&mut slot.ctx);
-            let ok = ctx == 0 || finish(&handle, ctx, None, false).is_ok();
+            let ok = ctx == 0 || finish(&slot.plugin, &handle, ctx, None, false).is_ok();
             if ok && !std::mem::take(&mut slot.parked) {
                 slot.plugin.give_back(handle);
             }
@@ -448,9 +461,10 @@ impl Drop for Exchange {
 }
 
 /// The finishing callbacks of context `ctx` in the instance behind `handle` (which may be
-/// parked, so it is locked for the call). A discarded instance took the context with it.
-/// On a fault the instance is discarded.
+/// parked, so it is locked for the call). A discarded instance took the context with it
+/// (counted as lost). On a fault the instance is discarded.
 fn finish(
+    plugin: &Plugin,
     handle: &Handle,
     ctx: i32,
     env: Option<Env>,
@@ -458,6 +472,7 @@ fn finish(
 ) -> std::result::Result<(), Fault> {
     let mut guard = handle.lock();
     let Some(inst) = guard.as_mut() else {
+        plugin.info.state.lost.inc();
         return Ok(());
     };
     let r = inst.finish(ctx, env, log);

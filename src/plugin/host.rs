@@ -41,6 +41,8 @@ pub struct PluginState {
     pub instances: IntGauge,
     /// Requests that found the instance pool full.
     pub pool_full: IntCounter,
+    /// Contexts lost with a shared instance another request's fault discarded.
+    pub lost: IntCounter,
     pub failures_deny: IntCounter,
     pub failures_allow: IntCounter,
 }
@@ -70,6 +72,7 @@ impl PluginState {
             durations: [dur("request"), dur("response"), dur("log")],
             instances: m.plugin_instances.with_label_values(&[name]),
             pool_full: m.plugin_pool_full.with_label_values(&[name]),
+            lost: m.plugin_lost.with_label_values(&[name]),
             failures_deny: m.plugin_failures.with_label_values(&[name, "deny"]),
             failures_allow: m.plugin_failures.with_label_values(&[name, "allow"]),
         }

@@ -25,6 +25,8 @@ const TICK: Duration = Duration::from_millis(5);
 pub(super) const ROOT_CONTEXT: i32 = 1;
 /// Idle configured instances kept per plugin.
 const MAX_IDLE: usize = 256;
+/// Contexts parked in one instance at most (see `Plugin::park`).
+const MAX_PARKED: usize = 64;
 /// Faults per second after which no new instance is built until the second is over.
 const TRAP_RATE_LIMIT: u32 = 20;
 
@@ -57,7 +59,10 @@ fn engine_with_slots(slots: u32) -> &'static Engine {
             .total_memories(slots)
             .total_tables(slots)
             .max_memories_per_module(1)
-            .max_tables_per_module(1);
+            .max_tables_per_module(1)
+            // Address space only until used; wasmtime's default of 20,000 would refuse modules
+            // with larger function tables that load without the pool.
+            .table_elements(65_536);
         let mut pooled = c.clone();
         pooled.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         let engine = match Engine::new(&pooled) {
@@ -90,30 +95,28 @@ fn engine_with_slots(slots: u32) -> &'static Engine {
 /// another plugin's idle instances (idle instances are a cache; demand comes first).
 static LOADED: Mutex<Vec<std::sync::Weak<Plugin>>> = Mutex::new(Vec::new());
 
-/// Drops one idle instance of the plugin (other than `except`) with the most idle ones,
-/// freeing its pool slot. Instances still holding parked contexts are skipped: their slot
-/// would not come free. `false` when there is nothing to drop.
-fn free_an_idle_slot(except: *const Plugin) -> bool {
-    let victim = {
+/// Drops one idle instance that holds no parked context (of any plugin), freeing its pool
+/// slot; forgets discarded ones on the way. `false` when there is none.
+fn free_an_idle_slot() -> bool {
+    let plugins: Vec<Arc<Plugin>> = {
         let mut loaded = LOADED.lock();
         loaded.retain(|w| w.strong_count() > 0);
-        loaded
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .filter(|p| !std::ptr::eq(Arc::as_ptr(p), except))
-            .max_by_key(|p| p.pool.lock().len())
+        loaded.iter().filter_map(std::sync::Weak::upgrade).collect()
     };
-    let Some(victim) = victim else {
-        return false;
-    };
-    let handle = {
-        let mut pool = victim.pool.lock();
-        pool.iter()
-            .rposition(|h| Arc::strong_count(h) == 1)
-            .map(|i| pool.swap_remove(i))
-    };
-    // Dropped here, outside every lock: the slot goes back to the engine's pool.
-    handle.is_some()
+    for p in plugins {
+        let handle = {
+            let mut pool = p.pool.lock();
+            pool.retain(|h| h.lock().is_some());
+            pool.iter()
+                .rposition(|h| Arc::strong_count(h) == 1)
+                .map(|i| pool.swap_remove(i))
+        };
+        if handle.is_some() {
+            // Dropped here, outside every lock: the slot goes back to the engine's pool.
+            return true;
+        }
+    }
+    false
 }
 
 fn ticks(d: Duration) -> u64 {
@@ -355,6 +358,8 @@ enum Build {
 
 #[derive(Default)]
 struct Health {
+    /// When the last "pool full" warning was logged.
+    pool_full_logged: Option<Instant>,
     window_start: Option<Instant>,
     faults_in_window: u32,
     backoff: Duration,
@@ -461,7 +466,7 @@ impl Plugin {
         });
         // Build one instance now: a plugin that cannot start is a load error.
         let mut first = plugin.build_instance();
-        if matches!(first, Err(Build::PoolFull(_))) && free_an_idle_slot(Arc::as_ptr(&plugin)) {
+        if matches!(first, Err(Build::PoolFull(_))) && free_an_idle_slot() {
             first = plugin.build_instance();
         }
         let first = first.map_err(|(Build::PoolFull(e) | Build::Failed(e))| e)?;
@@ -610,7 +615,7 @@ impl Plugin {
             }
         }
         let mut built = self.build_instance();
-        if matches!(built, Err(Build::PoolFull(_))) && free_an_idle_slot(self) {
+        if matches!(built, Err(Build::PoolFull(_))) && free_an_idle_slot() {
             built = self.build_instance();
         }
         match built {
@@ -619,9 +624,15 @@ impl Plugin {
                 Some(Arc::new(Mutex::new(Some(i))))
             }
             Err(Build::PoolFull(e)) => {
-                // No backoff: a slot frees up as soon as any request ends.
+                // No backoff: a slot frees up as soon as any request ends. One warning a second.
                 self.info.state.pool_full.inc();
-                log::warn!(target: "plugin", "[{}] no instance for this request: {e}", self.info.name);
+                let mut h = self.health.lock();
+                if h.pool_full_logged
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    h.pool_full_logged = Some(now);
+                    log::warn!(target: "plugin", "[{}] no instance for a request: {e}", self.info.name);
+                }
                 None
             }
             Err(Build::Failed(e)) => {
@@ -637,6 +648,17 @@ impl Plugin {
                 );
                 None
             }
+        }
+    }
+
+    /// A request parks its context in `h` and hands the instance back, unless `MAX_PARKED`
+    /// contexts are parked there already: then the instance leaves the pool and lives until
+    /// its parked contexts finish, and new requests get other instances (bounded guest memory
+    /// per instance, and a bounded number of contexts a fault there can take with it).
+    pub(super) fn park(&self, h: &Handle) {
+        // Holders: this request, and one per other parked context.
+        if Arc::strong_count(h) <= MAX_PARKED {
+            self.give_back(Arc::clone(h));
         }
     }
 
@@ -660,6 +682,7 @@ impl Plugin {
             FaultKind::Timeout => 1,
             FaultKind::Memory => 2,
             FaultKind::Lost => {
+                self.info.state.lost.inc();
                 log::warn!(target: "plugin", "[{}] {phase}: {f}", self.info.name);
                 return;
             }
@@ -1033,6 +1056,13 @@ mod tests {
                 faults, 0,
                 "{bodies:?}: finishing parked contexts never faults"
             );
+            // Every context got its on_log, parked or not (the probe counts them).
+            let logs = crate::metrics::METRICS
+                .plugin_counter
+                .with_label_values(&[name.as_str(), "probe_logs"])
+                .get();
+            assert_eq!(logs, 3, "{bodies:?}");
+            assert_eq!(state.lost.get(), 0);
         }
     }
 
@@ -1101,6 +1131,7 @@ mod tests {
         assert_eq!(state.failures_allow.get(), 1);
         b.log(&req_b, None);
         assert_eq!(state.traps.iter().map(|c| c.get()).sum::<u64>(), 1);
+        assert_eq!(state.lost.get(), 1, "B's context went with the instance");
         // The next request gets a fresh instance.
         let (mut c, req_c) = start(false);
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();

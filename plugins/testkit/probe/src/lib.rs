@@ -12,7 +12,7 @@ use serde::Deserialize;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(ProbeRoot { context_id, config: None, metric: None })
+        Box::new(ProbeRoot { context_id, config: None, metric: None, logs: None })
     });
 }}
 
@@ -28,6 +28,8 @@ struct ProbeRoot {
     config: Option<Rc<Config>>,
     /// Id of the `probe_requests` counter (None if the host refused to define it).
     metric: Option<u32>,
+    /// Id of the `probe_logs` counter: `on_log` calls, so a host that skips them shows.
+    logs: Option<u32>,
 }
 
 impl Context for ProbeRoot {}
@@ -57,6 +59,9 @@ impl RootContext for ProbeRoot {
                 Err(e) => log::warn!("probe: define_metric failed: {e:?}"),
             }
         }
+        if self.logs.is_none() {
+            self.logs = hostcalls::define_metric(MetricType::Counter, "probe_logs").ok();
+        }
         log::info!(
             "probe: configured ({plugin_configuration_size} bytes), greeting {:?}, metric {:?}",
             config.greeting,
@@ -72,6 +77,7 @@ impl RootContext for ProbeRoot {
             context_id,
             config,
             metric: self.metric,
+            logs: self.logs,
             path: String::new(),
             method: String::new(),
             route: String::new(),
@@ -90,6 +96,7 @@ struct ProbeHttp {
     context_id: u32,
     config: Rc<Config>,
     metric: Option<u32>,
+    logs: Option<u32>,
     path: String,
     method: String,
     route: String,
@@ -196,6 +203,9 @@ impl HttpContext for ProbeHttp {
     }
 
     fn on_log(&mut self) {
+        if let Some(id) = self.logs {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
         log::info!(
             "probe[{}]: done {} {} -> {}",
             self.context_id,
