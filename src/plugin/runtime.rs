@@ -961,6 +961,26 @@ impl Runtime {
 mod tests {
     use super::*;
 
+    /// `plugins/dist/<name>.wasm`, or `None` (saying so) when it is not built.
+    fn dist(name: &str) -> Option<String> {
+        let wasm = format!("{}/plugins/dist/{name}.wasm", env!("CARGO_MANIFEST_DIR"));
+        if !Path::new(&wasm).exists() {
+            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
+            return None;
+        }
+        Some(wasm)
+    }
+
+    /// A config with `plugins` and `routes` (YAML flow collections) over one origin, group `g`.
+    fn config(extra_server: &str, plugins: &str, routes: &str) -> Config {
+        let yaml = format!(
+            "listen: [{{addr: 127.0.0.1:1}}]\n{extra_server}\
+             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
+             plugins: {plugins}\nroutes: {routes}\n"
+        );
+        crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap()
+    }
+
     /// A config with the probe plugin from `plugins/dist` (None when it is not built).
     fn probe_config(name: &str, extra_server: &str) -> Option<Config> {
         probe_config_with(name, extra_server, "")
@@ -968,31 +988,16 @@ mod tests {
 
     /// As `probe_config`, with `extra_plugin` (`key: value, `) in the plugin's definition.
     fn probe_config_with(name: &str, extra_server: &str, extra_plugin: &str) -> Option<Config> {
-        let wasm = format!("{}/plugins/dist/probe.wasm", env!("CARGO_MANIFEST_DIR"));
-        if !Path::new(&wasm).exists() {
-            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
-            return None;
-        }
-        let yaml = format!(
-            "listen: [{{addr: 127.0.0.1:1}}]\n{extra_server}\
-             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
-             plugins: {{{name}: {{{extra_plugin}wasm: {wasm}, config: {{greeting: hi}}}}}}\n\
-             routes: [{{path: /, group: g, plugins: [{name}]}}, {{path: /none, group: g}}]\n"
-        );
-        Some(crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap())
+        let wasm = dist("probe")?;
+        Some(config(
+            extra_server,
+            &format!("{{{name}: {{{extra_plugin}wasm: {wasm}, config: {{greeting: hi}}}}}}"),
+            &format!("[{{path: /, group: g, plugins: [{name}]}}, {{path: /none, group: g}}]"),
+        ))
     }
 
     fn one_request(rt: &Runtime) {
-        let mut req = pingora_http::RequestHeader::build("GET", b"/x", None).unwrap();
-        req.insert_header("host", "h").unwrap();
-        let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
-        assert!(matches!(
-            ex.request_headers(&mut req, true),
-            super::super::Verdict::Continue
-        ));
-        let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
-        ex.response_headers(&req, &mut resp);
-        assert_eq!(resp.headers.get("x-probe-greeting").unwrap(), "hi");
+        let (mut ex, req, resp) = until_response(rt);
         ex.log(&req, Some(&resp));
     }
 
@@ -1015,7 +1020,13 @@ mod tests {
     }
 
     /// Runs the request and response headers of one request; the exchange is left to `log`.
-    fn until_response(rt: &Runtime) -> (Exchange, pingora_http::RequestHeader) {
+    fn until_response(
+        rt: &Runtime,
+    ) -> (
+        Exchange,
+        pingora_http::RequestHeader,
+        pingora_http::ResponseHeader,
+    ) {
         let mut req = pingora_http::RequestHeader::build("GET", b"/x", None).unwrap();
         req.insert_header("host", "h").unwrap();
         let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
@@ -1026,7 +1037,7 @@ mod tests {
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
         ex.response_headers(&req, &mut resp);
         assert_eq!(resp.headers.get("x-probe-greeting").unwrap(), "hi");
-        (ex, req)
+        (ex, req, resp)
     }
 
     #[test]
@@ -1039,8 +1050,8 @@ mod tests {
             let rt = Runtime::load(&cfg).unwrap().unwrap();
             let state = &rt.slots[0].state;
             // Two responses under way at once (bodies still streaming, logs not reached).
-            let (mut a, req_a) = until_response(&rt);
-            let (mut b, req_b) = until_response(&rt);
+            let (mut a, req_a, _) = until_response(&rt);
+            let (mut b, req_b, _) = until_response(&rt);
             assert_eq!(
                 state.instances.get(),
                 instances,
@@ -1088,18 +1099,14 @@ mod tests {
 
     #[test]
     fn a_fault_in_a_parked_context_costs_the_sharing_request_only_its_plugin() {
-        let wasm = format!("{}/plugins/dist/chaos.wasm", env!("CARGO_MANIFEST_DIR"));
-        if !Path::new(&wasm).exists() {
-            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
+        let Some(wasm) = dist("chaos") else {
             return;
-        }
-        let yaml = format!(
-            "listen: [{{addr: 127.0.0.1:1}}]\n\
-             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
-             plugins: {{c: {{wasm: {wasm}, bodies: false, on_error: allow, config: {{mode: trap, phase: log, only_if_header: x-chaos}}}}}}\n\
-             routes: [{{path: /, group: g, plugins: [c]}}]\n"
+        };
+        let cfg = config(
+            "",
+            &format!("{{c: {{wasm: {wasm}, bodies: false, on_error: allow, config: {{mode: trap, phase: log, only_if_header: x-chaos}}}}}}"),
+            "[{path: /, group: g, plugins: [c]}]",
         );
-        let cfg = crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap();
         let rt = Runtime::load(&cfg).unwrap().unwrap();
         let state = &rt.slots[0].state;
         let start = |armed: bool| {
@@ -1142,18 +1149,14 @@ mod tests {
 
     #[test]
     fn plugins_loaded_from_one_file_share_one_compiled_module() {
-        let wasm = format!("{}/plugins/dist/probe.wasm", env!("CARGO_MANIFEST_DIR"));
-        if !Path::new(&wasm).exists() {
-            eprintln!("skipped: {wasm} not built (scripts/build-plugins.sh)");
+        let Some(wasm) = dist("probe") else {
             return;
-        }
-        let yaml = format!(
-            "listen: [{{addr: 127.0.0.1:1}}]\n\
-             origins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\ngroups: {{g: {{main: a}}}}\n\
-             plugins: {{p1: {{wasm: {wasm}, config: {{greeting: one}}}}, p2: {{wasm: {wasm}, config: {{greeting: two}}}}}}\n\
-             routes: [{{path: /, group: g, plugins: [p1, p2]}}]\n"
+        };
+        let cfg = config(
+            "",
+            &format!("{{p1: {{wasm: {wasm}, config: {{greeting: one}}}}, p2: {{wasm: {wasm}, config: {{greeting: two}}}}}}"),
+            "[{path: /, group: g, plugins: [p1, p2]}]",
         );
-        let cfg = crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None).unwrap();
         let rt = Runtime::load(&cfg).unwrap().unwrap();
         let (a, b) = (rt.slots[0].current.read(), rt.slots[1].current.read());
         assert!(Module::same(&a.module, &b.module));
