@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -513,9 +513,19 @@ async fn stale_while_revalidate_refreshes_once_in_the_background() {
         "one background refresh: {}",
         o.stats.count("GET")
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The refresh reached the origin, which answers 300 ms later; until it is stored the
+    // stale copy is still served (without starting another refresh).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = get(&c, "/swr.txt").await;
+        if r == (200, "HIT".into(), "v2".into()) {
+            break;
+        }
+        assert_eq!(r, (200, "STALE".into(), "v1".into()));
+        assert!(Instant::now() < deadline, "the refresh was never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(o.stats.count("GET"), 2, "exactly one refresh");
-    assert_eq!(get(&c, "/swr.txt").await, (200, "HIT".into(), "v2".into()));
 }
 
 #[tokio::test]
