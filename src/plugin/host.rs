@@ -333,6 +333,35 @@ fn put_u64(mem: &mut [u8], ptr: i32, v: u64) -> bool {
 
 type C<'a> = Caller<'a, Host>;
 
+/// Writes each `(ptr, value)` into guest memory; `false` when a pointer is out of bounds.
+/// The usual tail of a hostcall that returns numbers, with `status_of` / `errno_of`.
+fn write_u32s(c: &mut C<'_>, words: &[(i32, u32)]) -> bool {
+    parts(c).is_some_and(|(mem, _)| words.iter().all(|&(p, v)| put_u32(mem, p, v)))
+}
+
+/// `write_u32s` for one 64-bit value.
+fn write_u64(c: &mut C<'_>, ptr: i32, v: u64) -> bool {
+    parts(c).is_some_and(|(mem, _)| put_u64(mem, ptr, v))
+}
+
+/// proxy-wasm status of a write to guest memory.
+fn status_of(written: bool) -> i32 {
+    if written {
+        status::OK
+    } else {
+        status::INVALID_MEMORY_ACCESS
+    }
+}
+
+/// WASI errno of a write to guest memory.
+fn errno_of(written: bool) -> i32 {
+    if written {
+        errno::SUCCESS
+    } else {
+        errno::FAULT
+    }
+}
+
 fn parts<'a>(c: &'a mut C<'_>) -> Option<(&'a mut [u8], &'a mut Host)> {
     let m = c.data().memory?;
     Some(m.data_and_store_mut(c))
@@ -680,34 +709,17 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         "env",
         "proxy_get_log_level",
         |mut c: C<'_>, ret: i32| -> i32 {
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u32(mem, ret, abi::current_log_level() as u32) {
-                        status::OK
-                    } else {
-                        status::INVALID_MEMORY_ACCESS
-                    }
-                }
-                None => status::INVALID_MEMORY_ACCESS,
-            }
+            status_of(write_u32s(
+                &mut c,
+                &[(ret, abi::current_log_level() as u32)],
+            ))
         },
     )?;
     def("env", "proxy_get_log_level");
     l.func_wrap(
         "env",
         "proxy_get_current_time_nanoseconds",
-        |mut c: C<'_>, ret: i32| -> i32 {
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u64(mem, ret, now_nanos()) {
-                        status::OK
-                    } else {
-                        status::INVALID_MEMORY_ACCESS
-                    }
-                }
-                None => status::INVALID_MEMORY_ACCESS,
-            }
-        },
+        |mut c: C<'_>, ret: i32| -> i32 { status_of(write_u64(&mut c, ret, now_nanos())) },
     )?;
     def("env", "proxy_get_current_time_nanoseconds");
     // Ticks are never delivered; accepting the period keeps SDK plugins from trapping.
@@ -771,16 +783,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                 }
                 _ => return status::BAD_ARGUMENT,
             };
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u32(mem, ret_len, n as u32) && put_u32(mem, ret_flags, 0) {
-                        status::OK
-                    } else {
-                        status::INVALID_MEMORY_ACCESS
-                    }
-                }
-                None => status::INVALID_MEMORY_ACCESS,
-            }
+            status_of(write_u32s(&mut c, &[(ret_len, n as u32), (ret_flags, 0)]))
         },
     )?;
     def("env", "proxy_get_buffer_status");
@@ -836,16 +839,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         |mut c: C<'_>, mt: i32, ret_len: i32| -> i32 {
             serialize_headers(c.data_mut(), mt);
             let n = c.data().out.len() as u32;
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u32(mem, ret_len, n) {
-                        status::OK
-                    } else {
-                        status::INVALID_MEMORY_ACCESS
-                    }
-                }
-                None => status::INVALID_MEMORY_ACCESS,
-            }
+            status_of(write_u32s(&mut c, &[(ret_len, n)]))
         },
     )?;
     def("env", "proxy_get_header_map_size");
@@ -1007,16 +1001,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
             if st != status::OK {
                 return Ok(st);
             }
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u32(mem, ret_cas, cas) {
-                        Ok(status::OK)
-                    } else {
-                        Ok(status::INVALID_MEMORY_ACCESS)
-                    }
-                }
-                None => Ok(status::INVALID_MEMORY_ACCESS),
-            }
+            Ok(status_of(write_u32s(&mut c, &[(ret_cas, cas)])))
         },
     )?;
     def("env", "proxy_get_shared_data");
@@ -1136,16 +1121,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
             let Some(id) = c.data().info.state.define_metric(kind, &name) else {
                 return status::BAD_ARGUMENT;
             };
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u32(mem, ret, id) {
-                        status::OK
-                    } else {
-                        status::INVALID_MEMORY_ACCESS
-                    }
-                }
-                None => status::INVALID_MEMORY_ACCESS,
-            }
+            status_of(write_u32s(&mut c, &[(ret, id)]))
         },
     )?;
     def("env", "proxy_define_metric");
@@ -1189,16 +1165,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                 Ok(v) => v,
                 Err(s) => return s,
             };
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u64(mem, ret, v) {
-                        status::OK
-                    } else {
-                        status::INVALID_MEMORY_ACCESS
-                    }
-                }
-                None => status::INVALID_MEMORY_ACCESS,
-            }
+            status_of(write_u64(&mut c, ret, v))
         },
     )?;
     def("env", "proxy_get_metric");
@@ -1253,11 +1220,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                 };
                 log::log!(target: "plugin", lvl, "[{}] {}", host.info.name, text);
             }
-            if put_u32(mem, ret, msg.len() as u32) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
+            errno_of(put_u32(mem, ret, msg.len() as u32))
         },
     )?;
     def(W, "fd_write");
@@ -1270,34 +1233,14 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                 1..=3 => monotonic_nanos(),
                 _ => return errno::NOTSUP,
             };
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u64(mem, ret, v) {
-                        errno::SUCCESS
-                    } else {
-                        errno::FAULT
-                    }
-                }
-                None => errno::FAULT,
-            }
+            errno_of(write_u64(&mut c, ret, v))
         },
     )?;
     def(W, "clock_time_get");
     l.func_wrap(
         W,
         "clock_res_get",
-        |mut c: C<'_>, _id: i32, ret: i32| -> i32 {
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u64(mem, ret, 1_000) {
-                        errno::SUCCESS
-                    } else {
-                        errno::FAULT
-                    }
-                }
-                None => errno::FAULT,
-            }
-        },
+        |mut c: C<'_>, _id: i32, ret: i32| -> i32 { errno_of(write_u64(&mut c, ret, 1_000)) },
     )?;
     def(W, "clock_res_get");
     l.func_wrap(W, "random_get", |mut c: C<'_>, ptr: i32, len: i32| -> i32 {
@@ -1329,11 +1272,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                 host.info.environ_count as u32,
                 host.info.environ.len() as u32,
             );
-            if put_u32(mem, count, n) && put_u32(mem, size, len) {
-                errno::SUCCESS
-            } else {
-                errno::FAULT
-            }
+            errno_of(put_u32(mem, count, n) && put_u32(mem, size, len))
         },
     )?;
     def(W, "environ_sizes_get");
@@ -1365,16 +1304,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         W,
         "args_sizes_get",
         |mut c: C<'_>, count: i32, size: i32| -> i32 {
-            match parts(&mut c) {
-                Some((mem, _)) => {
-                    if put_u32(mem, count, 0) && put_u32(mem, size, 0) {
-                        errno::SUCCESS
-                    } else {
-                        errno::FAULT
-                    }
-                }
-                None => errno::FAULT,
-            }
+            errno_of(write_u32s(&mut c, &[(count, 0), (size, 0)]))
         },
     )?;
     def(W, "args_sizes_get");
