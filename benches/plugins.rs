@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Instant;
 
-use cascade::plugin::{Runtime, Verdict};
+use cascade::plugin::{Runtime, Step, Verdict};
 use pingora_http::{RequestHeader, ResponseHeader};
 
 /// Iterations per measurement (`BENCH_ITERS` overrides, e.g. for a longer `perf record`).
@@ -99,8 +99,9 @@ routes:
                 .exchange(route, 0, "/img/photo-1234.jpg", Some(source))
                 .expect("chain");
             match ex.request_headers(&mut q, true) {
-                Verdict::Continue => {}
-                other => panic!("unexpected verdict {other:?}"),
+                Step::Done(Verdict::Continue) => {}
+                Step::Done(other) => panic!("unexpected verdict {other:?}"),
+                Step::Calls { .. } => panic!("the bench plugins make no HTTP calls"),
             }
             let mut r = resp.clone();
             ex.info.cache_status = Some("HIT");

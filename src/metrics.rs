@@ -43,6 +43,8 @@ pub struct Metrics {
     pub plugin_pool_full: IntCounterVec,
     pub plugin_lost: IntCounterVec,
     pub plugin_failures: IntCounterVec,
+    pub plugin_http_calls: IntCounterVec,
+    pub plugin_http_call_duration: HistogramVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -215,6 +217,21 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let plugin_http_calls = register_int_counter_vec_with_registry!(
+            "cascade_plugin_http_calls_total",
+            "HTTP calls made by plugins (proxy_http_call), by plugin and outcome (ok: an answer of any status, error, timeout).",
+            &["plugin", "outcome"],
+            registry
+        )
+        .expect("metric");
+        let plugin_http_call_duration = register_histogram_vec_with_registry!(
+            "cascade_plugin_http_call_duration_seconds",
+            "Duration of plugins' HTTP calls (the request waits for them), by plugin.",
+            &["plugin"],
+            exponential_buckets(0.000_25, 2.0, 16).expect("static buckets"),
+            registry
+        )
+        .expect("metric");
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -245,6 +262,8 @@ impl Metrics {
             plugin_pool_full,
             plugin_lost,
             plugin_failures,
+            plugin_http_calls,
+            plugin_http_call_duration,
         }
     }
 

@@ -256,8 +256,14 @@ impl ProxyHttp for Cascade {
                     ctx.req = Some(a);
                     return Ok(false);
                 };
-                let (exchange, verdict) =
-                    plugin::on_request(rt, session, &mut a, &self.state.groups);
+                let (exchange, verdict) = plugin::on_request(
+                    rt,
+                    session,
+                    &mut a,
+                    &self.state.groups,
+                    &self.state.origins,
+                )
+                .await;
                 ctx.req = Some(a);
                 ctx.plugins = exchange;
                 match verdict {

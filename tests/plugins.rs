@@ -1015,3 +1015,202 @@ async fn a_plugin_without_body_callbacks_holds_no_instance_while_a_body_streams(
         );
     }
 }
+
+/// `ext-auth` (proxy_http_call): every request is checked with an authorization service (an
+/// origin of the config) before the cache and the origin; the service's verdict, its failure
+/// and its silence each give the right answer, and the calls are counted.
+#[tokio::test]
+async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "object bytes").header("cache-control", "max-age=300"));
+    let authsvc = HttpOrigin::start();
+    authsvc.route("/allow", Reply::new(200, "").header("x-user", "alice"));
+    authsvc.route(
+        "/deny",
+        Reply::new(401, "go away\n")
+            .header("www-authenticate", "Basic realm=\"media\"")
+            .header("x-internal", "not for clients"),
+    );
+    authsvc.route("/slow", Reply::new(200, "").delay(Duration::from_secs(3)));
+    authsvc.route("/teapot", Reply::new(418, ""));
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let ext = wasm("ext-auth");
+    let plugin =
+        |name: &str, config: &str| format!("  {name}: {{wasm: {ext}, config: {{{config}}}}}\n");
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n  authsvc: {{url: \"{}\"}}\n  dead: {{url: \"{dead}\"}}\n\
+         groups:\n  main: {{main: web}}\n\
+         cache: {{memory: 16MiB}}\n\
+         plugins:\n{}{}{}{}{}{}{}\
+         routes:\n\
+         \x20 - {{path: /ok, group: main, plugins: [ok]}}\n\
+         \x20 - {{path: /no, group: main, plugins: [no]}}\n\
+         \x20 - {{path: /slow, group: main, plugins: [slow]}}\n\
+         \x20 - {{path: /down, group: main, plugins: [down]}}\n\
+         \x20 - {{path: /open, group: main, plugins: [open]}}\n\
+         \x20 - {{path: /weird, group: main, plugins: [weird]}}\n\
+         \x20 - {{path: /bad, group: main, plugins: [bad]}}\n",
+        origin.url(""),
+        authsvc.url(""),
+        plugin(
+            "ok",
+            "upstream: authsvc, path: /allow, forward: [x-session], copy: [x-user]"
+        ),
+        plugin("no", "upstream: authsvc, path: /deny"),
+        plugin("slow", "upstream: authsvc, path: /slow, timeout_ms: 200"),
+        plugin("down", "upstream: dead"),
+        plugin("open", "upstream: dead, on_failure: allow"),
+        plugin("weird", "upstream: authsvc, path: /teapot"),
+        plugin("bad", "upstream: no-such-origin"),
+    );
+    let c = Cascade::start(&yaml);
+    let get = |path: &str| client().get(c.url(path));
+
+    // Allowed: the service saw the request's facts and forwarded header; the origin sees the
+    // identity the service gave, never the one the client claimed. A cache hit is checked too.
+    for want in ["MISS", "HIT"] {
+        let r = get("/ok/a.jpg?v=1")
+            .header("x-session", "t0k")
+            .header("x-user", "mallory")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-cache"), want);
+        assert_eq!(r.text().await.unwrap(), "object bytes");
+    }
+    assert_eq!(authsvc.stats.count("GET"), 2, "every request is checked");
+    let check = authsvc.stats.last().unwrap();
+    assert_eq!(check.uri, "/allow");
+    assert_eq!(check.header("x-original-uri"), "/ok/a.jpg?v=1");
+    assert_eq!(check.header("x-original-method"), "GET");
+    assert_eq!(check.header("x-session"), "t0k");
+    assert!(check
+        .header("x-original-remote-addr")
+        .starts_with("127.0.0.1"));
+    assert_eq!(
+        check.header("host"),
+        authsvc.authority(),
+        "the origin's Host"
+    );
+    let seen = origin.stats.last().unwrap();
+    assert_eq!(seen.header("x-user"), "alice");
+
+    // Refused: the service's status, challenge and body reach the client, nothing else.
+    let r = get("/no/a.jpg").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(header(&r, "www-authenticate"), "Basic realm=\"media\"");
+    assert_eq!(header(&r, "x-internal"), "");
+    assert_eq!(r.text().await.unwrap(), "go away\n");
+
+    // A service slower than the timeout: 503 well before its answer comes.
+    let t0 = Instant::now();
+    let r = get("/slow/a.jpg").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // Unreachable: 503 (deny) or let through (on_failure: allow).
+    let r = get("/down/a.jpg").send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("unavailable"));
+    let r = get("/open/a.jpg").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // A status that is neither a yes nor a no: 502. An upstream that is not an origin: the
+    // host refuses the call (BAD_ARGUMENT) and the plugin answers 500.
+    assert_eq!(get("/weird/a.jpg").send().await.unwrap().status(), 502);
+    assert_eq!(get("/bad/a.jpg").send().await.unwrap().status(), 500);
+    assert!(c.stderr().contains("no origin named `no-such-origin`"));
+
+    assert_eq!(
+        origin.stats.count("GET"),
+        2,
+        "only /ok's miss and /open reached the origin"
+    );
+    let m = c.metrics().await;
+    let calls = |plugin: &str, outcome: &str| {
+        metric_sum(
+            &m,
+            "cascade_plugin_http_calls_total",
+            &[("plugin", plugin), ("outcome", outcome)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(calls("ok", "ok"), 2.0, "{m}");
+    assert_eq!(calls("no", "ok"), 1.0, "{m}");
+    assert_eq!(calls("slow", "timeout"), 1.0, "{m}");
+    assert_eq!(calls("down", "error"), 1.0, "{m}");
+    assert_eq!(calls("bad", "ok") + calls("bad", "error"), 0.0, "{m}");
+    let traps = metric_sum(&m, "cascade_plugin_traps_total", &[]).unwrap_or(0.0);
+    assert_eq!(traps, 0.0, "{m}");
+}
+
+/// A plugin that pauses the request for an HTTP call and never resumes it fails with its
+/// on_error instead of hanging the request; one that traps in its call-response callback
+/// costs only its request; a plugin after it in the chain still runs after a call.
+#[tokio::test]
+async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let authsvc = HttpOrigin::start();
+    authsvc.set_default(Reply::new(204, ""));
+    let chaos = wasm("chaos");
+    let probe = wasm("probe");
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n  svc: {{url: \"{}\"}}\ngroups:\n  main: {{main: web}}\n\
+         plugins:\n\
+         \x20 stall_deny: {{wasm: {chaos}, on_error: deny, config: {{mode: stall, upstream: svc}}}}\n\
+         \x20 stall_allow: {{wasm: {chaos}, on_error: allow, config: {{mode: stall, upstream: svc}}}}\n\
+         \x20 trap_in_answer: {{wasm: {chaos}, on_error: deny, config: {{mode: trap, phase: callout, upstream: svc, only_if_header: x-chaos}}}}\n\
+         \x20 ph: {{wasm: {probe}, config: {{greeting: hi}}}}\n\
+         routes:\n\
+         \x20 - {{path: /deny, group: main, plugins: [stall_deny, ph]}}\n\
+         \x20 - {{path: /allow, group: main, plugins: [stall_allow, ph]}}\n\
+         \x20 - {{path: /trap, group: main, plugins: [trap_in_answer, ph]}}\n",
+        origin.url(""),
+        authsvc.url(""),
+    );
+    let c = Cascade::start(&yaml);
+    let client = client_with_timeout(Duration::from_secs(10));
+
+    let r = client.get(c.url("/deny/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("did not resume"));
+    let r = client.get(c.url("/allow/x")).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "on_error: allow goes on without the plugin"
+    );
+    assert_eq!(header(&r, "x-probe-greeting"), "hi", "the next plugin ran");
+
+    let r = client
+        .get(c.url("/trap/x"))
+        .header("x-chaos", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let r = client.get(c.url("/trap/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the trap cost only its request");
+    assert_eq!(header(&r, "x-probe-greeting"), "hi");
+    // Unarmed, trap_in_answer makes no call: only the stalls' and the armed request's.
+    assert_eq!(authsvc.stats.total(), 3);
+
+    let m = c.metrics().await;
+    let fails = |p: &str, a: &str| {
+        metric_sum(
+            &m,
+            "cascade_plugin_failures_total",
+            &[("plugin", p), ("action", a)],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(fails("stall_deny", "deny"), 1.0, "{m}");
+    assert_eq!(fails("stall_allow", "allow"), 1.0, "{m}");
+    assert_eq!(fails("trap_in_answer", "deny"), 1.0, "{m}");
+    let traps = metric_sum(
+        &m,
+        "cascade_plugin_traps_total",
+        &[("plugin", "trap_in_answer"), ("kind", "trap")],
+    );
+    assert_eq!(traps, Some(1.0), "{m}");
+}

@@ -33,12 +33,16 @@ pub mod map {
     pub const REQUEST_TRAILERS: i32 = 1;
     pub const RESPONSE_HEADERS: i32 = 2;
     pub const RESPONSE_TRAILERS: i32 = 3;
+    /// The answer to a plugin's `proxy_http_call` (in `proxy_on_http_call_response`).
+    pub const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
+    pub const HTTP_CALL_RESPONSE_TRAILERS: i32 = 7;
 }
 
 /// `proxy_buffer_type_t`.
 pub mod buffer {
     pub const REQUEST_BODY: i32 = 0;
     pub const RESPONSE_BODY: i32 = 1;
+    pub const HTTP_CALL_RESPONSE_BODY: i32 = 4;
     pub const VM_CONFIGURATION: i32 = 6;
     pub const PLUGIN_CONFIGURATION: i32 = 7;
 }

@@ -17,6 +17,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use super::abi;
+use super::callout::{self, Answer, Call};
 use super::host::{Env, Phase};
 use super::runtime::{Fault, Handle, Plugin};
 use super::{LocalReply, Names, RequestInfo};
@@ -45,9 +46,23 @@ struct Slot {
     body_off: [bool; 2],
 }
 
+/// Where the request-headers walk of the chain stands.
+pub enum Step {
+    Done(Verdict),
+    /// Plugin `slot` dispatched HTTP calls: make them, then [`Exchange::deliver`] the answers.
+    Calls {
+        slot: usize,
+        calls: Vec<Call>,
+    },
+}
+
 /// The plugin state of one request.
 pub struct Exchange {
     slots: Vec<Slot>,
+    /// The first plugin whose request-headers callback has not run.
+    next: usize,
+    /// The plugin waiting for its HTTP calls paused the request (and has not resumed it).
+    paused: bool,
     names: Arc<Names>,
     pub info: RequestInfo,
     /// The request has a body (its headers did not end the stream).
@@ -75,6 +90,8 @@ impl Exchange {
                     body_off: [false; 2],
                 })
                 .collect(),
+            next: 0,
+            paused: false,
             names,
             info,
             request_body: true,
@@ -103,36 +120,75 @@ impl Exchange {
         )
     }
 
-    /// Runs `proxy_on_request_headers` of the chain, in order, on `req` (edits land in it).
-    pub fn request_headers(&mut self, req: &mut RequestHeader, end_of_stream: bool) -> Verdict {
+    /// A plugin failed (or is unavailable) in the request phase: its `on_error` decides.
+    /// `Some`: the request fails; `None`: the chain goes on without it.
+    fn on_error(plugin: &Plugin, why: &str) -> Option<Verdict> {
+        match plugin.on_error {
+            OnError::Deny => Some(Self::deny(plugin, why)),
+            OnError::Allow => {
+                plugin.info.state.failures_allow.inc();
+                None
+            }
+        }
+    }
+
+    /// A request-phase callback of plugin `i` faulted: its instance is gone.
+    fn fault(&mut self, i: usize, what: &str, f: &Fault) -> Option<Verdict> {
+        let slot = &mut self.slots[i];
+        slot.inst = None;
+        slot.ctx = 0;
+        slot.plugin.record_fault(what, f);
+        self.info.local = None;
+        self.info.route_error = None;
+        self.info.calls.clear();
+        Self::on_error(&slot.plugin, "failed")
+    }
+
+    /// After a request-phase callback of plugin `i` returned: did it end the request?
+    fn ended(&mut self, i: usize) -> Option<Verdict> {
+        if let Some(reply) = self.info.local.take() {
+            self.info.calls.clear();
+            return Some(Verdict::Reply(reply));
+        }
+        if let Some(e) = self.info.route_error.take() {
+            log::error!(target: "plugin", "{e}");
+            return Some(Verdict::Fail(500, format!("cascade: {e}\n")));
+        }
+        if self.info.closed {
+            let name = &self.slots[i].plugin.info.name;
+            return Some(Verdict::Fail(
+                403,
+                format!("cascade: plugin `{name}` closed the request\n"),
+            ));
+        }
+        None
+    }
+
+    /// Runs `proxy_on_request_headers` of the chain, in order, on `req` (edits land in it),
+    /// from the first plugin not yet run. Stops early when a plugin ends the request, or when
+    /// it dispatched HTTP calls: the caller makes them and hands the answers to [`deliver`],
+    /// which goes on with the chain.
+    ///
+    /// [`deliver`]: Exchange::deliver
+    pub fn request_headers(&mut self, req: &mut RequestHeader, end_of_stream: bool) -> Step {
         let req_ptr: *mut RequestHeader = req;
+        self.request_body = !end_of_stream;
         // One clock read per plugin: each plugin's time runs from the previous one's end.
         let mut t0 = Instant::now();
-        for i in 0..self.slots.len() {
+        while self.next < self.slots.len() {
+            let i = self.next;
+            self.next += 1;
             let env = self.env(Phase::Request, req_ptr, std::ptr::null());
+            self.info.resumed = false;
             let slot = &mut self.slots[i];
-            if slot.inst.is_none() {
-                match slot.plugin.lease() {
-                    Some(inst) => slot.inst = Some(inst),
-                    None => match slot.plugin.on_error {
-                        OnError::Deny => return Self::deny(&slot.plugin, "is unavailable"),
-                        OnError::Allow => {
-                            slot.plugin.info.state.failures_allow.inc();
-                            continue;
-                        }
-                    },
-                }
-            }
-            if slot.inst.as_ref().is_some_and(|h| h.lock().is_none()) {
-                // Discarded since the lease by a fault in a context parked there: lease again.
+            if slot.inst.as_ref().is_none_or(|h| h.lock().is_none()) {
+                // Not leased yet, or discarded since the lease by a fault in a context parked
+                // there: lease (again).
                 slot.inst = slot.plugin.lease();
                 if slot.inst.is_none() {
-                    match slot.plugin.on_error {
-                        OnError::Deny => return Self::deny(&slot.plugin, "is unavailable"),
-                        OnError::Allow => {
-                            slot.plugin.info.state.failures_allow.inc();
-                            continue;
-                        }
+                    match Self::on_error(&slot.plugin, "is unavailable") {
+                        Some(v) => return Step::Done(v),
+                        None => continue,
                     }
                 }
             }
@@ -143,7 +199,7 @@ impl Exchange {
                     let n = count_request_headers(unsafe { &*req_ptr });
                     let r = inst.new_context(env).and_then(|ctx| {
                         inst.request_headers(ctx, n, end_of_stream, env)
-                            .map(|_| ctx)
+                            .map(|action| (ctx, action))
                     });
                     if r.is_err() {
                         *guard = None;
@@ -158,40 +214,93 @@ impl Exchange {
             slot.plugin.info.state.durations[0].observe((t1 - t0).as_secs_f64());
             t0 = t1;
             match r {
-                Ok(ctx) => slot.ctx = ctx,
+                Ok((ctx, action)) => {
+                    slot.ctx = ctx;
+                    if let Some(v) = self.ended(i) {
+                        return Step::Done(v);
+                    }
+                    if !self.info.calls.is_empty() {
+                        self.paused = action == abi::ACTION_PAUSE && !self.info.resumed;
+                        let calls = std::mem::take(&mut self.info.calls);
+                        return Step::Calls { slot: i, calls };
+                    }
+                }
                 Err(f) => {
-                    slot.inst = None;
-                    slot.ctx = 0;
-                    slot.plugin.record_fault("request", &f);
-                    self.info.local = None;
-                    self.info.route_error = None;
-                    match slot.plugin.on_error {
-                        OnError::Deny => return Self::deny(&slot.plugin, "failed"),
-                        OnError::Allow => {
-                            slot.plugin.info.state.failures_allow.inc();
-                            continue;
-                        }
+                    if let Some(v) = self.fault(i, "request", &f) {
+                        return Step::Done(v);
                     }
                 }
             }
-            if let Some(reply) = self.info.local.take() {
-                return Verdict::Reply(reply);
+        }
+        Step::Done(Verdict::Continue)
+    }
+
+    /// Delivers the answers to the HTTP calls plugin `i` dispatched
+    /// (`proxy_on_http_call_response`, headers still writable), then goes on: with the calls
+    /// those callbacks dispatched, or with the rest of the chain. A plugin that paused the
+    /// request for its calls must resume it (`proxy_continue_stream`) or answer it; one that
+    /// does neither fails with its `on_error`, so a request never hangs on a plugin.
+    pub(super) fn deliver(
+        &mut self,
+        i: usize,
+        answers: Vec<(u32, Answer)>,
+        req: &mut RequestHeader,
+    ) -> Step {
+        let req_ptr: *mut RequestHeader = req;
+        let mut t0 = Instant::now();
+        let mut more = Vec::new();
+        for (token, answer) in answers {
+            let (headers, body) = (answer.headers.len(), answer.body.len());
+            self.info.answer = Some(answer);
+            let env = self.env(Phase::Request, req_ptr, std::ptr::null());
+            let slot = &mut self.slots[i];
+            let r = match slot.inst.as_ref() {
+                Some(h) => {
+                    let mut guard = h.lock();
+                    match guard.as_mut() {
+                        Some(inst) => {
+                            let r = inst.http_call_response(token, headers, body, env);
+                            if r.is_err() {
+                                *guard = None;
+                            }
+                            r
+                        }
+                        None => Err(Fault::lost()),
+                    }
+                }
+                None => Err(Fault::lost()),
+            };
+            self.info.answer = None;
+            let t1 = Instant::now();
+            slot.plugin.info.state.durations[0].observe((t1 - t0).as_secs_f64());
+            t0 = t1;
+            if let Err(f) = r {
+                return match self.fault(i, "http call response", &f) {
+                    Some(v) => Step::Done(v),
+                    None => self.request_headers(req, !self.request_body),
+                };
             }
-            if let Some(e) = self.info.route_error.take() {
-                log::error!(target: "plugin", "{e}");
-                return Verdict::Fail(500, format!("cascade: {e}\n"));
+            if let Some(v) = self.ended(i) {
+                return Step::Done(v);
             }
-            if self.info.closed {
-                return Verdict::Fail(
-                    403,
-                    format!(
-                        "cascade: plugin `{}` closed the request\n",
-                        slot.plugin.info.name
-                    ),
-                );
+            more.append(&mut self.info.calls);
+        }
+        self.paused &= !self.info.resumed;
+        if !more.is_empty() {
+            return Step::Calls {
+                slot: i,
+                calls: more,
+            };
+        }
+        if self.paused {
+            let plugin = &self.slots[i].plugin;
+            let why = "paused the request for its HTTP calls and did not resume it";
+            log::warn!(target: "plugin", "[{}] {why}", plugin.info.name);
+            if let Some(v) = Self::on_error(plugin, why) {
+                return Step::Done(v);
             }
         }
-        Verdict::Continue
+        self.request_headers(req, !self.request_body)
     }
 
     /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp`. A plugin
@@ -377,11 +486,8 @@ impl Exchange {
         Ok(())
     }
 
-    /// Records what the body callbacks need from the request and response headers: whether
-    /// the request has a body, the response body's length (before the plugins edit it).
-    pub fn set_request_body(&mut self, has_body: bool) {
-        self.request_body = has_body;
-    }
+    /// Records what the body callbacks need from the response headers: the response body's
+    /// length (before the plugins edit it).
     pub fn set_response_length(&mut self, len: Option<u64>) {
         self.response_len = len;
     }
@@ -525,13 +631,15 @@ pub async fn write_reply(session: &mut Session, r: &LocalReply) -> Result<()> {
 
 /// The request phase as the proxy runs it, right after admission: starts the route's
 /// exchange (`None` without a chain), runs the chain on the session's request header (header
-/// edits reach the origin), and applies the plugins' routing to the admitted request so that
+/// edits reach the origin), makes the HTTP calls plugins dispatch and delivers their answers
+/// (the request waits), and applies the plugins' routing to the admitted request so that
 /// fallback planning, origin rewrite/signing and the cache key follow it.
-pub fn on_request(
+pub async fn on_request(
     rt: &super::Runtime,
     session: &mut Session,
     a: &mut crate::admit::Admitted,
     groups: &[crate::config::GroupConfig],
+    origins: &[crate::origin::Origin],
 ) -> (Option<Exchange>, Verdict) {
     let source = session.client_addr().and_then(|s| s.as_inet()).copied();
     let Some(mut ex) = rt.exchange(a.route, a.group, &a.key, source) else {
@@ -543,8 +651,18 @@ pub fn on_request(
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes() != b"0")
         || req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    ex.set_request_body(has_body);
-    let verdict = ex.request_headers(req, !has_body);
+    let mut step = ex.request_headers(req, !has_body);
+    let verdict = loop {
+        match step {
+            Step::Done(v) => break v,
+            Step::Calls { slot, calls } => {
+                let plugin = ex.slots[slot].plugin.clone();
+                let answers =
+                    callout::perform_all(origins, calls, plugin.max_body, &plugin.info.name).await;
+                step = ex.deliver(slot, answers, session.req_header_mut());
+            }
+        }
+    };
     if !matches!(verdict, Verdict::Continue) {
         return (Some(ex), verdict);
     }

@@ -222,6 +222,11 @@ impl Env {
         // SAFETY: see the type's doc.
         unsafe { self.names.as_ref() }
     }
+    /// The answer `proxy_on_http_call_response` is delivering, if any.
+    fn answer(&self) -> Option<&super::callout::Answer> {
+        // SAFETY: see the type's doc.
+        unsafe { self.info.as_ref() }.and_then(|i| i.answer.as_ref())
+    }
     pub fn split(&mut self) -> (Option<&mut RequestInfo>, Option<&Names>) {
         // SAFETY: see the type's doc; the two pointers never alias.
         unsafe { (self.info.as_mut(), self.names.as_ref()) }
@@ -279,6 +284,9 @@ pub struct Host {
     /// Serialization scratch (reused: no allocation per call once warm).
     out: Vec<u8>,
     data: Vec<u8>,
+    /// The last `proxy_http_call` token handed out (tokens are per instance, as the SDKs'
+    /// callout tables are).
+    last_token: u32,
 }
 
 // SAFETY: the raw pointers in `env` are only set for the duration of a synchronous call made
@@ -301,6 +309,7 @@ impl Host {
             env: None,
             out: Vec::new(),
             data: Vec::new(),
+            last_token: 0,
         }
     }
 }
@@ -477,6 +486,10 @@ fn serialize_headers(host: &mut Host, map_type: i32) {
                 .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes()));
             abi::serialize_map(out, data, pseudo.into_iter().chain(regular));
         }
+        (map::HTTP_CALL_RESPONSE_HEADERS, Some(e)) if e.answer().is_some() => {
+            let pairs = e.answer().expect("checked").headers.iter();
+            abi::serialize_map(out, data, pairs.map(|(k, v)| (&k[..], &v[..])));
+        }
         _ => abi::serialize_map(out, data, std::iter::empty()),
     }
 }
@@ -514,6 +527,23 @@ fn get_header(env: &Env, map_type: i32, key: &[u8], out: &mut Vec<u8>) -> bool {
                 return true;
             }
             lookup(&resp.headers, out)
+        }
+        map::HTTP_CALL_RESPONSE_HEADERS => {
+            let Some(answer) = env.answer() else {
+                return false;
+            };
+            // Names arrive lower-case from the wire; the guest may ask in any case.
+            match answer
+                .headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            {
+                Some((_, v)) => {
+                    out.extend_from_slice(v);
+                    true
+                }
+                None => false,
+            }
         }
         _ => false,
     }
@@ -756,6 +786,17 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                         None => return Ok(status::NOT_FOUND),
                     }
                 }
+                abi::buffer::HTTP_CALL_RESPONSE_BODY => match c
+                    .data()
+                    .env
+                    .and_then(|e| e.answer().map(|a| a.body.clone()))
+                {
+                    Some(b) => {
+                        body = b;
+                        &body
+                    }
+                    None => return Ok(status::NOT_FOUND),
+                },
                 _ => return Ok(status::BAD_ARGUMENT),
             };
             let start = start as u32 as usize;
@@ -778,6 +819,12 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                     let mut env = c.data().env;
                     match env.as_mut().and_then(|e| e.body_mut(kind)) {
                         Some(b) => b.len(),
+                        None => return status::NOT_FOUND,
+                    }
+                }
+                abi::buffer::HTTP_CALL_RESPONSE_BODY => {
+                    match c.data().env.and_then(|e| e.answer().map(|a| a.body.len())) {
+                        Some(n) => n,
                         None => return status::NOT_FOUND,
                     }
                 }
@@ -1035,9 +1082,20 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
     def("env", "proxy_set_shared_data");
 
     // --- streams, local responses ------------------------------------------------------------
-    l.func_wrap("env", "proxy_continue_stream", |_: i32| -> i32 {
-        status::OK
-    })?;
+    // Resuming the request matters after an HTTP call: a plugin that paused for its calls
+    // and never resumes fails (its on_error applies) rather than hanging the request.
+    l.func_wrap(
+        "env",
+        "proxy_continue_stream",
+        |mut c: C<'_>, stream: i32| -> i32 {
+            if stream == abi::stream::HTTP_REQUEST {
+                if let Some(info) = c.data_mut().env.as_mut().and_then(|e| e.info()) {
+                    info.resumed = true;
+                }
+            }
+            status::OK
+        },
+    )?;
     def("env", "proxy_continue_stream");
     l.func_wrap(
         "env",
@@ -1170,9 +1228,75 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
     )?;
     def("env", "proxy_get_metric");
 
-    // --- not implemented: HTTP/gRPC callouts, shared queues, status ----------------------------
+    // --- HTTP calls ---------------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |mut c: C<'_>,
+         up_p: i32,
+         up_l: i32,
+         h_p: i32,
+         h_l: i32,
+         b_p: i32,
+         b_l: i32,
+         _trailers_p: i32,
+         _trailers_l: i32,
+         timeout_ms: i32,
+         ret_token: i32|
+         -> i32 {
+            let (Some(upstream), Some(headers), Some(body)) =
+                (read(&mut c, up_p, up_l), read(&mut c, h_p, h_l), read(&mut c, b_p, b_l))
+            else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let Some(pairs) = abi::deserialize_map(&headers) else {
+                return status::BAD_ARGUMENT;
+            };
+            let host = c.data_mut();
+            let name = host.info.name.clone();
+            // Only where the request can wait for the answer: its request-headers callback and
+            // the delivery of an earlier call's answer. The SDKs treat INTERNAL_FAILURE as an
+            // error they hand to the plugin (any other status makes the Rust SDK panic).
+            let Some(mut env) = host.env.filter(|e| e.phase == Phase::Request) else {
+                log::warn!(target: "plugin", "[{name}] proxy_http_call is only available in the request-headers phase");
+                return status::INTERNAL_FAILURE;
+            };
+            let (Some(info), Some(names)) = env.split() else {
+                return status::INTERNAL_FAILURE;
+            };
+            if info.calls.len() >= super::callout::MAX_CALLS {
+                log::warn!(target: "plugin", "[{name}] proxy_http_call: more than {} calls from one callback", super::callout::MAX_CALLS);
+                return status::INTERNAL_FAILURE;
+            }
+            let token = host.last_token.wrapping_add(1).max(1);
+            let call = match super::callout::Call::parse(
+                names,
+                token,
+                &upstream,
+                &pairs,
+                body,
+                timeout_ms as u32,
+            ) {
+                Ok(call) => call,
+                Err(why) => {
+                    log::warn!(target: "plugin", "[{name}] proxy_http_call: {why}");
+                    return status::BAD_ARGUMENT;
+                }
+            };
+            // The token first: a call recorded without the guest knowing its token would be
+            // answered to a token the SDK never registered (it traps on that).
+            if !write_u32s(&mut c, &[(ret_token, token)]) {
+                return status::INVALID_MEMORY_ACCESS;
+            }
+            c.data_mut().last_token = token;
+            info.calls.push(call);
+            status::OK
+        },
+    )?;
+    def("env", "proxy_http_call");
+
+    // --- not implemented: gRPC callouts, shared queues, status ---------------------------------
     unimplemented_calls!(l, def,
-        "proxy_http_call" => (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32),
         "proxy_grpc_call" => (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32),
         "proxy_grpc_stream" => (i32, i32, i32, i32, i32, i32, i32, i32, i32),
         "proxy_grpc_send" => (i32, i32, i32, i32),

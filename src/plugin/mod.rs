@@ -15,16 +15,18 @@
 //!   instances, pool, traps/backoff, SIGHUP reload
 //! - `exchange` one request's walk through its chain, and the glue the proxy phases call
 //!
-//! Not implemented: `proxy_http_call`/gRPC callouts and shared queues (they answer
-//! `UNIMPLEMENTED`), body callbacks (bodies stream, cascade never buffers them), ticks.
+//! - `callout`  `proxy_http_call`: calls to configured origins, made while the request waits
+//!
+//! Not implemented: gRPC callouts and shared queues (they answer `UNIMPLEMENTED`), ticks.
 
 pub mod abi;
+mod callout;
 mod exchange;
 pub mod host;
 mod props;
 mod runtime;
 
-pub use exchange::{on_request, write_reply, Exchange, Verdict};
+pub use exchange::{on_request, write_reply, Exchange, Step, Verdict};
 pub use runtime::{engine, Fault, FaultKind, ReloadReport, Runtime};
 
 use std::sync::Arc;
@@ -34,6 +36,18 @@ use std::sync::Arc;
 pub struct Names {
     pub routes: Vec<String>,
     pub groups: Vec<String>,
+    /// What `proxy_http_call` may reach: the config's origins, by index.
+    pub origins: Vec<CallTarget>,
+}
+
+/// An origin as a plugin's HTTP call sees it.
+#[derive(Debug)]
+pub struct CallTarget {
+    pub name: String,
+    /// Only GET and HEAD calls.
+    pub read_only: bool,
+    /// The call's timeout when the plugin gives none (the origin's read timeout).
+    pub timeout: std::time::Duration,
 }
 
 /// What the plugins of one request see and change besides the headers.
@@ -53,6 +67,12 @@ pub struct RequestInfo {
     pub(crate) custom: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) local: Option<LocalReply>,
     pub(crate) closed: bool,
+    /// HTTP calls dispatched by the running callback, not yet made.
+    pub(crate) calls: Vec<callout::Call>,
+    /// The answer `proxy_on_http_call_response` is delivering.
+    pub(crate) answer: Option<callout::Answer>,
+    /// The running plugin called `proxy_continue_stream` on the request.
+    pub(crate) resumed: bool,
 }
 
 /// A response a plugin asked for with `proxy_send_local_response`.

@@ -195,6 +195,8 @@ fn classify(e: wasmtime::Error, host: &Host, deadline: Duration) -> Fault {
 
 type Cb1 = TypedFunc<i32, ()>;
 type CbHeaders = TypedFunc<(i32, i32, i32), i32>;
+/// `proxy_on_http_call_response(root, token, headers, body, trailers)`.
+type CbCallResponse = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 /// A configured instance as requests hold it. One request leases it from its request headers
 /// on; a request left with only its finishing callbacks (`proxy_on_done`/`_log`/`_delete`)
@@ -217,6 +219,7 @@ pub struct Instance {
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<Cb1>,
     on_delete: Option<Cb1>,
+    on_http_call_response: Option<CbCallResponse>,
     next_ctx: i32,
 }
 
@@ -328,6 +331,29 @@ impl Instance {
                 Some(env),
             ),
             None => Ok(super::abi::ACTION_CONTINUE),
+        }
+    }
+
+    /// `proxy_on_http_call_response` for call `token`: its answer has `headers` headers and
+    /// `body` body bytes (both 0 when the call failed). As in Envoy, the root context's id goes
+    /// first: the SDKs find the calling context by the token.
+    pub(super) fn http_call_response(
+        &mut self,
+        token: u32,
+        headers: usize,
+        body: usize,
+        env: Env,
+    ) -> Result<(), Fault> {
+        match &self.on_http_call_response {
+            Some(f) => call(
+                &mut self.store,
+                self.ticks,
+                self.deadline,
+                f,
+                (ROOT_CONTEXT, token as i32, headers as i32, body as i32, 0),
+                Some(env),
+            ),
+            None => Ok(()),
         }
     }
 
@@ -577,6 +603,12 @@ impl Plugin {
             .ok();
         let on_log = one(&mut store, "proxy_on_log");
         let on_delete = one(&mut store, "proxy_on_delete");
+        let on_http_call_response = inst
+            .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
+                &mut store,
+                "proxy_on_http_call_response",
+            )
+            .ok();
         self.info.state.instances.inc();
         Ok(Instance {
             store,
@@ -590,6 +622,7 @@ impl Plugin {
             on_done,
             on_log,
             on_delete,
+            on_http_call_response,
             next_ctx: ROOT_CONTEXT,
         })
     }
@@ -825,6 +858,15 @@ impl Runtime {
             names: Arc::new(Names {
                 routes: cfg.routes.iter().map(|r| r.name.clone()).collect(),
                 groups: cfg.groups.iter().map(|g| g.name.clone()).collect(),
+                origins: cfg
+                    .origins
+                    .iter()
+                    .map(|o| super::CallTarget {
+                        name: o.name.clone(),
+                        read_only: o.read_only,
+                        timeout: o.timeouts.read,
+                    })
+                    .collect(),
             }),
             cache_dir,
             reloading: Mutex::new(()),
@@ -1032,7 +1074,7 @@ mod tests {
         let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
         assert!(matches!(
             ex.request_headers(&mut req, true),
-            super::super::Verdict::Continue
+            super::super::Step::Done(super::super::Verdict::Continue)
         ));
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
         ex.response_headers(&req, &mut resp);
@@ -1117,7 +1159,7 @@ mod tests {
             let mut ex = rt.exchange(0, 0, "/x", None).unwrap();
             assert!(matches!(
                 ex.request_headers(&mut req, true),
-                super::super::Verdict::Continue
+                super::super::Step::Done(super::super::Verdict::Continue)
             ));
             (ex, req)
         };

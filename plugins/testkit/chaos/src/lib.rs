@@ -1,5 +1,6 @@
 //! cascade test fixture `chaos`: a plugin that misbehaves on purpose (trap, endless loop,
-//! unbounded memory growth) so the host's isolation can be tested. Never deploy it.
+//! unbounded memory growth, an HTTP call it never resumes after) so the host's isolation can
+//! be tested. Never deploy it.
 
 use std::hint::black_box;
 use std::rc::Rc;
@@ -21,6 +22,8 @@ enum Mode {
     Loop,
     Grow,
     Ok,
+    /// Pauses the request for an HTTP call to `upstream` and never resumes it.
+    Stall,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -31,6 +34,9 @@ enum Phase {
     Response,
     /// `proxy_on_log`, after the response.
     Log,
+    /// `proxy_on_http_call_response` of a call to `upstream` made in the request phase (the
+    /// request is resumed after it, if the mode returns).
+    Callout,
 }
 
 #[derive(Deserialize, Debug)]
@@ -40,6 +46,8 @@ struct Config {
     #[serde(default)]
     phase: Phase,
     only_if_header: Option<String>,
+    /// The origin `stall` and `callout` call.
+    upstream: Option<String>,
 }
 
 /// Where `grow` keeps what it allocates, so nothing is ever freed.
@@ -65,7 +73,7 @@ fn misbehave(mode: Mode) {
                 hoard.push(black_box(vec![i | 1; 1 << 20]));
             }
         }
-        Mode::Ok => {}
+        Mode::Ok | Mode::Stall => {}
     }
 }
 
@@ -113,7 +121,44 @@ struct ChaosHttp {
     armed: bool,
 }
 
-impl Context for ChaosHttp {}
+impl Context for ChaosHttp {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        if self.config.mode == Mode::Stall {
+            log::warn!("chaos: got the call's answer, not resuming the request");
+            return;
+        }
+        misbehave(self.config.mode);
+        self.resume_http_request();
+    }
+}
+
+impl ChaosHttp {
+    /// Dispatches a GET / to `upstream`; `Pause` when it went out.
+    fn call(&self) -> Action {
+        let upstream = self
+            .config
+            .upstream
+            .as_deref()
+            .unwrap_or("missing-upstream");
+        let headers = vec![(":method", "GET"), (":path", "/"), (":authority", upstream)];
+        match self.dispatch_http_call(
+            upstream,
+            headers,
+            None,
+            vec![],
+            std::time::Duration::from_secs(2),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(e) => panic!("chaos: dispatch_http_call failed: {e:?}"),
+        }
+    }
+}
 
 impl HttpContext for ChaosHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _eos: bool) -> Action {
@@ -121,6 +166,9 @@ impl HttpContext for ChaosHttp {
             Some(h) => self.get_http_request_header(h).is_some(),
             None => true,
         };
+        if self.armed && (self.config.mode == Mode::Stall || self.config.phase == Phase::Callout) {
+            return self.call();
+        }
         if self.armed && self.config.phase == Phase::Request {
             misbehave(self.config.mode);
         }

@@ -1,0 +1,359 @@
+//! `proxy_http_call`: a plugin's HTTP call to one of the config's origins, made while the
+//! request that the plugin is filtering waits.
+//!
+//! The hostcall only validates and records the call ([`Call::parse`], pure). The request
+//! phase then makes every call that one callback dispatched, concurrently ([`perform_all`]),
+//! each bounded by its timeout and by the plugin's `limits.body`, and delivers each answer
+//! with `proxy_on_http_call_response`. A call that fails (connect error, timeout, an answer
+//! too large) is delivered the way Envoy delivers it: no headers, no body.
+//!
+//! Why origins and not URLs (Envoy names a cluster, too): a plugin reaches only upstreams the
+//! operator configured, so a plugin cannot be turned into an open proxy, and a call gets the
+//! origin's address, TLS, timeouts, connection pool, path prefix and SigV4 signing. The
+//! call's `:path` is a path inside that origin, like a request's object key; `:authority`
+//! and `:scheme` are the origin's. A read-only origin takes only GET and HEAD calls.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, Method};
+use pingora_core::connectors::http::Connector;
+use pingora_http::RequestHeader;
+
+use super::Names;
+use crate::metrics::METRICS;
+use crate::origin::Origin;
+
+/// The longest a call may take, whatever timeout the plugin asks for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Calls one callback may dispatch (bounds what one request can fan out to).
+pub const MAX_CALLS: usize = 16;
+
+/// How long an idle connection of a call is kept for the next call.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// One call a plugin dispatched, validated.
+#[derive(Debug)]
+pub struct Call {
+    pub token: u32,
+    /// Index into the config's origins.
+    pub origin: usize,
+    pub method: Method,
+    /// Path and query as the plugin gave them (`/...`).
+    pub path: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+    pub timeout: Duration,
+}
+
+/// What `proxy_on_http_call_response` gets: the answer's headers (`:status` first) and body;
+/// both empty when the call failed.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub body: Bytes,
+}
+
+/// Headers a call never forwards: the connection's own, and the length (cascade sets it).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::*;
+    [
+        CONNECTION,
+        TRANSFER_ENCODING,
+        CONTENT_LENGTH,
+        TE,
+        UPGRADE,
+        PROXY_AUTHORIZATION,
+        HOST,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+}
+
+impl Call {
+    /// Validates a `proxy_http_call`: `upstream` must name an origin, the headers must hold a
+    /// valid `:method` and a `:path` starting with `/`, every other header must be valid. A
+    /// timeout of 0 means the origin's read timeout; longer than [`MAX_TIMEOUT`] is cut to it.
+    /// `Err`: why the call is a bad argument (the plugin gets `BAD_ARGUMENT`).
+    pub fn parse(
+        names: &Names,
+        token: u32,
+        upstream: &[u8],
+        headers: &[(&[u8], &[u8])],
+        body: Vec<u8>,
+        timeout_ms: u32,
+    ) -> Result<Call, String> {
+        let upstream_name = String::from_utf8_lossy(upstream);
+        let origin = names
+            .origins
+            .iter()
+            .position(|o| o.name.as_bytes() == upstream)
+            .ok_or_else(|| format!("no origin named `{upstream_name}`"))?;
+        let (mut method, mut path) = (None, None);
+        let mut regular = Vec::with_capacity(headers.len());
+        for &(k, v) in headers {
+            match k {
+                b":method" => {
+                    method = Some(
+                        Method::from_bytes(v)
+                            .map_err(|_| format!("invalid :method {:?}", lossy(v)))?,
+                    )
+                }
+                b":path" => path = Some(v),
+                _ if k.starts_with(b":") => {}
+                _ => {
+                    let name = HeaderName::from_bytes(k)
+                        .map_err(|_| format!("invalid header name {:?}", lossy(k)))?;
+                    let value = HeaderValue::from_bytes(v)
+                        .map_err(|_| format!("invalid value of header {name}"))?;
+                    if !hop_by_hop(&name) {
+                        regular.push((name, value));
+                    }
+                }
+            }
+        }
+        let method = method.ok_or("no :method header")?;
+        let path = path.ok_or("no :path header")?;
+        let path = std::str::from_utf8(path)
+            .ok()
+            .filter(|p| p.starts_with('/') && http::uri::PathAndQuery::try_from(*p).is_ok())
+            .ok_or_else(|| format!(":path {:?} is not a path", lossy(path)))?;
+        let o = &names.origins[origin];
+        if o.read_only && method != Method::GET && method != Method::HEAD {
+            return Err(format!(
+                "origin `{}` is read-only: {method} is not allowed",
+                o.name
+            ));
+        }
+        let timeout = match timeout_ms {
+            0 => o.timeout,
+            ms => Duration::from_millis(ms.into()),
+        }
+        .min(MAX_TIMEOUT);
+        Ok(Call {
+            token,
+            origin,
+            method,
+            path: path.to_string(),
+            headers: regular,
+            body: Bytes::from(body),
+            timeout,
+        })
+    }
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// One connector (and so one connection pool) for every plugin call of the process.
+static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+
+/// Makes `calls` concurrently; answers in the calls' order. `max_body` bounds each answer's
+/// body; `plugin` names the caller in logs and metrics.
+pub async fn perform_all(
+    origins: &[Origin],
+    calls: Vec<Call>,
+    max_body: usize,
+    plugin: &str,
+) -> Vec<(u32, Answer)> {
+    futures::future::join_all(calls.into_iter().map(|call| async move {
+        let token = call.token;
+        let t0 = Instant::now();
+        let origin = &origins[call.origin];
+        let timeout = call.timeout;
+        let r = tokio::time::timeout(timeout, perform(origin, call, max_body)).await;
+        let outcome = match &r {
+            Ok(Ok(_)) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        METRICS
+            .plugin_http_calls
+            .with_label_values(&[plugin, outcome])
+            .inc();
+        METRICS
+            .plugin_http_call_duration
+            .with_label_values(&[plugin])
+            .observe(t0.elapsed().as_secs_f64());
+        let answer = match r {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                log::warn!(target: "plugin", "[{plugin}] http call to origin `{}` failed: {e}", origin.name);
+                Answer::default()
+            }
+            Err(_) => {
+                log::warn!(
+                    target: "plugin",
+                    "[{plugin}] http call to origin `{}` timed out after {timeout:?}",
+                    origin.name
+                );
+                Answer::default()
+            }
+        };
+        (token, answer)
+    }))
+    .await
+}
+
+/// One call over the shared connector: request written (origin rewrite and signing applied),
+/// answer read whole (bounded), connection back to the pool when the answer was complete.
+async fn perform(origin: &Origin, call: Call, max_body: usize) -> Result<Answer, String> {
+    let mut req = RequestHeader::build(call.method, b"/", Some(call.headers.len() + 3))
+        .map_err(|e| e.to_string())?;
+    for (k, v) in call.headers {
+        req.append_header(k, v).map_err(|e| e.to_string())?;
+    }
+    let (key, query) = match call.path.split_once('?') {
+        Some((k, q)) => (k, Some(q)),
+        None => (call.path.as_str(), None),
+    };
+    origin.rewrite(&mut req, key, query)?;
+    let has_body = !call.body.is_empty();
+    if has_body || !matches!(req.method, Method::GET | Method::HEAD | Method::DELETE) {
+        req.insert_header(http::header::CONTENT_LENGTH, call.body.len())
+            .map_err(|e| e.to_string())?;
+    }
+    let peer = origin.peer();
+    let (mut s, _reused) = CONNECTOR
+        .get_http_session(&*peer)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    s.write_request_header(Box::new(req))
+        .await
+        .map_err(|e| e.to_string())?;
+    if has_body {
+        s.write_request_body(call.body, true)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    s.finish_request_body().await.map_err(|e| e.to_string())?;
+    s.read_response_header().await.map_err(|e| e.to_string())?;
+    let resp = s.response_header().ok_or("no response header")?;
+    let mut headers = Vec::with_capacity(resp.headers.len() + 1);
+    headers.push((
+        b":status".to_vec(),
+        resp.status.as_str().as_bytes().to_vec(),
+    ));
+    headers.extend(
+        resp.headers
+            .iter()
+            .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())),
+    );
+    let mut body = BytesMut::new();
+    while let Some(chunk) = s.read_response_body().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > max_body {
+            return Err(format!(
+                "the answer's body is larger than the plugin's limits.body ({max_body} bytes)"
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if s.response_done() {
+        CONNECTOR
+            .release_http_session(s, &*peer, Some(POOL_IDLE))
+            .await;
+    }
+    Ok(Answer {
+        headers,
+        body: body.freeze(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::CallTarget;
+    use super::*;
+
+    fn names() -> Names {
+        Names {
+            origins: vec![
+                CallTarget {
+                    name: "authsvc".into(),
+                    read_only: false,
+                    timeout: Duration::from_secs(5),
+                },
+                CallTarget {
+                    name: "archive".into(),
+                    read_only: true,
+                    timeout: Duration::from_secs(5),
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn parse(up: &str, h: &[(&str, &str)], ms: u32) -> Result<Call, String> {
+        let pairs: Vec<(&[u8], &[u8])> = h
+            .iter()
+            .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
+            .collect();
+        Call::parse(&names(), 7, up.as_bytes(), &pairs, Vec::new(), ms)
+    }
+
+    #[test]
+    fn a_call_names_an_origin_a_method_and_a_path() {
+        let c = parse(
+            "authsvc",
+            &[
+                (":method", "POST"),
+                (":path", "/check?x=1"),
+                (":authority", "ignored"),
+                ("x-token", "abc"),
+                ("connection", "close"),
+                ("content-length", "99"),
+            ],
+            250,
+        )
+        .unwrap();
+        assert_eq!((c.token, c.origin, c.method.as_str()), (7, 0, "POST"));
+        assert_eq!(c.path, "/check?x=1");
+        assert_eq!(c.timeout, Duration::from_millis(250));
+        let names: Vec<&str> = c.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            ["x-token"],
+            "pseudo and hop-by-hop headers are not forwarded"
+        );
+    }
+
+    #[test]
+    fn bad_calls_say_why() {
+        let ok = [(":method", "GET"), (":path", "/")];
+        let e = |r: Result<Call, String>| r.unwrap_err();
+        assert!(e(parse("nope", &ok, 0)).contains("no origin named `nope`"));
+        assert!(e(parse("authsvc", &[(":path", "/")], 0)).contains(":method"));
+        assert!(e(parse("authsvc", &[(":method", "GET")], 0)).contains(":path"));
+        assert!(
+            e(parse("authsvc", &[(":method", "GET"), (":path", "x")], 0)).contains("not a path")
+        );
+        assert!(e(parse("authsvc", &[(":method", "G T"), (":path", "/")], 0)).contains(":method"));
+        assert!(e(parse(
+            "authsvc",
+            &[(":method", "GET"), (":path", "/"), ("bad name", "v")],
+            0
+        ))
+        .contains("header name"));
+        assert!(
+            e(parse("archive", &[(":method", "PUT"), (":path", "/")], 0)).contains("read-only")
+        );
+        assert!(
+            parse("archive", &ok, 0).is_ok(),
+            "GET on a read-only origin is fine"
+        );
+    }
+
+    #[test]
+    fn timeouts_default_to_the_origin_and_are_capped() {
+        let ok = [(":method", "GET"), (":path", "/")];
+        assert_eq!(
+            parse("authsvc", &ok, 0).unwrap().timeout,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            parse("authsvc", &ok, u32::MAX).unwrap().timeout,
+            MAX_TIMEOUT
+        );
+    }
+}
