@@ -170,7 +170,7 @@ impl Metrics {
         .expect("metric");
         let plugin_duration = register_histogram_vec_with_registry!(
             "cascade_plugin_duration_seconds",
-            "Time spent in plugin callbacks, by plugin and phase (request, response, log).",
+            "Time spent in plugin callbacks, by plugin and phase (request, response, log, call: proxy_on_http_call_response).",
             &["plugin", "phase"],
             exponential_buckets(0.000_002, 2.0, 16).expect("static buckets"),
             registry

@@ -413,6 +413,16 @@ fn plugin_errors_at_load_name_the_plugin_and_stop_cascade() {
         err.contains("routes[0].plugins[1]") && err.contains("nosuch"),
         "{err}"
     );
+    // A `calls:` entry that is not an origin.
+    let (st, err) = run_expecting_failure(&format!(
+        "{base}plugins:\n  ea:\n    wasm: {}\n    calls: [web, authsvc]\nroutes: [{{path: /, group: main, plugins: [ea]}}]\n",
+        wasm("ext-auth")
+    ));
+    assert!(!st.success());
+    assert!(
+        err.contains("plugins.ea.calls[1]") && err.contains("unknown origin `authsvc`"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -529,6 +539,11 @@ async fn probe_sdk_plugin_sees_properties_metrics_and_shared_data() {
         assert_eq!(header(&r, "x-probe-client"), "yes");
         assert_eq!(header(&r, "x-probe-served-from"), "web");
         assert_eq!(header(&r, "x-probe-cache"), want);
+        assert_eq!(
+            header(&r, "x-probe-late-call"),
+            "InternalFailure",
+            "proxy_http_call outside the request phase is an error, not a panic"
+        );
         counts.push(header(&r, "x-probe-count").parse::<u64>().unwrap());
     }
     assert_eq!(counts, vec![1, 2], "shared data with CAS across requests");
@@ -1035,13 +1050,16 @@ async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
     authsvc.route("/teapot", Reply::new(418, ""));
     let dead = format!("http://127.0.0.1:{}", free_port());
     let ext = wasm("ext-auth");
-    let plugin =
-        |name: &str, config: &str| format!("  {name}: {{wasm: {ext}, config: {{{config}}}}}\n");
+    let plugin = |name: &str, config: &str| {
+        format!(
+            "  {name}: {{wasm: {ext}, bodies: false, calls: [authsvc, dead], config: {{{config}}}}}\n"
+        )
+    };
     let yaml = format!(
         "origins:\n  web: {{url: \"{}\"}}\n  authsvc: {{url: \"{}\"}}\n  dead: {{url: \"{dead}\"}}\n\
          groups:\n  main: {{main: web}}\n\
          cache: {{memory: 16MiB}}\n\
-         plugins:\n{}{}{}{}{}{}{}\
+         plugins:\n{}{}{}{}{}{}{}{}\
          routes:\n\
          \x20 - {{path: /ok, group: main, plugins: [ok]}}\n\
          \x20 - {{path: /no, group: main, plugins: [no]}}\n\
@@ -1049,7 +1067,8 @@ async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
          \x20 - {{path: /down, group: main, plugins: [down]}}\n\
          \x20 - {{path: /open, group: main, plugins: [open]}}\n\
          \x20 - {{path: /weird, group: main, plugins: [weird]}}\n\
-         \x20 - {{path: /bad, group: main, plugins: [bad]}}\n",
+         \x20 - {{path: /bad, group: main, plugins: [bad]}}\n\
+         \x20 - {{path: /nolist, group: main, plugins: [nolist]}}\n",
         origin.url(""),
         authsvc.url(""),
         plugin(
@@ -1062,6 +1081,7 @@ async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
         plugin("open", "upstream: dead, on_failure: allow"),
         plugin("weird", "upstream: authsvc, path: /teapot"),
         plugin("bad", "upstream: no-such-origin"),
+        plugin("nolist", "upstream: web"),
     );
     let c = Cascade::start(&yaml);
     let get = |path: &str| client().get(c.url(path));
@@ -1085,6 +1105,11 @@ async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
     assert_eq!(check.header("x-original-uri"), "/ok/a.jpg?v=1");
     assert_eq!(check.header("x-original-method"), "GET");
     assert_eq!(check.header("x-session"), "t0k");
+    assert_eq!(
+        check.header("x-user"),
+        "",
+        "the client's claim never reaches the service"
+    );
     assert!(check
         .header("x-original-remote-addr")
         .starts_with("127.0.0.1"));
@@ -1119,11 +1144,27 @@ async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
     assert_eq!(get("/weird/a.jpg").send().await.unwrap().status(), 502);
     assert_eq!(get("/bad/a.jpg").send().await.unwrap().status(), 500);
     assert!(c.stderr().contains("no origin named `no-such-origin`"));
+    // A plugin reaches only the origins in its `calls:` list: `web` is not in it.
+    assert_eq!(get("/nolist/a.jpg").send().await.unwrap().status(), 500);
+    assert!(c
+        .stderr()
+        .contains("origin `web` is not in the plugin's `calls:` list"));
+    // A header value that is not UTF-8 (HTTP allows such bytes) does not crash the plugin:
+    // it is not forwarded, and the request is still checked and served.
+    let raw = raw_request(
+        c.addr,
+        b"GET /ok/b.jpg HTTP/1.1\r\nHost: x\r\nX-Session: \xff\xfe\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert_eq!(raw.status, 200, "{}", raw.text());
+    let check = authsvc.stats.last().unwrap();
+    assert_eq!(check.header("x-original-uri"), "/ok/b.jpg");
+    assert!(!check.headers.contains_key("x-session"));
 
     assert_eq!(
         origin.stats.count("GET"),
-        2,
-        "only /ok's miss and /open reached the origin"
+        3,
+        "only /ok's misses and /open reached the origin"
     );
     let m = c.metrics().await;
     let calls = |plugin: &str, outcome: &str| {
@@ -1134,7 +1175,7 @@ async fn ext_auth_asks_an_authorization_service_over_proxy_http_call() {
         )
         .unwrap_or(0.0)
     };
-    assert_eq!(calls("ok", "ok"), 2.0, "{m}");
+    assert_eq!(calls("ok", "ok"), 3.0, "{m}");
     assert_eq!(calls("no", "ok"), 1.0, "{m}");
     assert_eq!(calls("slow", "timeout"), 1.0, "{m}");
     assert_eq!(calls("down", "error"), 1.0, "{m}");
@@ -1157,14 +1198,16 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
     let yaml = format!(
         "origins:\n  web: {{url: \"{}\"}}\n  svc: {{url: \"{}\"}}\ngroups:\n  main: {{main: web}}\n\
          plugins:\n\
-         \x20 stall_deny: {{wasm: {chaos}, on_error: deny, config: {{mode: stall, upstream: svc}}}}\n\
-         \x20 stall_allow: {{wasm: {chaos}, on_error: allow, config: {{mode: stall, upstream: svc}}}}\n\
-         \x20 trap_in_answer: {{wasm: {chaos}, on_error: deny, config: {{mode: trap, phase: callout, upstream: svc, only_if_header: x-chaos}}}}\n\
+         \x20 stall_deny: {{wasm: {chaos}, calls: [svc], on_error: deny, config: {{mode: stall, upstream: svc}}}}\n\
+         \x20 stall_allow: {{wasm: {chaos}, calls: [svc], on_error: allow, config: {{mode: stall, upstream: svc}}}}\n\
+         \x20 trap_in_answer: {{wasm: {chaos}, calls: [svc], on_error: deny, config: {{mode: trap, phase: callout, upstream: svc, only_if_header: x-chaos}}}}\n\
+         \x20 flood: {{wasm: {chaos}, calls: [svc], config: {{mode: flood, upstream: svc}}}}\n\
          \x20 ph: {{wasm: {probe}, config: {{greeting: hi}}}}\n\
          routes:\n\
          \x20 - {{path: /deny, group: main, plugins: [stall_deny, ph]}}\n\
          \x20 - {{path: /allow, group: main, plugins: [stall_allow, ph]}}\n\
-         \x20 - {{path: /trap, group: main, plugins: [trap_in_answer, ph]}}\n",
+         \x20 - {{path: /trap, group: main, plugins: [trap_in_answer, ph]}}\n\
+         \x20 - {{path: /flood, group: main, plugins: [flood]}}\n",
         origin.url(""),
         authsvc.url(""),
     );
@@ -1194,6 +1237,13 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
     assert_eq!(header(&r, "x-probe-greeting"), "hi");
     // Unarmed, trap_in_answer makes no call: only the stalls' and the armed request's.
     assert_eq!(authsvc.stats.total(), 3);
+    // A plugin calling from every answer for ever: the host refuses the 17th call of the
+    // request, and the plugin, paused and never resuming, fails by its on_error.
+    authsvc.stats.reset();
+    let r = client.get(c.url("/flood/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(authsvc.stats.total(), 16);
+    assert!(c.stderr().contains("more than 16 calls for one request"));
 
     let m = c.metrics().await;
     let fails = |p: &str, a: &str| {
@@ -1213,4 +1263,43 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
         &[("plugin", "trap_in_answer"), ("kind", "trap")],
     );
     assert_eq!(traps, Some(1.0), "{m}");
+}
+
+/// A request waiting for a slow service holds no instance slot: with one slot for the whole
+/// process, two requests wait for the same slow check at once and both get through.
+#[tokio::test]
+async fn requests_waiting_for_http_calls_hold_no_instance() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let authsvc = HttpOrigin::start();
+    authsvc.set_default(Reply::new(200, "").delay(Duration::from_millis(800)));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n  authsvc: {{url: \"{}\"}}\ngroups:\n  main: {{main: web}}\n\
+         plugins:\n\
+         \x20 ea: {{wasm: {}, bodies: false, calls: [authsvc], config: {{upstream: authsvc, timeout_ms: 5000}}}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [ea]}}\n",
+        origin.url(""),
+        authsvc.url(""),
+        wasm("ext-auth"),
+    );
+    let c = Cascade::builder(&yaml)
+        .server("plugin_instances", "1")
+        .start();
+    let t0 = Instant::now();
+    let (a, b) = tokio::join!(
+        client().get(c.url("/a")).send(),
+        client().get(c.url("/b")).send()
+    );
+    assert_eq!(a.unwrap().status(), 200);
+    assert_eq!(b.unwrap().status(), 200);
+    assert_eq!(authsvc.stats.total(), 2);
+    // Both checks were in flight together (one after the other would take 1.6 s).
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+    let m = c.metrics().await;
+    let full = metric_sum(&m, "cascade_plugin_pool_full_total", &[]).unwrap_or(0.0);
+    assert_eq!(full, 0.0, "{m}");
 }

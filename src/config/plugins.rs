@@ -32,8 +32,11 @@ pub struct PluginConfig {
     pub env: Vec<(String, String)>,
     /// Body callbacks on (`bodies:`).
     pub bodies: bool,
-    /// Most body bytes held for a plugin that pauses (`limits.body`).
+    /// Most body bytes held for a plugin that pauses (`limits.body`); also the bound of an
+    /// HTTP call's request body and answer body.
     pub max_body: u64,
+    /// Origins (indices) the plugin may call with `proxy_http_call` (`calls:`).
+    pub calls: Vec<usize>,
 }
 
 impl std::fmt::Debug for PluginConfig {
@@ -72,6 +75,7 @@ pub(super) fn plugins(
     raw: &BTreeMap<String, Value>,
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    origin_ix: &HashMap<String, Option<usize>>,
 ) -> (Vec<PluginConfig>, HashMap<String, Option<usize>>) {
     let mut out = Vec::new();
     let mut ix = HashMap::new();
@@ -79,7 +83,7 @@ pub(super) fn plugins(
         let path = locate::join("plugins", name);
         let parsed = cx
             .de::<RawPlugin>(&path, v)
-            .and_then(|p| plugin(cx, &path, name, p, base_dir, env));
+            .and_then(|p| plugin(cx, &path, name, p, base_dir, env, origin_ix));
         ix.insert(name.clone(), parsed.as_ref().map(|_| out.len()));
         out.extend(parsed);
     }
@@ -93,6 +97,7 @@ fn plugin(
     raw: RawPlugin,
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    origin_ix: &HashMap<String, Option<usize>>,
 ) -> Option<PluginConfig> {
     let mut ok = true;
     if !valid_name(name) {
@@ -176,6 +181,22 @@ fn plugin(
             }
         }
     }
+    let mut calls = Vec::with_capacity(raw.calls.len());
+    for (i, o) in raw.calls.iter().enumerate() {
+        match origin_ix.get(o) {
+            Some(Some(ix)) => calls.push(*ix),
+            Some(None) => ok = false, // reported at the origin itself
+            None => {
+                let mut known: Vec<&str> = origin_ix.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                cx.err(
+                    &locate::index(&locate::join(path, "calls"), i),
+                    format!("unknown origin `{o}` (defined: {})", known.join(", ")),
+                );
+                ok = false;
+            }
+        }
+    }
     ok.then(|| PluginConfig {
         name: name.to_string(),
         wasm: wasm.canonicalize().unwrap_or(wasm),
@@ -187,6 +208,7 @@ fn plugin(
         env: vars,
         bodies: raw.bodies,
         max_body: raw.limits.body,
+        calls,
     })
 }
 

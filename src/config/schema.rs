@@ -59,6 +59,9 @@ pub struct RawPlugin {
     /// two Wasm calls per body chunk for plugins that never look at bodies.
     #[serde(default = "d_true")]
     pub bodies: bool,
+    /// Origins (names) the plugin may call with `proxy_http_call`; none by default.
+    #[serde(default)]
+    pub calls: Vec<String>,
 }
 
 /// What a request gets when its plugin fails (trap, timeout, memory, unavailable).

@@ -360,7 +360,8 @@ pub(super) fn load(
     let raw_plugins: BTreeMap<String, Value> = section("plugins")
         .and_then(|v| cx.de("plugins", &v))
         .unwrap_or_default();
-    let (plugins, plugin_ix) = super::plugins::plugins(&mut cx, &raw_plugins, &base_dir, env);
+    let (plugins, plugin_ix) =
+        super::plugins::plugins(&mut cx, &raw_plugins, &base_dir, env, &origin_ix);
     let plugin_cache = server.plugin_cache.as_ref().map(|d| base_dir.join(d));
     if raw_plugins.len() > server.plugin_instances as usize {
         cx.err(

@@ -2,18 +2,20 @@
 //! request that the plugin is filtering waits.
 //!
 //! The hostcall only validates and records the call ([`Call::parse`], pure). The request
-//! phase then makes every call that one callback dispatched, concurrently ([`perform_all`]),
-//! each bounded by its timeout and by the plugin's `limits.body`, and delivers each answer
-//! with `proxy_on_http_call_response`. A call that fails (connect error, timeout, an answer
-//! too large) is delivered the way Envoy delivers it: no headers, no body.
+//! phase then makes the calls concurrently ([`perform`]), each bounded by its timeout, by
+//! the request's whole wait ([`MAX_TIMEOUT`]) and by the plugin's `limits.body`, and delivers
+//! each answer as it arrives with `proxy_on_http_call_response`. A call that fails (connect
+//! error, timeout, an answer too large) is delivered the way Envoy delivers it: no headers,
+//! no body.
 //!
 //! Why origins and not URLs (Envoy names a cluster, too): a plugin reaches only upstreams the
 //! operator configured, so a plugin cannot be turned into an open proxy, and a call gets the
 //! origin's address, TLS, timeouts, connection pool, path prefix and SigV4 signing. The
 //! call's `:path` is a path inside that origin, like a request's object key; `:authority`
-//! and `:scheme` are the origin's. A read-only origin takes only GET and HEAD calls.
+//! and `:scheme` are the origin's. A plugin may call only the origins in its `calls:` list,
+//! and a read-only origin (a fallback, or `read_only`) takes only GET and HEAD calls.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -25,10 +27,14 @@ use super::Names;
 use crate::metrics::METRICS;
 use crate::origin::Origin;
 
-/// The longest a call may take, whatever timeout the plugin asks for.
+/// The longest a call may take, whatever timeout the plugin asks for; also the longest a
+/// request waits for all the calls of its plugins together.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
-/// Calls one callback may dispatch (bounds what one request can fan out to).
-pub const MAX_CALLS: usize = 16;
+/// Calls one plugin may dispatch for one request (bounds the fan-out and the rounds of calls
+/// made from calls' answers).
+pub const MAX_CALLS: u32 = 16;
+/// Most bytes of a call's serialized headers.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
 
 /// How long an idle connection of a call is kept for the next call.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -37,8 +43,9 @@ const POOL_IDLE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Call {
     pub token: u32,
-    /// Index into the config's origins.
+    /// Index into the config's origins, and its name (checked again when the call is made).
     pub origin: usize,
+    pub origin_name: String,
     pub method: Method,
     /// Path and query as the plugin gave them (`/...`).
     pub path: String,
@@ -55,7 +62,8 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-/// Headers a call never forwards: the connection's own, and the length (cascade sets it).
+/// Headers a call never forwards: the connection's own, the length (cascade sets it), and
+/// `Expect` (the body is sent at once).
 fn hop_by_hop(name: &HeaderName) -> bool {
     use http::header::*;
     [
@@ -66,18 +74,21 @@ fn hop_by_hop(name: &HeaderName) -> bool {
         UPGRADE,
         PROXY_AUTHORIZATION,
         HOST,
+        EXPECT,
     ]
     .contains(name)
-        || name.as_str() == "keep-alive"
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 impl Call {
-    /// Validates a `proxy_http_call`: `upstream` must name an origin, the headers must hold a
-    /// valid `:method` and a `:path` starting with `/`, every other header must be valid. A
-    /// timeout of 0 means the origin's read timeout; longer than [`MAX_TIMEOUT`] is cut to it.
-    /// `Err`: why the call is a bad argument (the plugin gets `BAD_ARGUMENT`).
+    /// Validates a `proxy_http_call`: `upstream` must name an origin the plugin may call
+    /// (`allowed`: its `calls:` list), the headers must hold a valid `:method` and a `:path`
+    /// starting with `/`, every other header must be valid. A timeout of 0 means the origin's
+    /// read timeout; longer than [`MAX_TIMEOUT`] is cut to it. `Err`: why the call is a bad
+    /// argument (the plugin gets `BAD_ARGUMENT`).
     pub fn parse(
         names: &Names,
+        allowed: &[usize],
         token: u32,
         upstream: &[u8],
         headers: &[(&[u8], &[u8])],
@@ -90,6 +101,11 @@ impl Call {
             .iter()
             .position(|o| o.name.as_bytes() == upstream)
             .ok_or_else(|| format!("no origin named `{upstream_name}`"))?;
+        if !allowed.contains(&origin) {
+            return Err(format!(
+                "origin `{upstream_name}` is not in the plugin's `calls:` list"
+            ));
+        }
         let (mut method, mut path) = (None, None);
         let mut regular = Vec::with_capacity(headers.len());
         for &(k, v) in headers {
@@ -122,7 +138,7 @@ impl Call {
         let o = &names.origins[origin];
         if o.read_only && method != Method::GET && method != Method::HEAD {
             return Err(format!(
-                "origin `{}` is read-only: {method} is not allowed",
+                "origin `{}` is read-only (a fallback, or read_only): {method} is not allowed",
                 o.name
             ));
         }
@@ -134,6 +150,7 @@ impl Call {
         Ok(Call {
             token,
             origin,
+            origin_name: o.name.clone(),
             method,
             path: path.to_string(),
             headers: regular,
@@ -150,87 +167,137 @@ fn lossy(b: &[u8]) -> String {
 /// One connector (and so one connection pool) for every plugin call of the process.
 static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 
-/// Makes `calls` concurrently; answers in the calls' order. `max_body` bounds each answer's
-/// body; `plugin` names the caller in logs and metrics.
-pub async fn perform_all(
+/// Makes one call, bounded by its timeout and by `deadline` (the request's whole wait);
+/// `max_body` bounds the answer's body; `plugin` names the caller in logs and metrics. A
+/// failure is logged and answered as Envoy does: no headers, no body.
+pub async fn perform(
     origins: &[Origin],
-    calls: Vec<Call>,
+    call: Call,
     max_body: usize,
-    plugin: &str,
-) -> Vec<(u32, Answer)> {
-    futures::future::join_all(calls.into_iter().map(|call| async move {
-        let token = call.token;
-        let t0 = Instant::now();
-        let origin = &origins[call.origin];
-        let timeout = call.timeout;
-        let r = tokio::time::timeout(timeout, perform(origin, call, max_body)).await;
-        let outcome = match &r {
-            Ok(Ok(_)) => "ok",
-            Ok(Err(_)) => "error",
-            Err(_) => "timeout",
-        };
-        METRICS
-            .plugin_http_calls
-            .with_label_values(&[plugin, outcome])
-            .inc();
-        METRICS
-            .plugin_http_call_duration
-            .with_label_values(&[plugin])
-            .observe(t0.elapsed().as_secs_f64());
-        let answer = match r {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => {
-                log::warn!(target: "plugin", "[{plugin}] http call to origin `{}` failed: {e}", origin.name);
-                Answer::default()
-            }
-            Err(_) => {
-                log::warn!(
-                    target: "plugin",
-                    "[{plugin}] http call to origin `{}` timed out after {timeout:?}",
-                    origin.name
-                );
-                Answer::default()
-            }
-        };
-        (token, answer)
-    }))
-    .await
+    plugin: Arc<str>,
+    deadline: Instant,
+) -> (u32, Answer) {
+    let token = call.token;
+    let t0 = Instant::now();
+    let Some(origin) = origins
+        .get(call.origin)
+        .filter(|o| o.name == call.origin_name)
+    else {
+        log::error!(target: "plugin", "[{plugin}] http call: origin `{}` is gone", call.origin_name);
+        return (token, Answer::default());
+    };
+    let timeout = call.timeout.min(deadline.saturating_duration_since(t0));
+    let r = tokio::time::timeout(timeout, perform_retrying(origin, &call, max_body)).await;
+    let outcome = match &r {
+        Ok(Ok(_)) => "ok",
+        Ok(Err(_)) => "error",
+        Err(_) => "timeout",
+    };
+    METRICS
+        .plugin_http_calls
+        .with_label_values(&[&plugin, outcome])
+        .inc();
+    METRICS
+        .plugin_http_call_duration
+        .with_label_values(&[&plugin])
+        .observe(t0.elapsed().as_secs_f64());
+    let answer = match r {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            log::warn!(target: "plugin", "[{plugin}] http call to origin `{}` failed: {e}", origin.name);
+            Answer::default()
+        }
+        Err(_) => {
+            log::warn!(
+                target: "plugin",
+                "[{plugin}] http call to origin `{}` timed out after {timeout:?}",
+                origin.name
+            );
+            Answer::default()
+        }
+    };
+    (token, answer)
+}
+
+/// A GET or HEAD that failed on a pooled connection before any answer came (the origin
+/// closed it as it was reused) is made once more, as Pingora's proxy does.
+async fn perform_retrying(origin: &Origin, call: &Call, max_body: usize) -> Result<Answer, String> {
+    match perform_once(origin, call, max_body).await {
+        Err(Failure { retry: true, .. }) => perform_once(origin, call, max_body).await,
+        r => r,
+    }
+    .map_err(|f| f.why)
+}
+
+struct Failure {
+    why: String,
+    retry: bool,
+}
+
+impl Failure {
+    fn at(why: impl std::fmt::Display) -> Failure {
+        Failure {
+            why: why.to_string(),
+            retry: false,
+        }
+    }
 }
 
 /// One call over the shared connector: request written (origin rewrite and signing applied),
 /// answer read whole (bounded), connection back to the pool when the answer was complete.
-async fn perform(origin: &Origin, call: Call, max_body: usize) -> Result<Answer, String> {
-    let mut req = RequestHeader::build(call.method, b"/", Some(call.headers.len() + 3))
-        .map_err(|e| e.to_string())?;
-    for (k, v) in call.headers {
-        req.append_header(k, v).map_err(|e| e.to_string())?;
+async fn perform_once(origin: &Origin, call: &Call, max_body: usize) -> Result<Answer, Failure> {
+    let mut req = RequestHeader::build(call.method.clone(), b"/", Some(call.headers.len() + 3))
+        .map_err(Failure::at)?;
+    for (k, v) in &call.headers {
+        req.append_header(k.clone(), v.clone())
+            .map_err(Failure::at)?;
     }
     let (key, query) = match call.path.split_once('?') {
         Some((k, q)) => (k, Some(q)),
         None => (call.path.as_str(), None),
     };
-    origin.rewrite(&mut req, key, query)?;
+    origin.rewrite(&mut req, key, query).map_err(Failure::at)?;
     let has_body = !call.body.is_empty();
     if has_body || !matches!(req.method, Method::GET | Method::HEAD | Method::DELETE) {
         req.insert_header(http::header::CONTENT_LENGTH, call.body.len())
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::at)?;
     }
     let peer = origin.peer();
-    let (mut s, _reused) = CONNECTOR
+    let (mut s, reused) = CONNECTOR
         .get_http_session(&*peer)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| Failure::at(format!("connect: {e}")))?;
+    let idempotent = matches!(call.method, Method::GET | Method::HEAD);
+    let before_answer = |e: pingora_error::BError| Failure {
+        why: e.to_string(),
+        retry: reused && idempotent,
+    };
     s.write_request_header(Box::new(req))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(before_answer)?;
     if has_body {
-        s.write_request_body(call.body, true)
+        s.write_request_body(call.body.clone(), true)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(before_answer)?;
     }
-    s.finish_request_body().await.map_err(|e| e.to_string())?;
-    s.read_response_header().await.map_err(|e| e.to_string())?;
-    let resp = s.response_header().ok_or("no response header")?;
+    s.finish_request_body().await.map_err(before_answer)?;
+    // Informational answers (100 Continue, 103 Early Hints) come before the real one.
+    loop {
+        s.read_response_header().await.map_err(before_answer)?;
+        let status = s
+            .response_header()
+            .ok_or_else(|| Failure::at("no answer"))?
+            .status;
+        if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Failure::at("the origin switched protocols"));
+        }
+        if !status.is_informational() {
+            break;
+        }
+    }
+    let resp = s
+        .response_header()
+        .ok_or_else(|| Failure::at("no answer"))?;
     let mut headers = Vec::with_capacity(resp.headers.len() + 1);
     headers.push((
         b":status".to_vec(),
@@ -242,11 +309,11 @@ async fn perform(origin: &Origin, call: Call, max_body: usize) -> Result<Answer,
             .map(|(k, v)| (k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec())),
     );
     let mut body = BytesMut::new();
-    while let Some(chunk) = s.read_response_body().await.map_err(|e| e.to_string())? {
+    while let Some(chunk) = s.read_response_body().await.map_err(Failure::at)? {
         if body.len() + chunk.len() > max_body {
-            return Err(format!(
+            return Err(Failure::at(format!(
                 "the answer's body is larger than the plugin's limits.body ({max_body} bytes)"
-            ));
+            )));
         }
         body.extend_from_slice(&chunk);
     }
@@ -289,7 +356,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
             .collect();
-        Call::parse(&names(), 7, up.as_bytes(), &pairs, Vec::new(), ms)
+        Call::parse(&names(), &[0, 1], 7, up.as_bytes(), &pairs, Vec::new(), ms)
     }
 
     #[test]
@@ -303,6 +370,7 @@ mod tests {
                 ("x-token", "abc"),
                 ("connection", "close"),
                 ("content-length", "99"),
+                ("expect", "100-continue"),
             ],
             250,
         )

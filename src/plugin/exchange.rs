@@ -17,6 +17,8 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use super::abi;
+use futures::StreamExt;
+
 use super::callout::{self, Answer, Call};
 use super::host::{Env, Phase};
 use super::runtime::{Fault, Handle, Plugin};
@@ -38,8 +40,12 @@ struct Slot {
     inst: Option<Handle>,
     /// Live HTTP context id (0: none).
     ctx: i32,
-    /// The instance is back in its plugin's pool, holding this request's parked context.
+    /// Only the finishing callbacks are left (the context is parked in the instance).
     parked: bool,
+    /// The instance went back to its plugin's pool while this request's context lives in it
+    /// (parked, or shared while the request waited for HTTP calls): every callback locks it,
+    /// and the request never gives it back.
+    pooled: bool,
     /// Body bytes held while this plugin pauses (`[request, response]`).
     held: [Vec<u8>; 2],
     /// Body callbacks stopped for this request after `held` outgrew `limits.body`.
@@ -86,6 +92,7 @@ impl Exchange {
                     inst: None,
                     ctx: 0,
                     parked: false,
+                    pooled: false,
                     held: [Vec::new(), Vec::new()],
                     body_off: [false; 2],
                 })
@@ -180,6 +187,7 @@ impl Exchange {
             self.next += 1;
             let env = self.env(Phase::Request, req_ptr, std::ptr::null());
             self.info.resumed = false;
+            self.info.calls_left = callout::MAX_CALLS;
             let slot = &mut self.slots[i];
             if slot.inst.as_ref().is_none_or(|h| h.lock().is_none()) {
                 // Not leased yet, or discarded since the lease by a fault in a context parked
@@ -235,62 +243,58 @@ impl Exchange {
         Step::Done(Verdict::Continue)
     }
 
-    /// Delivers the answers to the HTTP calls plugin `i` dispatched
-    /// (`proxy_on_http_call_response`, headers still writable), then goes on: with the calls
-    /// those callbacks dispatched, or with the rest of the chain. A plugin that paused the
-    /// request for its calls must resume it (`proxy_continue_stream`) or answer it; one that
-    /// does neither fails with its `on_error`, so a request never hangs on a plugin.
+    /// Delivers the answer to one HTTP call plugin `i` dispatched
+    /// (`proxy_on_http_call_response`, request headers still writable; `pending`: its calls
+    /// still in flight), then says what comes next: more answers to wait for (with the calls
+    /// this callback dispatched), or the rest of the chain once none is in flight. A plugin
+    /// that paused the request for its calls must by then have resumed it
+    /// (`proxy_continue_stream`) or answered it; one that did neither fails with its
+    /// `on_error`, so a request never hangs on a plugin.
     pub(super) fn deliver(
         &mut self,
         i: usize,
-        answers: Vec<(u32, Answer)>,
+        (token, answer): (u32, Answer),
+        pending: usize,
         req: &mut RequestHeader,
     ) -> Step {
         let req_ptr: *mut RequestHeader = req;
-        let mut t0 = Instant::now();
-        let mut more = Vec::new();
-        for (token, answer) in answers {
-            let (headers, body) = (answer.headers.len(), answer.body.len());
-            self.info.answer = Some(answer);
-            let env = self.env(Phase::Request, req_ptr, std::ptr::null());
-            let slot = &mut self.slots[i];
-            let r = match slot.inst.as_ref() {
-                Some(h) => {
-                    let mut guard = h.lock();
-                    match guard.as_mut() {
-                        Some(inst) => {
-                            let r = inst.http_call_response(token, headers, body, env);
-                            if r.is_err() {
-                                *guard = None;
-                            }
-                            r
+        let t0 = Instant::now();
+        let (headers, body) = (answer.headers.len(), answer.body.len());
+        self.info.answer = Some(answer);
+        let env = self.env(Phase::Request, req_ptr, std::ptr::null());
+        let slot = &mut self.slots[i];
+        let r = match slot.inst.as_ref() {
+            Some(h) => {
+                let mut guard = h.lock();
+                match guard.as_mut() {
+                    Some(inst) => {
+                        let r = inst.http_call_response(token, headers, body, env);
+                        if r.is_err() {
+                            *guard = None;
                         }
-                        None => Err(Fault::lost()),
+                        r
                     }
+                    // Discarded meanwhile by a fault of a request sharing it.
+                    None => Err(Fault::lost()),
                 }
-                None => Err(Fault::lost()),
+            }
+            None => Err(Fault::lost()),
+        };
+        self.info.answer = None;
+        slot.plugin.info.state.durations[3].observe(t0.elapsed().as_secs_f64());
+        if let Err(f) = r {
+            return match self.fault(i, "http call response", &f) {
+                Some(v) => Step::Done(v),
+                None => self.request_headers(req, !self.request_body),
             };
-            self.info.answer = None;
-            let t1 = Instant::now();
-            slot.plugin.info.state.durations[0].observe((t1 - t0).as_secs_f64());
-            t0 = t1;
-            if let Err(f) = r {
-                return match self.fault(i, "http call response", &f) {
-                    Some(v) => Step::Done(v),
-                    None => self.request_headers(req, !self.request_body),
-                };
-            }
-            if let Some(v) = self.ended(i) {
-                return Step::Done(v);
-            }
-            more.append(&mut self.info.calls);
+        }
+        if let Some(v) = self.ended(i) {
+            return Step::Done(v);
         }
         self.paused &= !self.info.resumed;
-        if !more.is_empty() {
-            return Step::Calls {
-                slot: i,
-                calls: more,
-            };
+        let calls = std::mem::take(&mut self.info.calls);
+        if pending > 0 || !calls.is_empty() {
+            return Step::Calls { slot: i, calls };
         }
         if self.paused {
             let plugin = &self.slots[i].plugin;
@@ -301,6 +305,18 @@ impl Exchange {
             }
         }
         self.request_headers(req, !self.request_body)
+    }
+
+    /// The request is about to wait for HTTP calls: every instance it holds goes back to its
+    /// plugin's pool (contexts stay in them, as parked ones do), so that requests waiting on a
+    /// slow service hold no instance slots. Each later callback locks the instance.
+    fn share_while_waiting(&mut self) {
+        for slot in &mut self.slots {
+            if let (Some(h), false, true) = (slot.inst.as_ref(), slot.pooled, slot.ctx != 0) {
+                slot.pooled = true;
+                slot.plugin.park(h);
+            }
+        }
     }
 
     /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp`. A plugin
@@ -346,7 +362,10 @@ impl Exchange {
                 }
             } else if park {
                 slot.parked = true;
-                slot.plugin.park(handle);
+                if !slot.pooled {
+                    slot.pooled = true;
+                    slot.plugin.park(handle);
+                }
             }
             if let Some(reply) = self.info.local.take() {
                 log::warn!(
@@ -524,7 +543,8 @@ impl Exchange {
                 continue;
             };
             let ctx = std::mem::take(&mut slot.ctx);
-            let parked = std::mem::take(&mut slot.parked);
+            slot.parked = false;
+            let pooled = std::mem::take(&mut slot.pooled);
             let r = if ctx == 0 {
                 Ok(())
             } else {
@@ -535,7 +555,7 @@ impl Exchange {
                 r
             };
             match r {
-                Ok(()) if !parked => slot.plugin.give_back(handle),
+                Ok(()) if !pooled => slot.plugin.give_back(handle),
                 Ok(()) => {}
                 Err(f) => slot.plugin.record_fault("log", &f),
             }
@@ -559,7 +579,7 @@ impl Drop for Exchange {
             };
             let ctx = std::mem::take(&mut slot.ctx);
             let ok = ctx == 0 || finish(&slot.plugin, &handle, ctx, None, false).is_ok();
-            if ok && !std::mem::take(&mut slot.parked) {
+            if ok && !std::mem::take(&mut slot.pooled) {
                 slot.plugin.give_back(handle);
             }
         }
@@ -652,17 +672,41 @@ pub async fn on_request(
         .is_some_and(|v| v.as_bytes() != b"0")
         || req.headers.contains_key(http::header::TRANSFER_ENCODING);
     let mut step = ex.request_headers(req, !has_body);
+    // The calls in flight, all of one plugin (`waiting`); answers are delivered as they come.
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut waiting = None;
+    let deadline = std::time::Instant::now() + callout::MAX_TIMEOUT;
     let verdict = loop {
         match step {
             Step::Done(v) => break v,
             Step::Calls { slot, calls } => {
-                let plugin = ex.slots[slot].plugin.clone();
-                let answers =
-                    callout::perform_all(origins, calls, plugin.max_body, &plugin.info.name).await;
-                step = ex.deliver(slot, answers, session.req_header_mut());
+                if waiting != Some(slot) {
+                    // A new plugin's calls: the previous plugin's (if it failed with
+                    // `on_error: allow`, say) are abandoned.
+                    inflight.clear();
+                    waiting = Some(slot);
+                    ex.share_while_waiting();
+                }
+                let plugin = &ex.slots[slot].plugin;
+                for call in calls {
+                    let name = plugin.info.name.clone();
+                    inflight.push(callout::perform(
+                        origins,
+                        call,
+                        plugin.max_body,
+                        name,
+                        deadline,
+                    ));
+                }
+                let Some(answer) = inflight.next().await else {
+                    // Not reached: a plugin waits only with calls in flight.
+                    break Verdict::Fail(500, "cascade: no HTTP call to wait for\n".into());
+                };
+                step = ex.deliver(slot, answer, inflight.len(), session.req_header_mut());
             }
         }
     };
+    drop(inflight);
     if !matches!(verdict, Verdict::Continue) {
         return (Some(ex), verdict);
     }

@@ -36,8 +36,8 @@ pub struct PluginState {
     metrics: RwLock<MetricTable>,
     /// trap, timeout, memory
     pub traps: [IntCounter; 3],
-    /// request, response, log
-    pub durations: [Histogram; 3],
+    /// request, response, log, call (answers delivered to `proxy_on_http_call_response`)
+    pub durations: [Histogram; 4],
     pub instances: IntGauge,
     /// Requests that found the instance pool full.
     pub pool_full: IntCounter,
@@ -69,7 +69,7 @@ impl PluginState {
             shared: Mutex::new(HashMap::new()),
             metrics: RwLock::new(MetricTable::default()),
             traps: [trap("trap"), trap("timeout"), trap("memory")],
-            durations: [dur("request"), dur("response"), dur("log")],
+            durations: [dur("request"), dur("response"), dur("log"), dur("call")],
             instances: m.plugin_instances.with_label_values(&[name]),
             pool_full: m.plugin_pool_full.with_label_values(&[name]),
             lost: m.plugin_lost.with_label_values(&[name]),
@@ -148,6 +148,10 @@ pub struct PluginInfo {
     /// The WASI environment: `NAME=value\0` entries, concatenated.
     pub environ: Vec<u8>,
     pub environ_count: usize,
+    /// Origins (indices) `proxy_http_call` may reach (`calls:`).
+    pub calls: Vec<usize>,
+    /// `limits.body`: also bounds a call's request body.
+    pub max_body: usize,
 }
 
 /// Which callback is running: decides what may be read and written.
@@ -1244,6 +1248,11 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
          timeout_ms: i32,
          ret_token: i32|
          -> i32 {
+            let max_body = c.data().info.max_body;
+            if b_l as u32 as usize > max_body || h_l as u32 as usize > super::callout::MAX_HEADER_BYTES {
+                log::warn!(target: "plugin", "[{}] proxy_http_call: headers over {} bytes or body over limits.body ({max_body} bytes)", c.data().info.name, super::callout::MAX_HEADER_BYTES);
+                return status::BAD_ARGUMENT;
+            }
             let (Some(upstream), Some(headers), Some(body)) =
                 (read(&mut c, up_p, up_l), read(&mut c, h_p, h_l), read(&mut c, b_p, b_l))
             else {
@@ -1264,13 +1273,14 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
             let (Some(info), Some(names)) = env.split() else {
                 return status::INTERNAL_FAILURE;
             };
-            if info.calls.len() >= super::callout::MAX_CALLS {
-                log::warn!(target: "plugin", "[{name}] proxy_http_call: more than {} calls from one callback", super::callout::MAX_CALLS);
+            if info.calls_left == 0 {
+                log::warn!(target: "plugin", "[{name}] proxy_http_call: more than {} calls for one request", super::callout::MAX_CALLS);
                 return status::INTERNAL_FAILURE;
             }
             let token = host.last_token.wrapping_add(1).max(1);
             let call = match super::callout::Call::parse(
                 names,
+                &host.info.calls,
                 token,
                 &upstream,
                 &pairs,
@@ -1289,6 +1299,7 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
                 return status::INVALID_MEMORY_ACCESS;
             }
             c.data_mut().last_token = token;
+            info.calls_left -= 1;
             info.calls.push(call);
             status::OK
         },

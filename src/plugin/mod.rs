@@ -73,6 +73,8 @@ pub struct RequestInfo {
     pub(crate) answer: Option<callout::Answer>,
     /// The running plugin called `proxy_continue_stream` on the request.
     pub(crate) resumed: bool,
+    /// HTTP calls the running plugin may still dispatch for this request.
+    pub(crate) calls_left: u32,
 }
 
 /// A response a plugin asked for with `proxy_send_local_response`.

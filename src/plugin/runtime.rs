@@ -478,6 +478,8 @@ impl Plugin {
                     .copied()
                     .collect(),
                 environ_count: cfg.env.len(),
+                calls: cfg.calls.clone(),
+                max_body: usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
             }),
             on_error: cfg.on_error,
             bodies: cfg.bodies,
@@ -861,9 +863,15 @@ impl Runtime {
                 origins: cfg
                     .origins
                     .iter()
-                    .map(|o| super::CallTarget {
+                    .enumerate()
+                    .map(|(i, o)| super::CallTarget {
                         name: o.name.clone(),
-                        read_only: o.read_only,
+                        // A write never reaches a fallback, from a client or from a plugin.
+                        read_only: o.read_only
+                            || cfg
+                                .groups
+                                .iter()
+                                .any(|g| g.fallbacks.contains(&i) || (g.main == i && g.read_only)),
                         timeout: o.timeouts.read,
                     })
                     .collect(),

@@ -121,27 +121,32 @@ impl Context for Check {
         body_size: usize,
         _trailers: usize,
     ) {
+        // Bytes, not strings, everywhere a value comes from outside: the SDK's string getters
+        // panic on non-UTF-8 values, and a client or a service must not be able to crash this.
         let status = self
-            .get_http_call_response_header(":status")
-            .and_then(|s| s.parse::<u32>().ok());
+            .get_http_call_response_header_bytes(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
         match status {
             Some(200..=299) => {
                 for name in &self.config.copy {
-                    let value = self.get_http_call_response_header(name);
-                    self.set_http_request_header(name, value.as_deref());
+                    let value = self.get_http_call_response_header_bytes(name);
+                    self.set_http_request_header_bytes(name, value.as_deref());
                 }
                 self.resume_http_request();
             }
             Some(s @ (401 | 403)) => {
                 // The service's refusal goes to the client as it is: its challenge, its body.
-                let mut headers = Vec::new();
                 let keep = ["www-authenticate", "content-type", "cache-control"];
-                let answer = self.get_http_call_response_headers();
-                for (k, v) in &answer {
-                    if keep.contains(&k.to_ascii_lowercase().as_str()) {
-                        headers.push((k.as_str(), v.as_str()));
-                    }
-                }
+                let answer: Vec<(String, String)> = self
+                    .get_http_call_response_headers_bytes()
+                    .into_iter()
+                    .filter(|(k, _)| keep.contains(&k.to_ascii_lowercase().as_str()))
+                    .filter_map(|(k, v)| Some((k, String::from_utf8(v).ok()?)))
+                    .collect();
+                let headers: Vec<(&str, &str)> = answer
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
                 let body = self.get_http_call_response_body(0, body_size);
                 self.send_http_response(s, headers, body.as_deref());
             }
@@ -151,11 +156,35 @@ impl Context for Check {
     }
 }
 
+/// The request target as the service sees it: bytes outside visible ASCII percent-encoded
+/// (the client may send any byte; a header value may not carry them all).
+fn visible(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for &b in raw {
+        if b.is_ascii_graphic() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl HttpContext for Check {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         let c = self.config.clone();
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let uri = self.get_http_request_header(":path").unwrap_or_default();
+        // Only the service may set these: removed first, whatever happens next.
+        for name in &c.copy {
+            self.set_http_request_header(name, None);
+        }
+        let method = self
+            .get_http_request_header_bytes(":method")
+            .map(|m| String::from_utf8_lossy(&m).into_owned())
+            .unwrap_or_default();
+        let uri = self
+            .get_http_request_header_bytes(":path")
+            .map(|p| visible(&p))
+            .unwrap_or_default();
         let mut headers: Vec<(String, String)> = vec![
             (":method".into(), "GET".into()),
             (":path".into(), c.path.clone()),
@@ -170,13 +199,12 @@ impl HttpContext for Check {
             ));
         }
         for name in &c.forward {
-            if let Some(v) = self.get_http_request_header(name) {
-                headers.push((name.clone(), v));
+            if let Some(v) = self.get_http_request_header_bytes(name) {
+                match String::from_utf8(v) {
+                    Ok(v) => headers.push((name.clone(), v)),
+                    Err(_) => log::info!("ext-auth: {name} is not UTF-8; not forwarded"),
+                }
             }
-        }
-        // Only the service may set these.
-        for name in &c.copy {
-            self.set_http_request_header(name, None);
         }
         let pairs: Vec<(&str, &str)> = headers
             .iter()

@@ -24,6 +24,8 @@ enum Mode {
     Ok,
     /// Pauses the request for an HTTP call to `upstream` and never resumes it.
     Stall,
+    /// Like `stall`, but dispatches another call from every answer, for ever.
+    Flood,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -73,7 +75,7 @@ fn misbehave(mode: Mode) {
                 hoard.push(black_box(vec![i | 1; 1 << 20]));
             }
         }
-        Mode::Ok | Mode::Stall => {}
+        Mode::Ok | Mode::Stall | Mode::Flood => {}
     }
 }
 
@@ -133,27 +135,33 @@ impl Context for ChaosHttp {
             log::warn!("chaos: got the call's answer, not resuming the request");
             return;
         }
+        if self.config.mode == Mode::Flood {
+            if let Err(e) = self.dispatch() {
+                log::warn!("chaos: flood stopped by the host: {e:?}");
+            }
+            return;
+        }
         misbehave(self.config.mode);
         self.resume_http_request();
     }
 }
 
 impl ChaosHttp {
-    /// Dispatches a GET / to `upstream`; `Pause` when it went out.
-    fn call(&self) -> Action {
+    /// Dispatches a GET / to `upstream`.
+    fn dispatch(&self) -> Result<u32, proxy_wasm::types::Status> {
         let upstream = self
             .config
             .upstream
             .as_deref()
             .unwrap_or("missing-upstream");
         let headers = vec![(":method", "GET"), (":path", "/"), (":authority", upstream)];
-        match self.dispatch_http_call(
-            upstream,
-            headers,
-            None,
-            vec![],
-            std::time::Duration::from_secs(2),
-        ) {
+        let timeout = std::time::Duration::from_secs(2);
+        self.dispatch_http_call(upstream, headers, None, vec![], timeout)
+    }
+
+    /// Dispatches a GET / to `upstream`; `Pause` when it went out.
+    fn call(&self) -> Action {
+        match self.dispatch() {
             Ok(_) => Action::Pause,
             Err(e) => panic!("chaos: dispatch_http_call failed: {e:?}"),
         }
@@ -166,7 +174,8 @@ impl HttpContext for ChaosHttp {
             Some(h) => self.get_http_request_header(h).is_some(),
             None => true,
         };
-        if self.armed && (self.config.mode == Mode::Stall || self.config.phase == Phase::Callout) {
+        let calls = matches!(self.config.mode, Mode::Stall | Mode::Flood);
+        if self.armed && (calls || self.config.phase == Phase::Callout) {
             return self.call();
         }
         if self.armed && self.config.phase == Phase::Request {

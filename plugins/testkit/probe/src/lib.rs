@@ -186,6 +186,18 @@ impl HttpContext for ProbeHttp {
             self.code
         );
         let count = self.count.to_string();
+        // An HTTP call where the request can no longer wait for it: the host refuses it with a
+        // status the SDK hands back as an error (any other status would make it panic).
+        let late_call = match self.dispatch_http_call(
+            "web",
+            vec![(":method", "GET"), (":path", "/")],
+            None,
+            vec![],
+            std::time::Duration::from_secs(1),
+        ) {
+            Ok(token) => format!("dispatched {token}"),
+            Err(status) => format!("{status:?}"),
+        };
         let set = [
             ("x-probe-greeting", self.config.greeting.as_str()),
             ("x-probe-path", self.path.as_str()),
@@ -195,6 +207,7 @@ impl HttpContext for ProbeHttp {
             ("x-probe-served-from", served_from.as_str()),
             ("x-probe-cache", cache.as_str()),
             ("x-probe-count", count.as_str()),
+            ("x-probe-late-call", late_call.as_str()),
         ];
         for (name, value) in set {
             self.set_http_response_header(name, Some(value));
