@@ -1303,3 +1303,45 @@ async fn requests_waiting_for_http_calls_hold_no_instance() {
     let full = metric_sum(&m, "cascade_plugin_pool_full_total", &[]).unwrap_or(0.0);
     assert_eq!(full, 0.0, "{m}");
 }
+
+/// An authorization service that sends an informational answer (103 Early Hints) before its
+/// real one: the call reads past it (Pingora's client stops at each 1xx).
+#[tokio::test]
+async fn an_http_call_reads_past_informational_answers() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let svc = listener.local_addr().unwrap();
+    // Answers at most 4 connections, each bounded by a read timeout.
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for stream in listener.incoming().take(4) {
+            let Ok(mut s) = stream else { continue };
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nx-user: bob\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n  svc: {{url: \"http://{svc}\"}}\ngroups:\n  main: {{main: web}}\n\
+         plugins:\n\
+         \x20 ea: {{wasm: {}, calls: [svc], config: {{upstream: svc, copy: [x-user]}}}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [ea]}}\n",
+        origin.url(""),
+        wasm("ext-auth"),
+    );
+    let c = Cascade::start(&yaml);
+    let r = client().get(c.url("/a")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(origin.stats.last().unwrap().header("x-user"), "bob");
+}
