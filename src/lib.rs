@@ -55,7 +55,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
     Ok(proxy::State {
         router: route::Router::new(cfg.routes.clone()),
         groups: cfg.groups.clone(),
-        origins,
+        origins: origins.into(),
         access_log: cfg.server.access_log,
         cache: None,
         plugins: None,
@@ -95,6 +95,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     state.plugins = plugin::Runtime::load(cfg)?;
     if let Some(rt) = &state.plugins {
         rt.watch_sighup();
+        plugin::start_ticks(rt, state.origins.clone());
     }
     let cache_storage = state.cache.map(|c| c.storage);
     let plugin_runtime = state.plugins.clone();

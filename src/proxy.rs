@@ -39,7 +39,7 @@ const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 pub struct State {
     pub router: Router,
     pub groups: Vec<GroupConfig>,
-    pub origins: Vec<Origin>,
+    pub origins: Arc<[Origin]>,
     pub access_log: bool,
     pub cache: Option<&'static Cache>,
     /// Wasm plugins (`None`: the config has none).

@@ -1345,3 +1345,55 @@ async fn an_http_call_reads_past_informational_answers() {
     assert_eq!(r.status(), 200);
     assert_eq!(origin.stats.last().unwrap().header("x-user"), "bob");
 }
+
+/// Ticks: a plugin that asks for a period gets `proxy_on_tick`, and its ticks' HTTP calls
+/// refresh what it keeps in shared data (the probe fetches a value every 100 ms).
+#[tokio::test]
+async fn ticks_reach_plugins_and_their_calls_refresh_shared_data() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "media"));
+    let cfgsvc = HttpOrigin::start();
+    cfgsvc.route("/tenants.json", Reply::new(200, "v1"));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n  cfg: {{url: \"{}\"}}\ngroups:\n  main: {{main: web}}\n\
+         plugins:\n\
+         \x20 probe: {{wasm: {}, calls: [cfg], config: {{greeting: hi, refresh: {{upstream: cfg, path: /tenants.json, every_ms: 100}}}}}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [probe]}}\n",
+        origin.url(""),
+        cfgsvc.url(""),
+        wasm("probe"),
+    );
+    let c = Cascade::start(&yaml);
+    let until = |want: &'static str| {
+        let c = &c;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let r = client().get(c.url("/x")).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let got = header(&r, "x-probe-refreshed");
+                if got == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "x-probe-refreshed is {got:?}, want {want:?}\n{}",
+                    c.stderr_tail(30)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until("v1").await;
+    cfgsvc.route("/tenants.json", Reply::new(200, "v2"));
+    until("v2").await;
+    let calls = cfgsvc.stats.total();
+    assert!(calls >= 2, "{calls} refresh calls");
+    let m = c.metrics().await;
+    let ok = metric_sum(
+        &m,
+        "cascade_plugin_http_calls_total",
+        &[("plugin", "probe"), ("outcome", "ok")],
+    );
+    assert!(ok.unwrap_or(0.0) >= 2.0, "{m}");
+}

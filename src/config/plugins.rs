@@ -187,11 +187,12 @@ fn plugin(
             Some(Some(ix)) => calls.push(*ix),
             Some(None) => ok = false, // reported at the origin itself
             None => {
-                let mut known: Vec<&str> = origin_ix.keys().map(String::as_str).collect();
-                known.sort_unstable();
                 cx.err(
                     &locate::index(&locate::join(path, "calls"), i),
-                    format!("unknown origin `{o}` (defined: {})", known.join(", ")),
+                    format!(
+                        "unknown origin `{o}` (defined: {})",
+                        defined(origin_ix, "none")
+                    ),
                 );
                 ok = false;
             }
@@ -210,6 +211,17 @@ fn plugin(
         max_body: raw.limits.body,
         calls,
     })
+}
+
+/// The names of `ix`, sorted and comma-separated (`none` when empty), for "unknown" errors.
+fn defined(ix: &HashMap<String, Option<usize>>, none: &str) -> String {
+    let mut known: Vec<&str> = ix.keys().map(String::as_str).collect();
+    known.sort_unstable();
+    if known.is_empty() {
+        none.to_string()
+    } else {
+        known.join(", ")
+    }
 }
 
 /// Resolves a route's `plugins:` list to indices. `None` after reporting an error.
@@ -233,17 +245,11 @@ pub(super) fn chain(
             Some(Some(ix)) => out.push(*ix),
             Some(None) => ok = false, // reported at the plugin itself
             None => {
-                let mut known: Vec<&str> = plugin_ix.keys().map(String::as_str).collect();
-                known.sort_unstable();
                 cx.err(
                     &field,
                     format!(
                         "unknown plugin `{n}` (defined: {})",
-                        if known.is_empty() {
-                            "none; add a top-level `plugins:` section".to_string()
-                        } else {
-                            known.join(", ")
-                        }
+                        defined(plugin_ix, "none; add a top-level `plugins:` section")
                     ),
                 );
                 ok = false;

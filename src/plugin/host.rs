@@ -152,6 +152,8 @@ pub struct PluginInfo {
     pub calls: Vec<usize>,
     /// `limits.body`: also bounds a call's request body.
     pub max_body: usize,
+    /// The tick period the plugin asked for (`proxy_set_tick_period_milliseconds`; 0: none).
+    pub tick_ms: std::sync::atomic::AtomicU32,
 }
 
 /// Which callback is running: decides what may be read and written.
@@ -165,6 +167,8 @@ pub enum Phase {
     /// `proxy_on_response_body`: headers read-only, the chunk in `Env::body`.
     ResponseBody,
     Log,
+    /// `proxy_on_tick` on the root context, and the answers to the calls it made.
+    Tick,
 }
 
 /// What one callback may touch. Raw pointers because the store data must be `'static`;
@@ -756,11 +760,17 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         |mut c: C<'_>, ret: i32| -> i32 { status_of(write_u64(&mut c, ret, now_nanos())) },
     )?;
     def("env", "proxy_get_current_time_nanoseconds");
-    // Ticks are never delivered; accepting the period keeps SDK plugins from trapping.
+    // The period is the plugin's (every instance configures the same way); `tick` delivers.
     l.func_wrap(
         "env",
         "proxy_set_tick_period_milliseconds",
-        |_: i32| -> i32 { status::OK },
+        |c: C<'_>, ms: i32| -> i32 {
+            c.data()
+                .info
+                .tick_ms
+                .store(ms as u32, std::sync::atomic::Ordering::Relaxed);
+            status::OK
+        },
     )?;
     def("env", "proxy_set_tick_period_milliseconds");
 
@@ -1263,11 +1273,16 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
             };
             let host = c.data_mut();
             let name = host.info.name.clone();
-            // Only where the request can wait for the answer: its request-headers callback and
-            // the delivery of an earlier call's answer. The SDKs treat INTERNAL_FAILURE as an
-            // error they hand to the plugin (any other status makes the Rust SDK panic).
-            let Some(mut env) = host.env.filter(|e| e.phase == Phase::Request) else {
-                log::warn!(target: "plugin", "[{name}] proxy_http_call is only available in the request-headers phase");
+            // Only where someone can wait for the answer: a request's request-headers callback,
+            // a tick, and the delivery of an earlier call's answer. The SDKs treat
+            // INTERNAL_FAILURE as an error they hand to the plugin (any other status makes the
+            // Rust SDK panic).
+            let Some(mut env) = host
+                .env
+                .filter(|e| matches!(e.phase, Phase::Request | Phase::Tick))
+            else {
+                // Debug: a plugin that tries on every response would flood the log.
+                log::debug!(target: "plugin", "[{name}] proxy_http_call is only available in the request-headers phase and in ticks");
                 return status::INTERNAL_FAILURE;
             };
             let (Some(info), Some(names)) = env.split() else {

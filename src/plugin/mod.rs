@@ -16,8 +16,9 @@
 //! - `exchange` one request's walk through its chain, and the glue the proxy phases call
 //!
 //! - `callout`  `proxy_http_call`: calls to configured origins, made while the request waits
+//! - `tick`     `proxy_on_tick` to idle instances on the plugin's period, and the ticks' calls
 //!
-//! Not implemented: gRPC callouts and shared queues (they answer `UNIMPLEMENTED`), ticks.
+//! Not implemented: gRPC callouts and shared queues (they answer `UNIMPLEMENTED`).
 
 pub mod abi;
 mod callout;
@@ -25,9 +26,11 @@ mod exchange;
 pub mod host;
 mod props;
 mod runtime;
+mod tick;
 
 pub use exchange::{on_request, write_reply, Exchange, Step, Verdict};
 pub use runtime::{engine, Fault, FaultKind, ReloadReport, Runtime};
+pub use tick::start as start_ticks;
 
 use std::sync::Arc;
 

@@ -220,6 +220,9 @@ pub struct Instance {
     on_log: Option<Cb1>,
     on_delete: Option<Cb1>,
     on_http_call_response: Option<CbCallResponse>,
+    on_tick: Option<Cb1>,
+    /// A tick's HTTP calls are in flight (the next tick skips this instance).
+    pub(super) tick_busy: bool,
     next_ctx: i32,
 }
 
@@ -357,6 +360,21 @@ impl Instance {
         }
     }
 
+    /// `proxy_on_tick` on the root context.
+    pub(super) fn tick(&mut self, env: Env) -> Result<(), Fault> {
+        match &self.on_tick {
+            Some(f) => call(
+                &mut self.store,
+                self.ticks,
+                self.deadline,
+                f,
+                ROOT_CONTEXT,
+                Some(env),
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// `proxy_on_done`, then (`log`) `proxy_on_log`, then `proxy_on_delete`.
     pub(super) fn finish(&mut self, ctx: i32, env: Option<Env>, log: bool) -> Result<(), Fault> {
         let (t, d) = (self.ticks, self.deadline);
@@ -480,6 +498,7 @@ impl Plugin {
                 environ_count: cfg.env.len(),
                 calls: cfg.calls.clone(),
                 max_body: usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
+                tick_ms: Default::default(),
             }),
             on_error: cfg.on_error,
             bodies: cfg.bodies,
@@ -605,6 +624,7 @@ impl Plugin {
             .ok();
         let on_log = one(&mut store, "proxy_on_log");
         let on_delete = one(&mut store, "proxy_on_delete");
+        let on_tick = one(&mut store, "proxy_on_tick");
         let on_http_call_response = inst
             .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
                 &mut store,
@@ -625,6 +645,8 @@ impl Plugin {
             on_log,
             on_delete,
             on_http_call_response,
+            on_tick,
+            tick_busy: false,
             next_ctx: ROOT_CONTEXT,
         })
     }
@@ -684,6 +706,11 @@ impl Plugin {
                 None
             }
         }
+    }
+
+    /// The idle instances, for ticks (clones of the handles; they stay in the pool).
+    pub(super) fn idle(&self) -> Vec<Handle> {
+        self.pool.lock().clone()
     }
 
     /// A request parks its context in `h` and hands the instance back, unless `MAX_PARKED`
@@ -908,6 +935,18 @@ impl Runtime {
                 ..Default::default()
             },
         ))
+    }
+
+    /// The current version of every plugin, in config order.
+    pub(super) fn current(&self) -> Vec<Arc<Plugin>> {
+        self.slots
+            .iter()
+            .map(|s| s.current.read().clone())
+            .collect()
+    }
+
+    pub(super) fn names(&self) -> &Arc<Names> {
+        &self.names
     }
 
     /// Re-reads every plugin file; changed ones are compiled, started and swapped in. New

@@ -21,7 +21,19 @@ const COUNT_KEY: &str = "probe.count";
 #[derive(Deserialize, Debug)]
 struct Config {
     greeting: String,
+    /// Refresh a value from an origin on a timer (`proxy_on_tick` + `dispatch_http_call`),
+    /// kept in shared data and reported in `x-probe-refreshed`.
+    refresh: Option<Refresh>,
 }
+
+#[derive(Deserialize, Debug)]
+struct Refresh {
+    upstream: String,
+    path: String,
+    every_ms: u64,
+}
+
+const REFRESHED_KEY: &str = "probe.refreshed";
 
 struct ProbeRoot {
     context_id: u32,
@@ -32,7 +44,26 @@ struct ProbeRoot {
     logs: Option<u32>,
 }
 
-impl Context for ProbeRoot {}
+impl Context for ProbeRoot {
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let status = self.get_http_call_response_header(":status");
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .unwrap_or_default();
+        log::info!("probe: refresh answered {status:?} ({body_size} bytes)");
+        if status.as_deref() == Some("200") {
+            if let Err(e) = self.set_shared_data(REFRESHED_KEY, Some(&body), None) {
+                log::warn!("probe: set_shared_data failed: {e:?}");
+            }
+        }
+    }
+}
 
 impl RootContext for ProbeRoot {
     fn on_vm_start(&mut self, vm_configuration_size: usize) -> bool {
@@ -67,8 +98,26 @@ impl RootContext for ProbeRoot {
             config.greeting,
             self.metric
         );
+        if let Some(r) = &config.refresh {
+            self.set_tick_period(std::time::Duration::from_millis(r.every_ms));
+        }
         self.config = Some(Rc::new(config));
         true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(r) = self.config.as_ref().and_then(|c| c.refresh.as_ref()) else {
+            return;
+        };
+        let headers = vec![
+            (":method", "GET"),
+            (":path", r.path.as_str()),
+            (":authority", "x"),
+        ];
+        let timeout = std::time::Duration::from_secs(2);
+        if let Err(e) = self.dispatch_http_call(&r.upstream, headers, None, vec![], timeout) {
+            log::warn!("probe: refresh call refused: {e:?}");
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -198,6 +247,10 @@ impl HttpContext for ProbeHttp {
             Ok(token) => format!("dispatched {token}"),
             Err(status) => format!("{status:?}"),
         };
+        let refreshed = match self.get_shared_data(REFRESHED_KEY).0 {
+            Some(v) => String::from_utf8_lossy(&v).into_owned(),
+            None => "-".to_string(),
+        };
         let set = [
             ("x-probe-greeting", self.config.greeting.as_str()),
             ("x-probe-path", self.path.as_str()),
@@ -208,6 +261,7 @@ impl HttpContext for ProbeHttp {
             ("x-probe-cache", cache.as_str()),
             ("x-probe-count", count.as_str()),
             ("x-probe-late-call", late_call.as_str()),
+            ("x-probe-refreshed", refreshed.as_str()),
         ];
         for (name, value) in set {
             self.set_http_response_header(name, Some(value));

@@ -1,0 +1,156 @@
+//! Timer ticks: `proxy_on_tick` for plugins that asked for a period
+//! (`proxy_set_tick_period_milliseconds`), and the HTTP calls those ticks make.
+//!
+//! Envoy ticks the root context of each VM (one per worker). cascade's instances are a pool,
+//! so each tick goes to every *idle* instance of the plugin; an instance busy with a request
+//! at that moment gets the next one. The common use, refreshing keys or a tenant map with a
+//! `dispatch_http_call` and keeping it in shared data, works on any instance. A tick's calls
+//! are made without holding the instance (requests lease it meanwhile); each answer is
+//! delivered with `proxy_on_http_call_response` under its lock, and the instance takes no
+//! further tick until they are all answered. Ticks run on their own thread, never on a proxy
+//! worker; a tick that faults discards its instance like a request callback does.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+
+use super::callout;
+use super::host::{Env, Phase};
+use super::runtime::{Handle, Plugin};
+use super::{Names, RequestInfo, Runtime};
+use crate::origin::Origin;
+
+/// How often the ticker looks for due plugins (the finest period it honours).
+const GRAIN: Duration = Duration::from_millis(20);
+
+/// Starts the ticker thread for `rt` (it ends when the runtime is dropped).
+pub fn start(rt: &Arc<Runtime>, origins: Arc<[Origin]>) {
+    let weak = Arc::downgrade(rt);
+    let spawned = std::thread::Builder::new()
+        .name("plugin-ticks".into())
+        .spawn(move || {
+            let Ok(tokio_rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                log::error!("plugins: cannot start the tick runtime; ticks disabled");
+                return;
+            };
+            tokio_rt.block_on(run(weak, origins));
+        });
+    if let Err(e) = spawned {
+        log::error!("plugins: cannot start the tick thread ({e}); ticks disabled");
+    }
+}
+
+async fn run(rt: std::sync::Weak<Runtime>, origins: Arc<[Origin]>) {
+    // When each plugin (by position in the config) is due next.
+    let mut due: Vec<Option<Instant>> = Vec::new();
+    loop {
+        tokio::time::sleep(GRAIN).await;
+        let Some(rt) = rt.upgrade() else { return };
+        let plugins = rt.current();
+        due.resize(plugins.len(), None);
+        let now = Instant::now();
+        for (plugin, due) in plugins.into_iter().zip(due.iter_mut()) {
+            let ms = plugin
+                .info
+                .tick_ms
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if ms == 0 {
+                *due = None;
+                continue;
+            }
+            let period = Duration::from_millis(ms.into()).max(GRAIN);
+            match *due {
+                None => *due = Some(now + period),
+                Some(t) if now >= t => {
+                    *due = Some(now + period);
+                    for handle in plugin.idle() {
+                        let (plugin, names, origins) =
+                            (plugin.clone(), rt.names().clone(), origins.clone());
+                        tokio::spawn(tick_one(plugin, handle, names, origins));
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+/// One tick of one instance, and the calls it makes (with their answers' calls, up to
+/// `callout::MAX_CALLS` in all), within `callout::MAX_TIMEOUT`.
+async fn tick_one(plugin: Arc<Plugin>, handle: Handle, names: Arc<Names>, origins: Arc<[Origin]>) {
+    let mut info = RequestInfo {
+        calls_left: callout::MAX_CALLS,
+        ..Default::default()
+    };
+    let env = |info: &mut RequestInfo| Env {
+        phase: Phase::Tick,
+        req: std::ptr::null_mut(),
+        resp: std::ptr::null_mut(),
+        info,
+        names: Arc::as_ptr(&names),
+        body: std::ptr::null_mut(),
+    };
+    {
+        // Busy with a request right now: this instance gets the next tick.
+        let Some(mut guard) = handle.try_lock() else {
+            return;
+        };
+        let Some(inst) = guard.as_mut().filter(|i| !i.tick_busy) else {
+            return;
+        };
+        if let Err(f) = inst.tick(env(&mut info)) {
+            *guard = None;
+            plugin.record_fault("tick", &f);
+            return;
+        }
+        if info.calls.is_empty() {
+            return;
+        }
+        inst.tick_busy = true;
+    }
+    let deadline = Instant::now() + callout::MAX_TIMEOUT;
+    let name = plugin.info.name.clone();
+    let mut inflight = FuturesUnordered::new();
+    for call in std::mem::take(&mut info.calls) {
+        inflight.push(callout::perform(
+            &origins,
+            call,
+            plugin.max_body,
+            name.clone(),
+            deadline,
+        ));
+    }
+    while let Some((token, answer)) = inflight.next().await {
+        let mut guard = handle.lock();
+        let Some(inst) = guard.as_mut() else {
+            return; // discarded meanwhile
+        };
+        let (headers, body) = (answer.headers.len(), answer.body.len());
+        info.answer = Some(answer);
+        let r = inst.http_call_response(token, headers, body, env(&mut info));
+        info.answer = None;
+        if let Err(f) = r {
+            *guard = None;
+            drop(guard);
+            plugin.record_fault("tick http call response", &f);
+            return;
+        }
+        drop(guard);
+        for call in std::mem::take(&mut info.calls) {
+            inflight.push(callout::perform(
+                &origins,
+                call,
+                plugin.max_body,
+                name.clone(),
+                deadline,
+            ));
+        }
+    }
+    if let Some(inst) = handle.lock().as_mut() {
+        inst.tick_busy = false;
+    }
+}
