@@ -45,6 +45,7 @@ pub struct Metrics {
     pub plugin_failures: IntCounterVec,
     pub plugin_http_calls: IntCounterVec,
     pub plugin_http_call_duration: HistogramVec,
+    pub plugin_queue_dropped: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -232,6 +233,13 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let plugin_queue_dropped = register_int_counter_vec_with_registry!(
+            "cascade_plugin_queue_dropped_total",
+            "Messages dropped from a full shared queue (oldest first), by the plugin owning the queue.",
+            &["plugin"],
+            registry
+        )
+        .expect("metric");
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -264,6 +272,7 @@ impl Metrics {
             plugin_failures,
             plugin_http_calls,
             plugin_http_call_duration,
+            plugin_queue_dropped,
         }
     }
 

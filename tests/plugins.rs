@@ -1397,3 +1397,46 @@ async fn ticks_reach_plugins_and_their_calls_refresh_shared_data() {
     );
     assert!(ok.unwrap_or(0.0) >= 2.0, "{m}");
 }
+
+/// Shared queues: every request enqueues its path (the probe resolves its own queue by name),
+/// and the root context that registered the queue drains it on `proxy_on_queue_ready`.
+#[tokio::test]
+async fn shared_queues_carry_messages_to_the_registering_root_context() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "media"));
+    let yaml = format!(
+        "{}plugins:\n  pq: {{wasm: {}, config: {{greeting: hi}}}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [pq]}}\n",
+        http_origin_yaml(&origin),
+        wasm("probe"),
+    );
+    let c = Cascade::start(&yaml);
+    for i in 0..5 {
+        let r = client()
+            .get(c.url(&format!("/q/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = c.metrics().await;
+        let n = metric_sum(
+            &m,
+            "cascade_plugin_counter",
+            &[("plugin", "pq"), ("name", "probe_dequeued")],
+        );
+        if n == Some(5.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dequeued {n:?}\n{}",
+            c.stderr_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!c.stderr().contains("queue probe.paths not found"));
+    assert!(!c.stderr().contains("enqueue failed"));
+}

@@ -1321,7 +1321,62 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
     )?;
     def("env", "proxy_http_call");
 
-    // --- not implemented: gRPC callouts, shared queues, status ---------------------------------
+    // --- shared queues ---------------------------------------------------------------------------
+    l.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: C<'_>, np: i32, nl: i32, ret: i32| -> i32 {
+            let Some(name) = read(&mut c, np, nl) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            let id = super::queue::register(&c.data().info.name, &name);
+            status_of(write_u32s(&mut c, &[(ret, id)]))
+        },
+    )?;
+    def("env", "proxy_register_shared_queue");
+    l.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |mut c: C<'_>, vp: i32, vl: i32, np: i32, nl: i32, ret: i32| -> i32 {
+            let (Some(vm_id), Some(name)) = (read(&mut c, vp, vl), read(&mut c, np, nl)) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            match super::queue::resolve(&c.data().info.name, &vm_id, &name) {
+                Some(id) => status_of(write_u32s(&mut c, &[(ret, id)])),
+                None => status::NOT_FOUND,
+            }
+        },
+    )?;
+    def("env", "proxy_resolve_shared_queue");
+    l.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |mut c: C<'_>, id: i32, vp: i32, vl: i32| -> i32 {
+            let Some(value) = read(&mut c, vp, vl) else {
+                return status::INVALID_MEMORY_ACCESS;
+            };
+            if super::queue::enqueue(id as u32, value) {
+                status::OK
+            } else {
+                status::NOT_FOUND
+            }
+        },
+    )?;
+    def("env", "proxy_enqueue_shared_queue");
+    l.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |mut c: C<'_>, id: i32, ret_ptr: i32, ret_len: i32| -> wasmtime::Result<i32> {
+            match super::queue::dequeue(id as u32) {
+                Ok(Some(v)) => return_bytes(&mut c, &v, ret_ptr, ret_len),
+                Ok(None) => Ok(status::EMPTY),
+                Err(()) => Ok(status::NOT_FOUND),
+            }
+        },
+    )?;
+    def("env", "proxy_dequeue_shared_queue");
+
+    // --- not implemented: gRPC callouts, status ----------------------------------------------
     unimplemented_calls!(l, def,
         "proxy_grpc_call" => (i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32),
         "proxy_grpc_stream" => (i32, i32, i32, i32, i32, i32, i32, i32, i32),
@@ -1329,10 +1384,6 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         "proxy_grpc_cancel" => (i32),
         "proxy_grpc_close" => (i32),
         "proxy_get_status" => (i32, i32, i32),
-        "proxy_register_shared_queue" => (i32, i32, i32),
-        "proxy_resolve_shared_queue" => (i32, i32, i32, i32, i32),
-        "proxy_dequeue_shared_queue" => (i32, i32, i32),
-        "proxy_enqueue_shared_queue" => (i32, i32, i32),
     );
 
     // --- WASI preview1 -----------------------------------------------------------------------

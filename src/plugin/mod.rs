@@ -16,15 +16,18 @@
 //! - `exchange` one request's walk through its chain, and the glue the proxy phases call
 //!
 //! - `callout`  `proxy_http_call`: calls to configured origins, made while the request waits
-//! - `tick`     `proxy_on_tick` to idle instances on the plugin's period, and the ticks' calls
+//! - `tick`     `proxy_on_tick` to idle instances on the plugin's period, and the ticks' calls;
+//!   `proxy_on_queue_ready` to one idle instance of a queue's owner
+//! - `queue`    shared queues: registry, bounded FIFOs, which are ready
 //!
-//! Not implemented: gRPC callouts and shared queues (they answer `UNIMPLEMENTED`).
+//! Not implemented: gRPC callouts (they answer `UNIMPLEMENTED`).
 
 pub mod abi;
 mod callout;
 mod exchange;
 pub mod host;
 mod props;
+mod queue;
 mod runtime;
 mod tick;
 

@@ -221,6 +221,7 @@ pub struct Instance {
     on_delete: Option<Cb1>,
     on_http_call_response: Option<CbCallResponse>,
     on_tick: Option<Cb1>,
+    on_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     /// A tick's HTTP calls are in flight (the next tick skips this instance).
     pub(super) tick_busy: bool,
     next_ctx: i32,
@@ -360,18 +361,21 @@ impl Instance {
         }
     }
 
-    /// `proxy_on_tick` on the root context.
-    pub(super) fn tick(&mut self, env: Env) -> Result<(), Fault> {
-        match &self.on_tick {
-            Some(f) => call(
+    /// `proxy_on_tick`, or (`queue`) `proxy_on_queue_ready` for that queue, on the root
+    /// context.
+    pub(super) fn tick(&mut self, queue: Option<u32>, env: Env) -> Result<(), Fault> {
+        let (t, d) = (self.ticks, self.deadline);
+        match (queue, &self.on_tick, &self.on_queue_ready) {
+            (None, Some(f), _) => call(&mut self.store, t, d, f, ROOT_CONTEXT, Some(env)),
+            (Some(q), _, Some(f)) => call(
                 &mut self.store,
-                self.ticks,
-                self.deadline,
+                t,
+                d,
                 f,
-                ROOT_CONTEXT,
+                (ROOT_CONTEXT, q as i32),
                 Some(env),
             ),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -625,6 +629,7 @@ impl Plugin {
         let on_log = one(&mut store, "proxy_on_log");
         let on_delete = one(&mut store, "proxy_on_delete");
         let on_tick = one(&mut store, "proxy_on_tick");
+        let on_queue_ready = typed2(&mut store, "proxy_on_queue_ready");
         let on_http_call_response = inst
             .get_typed_func::<(i32, i32, i32, i32, i32), ()>(
                 &mut store,
@@ -646,6 +651,7 @@ impl Plugin {
             on_delete,
             on_http_call_response,
             on_tick,
+            on_queue_ready,
             tick_busy: false,
             next_ctx: ROOT_CONTEXT,
         })

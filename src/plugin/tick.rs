@@ -1,5 +1,6 @@
 //! Timer ticks: `proxy_on_tick` for plugins that asked for a period
-//! (`proxy_set_tick_period_milliseconds`), and the HTTP calls those ticks make.
+//! (`proxy_set_tick_period_milliseconds`), `proxy_on_queue_ready` for plugins whose shared
+//! queues got messages, and the HTTP calls those callbacks make.
 //!
 //! Envoy ticks the root context of each VM (one per worker). cascade's instances are a pool,
 //! so each tick goes to every *idle* instance of the plugin; an instance busy with a request
@@ -70,18 +71,42 @@ async fn run(rt: std::sync::Weak<Runtime>, origins: Arc<[Origin]>) {
                     for handle in plugin.idle() {
                         let (plugin, names, origins) =
                             (plugin.clone(), rt.names().clone(), origins.clone());
-                        tokio::spawn(tick_one(plugin, handle, names, origins));
+                        tokio::spawn(tick_one(plugin, handle, names, origins, None));
                     }
                 }
                 Some(_) => {}
             }
         }
+        // Queues with news: one idle instance of the owner is told (batched).
+        for (owner, id) in super::queue::take_ready() {
+            let Some(plugin) = plugins_by_name(&rt, &owner) else {
+                continue; // the owner is gone (removed by a reload)
+            };
+            match plugin.idle().into_iter().next() {
+                Some(handle) => {
+                    let (names, origins) = (rt.names().clone(), origins.clone());
+                    tokio::spawn(tick_one(plugin, handle, names, origins, Some(id)));
+                }
+                None => super::queue::mark_ready(id),
+            }
+        }
     }
 }
 
-/// One tick of one instance, and the calls it makes (with their answers' calls, up to
-/// `callout::MAX_CALLS` in all), within `callout::MAX_TIMEOUT`.
-async fn tick_one(plugin: Arc<Plugin>, handle: Handle, names: Arc<Names>, origins: Arc<[Origin]>) {
+fn plugins_by_name(rt: &Runtime, name: &str) -> Option<Arc<Plugin>> {
+    rt.current().into_iter().find(|p| &*p.info.name == name)
+}
+
+/// One tick of one instance (or, with `queue`, its `proxy_on_queue_ready`), and the calls it
+/// makes (with their answers' calls, up to `callout::MAX_CALLS` in all), within
+/// `callout::MAX_TIMEOUT`.
+async fn tick_one(
+    plugin: Arc<Plugin>,
+    handle: Handle,
+    names: Arc<Names>,
+    origins: Arc<[Origin]>,
+    queue: Option<u32>,
+) {
     let mut info = RequestInfo {
         calls_left: callout::MAX_CALLS,
         ..Default::default()
@@ -95,14 +120,20 @@ async fn tick_one(plugin: Arc<Plugin>, handle: Handle, names: Arc<Names>, origin
         body: std::ptr::null_mut(),
     };
     {
-        // Busy with a request right now: this instance gets the next tick.
+        // Busy with a request right now: this instance gets the next tick; a queue's news
+        // waits for the next round.
+        let busy = || {
+            if let Some(q) = queue {
+                super::queue::mark_ready(q);
+            }
+        };
         let Some(mut guard) = handle.try_lock() else {
-            return;
+            return busy();
         };
         let Some(inst) = guard.as_mut().filter(|i| !i.tick_busy) else {
-            return;
+            return busy();
         };
-        if let Err(f) = inst.tick(env(&mut info)) {
+        if let Err(f) = inst.tick(queue, env(&mut info)) {
             *guard = None;
             plugin.record_fault("tick", &f);
             return;

@@ -12,7 +12,7 @@ use serde::Deserialize;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(ProbeRoot { context_id, config: None, metric: None, logs: None })
+        Box::new(ProbeRoot { context_id, config: None, metric: None, logs: None, dequeued: None })
     });
 }}
 
@@ -42,7 +42,12 @@ struct ProbeRoot {
     metric: Option<u32>,
     /// Id of the `probe_logs` counter: `on_log` calls, so a host that skips them shows.
     logs: Option<u32>,
+    /// Id of the `probe_dequeued` counter: messages read from the `probe.paths` queue.
+    dequeued: Option<u32>,
 }
+
+/// Every request's path is enqueued here; the root context counts what it dequeues.
+const QUEUE: &str = "probe.paths";
 
 impl Context for ProbeRoot {
     fn on_http_call_response(
@@ -66,6 +71,16 @@ impl Context for ProbeRoot {
 }
 
 impl RootContext for ProbeRoot {
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        let mut n = 0;
+        while let Ok(Some(_path)) = self.dequeue_shared_queue(queue_id) {
+            n += 1;
+        }
+        if let Some(id) = self.dequeued {
+            let _ = hostcalls::increment_metric(id, n);
+        }
+    }
+
     fn on_vm_start(&mut self, vm_configuration_size: usize) -> bool {
         let vm_config = self.get_vm_configuration().map_or(0, |c| c.len());
         log::info!(
@@ -93,6 +108,12 @@ impl RootContext for ProbeRoot {
         if self.logs.is_none() {
             self.logs = hostcalls::define_metric(MetricType::Counter, "probe_logs").ok();
         }
+        if self.dequeued.is_none() {
+            self.dequeued = hostcalls::define_metric(MetricType::Counter, "probe_dequeued").ok();
+        }
+        // The consumer side of the queue the HTTP contexts feed (the same id in every
+        // instance of this plugin).
+        self.register_shared_queue(QUEUE);
         log::info!(
             "probe: configured ({plugin_configuration_size} bytes), greeting {:?}, metric {:?}",
             config.greeting,
@@ -212,6 +233,15 @@ impl HttpContext for ProbeHttp {
             }
         }
         self.count = self.bump_shared_count();
+        // Producer side: the queue found by name ("" = this plugin's own vm_id).
+        match self.resolve_shared_queue("", QUEUE) {
+            Some(q) => {
+                if let Err(e) = self.enqueue_shared_queue(q, Some(self.path.as_bytes())) {
+                    log::warn!("probe: enqueue failed: {e:?}");
+                }
+            }
+            None => log::warn!("probe: queue {QUEUE} not found"),
+        }
 
         log::info!(
             "probe[{}]: {} {} host={host} route={} ua={ua} headers={num_headers}/{} eos={end_of_stream} count={}",
