@@ -1440,3 +1440,38 @@ async fn shared_queues_carry_messages_to_the_registering_root_context() {
     assert!(!c.stderr().contains("queue probe.paths not found"));
     assert!(!c.stderr().contains("enqueue failed"));
 }
+
+/// A plugin whose `proxy_on_tick` traps: the tick costs that instance once, ticks stop for
+/// the plugin (instead of discarding every idle instance each period), requests keep being
+/// served.
+#[tokio::test]
+async fn a_trapping_tick_stops_the_plugins_ticks_and_costs_no_request() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "{}plugins:\n  tt: {{wasm: {}, config: {{mode: trap, phase: tick}}}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [tt]}}\n",
+        http_origin_yaml(&origin),
+        wasm("chaos"),
+    );
+    let c = Cascade::start(&yaml);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.stderr().contains("ticks are stopped") {
+        let r = client().get(c.url("/a")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(Instant::now() < deadline, "{}", c.stderr_tail(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Ticks are 50 ms apart: 300 ms more would show further traps if they went on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        assert_eq!(
+            client().get(c.url("/a")).send().await.unwrap().status(),
+            200
+        );
+    }
+    let m = c.metrics().await;
+    let traps = metric_sum(&m, "cascade_plugin_traps_total", &[("plugin", "tt")]);
+    assert_eq!(traps, Some(1.0), "{m}");
+    assert_eq!(c.stderr().matches("chaos: tick").count(), 1);
+}

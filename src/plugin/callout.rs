@@ -164,13 +164,32 @@ fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// One connector (and so one connection pool) for every plugin call of the process.
-static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+/// Who makes a call: each has its own connector (and so its own connection pool), because a
+/// pooled connection keeps being driven by the runtime that opened it, and the tick thread's
+/// runtime must not carry the I/O of the proxy workers' calls.
+#[derive(Clone, Copy)]
+pub enum Caller {
+    Request,
+    Tick,
+}
+
+static REQUESTS: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+static TICKS: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
+
+impl Caller {
+    fn connector(self) -> &'static Connector {
+        match self {
+            Caller::Request => &REQUESTS,
+            Caller::Tick => &TICKS,
+        }
+    }
+}
 
 /// Makes one call, bounded by its timeout and by `deadline` (the request's whole wait);
 /// `max_body` bounds the answer's body; `plugin` names the caller in logs and metrics. A
 /// failure is logged and answered as Envoy does: no headers, no body.
 pub async fn perform(
+    caller: Caller,
     origins: &[Origin],
     call: Call,
     max_body: usize,
@@ -187,7 +206,12 @@ pub async fn perform(
         return (token, Answer::default());
     };
     let timeout = call.timeout.min(deadline.saturating_duration_since(t0));
-    let r = tokio::time::timeout(timeout, perform_retrying(origin, &call, max_body)).await;
+    let connector = caller.connector();
+    let r = tokio::time::timeout(
+        timeout,
+        perform_retrying(connector, origin, &call, max_body),
+    )
+    .await;
     let outcome = match &r {
         Ok(Ok(_)) => "ok",
         Ok(Err(_)) => "error",
@@ -221,9 +245,14 @@ pub async fn perform(
 
 /// A GET or HEAD that failed on a pooled connection before any answer came (the origin
 /// closed it as it was reused) is made once more, as Pingora's proxy does.
-async fn perform_retrying(origin: &Origin, call: &Call, max_body: usize) -> Result<Answer, String> {
-    match perform_once(origin, call, max_body).await {
-        Err(Failure { retry: true, .. }) => perform_once(origin, call, max_body).await,
+async fn perform_retrying(
+    connector: &Connector,
+    origin: &Origin,
+    call: &Call,
+    max_body: usize,
+) -> Result<Answer, String> {
+    match perform_once(connector, origin, call, max_body).await {
+        Err(Failure { retry: true, .. }) => perform_once(connector, origin, call, max_body).await,
         r => r,
     }
     .map_err(|f| f.why)
@@ -245,7 +274,12 @@ impl Failure {
 
 /// One call over the shared connector: request written (origin rewrite and signing applied),
 /// answer read whole (bounded), connection back to the pool when the answer was complete.
-async fn perform_once(origin: &Origin, call: &Call, max_body: usize) -> Result<Answer, Failure> {
+async fn perform_once(
+    connector: &Connector,
+    origin: &Origin,
+    call: &Call,
+    max_body: usize,
+) -> Result<Answer, Failure> {
     let mut req = RequestHeader::build(call.method.clone(), b"/", Some(call.headers.len() + 3))
         .map_err(Failure::at)?;
     for (k, v) in &call.headers {
@@ -263,7 +297,7 @@ async fn perform_once(origin: &Origin, call: &Call, max_body: usize) -> Result<A
             .map_err(Failure::at)?;
     }
     let peer = origin.peer();
-    let (mut s, reused) = CONNECTOR
+    let (mut s, reused) = connector
         .get_http_session(&*peer)
         .await
         .map_err(|e| Failure::at(format!("connect: {e}")))?;
@@ -318,7 +352,7 @@ async fn perform_once(origin: &Origin, call: &Call, max_body: usize) -> Result<A
         body.extend_from_slice(&chunk);
     }
     if s.response_done() {
-        CONNECTOR
+        connector
             .release_http_session(s, &*peer, Some(POOL_IDLE))
             .await;
     }

@@ -691,6 +691,7 @@ pub async fn on_request(
                 for call in calls {
                     let name = plugin.info.name.clone();
                     inflight.push(callout::perform(
+                        callout::Caller::Request,
                         origins,
                         call,
                         plugin.max_body,

@@ -1259,8 +1259,11 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
          ret_token: i32|
          -> i32 {
             let max_body = c.data().info.max_body;
-            if b_l as u32 as usize > max_body || h_l as u32 as usize > super::callout::MAX_HEADER_BYTES {
-                log::warn!(target: "plugin", "[{}] proxy_http_call: headers over {} bytes or body over limits.body ({max_body} bytes)", c.data().info.name, super::callout::MAX_HEADER_BYTES);
+            if b_l as u32 as usize > max_body
+                || h_l as u32 as usize > super::callout::MAX_HEADER_BYTES
+                || up_l as u32 > 1024
+            {
+                log::warn!(target: "plugin", "[{}] proxy_http_call: upstream name over 1 KiB, headers over {} bytes or body over limits.body ({max_body} bytes)", c.data().info.name, super::callout::MAX_HEADER_BYTES);
                 return status::BAD_ARGUMENT;
             }
             let (Some(upstream), Some(headers), Some(body)) =

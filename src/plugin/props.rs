@@ -79,6 +79,8 @@ pub fn get(path: &[&[u8]], env: Option<&mut Env>, plugin: &PluginInfo, out: &mut
                 .map_or(&b"cascade"[..], |v| v.as_bytes());
             put(out, from)
         }
+        // A tick has no request: its (default) request facts would name the first route.
+        _ if env.phase == Phase::Tick => false,
         _ => {
             let (info, names) = env.split();
             let (Some(info), Some(names)) = (info, names) else {
@@ -93,8 +95,14 @@ pub fn get(path: &[&[u8]], env: Option<&mut Env>, plugin: &PluginInfo, out: &mut
                     Some(a) => put(out, &(a.port() as i64).to_le_bytes()),
                     None => false,
                 },
-                [b"cascade", b"route"] => put(out, names.routes[info.route].as_bytes()),
-                [b"cascade", b"origin_group"] => put(out, names.groups[info.group].as_bytes()),
+                [b"cascade", b"route"] => match names.routes.get(info.route) {
+                    Some(n) => put(out, n.as_bytes()),
+                    None => false,
+                },
+                [b"cascade", b"origin_group"] => match names.groups.get(info.group) {
+                    Some(n) => put(out, n.as_bytes()),
+                    None => false,
+                },
                 [b"cascade", b"upstream_path"] => put(out, info.key.as_bytes()),
                 [b"cascade", b"cache_status"] if late => {
                     put(out, info.cache_status.unwrap_or("-").as_bytes())

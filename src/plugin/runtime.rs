@@ -662,7 +662,17 @@ impl Plugin {
     /// instances.
     pub(super) fn lease(&self) -> Option<Handle> {
         loop {
-            let Some(h) = self.pool.lock().pop() else {
+            // Prefer an instance no other request has a context in (parked, or waiting for
+            // HTTP calls): a fault there then costs only this request, and shared contexts do
+            // not pile into one instance.
+            let popped = {
+                let mut pool = self.pool.lock();
+                match pool.iter().rposition(|h| Arc::strong_count(h) == 1) {
+                    Some(i) => Some(pool.swap_remove(i)),
+                    None => pool.pop(),
+                }
+            };
+            let Some(h) = popped else {
                 break;
             };
             if h.lock().is_some() {

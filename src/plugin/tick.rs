@@ -18,9 +18,12 @@ use futures::stream::{FuturesUnordered, StreamExt};
 
 use super::callout;
 use super::host::{Env, Phase};
-use super::runtime::{Handle, Plugin};
+use super::runtime::Plugin;
 use super::{Names, RequestInfo, Runtime};
 use crate::origin::Origin;
+
+/// An instance as a tick holds it (see [`tick_one`]).
+type WeakHandle = std::sync::Weak<parking_lot::Mutex<Option<super::runtime::Instance>>>;
 
 /// How often the ticker looks for due plugins (the finest period it honours).
 const GRAIN: Duration = Duration::from_millis(20);
@@ -71,6 +74,7 @@ async fn run(rt: std::sync::Weak<Runtime>, origins: Arc<[Origin]>) {
                     for handle in plugin.idle() {
                         let (plugin, names, origins) =
                             (plugin.clone(), rt.names().clone(), origins.clone());
+                        let handle = Arc::downgrade(&handle);
                         tokio::spawn(tick_one(plugin, handle, names, origins, None));
                     }
                 }
@@ -85,6 +89,7 @@ async fn run(rt: std::sync::Weak<Runtime>, origins: Arc<[Origin]>) {
             match plugin.idle().into_iter().next() {
                 Some(handle) => {
                     let (names, origins) = (rt.names().clone(), origins.clone());
+                    let handle = Arc::downgrade(&handle);
                     tokio::spawn(tick_one(plugin, handle, names, origins, Some(id)));
                 }
                 None => super::queue::mark_ready(id),
@@ -99,10 +104,13 @@ fn plugins_by_name(rt: &Runtime, name: &str) -> Option<Arc<Plugin>> {
 
 /// One tick of one instance (or, with `queue`, its `proxy_on_queue_ready`), and the calls it
 /// makes (with their answers' calls, up to `callout::MAX_CALLS` in all), within
-/// `callout::MAX_TIMEOUT`.
+/// `callout::MAX_TIMEOUT`. The instance is held weakly: while the calls are in flight it may
+/// give up its slot (`free_an_idle_slot`) or be dropped from the pool; the answers are then
+/// dropped. A fault stops the plugin version's ticks (a deterministic trap in `on_tick` would
+/// otherwise discard every idle instance each period); a reload starts them again.
 async fn tick_one(
     plugin: Arc<Plugin>,
-    handle: Handle,
+    handle: WeakHandle,
     names: Arc<Names>,
     origins: Arc<[Origin]>,
     queue: Option<u32>,
@@ -127,7 +135,10 @@ async fn tick_one(
                 super::queue::mark_ready(q);
             }
         };
-        let Some(mut guard) = handle.try_lock() else {
+        let Some(strong) = handle.upgrade() else {
+            return busy();
+        };
+        let Some(mut guard) = strong.try_lock() else {
             return busy();
         };
         let Some(inst) = guard.as_mut().filter(|i| !i.tick_busy) else {
@@ -135,7 +146,8 @@ async fn tick_one(
         };
         if let Err(f) = inst.tick(queue, env(&mut info)) {
             *guard = None;
-            plugin.record_fault("tick", &f);
+            drop(guard);
+            stop(&plugin, &f);
             return;
         }
         if info.calls.is_empty() {
@@ -148,6 +160,7 @@ async fn tick_one(
     let mut inflight = FuturesUnordered::new();
     for call in std::mem::take(&mut info.calls) {
         inflight.push(callout::perform(
+            callout::Caller::Tick,
             &origins,
             call,
             plugin.max_body,
@@ -156,7 +169,10 @@ async fn tick_one(
         ));
     }
     while let Some((token, answer)) = inflight.next().await {
-        let mut guard = handle.lock();
+        let Some(strong) = handle.upgrade() else {
+            return; // gone from the pool meanwhile
+        };
+        let mut guard = strong.lock();
         let Some(inst) = guard.as_mut() else {
             return; // discarded meanwhile
         };
@@ -167,12 +183,13 @@ async fn tick_one(
         if let Err(f) = r {
             *guard = None;
             drop(guard);
-            plugin.record_fault("tick http call response", &f);
+            stop(&plugin, &f);
             return;
         }
         drop(guard);
         for call in std::mem::take(&mut info.calls) {
             inflight.push(callout::perform(
+                callout::Caller::Tick,
                 &origins,
                 call,
                 plugin.max_body,
@@ -181,7 +198,23 @@ async fn tick_one(
             ));
         }
     }
-    if let Some(inst) = handle.lock().as_mut() {
-        inst.tick_busy = false;
+    if let Some(h) = handle.upgrade() {
+        if let Some(inst) = h.lock().as_mut() {
+            inst.tick_busy = false;
+        }
     }
+}
+
+/// A tick faulted: counted like any fault, and this plugin version ticks no more.
+fn stop(plugin: &Plugin, f: &super::Fault) {
+    plugin.record_fault("tick", f);
+    plugin
+        .info
+        .tick_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    log::error!(
+        target: "plugin",
+        "[{}] a tick failed; ticks are stopped for this plugin until it is reloaded",
+        plugin.info.name
+    );
 }

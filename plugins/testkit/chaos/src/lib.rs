@@ -39,6 +39,8 @@ enum Phase {
     /// `proxy_on_http_call_response` of a call to `upstream` made in the request phase (the
     /// request is resumed after it, if the mode returns).
     Callout,
+    /// `proxy_on_tick`, every 50 ms.
+    Tick,
 }
 
 #[derive(Deserialize, Debug)]
@@ -94,6 +96,9 @@ impl RootContext for ChaosRoot {
                     h.make_ascii_lowercase();
                 }
                 log::info!("chaos: configured {c:?}");
+                if c.phase == Phase::Tick {
+                    self.set_tick_period(std::time::Duration::from_millis(50));
+                }
                 self.config = Some(Rc::new(c));
                 true
             }
@@ -101,6 +106,13 @@ impl RootContext for ChaosRoot {
                 log::error!("chaos: invalid configuration: {e}");
                 false
             }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(c) = &self.config {
+            log::warn!("chaos: tick");
+            misbehave(c.mode);
         }
     }
 
