@@ -13,6 +13,8 @@
 #   ROUNDS=1         cascade/nginx alternations per scenario; the table shows medians
 #   SCENARIOS="pass fallback hit4k hit1m fallhit plughit"   (see the scenario table below;
 #                    plugnoop, not in the default set, is hit4k with three no-op plugins;
+#                    plugcall, not in the default set, is hit4k with ext-auth (an HTTP call
+#                    per request);
 #                    plughit runs the Wasm plugins from plugins/dist, built if missing)
 #   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios)
 #   CPU=0            1: also report proxy CPU time per request (from /proc/PID/stat)
@@ -74,6 +76,7 @@ hit1m     cache  /hit-1m.bin     main      1048576  HIT  cache hit, 1 MiB object
 fallhit   cache  /fb-hit-4k.bin  fallback  4096     HIT  repeated hit of an object only the fallback has (4 KiB)
 plughit   plugins /hit-4k.bin    main      4096     HIT  hit4k with the auth, tenant-router and headers plugins (cascade only)
 plugnoop  plugnoop /hit-4k.bin   main      4096     HIT  hit4k with three no-op SDK plugins: the ABI floor (cascade only)
+plugcall  plugcall /hit-4k.bin   main      4096     HIT  hit4k with ext-auth: one HTTP call per request to a local auth service (cascade only)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
@@ -81,7 +84,7 @@ declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
 declare -A HEADER_OF=([plughit]="x-api-key: bench-key")
 # Plugin cost (issue 4): scenario -> the scenario it is compared with, on cascade alone,
 # and the largest allowed req/s loss.
-declare -A PLUGIN_BASE_OF=([plughit]=hit4k [plugnoop]=hit4k)
+declare -A PLUGIN_BASE_OF=([plughit]=hit4k [plugnoop]=hit4k [plugcall]=hit4k)
 PLUGIN_MAX_COST=0.10
 
 declare -A PROFILE_OF PATH_OF FROM_OF SIZE_OF XCACHE_OF WHAT_OF
@@ -217,8 +220,8 @@ if wants cascade; then
   fi
   [ -x "$CASCADE_BIN" ] || die "no cascade binary at $CASCADE_BIN (PROXIES=nginx runs without it)"
   for s in $SCENARIOS; do
-    case ${PROFILE_OF[$s]} in plugins | plugnoop) ;; *) continue ;; esac
-    if [ "$BUILD" = 1 ] || ! ls "$ROOT"/plugins/dist/{auth,tenant-router,headers,noop}.wasm >/dev/null 2>&1; then
+    case ${PROFILE_OF[$s]} in plugins | plugnoop | plugcall) ;; *) continue ;; esac
+    if [ "$BUILD" = 1 ] || ! ls "$ROOT"/plugins/dist/{auth,tenant-router,headers,noop,ext-auth}.wasm >/dev/null 2>&1; then
       log "building the Wasm plugins (scripts/build-plugins.sh)"
       "$ROOT/scripts/build-plugins.sh" >/dev/null || die "scripts/build-plugins.sh failed"
     fi
@@ -316,6 +319,8 @@ for sc in $SCENARIOS; do
   fi
 done
 mkdir -p "$WORK/fixtures/main" "$WORK/fixtures/fallback"
+# plugcall's authorization check: an empty 200 from the fallback origin.
+: >"$WORK/fixtures/fallback/auth-ok"
 fixture_of() { echo "$WORK/fixtures/${FROM_OF[$1]}${PATH_OF[$1]}"; }
 
 start_nginx "$WORK/origin-main" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
