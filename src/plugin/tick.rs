@@ -156,18 +156,19 @@ async fn tick_one(
         inst.tick_busy = true;
     }
     let deadline = Instant::now() + callout::MAX_TIMEOUT;
-    let name = plugin.info.name.clone();
-    let mut inflight = FuturesUnordered::new();
-    for call in std::mem::take(&mut info.calls) {
-        inflight.push(callout::perform(
+    let (name, max_body) = (plugin.info.name.clone(), plugin.max_body);
+    let perform = |call| {
+        let name = name.clone();
+        callout::perform(
             callout::Caller::Tick,
             &origins,
             call,
-            plugin.max_body,
-            name.clone(),
+            max_body,
+            name,
             deadline,
-        ));
-    }
+        )
+    };
+    let mut inflight: FuturesUnordered<_> = info.calls.drain(..).map(perform).collect();
     while let Some((token, answer)) = inflight.next().await {
         let Some(strong) = handle.upgrade() else {
             return; // gone from the pool meanwhile
@@ -187,16 +188,7 @@ async fn tick_one(
             return;
         }
         drop(guard);
-        for call in std::mem::take(&mut info.calls) {
-            inflight.push(callout::perform(
-                callout::Caller::Tick,
-                &origins,
-                call,
-                plugin.max_body,
-                name.clone(),
-                deadline,
-            ));
-        }
+        inflight.extend(info.calls.drain(..).map(perform));
     }
     if let Some(h) = handle.upgrade() {
         if let Some(inst) = h.lock().as_mut() {
