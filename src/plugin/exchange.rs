@@ -1,6 +1,7 @@
 //! One request's walk through its plugin chain, and the glue the proxy phases call.
 //!
-//! Request headers run in chain order (a local response or a failure stops the chain);
+//! Request headers run in chain order (a local response or a failure stops the chain; a
+//! plugin that dispatched HTTP calls suspends it until their answers are delivered);
 //! response headers run in reverse order (as Envoy's encoder filters do); a plugin without
 //! body callbacks then parks its context and its instance goes back to the pool; at the end
 //! every live context gets `proxy_on_done`, `proxy_on_log`, `proxy_on_delete` and the
@@ -12,13 +13,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use pingora_error::Result;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
 use super::abi;
-use futures::StreamExt;
-
 use super::callout::{self, Answer, Call};
 use super::host::{Env, Phase};
 use super::runtime::{Fault, Handle, Plugin};

@@ -4,8 +4,10 @@
 //!  config ──► Runtime::load ──► Plugin (compiled Module + InstancePre, pool of configured
 //!                                       instances, health/backoff, per-name PluginState)
 //!  request ─► Runtime::exchange(route) ─► Exchange: one instance leased per plugin of the
-//!             route's chain for the request's lifetime; request headers (chain order),
-//!             response headers (reverse order), log/done/delete; instances go back to the pool
+//!             route's chain; request headers (chain order; HTTP calls → callout, answers
+//!             delivered, the instances pooled meanwhile), response headers (reverse order;
+//!             then parking), log/done/delete; instances go back to the pool
+//!  timer ──► tick thread ─► proxy_on_tick / proxy_on_queue_ready on idle instances
 //! ```
 //!
 //! - `abi`      status codes, enums, header-map wire format, property paths (pure)
