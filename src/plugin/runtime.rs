@@ -1031,34 +1031,47 @@ impl Runtime {
     /// machinery yet).
     pub fn watch_sighup(self: &Arc<Self>) {
         let rt = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("plugin-reload".into())
-            .spawn(move || {
-                let Ok(tokio_rt) = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                else {
-                    return;
-                };
-                tokio_rt.block_on(async move {
-                    use tokio::signal::unix::{signal, SignalKind};
-                    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                        log::error!("plugins: cannot listen for SIGHUP; reload disabled");
-                        return;
-                    };
-                    while hup.recv().await.is_some() {
-                        let Some(rt) = rt.upgrade() else { return };
-                        log::info!("SIGHUP: reloading changed plugins");
-                        let n = tokio::task::spawn_blocking(move || rt.reload().swapped.len())
-                            .await
-                            .unwrap_or(0);
-                        log::info!("SIGHUP: {n} plugin(s) swapped");
-                    }
-                });
-            });
-        if let Err(e) = spawned {
-            log::error!("plugins: cannot start the reload thread: {e}");
-        }
+        background("plugin-reload", "reload on SIGHUP", || async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                log::error!("plugins: cannot listen for SIGHUP; reload disabled");
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let Some(rt) = rt.upgrade() else { return };
+                log::info!("SIGHUP: reloading changed plugins");
+                let n = tokio::task::spawn_blocking(move || rt.reload().swapped.len())
+                    .await
+                    .unwrap_or(0);
+                log::info!("SIGHUP: {n} plugin(s) swapped");
+            }
+        });
+    }
+}
+
+/// Runs the future `make` builds on a thread of its own (`name`) with a current-thread tokio
+/// runtime: the plugins' background work (SIGHUP reload, ticks) never runs on a proxy worker.
+/// `what` names the feature in the error logged when the thread cannot start.
+pub(super) fn background<F>(
+    name: &str,
+    what: &'static str,
+    make: impl FnOnce() -> F + Send + 'static,
+) where
+    F: std::future::Future<Output = ()>,
+{
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(make()),
+                Err(e) => log::error!("plugins: cannot start a runtime ({e}); {what} disabled"),
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("plugins: cannot start the {name} thread ({e}); {what} disabled");
     }
 }
 

@@ -31,21 +31,7 @@ const GRAIN: Duration = Duration::from_millis(20);
 /// Starts the ticker thread for `rt` (it ends when the runtime is dropped).
 pub fn start(rt: &Arc<Runtime>, origins: Arc<[Origin]>) {
     let weak = Arc::downgrade(rt);
-    let spawned = std::thread::Builder::new()
-        .name("plugin-ticks".into())
-        .spawn(move || {
-            let Ok(tokio_rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                log::error!("plugins: cannot start the tick runtime; ticks disabled");
-                return;
-            };
-            tokio_rt.block_on(run(weak, origins));
-        });
-    if let Err(e) = spawned {
-        log::error!("plugins: cannot start the tick thread ({e}); ticks disabled");
-    }
+    super::runtime::background("plugin-ticks", "ticks", move || run(weak, origins));
 }
 
 async fn run(rt: std::sync::Weak<Runtime>, origins: Arc<[Origin]>) {
