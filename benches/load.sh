@@ -14,7 +14,8 @@
 #   SCENARIOS="pass fallback hit4k hit1m fallhit plughit"   (see the scenario table below;
 #                    plugnoop, not in the default set, is hit4k with three no-op plugins;
 #                    plugcall, not in the default set, is hit4k with ext-auth (an HTTP call
-#                    per request);
+#                    per request); plughit64k and plughit1m, not in the default set, are
+#                    plughit on a 64 KiB and a 1 MiB object (compared with hit64k / hit1m);
 #                    plughit runs the Wasm plugins from plugins/dist, built if missing)
 #   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios)
 #   CPU=0            1: also report proxy CPU time per request (from /proc/PID/stat)
@@ -72,19 +73,22 @@ SCENARIO_TABLE='
 pass      plain  /main-4k.bin    main      4096     -    no cache; main answers 200
 fallback  plain  /fb-4k.bin      fallback  4096     -    no cache; main answers 404, replayed to the fallback
 hit4k     cache  /hit-4k.bin     main      4096     HIT  cache hit, 4 KiB object
+hit64k    cache  /hit-64k.bin    main      65536    HIT  cache hit, 64 KiB object (an image)
 hit1m     cache  /hit-1m.bin     main      1048576  HIT  cache hit, 1 MiB object
 fallhit   cache  /fb-hit-4k.bin  fallback  4096     HIT  repeated hit of an object only the fallback has (4 KiB)
 plughit   plugins /hit-4k.bin    main      4096     HIT  hit4k with the auth, tenant-router and headers plugins (cascade only)
+plughit64k plugins /hit-64k.bin main     65536    HIT  hit64k with the plughit plugins (cascade only)
+plughit1m plugins /hit-1m.bin    main      1048576  HIT  hit1m with the plughit plugins (cascade only)
 plugnoop  plugnoop /hit-4k.bin   main      4096     HIT  hit4k with three no-op SDK plugins: the ABI floor (cascade only)
 plugcall  plugcall /hit-4k.bin   main      4096     HIT  hit4k with ext-auth: one HTTP call per request to a local auth service (cascade only)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
 # Request headers a scenario sends (curl checks and wrk alike): plughit's API key.
-declare -A HEADER_OF=([plughit]="x-api-key: bench-key")
+declare -A HEADER_OF=([plughit]="x-api-key: bench-key" [plughit64k]="x-api-key: bench-key" [plughit1m]="x-api-key: bench-key")
 # Plugin cost (issue 4): scenario -> the scenario it is compared with, on cascade alone,
 # and the largest allowed req/s loss.
-declare -A PLUGIN_BASE_OF=([plughit]=hit4k [plugnoop]=hit4k [plugcall]=hit4k)
+declare -A PLUGIN_BASE_OF=([plughit]=hit4k [plughit64k]=hit64k [plughit1m]=hit1m [plugnoop]=hit4k [plugcall]=hit4k)
 PLUGIN_MAX_COST=0.10
 
 declare -A PROFILE_OF PATH_OF FROM_OF SIZE_OF XCACHE_OF WHAT_OF

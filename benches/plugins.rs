@@ -105,7 +105,10 @@ routes:
             }
             let mut r = resp.clone();
             ex.info.cache_status = Some("HIT");
-            ex.response_headers(&q, &mut r);
+            assert!(matches!(
+                ex.response_headers(&q, &mut r),
+                Step::Done(Verdict::Continue)
+            ));
             ex.log(&q, Some(&r));
             std::hint::black_box(&r);
         };

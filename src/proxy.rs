@@ -154,14 +154,16 @@ pub fn error_status(e: &Error) -> u16 {
 }
 
 async fn respond_local(session: &mut Session, r: &LocalResponse) -> Result<()> {
-    respond_local_with(session, r, None).await
+    respond_local_with(session, r, None, &[]).await
 }
 
-/// [`respond_local`], with the request's response-phase plugins run on the answer.
+/// [`respond_local`], with the request's response-phase plugins run on the answer (their
+/// HTTP calls go to `origins`).
 async fn respond_local_with(
     session: &mut Session,
     r: &LocalResponse,
     plugins: Option<&mut plugin::Exchange>,
+    origins: &[Origin],
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(r.status, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -175,7 +177,7 @@ async fn respond_local_with(
         resp.insert_header(http::header::CONNECTION, "close")?;
     }
     if let Some(ex) = plugins {
-        ex.response_headers(session.req_header(), &mut resp);
+        plugin::on_response(ex, session.req_header(), &mut resp, origins).await;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
     session
@@ -576,7 +578,7 @@ impl ProxyHttp for Cascade {
                     || matches!(resp.status.as_u16(), 204 | 304);
                 ex.set_response_length(if no_body { Some(0) } else { len });
             }
-            ex.response_headers(session.req_header(), resp);
+            plugin::on_response(ex, session.req_header(), resp, &self.state.origins).await;
             if ex.wants_bodies() {
                 ctx.plugin_resp = Some(resp.clone());
             }
@@ -709,7 +711,9 @@ impl ProxyHttp for Cascade {
                 body,
                 allow: None,
             };
-            if let Err(err) = respond_local_with(session, &r, ctx.plugins.as_mut()).await {
+            if let Err(err) =
+                respond_local_with(session, &r, ctx.plugins.as_mut(), &self.state.origins).await
+            {
                 log::debug!("cannot send error response: {err}");
             }
         }

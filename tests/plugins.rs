@@ -518,7 +518,7 @@ async fn probe_sdk_plugin_sees_properties_metrics_and_shared_data() {
     let origin = HttpOrigin::start();
     origin.set_default(Reply::new(200, "media").header("cache-control", "max-age=60"));
     let yaml = format!(
-        "{}cache: {{memory: 16MiB}}\nplugins:\n  probe: {{wasm: {}, config: {{greeting: hello from yaml}}}}\n\
+        "{}cache: {{memory: 16MiB}}\nplugins:\n  probe: {{wasm: {}, calls: [web], config: {{greeting: hello from yaml, late_call: web}}}}\n\
          routes:\n  - {{name: media, path: /media, strip_prefix: true, group: main, plugins: [probe]}}\n",
         http_origin_yaml(&origin),
         wasm("probe")
@@ -539,16 +539,35 @@ async fn probe_sdk_plugin_sees_properties_metrics_and_shared_data() {
         assert_eq!(header(&r, "x-probe-client"), "yes");
         assert_eq!(header(&r, "x-probe-served-from"), "web");
         assert_eq!(header(&r, "x-probe-cache"), want);
-        assert_eq!(
-            header(&r, "x-probe-late-call"),
-            "InternalFailure",
-            "proxy_http_call outside the request phase is an error, not a panic"
-        );
+        // A call from the response-headers callback, which paused the response: the answer
+        // arrives before the response goes out, on a miss and on a hit alike.
+        assert_eq!(header(&r, "x-probe-late-call"), "dispatched");
+        assert_eq!(header(&r, "x-probe-late-answer"), "200");
         counts.push(header(&r, "x-probe-count").parse::<u64>().unwrap());
     }
     assert_eq!(counts, vec![1, 2], "shared data with CAS across requests");
-    assert_eq!(origin.stats.last().unwrap().uri, "/a.jpg?x=1");
-    let m = c.metrics().await;
+    let uris: Vec<String> = origin.stats.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(
+        uris,
+        ["/a.jpg?x=1", "/late", "/late"],
+        "one fill, one call per response"
+    );
+    // `on_log` (after the response) tries a call too: refused with an error the SDK hands
+    // back, never a trap. Polled: the second request's on_log may still be running.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = c.metrics().await;
+        let refused = metric_sum(
+            &m,
+            "cascade_plugin_counter",
+            &[("plugin", "probe"), ("name", "probe_log_call_refused")],
+        );
+        if refused == Some(2.0) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "{refused:?} refused calls\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         metric_sum(
             &m,
@@ -1202,12 +1221,16 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
          \x20 stall_allow: {{wasm: {chaos}, calls: [svc], on_error: allow, config: {{mode: stall, upstream: svc}}}}\n\
          \x20 trap_in_answer: {{wasm: {chaos}, calls: [svc], on_error: deny, config: {{mode: trap, phase: callout, upstream: svc, only_if_header: x-chaos}}}}\n\
          \x20 flood: {{wasm: {chaos}, calls: [svc], config: {{mode: flood, upstream: svc}}}}\n\
+         \x20 rstall: {{wasm: {chaos}, calls: [svc], on_error: deny, config: {{mode: stall, phase: response, upstream: svc}}}}\n\
+         \x20 rflood: {{wasm: {chaos}, calls: [svc], on_error: allow, config: {{mode: flood, phase: response, upstream: svc}}}}\n\
          \x20 ph: {{wasm: {probe}, config: {{greeting: hi}}}}\n\
          routes:\n\
          \x20 - {{path: /deny, group: main, plugins: [stall_deny, ph]}}\n\
          \x20 - {{path: /allow, group: main, plugins: [stall_allow, ph]}}\n\
          \x20 - {{path: /trap, group: main, plugins: [trap_in_answer, ph]}}\n\
-         \x20 - {{path: /flood, group: main, plugins: [flood]}}\n",
+         \x20 - {{path: /flood, group: main, plugins: [flood]}}\n\
+         \x20 - {{path: /rstall, group: main, plugins: [ph, rstall]}}\n\
+         \x20 - {{path: /rflood, group: main, plugins: [rflood]}}\n",
         origin.url(""),
         authsvc.url(""),
     );
@@ -1245,6 +1268,25 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
     assert_eq!(authsvc.stats.total(), 16);
     assert!(c.stderr().contains("more than 16 calls for one request"));
 
+    // The same in the response phase (the response waits for the calls): a plugin that
+    // never resumes the response cannot fail it any more (it is under way; on_error only
+    // counts) but cannot hang it either, and the plugins after it still run (`ph` runs
+    // after `rstall`: response headers go in reverse chain order).
+    authsvc.stats.reset();
+    let r = client.get(c.url("/rstall/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-chaos"), "ok");
+    assert_eq!(header(&r, "x-probe-greeting"), "hi");
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(authsvc.stats.total(), 1);
+    assert!(c
+        .stderr()
+        .contains("[rstall] paused the stream for its HTTP calls"));
+    let r = client.get(c.url("/rflood/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(authsvc.stats.total(), 1 + 16, "the 17th call is refused");
+
     let m = c.metrics().await;
     let fails = |p: &str, a: &str| {
         metric_sum(
@@ -1257,6 +1299,8 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
     assert_eq!(fails("stall_deny", "deny"), 1.0, "{m}");
     assert_eq!(fails("stall_allow", "allow"), 1.0, "{m}");
     assert_eq!(fails("trap_in_answer", "deny"), 1.0, "{m}");
+    assert_eq!(fails("rstall", "deny"), 1.0, "{m}");
+    assert_eq!(fails("rflood", "allow"), 1.0, "{m}");
     let traps = metric_sum(
         &m,
         "cascade_plugin_traps_total",

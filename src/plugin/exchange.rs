@@ -52,7 +52,8 @@ struct Slot {
     body_off: [bool; 2],
 }
 
-/// Where the request-headers walk of the chain stands.
+/// Where a walk of the chain (request or response headers) stands.
+#[must_use]
 pub enum Step {
     Done(Verdict),
     /// Plugin `slot` dispatched HTTP calls: make them, then [`Exchange::deliver`] the answers.
@@ -62,6 +63,13 @@ pub enum Step {
     },
 }
 
+/// The headers a walk of the chain works on: the request's in the request phase, the
+/// response's (the request's read-only) in the response phase.
+pub enum Headers<'a> {
+    Request(&'a mut RequestHeader),
+    Response(&'a RequestHeader, &'a mut ResponseHeader),
+}
+
 /// The plugin state of one request.
 pub struct Exchange {
     slots: Vec<Slot>,
@@ -69,6 +77,9 @@ pub struct Exchange {
     next: usize,
     /// The plugin waiting for its HTTP calls paused the request (and has not resumed it).
     paused: bool,
+    /// A response-headers walk suspended for HTTP calls: the plugins `0..n` are still to run
+    /// (the walk goes in reverse order).
+    resp_next: Option<usize>,
     names: Arc<Names>,
     pub info: RequestInfo,
     /// The request has a body (its headers did not end the stream).
@@ -99,6 +110,7 @@ impl Exchange {
                 .collect(),
             next: 0,
             paused: false,
+            resp_next: None,
             names,
             info,
             request_body: true,
@@ -244,31 +256,41 @@ impl Exchange {
     }
 
     /// Delivers the answer to one HTTP call plugin `i` dispatched
-    /// (`proxy_on_http_call_response`, request headers still writable; `pending`: its calls
-    /// still in flight), then says what comes next: more answers to wait for (with the calls
-    /// this callback dispatched), or the rest of the chain once none is in flight. A plugin
-    /// that paused the request for its calls must by then have resumed it
-    /// (`proxy_continue_stream`) or answered it; one that did neither fails with its
-    /// `on_error`, so a request never hangs on a plugin.
+    /// (`proxy_on_http_call_response`; the headers of the phase that made the call are still
+    /// writable; `pending`: its calls still in flight), then says what comes next: more
+    /// answers to wait for (with the calls this callback dispatched), or the rest of the
+    /// chain's walk once none is in flight. A plugin that paused the stream for its calls
+    /// must by then have resumed it (`proxy_continue_stream`) or, in the request phase,
+    /// answered it; one that did neither fails with its `on_error` (in the response phase,
+    /// which only logs, the response goes on), so a request never hangs on a plugin.
     pub(super) fn deliver(
         &mut self,
         i: usize,
         (token, answer): (u32, Answer),
         pending: usize,
-        req: &mut RequestHeader,
+        headers: &mut Headers<'_>,
     ) -> Step {
-        let req_ptr: *mut RequestHeader = req;
         let t0 = Instant::now();
-        let (headers, body) = (answer.headers.len(), answer.body.len());
+        let (n_headers, body) = (answer.headers.len(), answer.body.len());
         self.info.answer = Some(answer);
-        let env = self.env(Phase::Request, req_ptr, std::ptr::null());
+        let env = match headers {
+            Headers::Request(req) => {
+                let req_ptr: *mut RequestHeader = &mut **req;
+                self.env(Phase::Request, req_ptr, std::ptr::null())
+            }
+            Headers::Response(req, resp) => {
+                let resp_ptr: *mut ResponseHeader = &mut **resp;
+                self.env(Phase::Response, &**req, resp_ptr)
+            }
+        };
+        let response = matches!(headers, Headers::Response(..));
         let slot = &mut self.slots[i];
         let r = match slot.inst.as_ref() {
             Some(h) => {
                 let mut guard = h.lock();
                 match guard.as_mut() {
                     Some(inst) => {
-                        let r = inst.http_call_response(token, headers, body, env);
+                        let r = inst.http_call_response(token, n_headers, body, env);
                         if r.is_err() {
                             *guard = None;
                         }
@@ -283,12 +305,18 @@ impl Exchange {
         self.info.answer = None;
         slot.plugin.info.state.durations[3].observe(t0.elapsed().as_secs_f64());
         if let Err(f) = r {
+            if response {
+                self.response_fault(i, &f);
+                return self.walk(headers);
+            }
             return match self.fault(i, "http call response", &f) {
                 Some(v) => Step::Done(v),
-                None => self.request_headers(req, !self.request_body),
+                None => self.walk(headers),
             };
         }
-        if let Some(v) = self.ended(i) {
+        if response {
+            self.response_local_ignored();
+        } else if let Some(v) = self.ended(i) {
             return Step::Done(v);
         }
         self.paused &= !self.info.resumed;
@@ -298,13 +326,26 @@ impl Exchange {
         }
         if self.paused {
             let plugin = &self.slots[i].plugin;
-            let why = "paused the request for its HTTP calls and did not resume it";
+            let why = "paused the stream for its HTTP calls and did not resume it";
             log::warn!(target: "plugin", "[{}] {why}", plugin.info.name);
-            if let Some(v) = Self::on_error(plugin, why) {
+            if response {
+                plugin.info.state.failures(plugin.on_error).inc();
+            } else if let Some(v) = Self::on_error(plugin, why) {
                 return Step::Done(v);
             }
         }
-        self.request_headers(req, !self.request_body)
+        if response {
+            self.park_after_response(i);
+        }
+        self.walk(headers)
+    }
+
+    /// Goes on with the walk of the phase `headers` belongs to.
+    fn walk(&mut self, headers: &mut Headers<'_>) -> Step {
+        match headers {
+            Headers::Request(req) => self.request_headers(req, !self.request_body),
+            Headers::Response(req, resp) => self.response_headers(req, resp),
+        }
     }
 
     /// The request is about to wait for HTTP calls: every instance it holds goes back to its
@@ -319,14 +360,22 @@ impl Exchange {
         }
     }
 
-    /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp`. A plugin
-    /// without body callbacks is then left with only its finishing callbacks: its context is
-    /// parked and its instance goes back to the pool, so a long body holds no instance.
-    pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) {
+    /// Runs `proxy_on_response_headers` of the chain in reverse order on `resp` (from where a
+    /// walk suspended for HTTP calls stopped). A plugin without body callbacks is then left
+    /// with only its finishing callbacks: its context is parked and its instance goes back to
+    /// the pool, so a long body holds no instance. A plugin that dispatched HTTP calls stops
+    /// the walk: the caller makes them and hands the answers to [`deliver`], as in the
+    /// request phase. Always ends with [`Verdict::Continue`]: a failure here only logs.
+    ///
+    /// [`deliver`]: Exchange::deliver
+    pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) -> Step {
         let resp_ptr: *mut ResponseHeader = resp;
+        let start = self.resp_next.take().unwrap_or(self.slots.len());
         let mut t0 = Instant::now();
-        for i in (0..self.slots.len()).rev() {
+        for i in (0..start).rev() {
             let env = self.env(Phase::Response, req, resp_ptr);
+            self.info.resumed = false;
+            self.info.calls_left = callout::MAX_CALLS;
             let slot = &mut self.slots[i];
             let (Some(handle), ctx) = (slot.inst.as_ref(), slot.ctx) else {
                 continue;
@@ -335,45 +384,82 @@ impl Exchange {
                 continue;
             }
             let mut guard = handle.lock();
-            let (r, park) = match guard.as_mut() {
+            let r = match guard.as_mut() {
                 Some(inst) => {
                     // SAFETY: `resp_ptr` comes from the `&mut` this method holds.
                     let n = 1 + unsafe { &*resp_ptr }.headers.len();
                     let r = inst.response_headers(ctx, n, env);
-                    let park = !(slot.plugin.bodies && inst.has_body_callbacks());
                     if r.is_err() {
                         *guard = None;
                     }
-                    (r, park)
+                    r
                 }
-                None => (Err(Fault::lost()), false),
+                None => Err(Fault::lost()),
             };
             drop(guard);
             let t1 = Instant::now();
             slot.plugin.info.state.durations[1].observe((t1 - t0).as_secs_f64());
             t0 = t1;
-            if let Err(f) = r {
-                slot.inst = None;
-                slot.ctx = 0;
-                slot.plugin.record_fault("response", &f);
-                match slot.plugin.on_error {
-                    OnError::Deny => slot.plugin.info.state.failures_deny.inc(),
-                    OnError::Allow => slot.plugin.info.state.failures_allow.inc(),
-                }
-            } else if park {
-                slot.parked = true;
-                if !slot.pooled {
-                    slot.pooled = true;
-                    slot.plugin.park(handle);
+            match r {
+                Err(f) => self.response_fault(i, &f),
+                Ok(action) => {
+                    self.response_local_ignored();
+                    if !self.info.calls.is_empty() {
+                        self.paused = action == abi::ACTION_PAUSE && !self.info.resumed;
+                        self.resp_next = Some(i);
+                        let calls = std::mem::take(&mut self.info.calls);
+                        return Step::Calls { slot: i, calls };
+                    }
+                    self.park_after_response(i);
                 }
             }
-            if let Some(reply) = self.info.local.take() {
-                log::warn!(
-                    target: "plugin",
-                    "[{}] send_local_response({}) in the response phase is not supported; ignored",
-                    reply.plugin,
-                    reply.status
-                );
+        }
+        Step::Done(Verdict::Continue)
+    }
+
+    /// A response-phase callback of plugin `i` faulted: its instance is gone; the response
+    /// is under way, so `on_error` only decides what is counted.
+    fn response_fault(&mut self, i: usize, f: &Fault) {
+        let slot = &mut self.slots[i];
+        slot.inst = None;
+        slot.ctx = 0;
+        slot.plugin.record_fault("response", f);
+        slot.plugin.info.state.failures(slot.plugin.on_error).inc();
+        self.info.calls.clear();
+        self.info.local = None;
+    }
+
+    /// A `proxy_send_local_response` from the response phase is not supported: logged, ignored.
+    fn response_local_ignored(&mut self) {
+        if let Some(reply) = self.info.local.take() {
+            log::warn!(
+                target: "plugin",
+                "[{}] send_local_response({}) in the response phase is not supported; ignored",
+                reply.plugin,
+                reply.status
+            );
+        }
+    }
+
+    /// Plugin `i` is done with the response headers: without body callbacks its context is
+    /// parked and its instance goes back to the pool.
+    fn park_after_response(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let Some(handle) = slot.inst.as_ref() else {
+            return;
+        };
+        let park = {
+            let guard = handle.lock();
+            match guard.as_ref() {
+                Some(inst) => !(slot.plugin.bodies && inst.has_body_callbacks()),
+                None => false,
+            }
+        };
+        if park {
+            slot.parked = true;
+            if !slot.pooled {
+                slot.pooled = true;
+                slot.plugin.park(handle);
             }
         }
     }
@@ -671,14 +757,57 @@ pub async fn on_request(
         .get(http::header::CONTENT_LENGTH)
         .is_some_and(|v| v.as_bytes() != b"0")
         || req.headers.contains_key(http::header::TRANSFER_ENCODING);
-    let mut step = ex.request_headers(req, !has_body);
+    let step = ex.request_headers(req, !has_body);
+    let verdict = drive(&mut ex, step, Headers::Request(req), origins).await;
+    if !matches!(verdict, Verdict::Continue) {
+        return (Some(ex), verdict);
+    }
+    if let Some((group, key)) = ex.routing() {
+        if crate::admit::is_write(&session.req_header().method) && groups[group].read_only {
+            let body = format!("cascade: group `{}` is read-only\n", groups[group].name);
+            return (Some(ex), Verdict::Fail(405, body));
+        }
+        a.group = group;
+        if key != a.key {
+            a.key = key.to_string();
+        }
+    }
+    (Some(ex), verdict)
+}
+
+/// The response-headers phase as the proxy runs it: the chain in reverse order on `resp`,
+/// making the HTTP calls plugins dispatch and delivering their answers (the response waits,
+/// as in Envoy when a filter pauses the encoder).
+pub async fn on_response(
+    ex: &mut Exchange,
+    req: &RequestHeader,
+    resp: &mut ResponseHeader,
+    origins: &[crate::origin::Origin],
+) {
+    let step = ex.response_headers(req, resp);
+    drive(ex, step, Headers::Response(req, resp), origins).await;
+}
+
+/// Runs a walk of the chain to its end: while a plugin waits for HTTP calls, makes them
+/// (concurrently, each answer delivered as it arrives) and hands the answers back to the
+/// walk, which goes on with the rest of the chain once the plugin has all of them.
+async fn drive(
+    ex: &mut Exchange,
+    mut step: Step,
+    mut headers: Headers<'_>,
+    origins: &[crate::origin::Origin],
+) -> Verdict {
+    if let Step::Done(v) = step {
+        // The common case: no plugin dispatched a call; nothing to set up.
+        return v;
+    }
     // The calls in flight, all of one plugin (`waiting`); answers are delivered as they come.
     let mut inflight = futures::stream::FuturesUnordered::new();
     let mut waiting = None;
     let deadline = std::time::Instant::now() + callout::MAX_TIMEOUT;
-    let verdict = loop {
+    loop {
         match step {
-            Step::Done(v) => break v,
+            Step::Done(v) => return v,
             Step::Calls { slot, calls } => {
                 if waiting != Some(slot) {
                     // A new plugin's calls: the previous plugin's (if it failed with
@@ -701,25 +830,10 @@ pub async fn on_request(
                 }
                 let Some(answer) = inflight.next().await else {
                     // Not reached: a plugin waits only with calls in flight.
-                    break Verdict::Fail(500, "cascade: no HTTP call to wait for\n".into());
+                    return Verdict::Fail(500, "cascade: no HTTP call to wait for\n".into());
                 };
-                step = ex.deliver(slot, answer, inflight.len(), session.req_header_mut());
+                step = ex.deliver(slot, answer, inflight.len(), &mut headers);
             }
         }
-    };
-    drop(inflight);
-    if !matches!(verdict, Verdict::Continue) {
-        return (Some(ex), verdict);
     }
-    if let Some((group, key)) = ex.routing() {
-        if crate::admit::is_write(&session.req_header().method) && groups[group].read_only {
-            let body = format!("cascade: group `{}` is read-only\n", groups[group].name);
-            return (Some(ex), Verdict::Fail(405, body));
-        }
-        a.group = group;
-        if key != a.key {
-            a.key = key.to_string();
-        }
-    }
-    (Some(ex), verdict)
 }

@@ -78,6 +78,14 @@ impl PluginState {
         }
     }
 
+    /// The failure counter of policy `on_error`.
+    pub fn failures(&self, on_error: crate::config::OnError) -> &IntCounter {
+        match on_error {
+            crate::config::OnError::Deny => &self.failures_deny,
+            crate::config::OnError::Allow => &self.failures_allow,
+        }
+    }
+
     fn define_metric(&self, kind: i32, name: &[u8]) -> Option<u32> {
         let name = String::from_utf8_lossy(name).into_owned();
         let mut t = self.metrics.write();
@@ -1096,15 +1104,23 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
     def("env", "proxy_set_shared_data");
 
     // --- streams, local responses ------------------------------------------------------------
-    // Resuming the request matters after an HTTP call: a plugin that paused for its calls
-    // and never resumes fails (its on_error applies) rather than hanging the request.
+    // Resuming the stream matters after an HTTP call: a plugin that paused the request (or
+    // the response) for its calls and never resumes it fails (its on_error applies) rather
+    // than hanging the request.
     l.func_wrap(
         "env",
         "proxy_continue_stream",
         |mut c: C<'_>, stream: i32| -> i32 {
-            if stream == abi::stream::HTTP_REQUEST {
-                if let Some(info) = c.data_mut().env.as_mut().and_then(|e| e.info()) {
-                    info.resumed = true;
+            if let Some(env) = c.data_mut().env.as_mut() {
+                let live = match env.phase {
+                    Phase::Request => abi::stream::HTTP_REQUEST,
+                    Phase::Response => abi::stream::HTTP_RESPONSE,
+                    _ => return status::OK,
+                };
+                if stream == live {
+                    if let Some(info) = env.info() {
+                        info.resumed = true;
+                    }
                 }
             }
             status::OK
@@ -1276,16 +1292,16 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
             };
             let host = c.data_mut();
             let name = host.info.name.clone();
-            // Only where someone can wait for the answer: a request's request-headers callback,
-            // a tick, and the delivery of an earlier call's answer. The SDKs treat
-            // INTERNAL_FAILURE as an error they hand to the plugin (any other status makes the
-            // Rust SDK panic).
+            // Only where someone can wait for the answer: a request's request- and
+            // response-headers callbacks, a tick, and the delivery of an earlier call's answer.
+            // The SDKs treat INTERNAL_FAILURE as an error they hand to the plugin (any other
+            // status makes the Rust SDK panic).
             let Some(mut env) = host
                 .env
-                .filter(|e| matches!(e.phase, Phase::Request | Phase::Tick))
+                .filter(|e| matches!(e.phase, Phase::Request | Phase::Response | Phase::Tick))
             else {
-                // Debug: a plugin that tries on every response would flood the log.
-                log::debug!(target: "plugin", "[{name}] proxy_http_call is only available in the request-headers phase and in ticks");
+                // Debug: a plugin that tries on every body chunk would flood the log.
+                log::debug!(target: "plugin", "[{name}] proxy_http_call is only available in the request- and response-headers phases and in ticks");
                 return status::INTERNAL_FAILURE;
             };
             let (Some(info), Some(names)) = env.split() else {

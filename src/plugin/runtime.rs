@@ -1153,7 +1153,10 @@ mod tests {
             super::super::Step::Done(super::super::Verdict::Continue)
         ));
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
-        ex.response_headers(&req, &mut resp);
+        assert!(matches!(
+            ex.response_headers(&req, &mut resp),
+            super::super::Step::Done(super::super::Verdict::Continue)
+        ));
         assert_eq!(resp.headers.get("x-probe-greeting").unwrap(), "hi");
         (ex, req, resp)
     }
@@ -1242,7 +1245,10 @@ mod tests {
         // A parks its context in the only instance; B leases that instance.
         let (mut a, req_a) = start(true);
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
-        a.response_headers(&req_a, &mut resp);
+        assert!(matches!(
+            a.response_headers(&req_a, &mut resp),
+            super::super::Step::Done(super::super::Verdict::Continue)
+        ));
         let (mut b, req_b) = start(false);
         assert_eq!(state.instances.get(), 1);
         // A's on_log traps: the instance is discarded, with B's context in it.
@@ -1251,7 +1257,10 @@ mod tests {
         assert_eq!(state.instances.get(), 0);
         // B loses only this plugin (on_error: allow); the fault is not counted twice.
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
-        b.response_headers(&req_b, &mut resp);
+        assert!(matches!(
+            b.response_headers(&req_b, &mut resp),
+            super::super::Step::Done(super::super::Verdict::Continue)
+        ));
         assert!(resp.headers.get("x-chaos").is_none());
         assert_eq!(state.failures_allow.get(), 1);
         b.log(&req_b, None);
@@ -1260,7 +1269,10 @@ mod tests {
         // The next request gets a fresh instance.
         let (mut c, req_c) = start(false);
         let mut resp = pingora_http::ResponseHeader::build(200, None).unwrap();
-        c.response_headers(&req_c, &mut resp);
+        assert!(matches!(
+            c.response_headers(&req_c, &mut resp),
+            super::super::Step::Done(super::super::Verdict::Continue)
+        ));
         assert_eq!(resp.headers.get("x-chaos").unwrap(), "ok");
         c.log(&req_c, None);
     }

@@ -22,7 +22,8 @@ enum Mode {
     Loop,
     Grow,
     Ok,
-    /// Pauses the request for an HTTP call to `upstream` and never resumes it.
+    /// Pauses the request (with `phase: response`, the response) for an HTTP call to
+    /// `upstream` and never resumes it.
     Stall,
     /// Like `stall`, but dispatches another call from every answer, for ever.
     Flood,
@@ -186,7 +187,8 @@ impl HttpContext for ChaosHttp {
             Some(h) => self.get_http_request_header(h).is_some(),
             None => true,
         };
-        let calls = matches!(self.config.mode, Mode::Stall | Mode::Flood);
+        let calls = matches!(self.config.mode, Mode::Stall | Mode::Flood)
+            && self.config.phase != Phase::Response;
         if self.armed && (calls || self.config.phase == Phase::Callout) {
             return self.call();
         }
@@ -197,10 +199,13 @@ impl HttpContext for ChaosHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _eos: bool) -> Action {
+        self.set_http_response_header("x-chaos", Some("ok"));
         if self.armed && self.config.phase == Phase::Response {
+            if matches!(self.config.mode, Mode::Stall | Mode::Flood) {
+                return self.call();
+            }
             misbehave(self.config.mode);
         }
-        self.set_http_response_header("x-chaos", Some("ok"));
         Action::Continue
     }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(ProbeRoot { context_id, config: None, metric: None, logs: None, dequeued: None })
+        Box::new(ProbeRoot { context_id, config: None, metric: None, logs: None, dequeued: None, log_call_refused: None })
     });
 }}
 
@@ -24,6 +24,9 @@ struct Config {
     /// Refresh a value from an origin on a timer (`proxy_on_tick` + `dispatch_http_call`),
     /// kept in shared data and reported in `x-probe-refreshed`.
     refresh: Option<Refresh>,
+    /// An origin to call from the response-headers callback: the response is paused until
+    /// the answer, whose status goes in `x-probe-late-answer`.
+    late_call: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -44,6 +47,9 @@ struct ProbeRoot {
     logs: Option<u32>,
     /// Id of the `probe_dequeued` counter: messages read from the `probe.paths` queue.
     dequeued: Option<u32>,
+    /// Id of the `probe_log_call_refused` counter: HTTP calls `on_log` tried and the host
+    /// refused with an error status (the SDK would panic on any other).
+    log_call_refused: Option<u32>,
 }
 
 /// Every request's path is enqueued here; the root context counts what it dequeues.
@@ -111,6 +117,10 @@ impl RootContext for ProbeRoot {
         if self.dequeued.is_none() {
             self.dequeued = hostcalls::define_metric(MetricType::Counter, "probe_dequeued").ok();
         }
+        if self.log_call_refused.is_none() {
+            self.log_call_refused =
+                hostcalls::define_metric(MetricType::Counter, "probe_log_call_refused").ok();
+        }
         // The consumer side of the queue the HTTP contexts feed (the same id in every
         // instance of this plugin).
         self.register_shared_queue(QUEUE);
@@ -148,6 +158,7 @@ impl RootContext for ProbeRoot {
             config,
             metric: self.metric,
             logs: self.logs,
+            log_call_refused: self.log_call_refused,
             path: String::new(),
             method: String::new(),
             route: String::new(),
@@ -167,6 +178,7 @@ struct ProbeHttp {
     config: Rc<Config>,
     metric: Option<u32>,
     logs: Option<u32>,
+    log_call_refused: Option<u32>,
     path: String,
     method: String,
     route: String,
@@ -175,7 +187,23 @@ struct ProbeHttp {
     code: String,
 }
 
-impl Context for ProbeHttp {}
+impl Context for ProbeHttp {
+    /// The answer to the response-phase call (`late_call`): its status on the response,
+    /// which then goes on.
+    fn on_http_call_response(
+        &mut self,
+        _token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_else(|| "none".to_string());
+        self.set_http_response_header("x-probe-late-answer", Some(&status));
+        self.resume_http_response();
+    }
+}
 
 impl ProbeHttp {
     /// A property as text; "-" when the host doesn't have it.
@@ -265,17 +293,19 @@ impl HttpContext for ProbeHttp {
             self.code
         );
         let count = self.count.to_string();
-        // An HTTP call where the request can no longer wait for it: the host refuses it with a
-        // status the SDK hands back as an error (any other status would make it panic).
-        let late_call = match self.dispatch_http_call(
-            "web",
-            vec![(":method", "GET"), (":path", "/")],
-            None,
-            vec![],
-            std::time::Duration::from_secs(1),
-        ) {
-            Ok(token) => format!("dispatched {token}"),
-            Err(status) => format!("{status:?}"),
+        // An HTTP call from the response phase: the response waits for its answer.
+        let late_call = match &self.config.late_call {
+            None => "-".to_string(),
+            Some(upstream) => match self.dispatch_http_call(
+                upstream,
+                vec![(":method", "GET"), (":path", "/late"), (":authority", "x")],
+                None,
+                vec![],
+                std::time::Duration::from_secs(2),
+            ) {
+                Ok(_) => "dispatched".to_string(),
+                Err(status) => format!("{status:?}"),
+            },
         };
         let refreshed = match self.get_shared_data(REFRESHED_KEY).0 {
             Some(v) => String::from_utf8_lossy(&v).into_owned(),
@@ -296,12 +326,30 @@ impl HttpContext for ProbeHttp {
         for (name, value) in set {
             self.set_http_response_header(name, Some(value));
         }
-        Action::Continue
+        if late_call == "dispatched" {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
     }
 
     fn on_log(&mut self) {
         if let Some(id) = self.logs {
             let _ = hostcalls::increment_metric(id, 1);
+        }
+        // Nobody could wait for an answer now: the host refuses the call with a status the
+        // SDK hands back as an error.
+        if let Some(upstream) = &self.config.late_call {
+            let r = self.dispatch_http_call(
+                upstream,
+                vec![(":method", "GET"), (":path", "/log"), (":authority", "x")],
+                None,
+                vec![],
+                std::time::Duration::from_secs(1),
+            );
+            if let (Err(Status::InternalFailure), Some(id)) = (r, self.log_call_refused) {
+                let _ = hostcalls::increment_metric(id, 1);
+            }
         }
         log::info!(
             "probe[{}]: done {} {} -> {}",
