@@ -6,7 +6,8 @@
 //!  request ─► Runtime::exchange(route) ─► Exchange: one instance leased per plugin of the
 //!             route's chain; request headers (chain order; HTTP calls → callout, answers
 //!             delivered, the instances pooled meanwhile), response headers (reverse order;
-//!             then parking), log/done/delete; instances go back to the pool
+//!             HTTP calls as in the request phase; then parking), log/done/delete; instances
+//!             go back to the pool
 //!  timer ──► tick thread ─► proxy_on_tick / proxy_on_queue_ready on idle instances
 //! ```
 //!
@@ -17,7 +18,8 @@
 //!   instances, pool, traps/backoff, SIGHUP reload
 //! - `exchange` one request's walk through its chain, and the glue the proxy phases call
 //!
-//! - `callout`  `proxy_http_call`: calls to configured origins, made while the request waits
+//! - `callout`  `proxy_http_call`: calls to configured origins, made while the request (or
+//!   the response) waits
 //! - `tick`     `proxy_on_tick` to idle instances on the plugin's period, and the ticks' calls;
 //!   `proxy_on_queue_ready` to one idle instance of a queue's owner
 //! - `queue`    shared queues: registry, bounded FIFOs, which are ready
