@@ -566,7 +566,12 @@ impl ProxyHttp for Cascade {
                 }
             }
         }
-        if let Some(ex) = ctx.plugins.as_mut() {
+        // Interim (1xx) headers pass through here too: plugins see only the final response.
+        if let Some(ex) = ctx
+            .plugins
+            .as_mut()
+            .filter(|_| !resp.status.is_informational())
+        {
             // Last: plugins see the final headers (X-Cache included), hit or miss.
             ex.info.cache_status = ctx.cache_status;
             if ex.wants_bodies() {
@@ -578,7 +583,13 @@ impl ProxyHttp for Cascade {
                     || matches!(resp.status.as_u16(), 204 | 304);
                 ex.set_response_length(if no_body { Some(0) } else { len });
             }
+            let waited = Instant::now();
             plugin::on_response(ex, session.req_header(), resp, &self.state.origins).await;
+            // Time spent on the plugins' HTTP calls is not the origin's: it does not count
+            // against the origin's total timeout, checked as the body arrives.
+            if let Some(t) = ctx.attempt_start.as_mut() {
+                *t += waited.elapsed();
+            }
             if ex.wants_bodies() {
                 ctx.plugin_resp = Some(resp.clone());
             }

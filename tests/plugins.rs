@@ -588,6 +588,30 @@ async fn probe_sdk_plugin_sees_properties_metrics_and_shared_data() {
     );
 }
 
+/// The response-phase walk also runs on cascade's own error answers (here a 502 for an origin
+/// that refuses connections), and its HTTP calls are made before that answer goes out.
+#[tokio::test]
+async fn response_phase_http_calls_run_on_error_answers_too() {
+    let web = HttpOrigin::start();
+    web.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n  dead: {{url: \"http://127.0.0.1:{}\"}}\n\
+         groups:\n  main: {{main: web}}\n  down: {{main: dead}}\n\
+         plugins:\n  probe: {{wasm: {}, calls: [web], config: {{greeting: hi, late_call: web}}}}\n\
+         routes:\n  - {{path: /down, group: down, plugins: [probe]}}\n",
+        web.url(""),
+        free_port(),
+        wasm("probe")
+    );
+    let c = Cascade::start(&yaml);
+    let r = client().get(c.url("/down/x")).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(header(&r, "x-probe-late-call"), "dispatched");
+    assert_eq!(header(&r, "x-probe-late-answer"), "200");
+    let uris: Vec<String> = web.stats.requests().into_iter().map(|r| r.uri).collect();
+    assert_eq!(uris, ["/late"]);
+}
+
 #[tokio::test]
 async fn sighup_swaps_a_changed_plugin_without_dropping_requests() {
     let origin = HttpOrigin::start();
@@ -1275,7 +1299,7 @@ async fn a_plugin_that_never_resumes_after_its_call_fails_by_its_on_error() {
     authsvc.stats.reset();
     let r = client.get(c.url("/rstall/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-chaos"), "ok");
+    assert_eq!(header(&r, "x-chaos"), "calling");
     assert_eq!(header(&r, "x-probe-greeting"), "hi");
     assert_eq!(r.text().await.unwrap(), "ok");
     assert_eq!(authsvc.stats.total(), 1);
@@ -1359,7 +1383,7 @@ async fn an_http_call_reads_past_informational_answers() {
     // Answers at most 4 connections, each bounded by a read timeout.
     std::thread::spawn(move || {
         use std::io::{Read, Write};
-        for stream in listener.incoming().take(4) {
+        for stream in listener.incoming().take(6) {
             let Ok(mut s) = stream else { continue };
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut buf = [0u8; 4096];
@@ -1380,14 +1404,22 @@ async fn an_http_call_reads_past_informational_answers() {
         "origins:\n  web: {{url: \"{}\"}}\n  svc: {{url: \"http://{svc}\"}}\ngroups:\n  main: {{main: web}}\n\
          plugins:\n\
          \x20 ea: {{wasm: {}, calls: [svc], config: {{upstream: svc, copy: [x-user]}}}}\n\
-         routes:\n  - {{path: /, group: main, plugins: [ea]}}\n",
+         \x20 probe: {{wasm: {}, config: {{greeting: hi}}}}\n\
+         routes:\n  - {{path: /hints, group: hinted, plugins: [probe]}}\n  - {{path: /, group: main, plugins: [ea]}}\n",
         origin.url(""),
         wasm("ext-auth"),
+        wasm("probe"),
     );
+    let yaml = yaml.replace("groups:\n", "groups:\n  hinted: {main: svc}\n");
     let c = Cascade::start(&yaml);
     let r = client().get(c.url("/a")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(origin.stats.last().unwrap().header("x-user"), "bob");
+    // An origin's own 103 goes through the response filters too: the plugins run on the
+    // final response only (on the 103 they would park and never see the 200).
+    let r = client().get(c.url("/hints/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-probe-greeting"), "hi");
 }
 
 /// Ticks: a plugin that asks for a period gets `proxy_on_tick`, and its ticks' HTTP calls

@@ -1,9 +1,9 @@
 //! `proxy_http_call`: a plugin's HTTP call to one of the config's origins, made while the
 //! request that the plugin is filtering waits.
 //!
-//! The hostcall only validates and records the call ([`Call::parse`], pure). The request
-//! phase then makes the calls concurrently ([`perform`]), each bounded by its timeout, by
-//! the request's whole wait ([`MAX_TIMEOUT`]) and by the plugin's `limits.body`, and delivers
+//! The hostcall only validates and records the call ([`Call::parse`], pure). The phase that
+//! made them then makes the calls concurrently ([`perform`]), each bounded by its timeout, by
+//! each phase's whole wait (request or response headers: [`MAX_TIMEOUT`]) and by the plugin's `limits.body`, and delivers
 //! each answer as it arrives with `proxy_on_http_call_response`. A call that fails (connect
 //! error, timeout, an answer too large) is delivered the way Envoy delivers it: no headers,
 //! no body.
@@ -185,7 +185,7 @@ impl Caller {
     }
 }
 
-/// Makes one call, bounded by its timeout and by `deadline` (the request's whole wait);
+/// Makes one call, bounded by its timeout and by `deadline` (the whole wait of the phase);
 /// `max_body` bounds the answer's body; `plugin` names the caller in logs and metrics. A
 /// failure is logged and answered as Envoy does: no headers, no body.
 pub async fn perform(

@@ -65,7 +65,7 @@ pub enum Step {
 
 /// The headers a walk of the chain works on: the request's in the request phase, the
 /// response's (the request's read-only) in the response phase.
-pub enum Headers<'a> {
+pub(super) enum Headers<'a> {
     Request(&'a mut RequestHeader),
     Response(&'a RequestHeader, &'a mut ResponseHeader),
 }
@@ -80,6 +80,9 @@ pub struct Exchange {
     /// A response-headers walk suspended for HTTP calls: the plugins `0..n` are still to run
     /// (the walk goes in reverse order).
     resp_next: Option<usize>,
+    /// [`on_response`] ran: a second response (an error answer after a failure that came
+    /// once the walk was done) gets no second walk, so no plugin sees two responses.
+    resp_walked: bool,
     names: Arc<Names>,
     pub info: RequestInfo,
     /// The request has a body (its headers did not end the stream).
@@ -111,6 +114,7 @@ impl Exchange {
             next: 0,
             paused: false,
             resp_next: None,
+            resp_walked: false,
             names,
             info,
             request_body: true,
@@ -375,6 +379,7 @@ impl Exchange {
         for i in (0..start).rev() {
             let env = self.env(Phase::Response, req, resp_ptr);
             self.info.resumed = false;
+            self.info.calls.clear();
             self.info.calls_left = callout::MAX_CALLS;
             let slot = &mut self.slots[i];
             let (Some(handle), ctx) = (slot.inst.as_ref(), slot.ctx) else {
@@ -427,9 +432,11 @@ impl Exchange {
         slot.plugin.info.state.failures(slot.plugin.on_error).inc();
         self.info.calls.clear();
         self.info.local = None;
+        self.info.closed = false;
     }
 
-    /// A `proxy_send_local_response` from the response phase is not supported: logged, ignored.
+    /// A `proxy_send_local_response` or `proxy_close_stream` from the response phase is not
+    /// supported: logged, ignored (a closed flag left set would cut the body later).
     fn response_local_ignored(&mut self) {
         if let Some(reply) = self.info.local.take() {
             log::warn!(
@@ -438,6 +445,9 @@ impl Exchange {
                 reply.plugin,
                 reply.status
             );
+        }
+        if std::mem::take(&mut self.info.closed) {
+            log::warn!(target: "plugin", "close_stream in the response-headers phase is not supported; ignored");
         }
     }
 
@@ -784,6 +794,9 @@ pub async fn on_response(
     resp: &mut ResponseHeader,
     origins: &[crate::origin::Origin],
 ) {
+    if std::mem::replace(&mut ex.resp_walked, true) {
+        return;
+    }
     let step = ex.response_headers(req, resp);
     drive(ex, step, Headers::Response(req, resp), origins).await;
 }

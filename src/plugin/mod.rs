@@ -35,7 +35,7 @@ mod queue;
 mod runtime;
 mod tick;
 
-pub use exchange::{on_request, on_response, write_reply, Exchange, Headers, Step, Verdict};
+pub use exchange::{on_request, on_response, write_reply, Exchange, Step, Verdict};
 pub use runtime::{engine, Fault, FaultKind, ReloadReport, Runtime};
 pub use tick::start as start_ticks;
 

@@ -145,7 +145,7 @@ impl Context for ChaosHttp {
         _trailers: usize,
     ) {
         if self.config.mode == Mode::Stall {
-            log::warn!("chaos: got the call's answer, not resuming the request");
+            log::warn!("chaos: got the call's answer, not resuming the stream");
             return;
         }
         if self.config.mode == Mode::Flood {
@@ -199,13 +199,15 @@ impl HttpContext for ChaosHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _eos: bool) -> Action {
-        self.set_http_response_header("x-chaos", Some("ok"));
         if self.armed && self.config.phase == Phase::Response {
             if matches!(self.config.mode, Mode::Stall | Mode::Flood) {
+                // An edit made before pausing stays on the response.
+                self.set_http_response_header("x-chaos", Some("calling"));
                 return self.call();
             }
             misbehave(self.config.mode);
         }
+        self.set_http_response_header("x-chaos", Some("ok"));
         Action::Continue
     }
 
