@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use pingora_core::apps::http_app::HttpServer;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
 use pingora_core::services::listening::Service;
@@ -128,8 +130,11 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         proxy::Cascade { state },
         "cascade proxy",
     );
+    // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes
+    // out in one send instead of two (Pingora flushes a sized body when it is complete).
+    let buffers = L4BufferSettings::default().write(cfg.server.write_buffer as usize);
     for addr in &cfg.listen {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }
     server.add_service(proxy);
 

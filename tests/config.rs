@@ -265,6 +265,14 @@ fn plugin_pool_size_out_of_range() {
 }
 
 #[test]
+fn write_buffer_too_large_or_not_a_size() {
+    let c = check(&format!("server:\n  write_buffer: 2MiB  # <-\n{BASE}"));
+    c.assert_reports("# <-", Some("server.write_buffer"), &["at most", "1 MiB"]);
+    let c = check(&format!("server:\n  write_buffer: lots  # <-\n{BASE}"));
+    c.assert_reports("# <-", Some("server.write_buffer"), &[]);
+}
+
+#[test]
 fn wrong_type_in_origin() {
     let c = check(&BASE.replace("    read_only: true\n", "    read_only: maybe  # <-\n"));
     c.assert_reports("# <-", Some("origins.prod.read_only"), &[]);

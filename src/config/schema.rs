@@ -221,6 +221,13 @@ pub struct ServerSection {
     /// plugin: the most configured instances alive at once, idle or leased. Fixed at start.
     #[serde(default = "default_plugin_instances")]
     pub plugin_instances: u32,
+    /// Write buffer of each client connection: a response whose header and body fit goes
+    /// out in one send (Pingora's default, 1460 bytes, sends a 4 KiB hit in two). Larger
+    /// writes bypass it; a body of known length that trickles in is held until this many
+    /// bytes or its end (chunked bodies are flushed per chunk). Memory: up to this much per
+    /// connection, beside Pingora's 64 KiB read buffer. 0 turns buffering off.
+    #[serde(default = "default_write_buffer", deserialize_with = "de_size")]
+    pub write_buffer: u64,
 }
 
 impl Default for ServerSection {
@@ -232,8 +239,19 @@ impl Default for ServerSection {
             access_log: true,
             plugin_cache: None,
             plugin_instances: default_plugin_instances(),
+            write_buffer: default_write_buffer(),
         }
     }
+}
+
+/// Covers the header of a response and a body of up to ~7.5 KiB (playlists, small images)
+/// while holding back at most 8 KiB of a body that trickles in with a known length.
+pub const DEFAULT_WRITE_BUFFER: u64 = 8 * 1024;
+/// The most `server.write_buffer` may be.
+pub const MAX_WRITE_BUFFER: u64 = 1024 * 1024;
+
+fn default_write_buffer() -> u64 {
+    DEFAULT_WRITE_BUFFER
 }
 
 /// Wasmtime's own default pool size.

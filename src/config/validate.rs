@@ -247,6 +247,15 @@ pub(super) fn load(
             ),
         );
     }
+    if server.write_buffer > super::schema::MAX_WRITE_BUFFER {
+        cx.err(
+            "server.write_buffer",
+            format!(
+                "must be at most {} bytes (1 MiB)",
+                super::schema::MAX_WRITE_BUFFER
+            ),
+        );
+    }
     if server.threads == Some(0) {
         cx.err("server.threads", "must be at least 1");
     }
