@@ -94,6 +94,35 @@ fn http_origin_yaml(o: &HttpOrigin) -> String {
     )
 }
 
+/// Scrapes `/metrics` until the plugin counter `name` of `plugin` reaches `want` (up to 5 s:
+/// `on_log` runs after the client has its response); returns that scrape. `what` names the
+/// count in the failure message.
+async fn plugin_counter_reaches(
+    c: &Cascade,
+    plugin: &str,
+    name: &str,
+    want: f64,
+    what: &str,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = c.metrics().await;
+        let got = metric_sum(
+            &m,
+            "cascade_plugin_counter",
+            &[("plugin", plugin), ("name", name)],
+        );
+        if got == Some(want) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {got:?}, want {want}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn auth_answers_401_403_and_200_for_keys_signed_urls_and_jwts() {
     let origin = HttpOrigin::start();
@@ -553,21 +582,9 @@ async fn probe_sdk_plugin_sees_properties_metrics_and_shared_data() {
         "one fill, one call per response"
     );
     // `on_log` (after the response) tries a call too: refused with an error the SDK hands
-    // back, never a trap. Polled: the second request's on_log may still be running.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let m = loop {
-        let m = c.metrics().await;
-        let refused = metric_sum(
-            &m,
-            "cascade_plugin_counter",
-            &[("plugin", "probe"), ("name", "probe_log_call_refused")],
-        );
-        if refused == Some(2.0) {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "{refused:?} refused calls\n{m}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // back, never a trap.
+    let m =
+        plugin_counter_reaches(&c, "probe", "probe_log_call_refused", 2.0, "refused calls").await;
     assert_eq!(
         metric_sum(
             &m,
@@ -1040,23 +1057,8 @@ async fn a_plugin_without_body_callbacks_holds_no_instance_while_a_body_streams(
         );
         // Every served request's context got its on_log (the probe counts them), the
         // parked one included, and nothing was lost or faulted.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let m = loop {
-            let m = c.metrics().await;
-            let logs = metric_sum(
-                &m,
-                "cascade_plugin_counter",
-                &[("plugin", "ph"), ("name", "probe_logs")],
-            );
-            if logs == Some(served as f64) {
-                break m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bodies: {bodies}: {logs:?} on_log calls\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let what = format!("bodies: {bodies}: on_log calls");
+        let m = plugin_counter_reaches(&c, "ph", "probe_logs", served as f64, &what).await;
         let traps = metric_sum(&m, "cascade_plugin_traps_total", &[("plugin", "ph")]);
         assert_eq!(traps.unwrap_or(0.0), 0.0, "{m}");
         let lost = metric_sum(
