@@ -1039,7 +1039,7 @@ async fn responses_are_intact_whatever_the_write_buffer() {
             let r = client.head(&url).send().await.unwrap();
             assert_eq!(r.status(), 200, "{server} HEAD {n}");
             if n > 0 {
-                // (A HEAD of an empty object may come without a length: not what this checks.)
+                // (The test origin sends no length on a HEAD of an empty body.)
                 assert_eq!(
                     header(&r, "content-length"),
                     n.to_string(),
