@@ -458,14 +458,7 @@ impl Exchange {
         let Some(handle) = slot.inst.as_ref() else {
             return;
         };
-        let park = {
-            let guard = handle.lock();
-            match guard.as_ref() {
-                Some(inst) => !(slot.plugin.bodies && inst.has_body_callbacks()),
-                None => false,
-            }
-        };
-        if park {
+        if !slot.plugin.bodies {
             slot.parked = true;
             if !slot.pooled {
                 slot.pooled = true;

@@ -249,11 +249,6 @@ fn call<P: WasmParams, R: WasmResults>(
 }
 
 impl Instance {
-    /// Whether the module exports a body callback.
-    pub(super) fn has_body_callbacks(&self) -> bool {
-        self.on_request_body.is_some() || self.on_response_body.is_some()
-    }
-
     /// A fresh HTTP context id (never the root's).
     pub(super) fn new_context(&mut self, env: Env) -> Result<i32, Fault> {
         self.next_ctx = if self.next_ctx >= i32::MAX - 1 {
@@ -418,7 +413,8 @@ struct Health {
 pub struct Plugin {
     pub info: Arc<PluginInfo>,
     pub on_error: OnError,
-    /// Body callbacks are made (`bodies:`).
+    /// Body callbacks are made: `bodies:` is on and the module exports at least one (fixed
+    /// per module, so the request path never asks an instance).
     pub bodies: bool,
     /// Most body bytes held while the plugin pauses a body.
     pub max_body: usize,
@@ -505,7 +501,10 @@ impl Plugin {
                 tick_ms: Default::default(),
             }),
             on_error: cfg.on_error,
-            bodies: cfg.bodies,
+            bodies: cfg.bodies
+                && ["proxy_on_request_body", "proxy_on_response_body"]
+                    .iter()
+                    .any(|name| module.get_export(name).is_some()),
             max_body: cfg.max_body as usize,
             pre,
             pool: Mutex::new(Vec::new()),
