@@ -33,7 +33,7 @@ pub struct AdminApp {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PurgeReq {
     One { object: String },
-    Prefix { prefix: String },
+    Prefix { group: String, prefix: String },
 }
 
 pub fn authorized(header: Option<&[u8]>, token: &str) -> bool {
@@ -46,23 +46,31 @@ pub fn authorized(header: Option<&[u8]>, token: &str) -> bool {
 }
 
 /// `/cache/<group>/<key>` → the purge, or an error message. `groups` are the known names.
+/// The key is made canonical as a request path is (`boundary::path`), so it names the entry
+/// a request for it would have filled.
 pub fn parse_purge(path: &str, groups: &[String]) -> Result<PurgeReq, (u16, String)> {
     let rest = path
         .strip_prefix("/cache/")
         .ok_or((404, "not found: PURGE /cache/<group>/<key>\n".to_string()))?;
     let (group, key) = rest.split_once('/').unwrap_or((rest, ""));
-    let group = crate::cache::decode_key(group);
+    let group = crate::boundary::path::decoded(group);
     if !groups.contains(&group) {
         return Err((404, format!("unknown group `{group}`\n")));
     }
     let key = format!("/{key}");
+    let canonical = |k: &str| {
+        crate::boundary::path::canonicalize(k.as_bytes())
+            .map(|c| c.path)
+            .map_err(|e| (400, format!("{e}\n")))
+    };
     match key.strip_suffix('*') {
         Some(prefix) => Ok(PurgeReq::Prefix {
-            prefix: cache::object_key(&group, &cache::decode_key(prefix)),
+            group,
+            prefix: canonical(prefix)?,
         }),
         None if key == "/" => Err((400, "name an object, or end a prefix with `*`\n".into())),
         None => Ok(PurgeReq::One {
-            object: cache::object_key(&group, &cache::decode_key(&key)),
+            object: cache::object_key(&group, &canonical(&key)?),
         }),
     }
 }
@@ -131,8 +139,8 @@ impl AdminApp {
                     format!("{{\"purged\":{n}}}\n"),
                 )
             }
-            Ok(PurgeReq::Prefix { prefix }) => {
-                let n = storage.purge_prefix(&prefix);
+            Ok(PurgeReq::Prefix { group, prefix }) => {
+                let n = storage.purge_prefix(&group, &prefix);
                 METRICS
                     .cache_purges
                     .with_label_values(&["admin"])
@@ -204,14 +212,27 @@ mod tests {
         assert_eq!(
             parse_purge("/cache/media/a/*", &groups),
             Ok(PurgeReq::Prefix {
-                prefix: cache::object_key("media", "/a/")
+                group: "media".into(),
+                prefix: "/a/".into()
             })
         );
         assert_eq!(
             parse_purge("/cache/media/*", &groups),
             Ok(PurgeReq::Prefix {
-                prefix: cache::object_key("media", "/")
+                group: "media".into(),
+                prefix: "/".into()
             })
+        );
+        // Keys are canonical like request paths: `%61` is `a`, `;` is `%3B`.
+        assert_eq!(
+            parse_purge("/cache/media/%61;1.jpg", &groups),
+            Ok(PurgeReq::One {
+                object: cache::object_key("media", "/a%3B1.jpg")
+            })
+        );
+        assert_eq!(
+            parse_purge("/cache/media/a%00", &groups).unwrap_err().0,
+            400
         );
         assert_eq!(parse_purge("/cache/other/x", &groups).unwrap_err().0, 404);
         assert_eq!(parse_purge("/cache/media/", &groups).unwrap_err().0, 400);

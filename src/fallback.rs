@@ -87,7 +87,7 @@ mod tests {
             fallback_on: vec![403, 404],
             skip_fallback: skip,
             cache_fallback: CacheFallback::None,
-            read_only: false,
+            ..Default::default()
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod admit;
+pub mod boundary;
 pub mod cache;
 pub mod config;
 pub mod fallback;
@@ -59,6 +60,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         groups: cfg.groups.clone(),
         origins: origins.into(),
         access_log: cfg.server.access_log,
+        header_limits: cfg.server.header_limits,
         cache: None,
         plugins: None,
     })

@@ -23,6 +23,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, RangeType, Session};
 
 use crate::admit::{self, Admission, LocalResponse, RequestFacts};
+use crate::boundary;
 use crate::cache::{self, slice, Cache};
 use crate::config::{CacheFallback, GroupConfig};
 use crate::fallback::{Plan, Role};
@@ -41,6 +42,8 @@ pub struct State {
     pub groups: Vec<GroupConfig>,
     pub origins: Arc<[Origin]>,
     pub access_log: bool,
+    /// Bounds on client request headers (431 over them).
+    pub header_limits: crate::config::schema::HeaderLimits,
     pub cache: Option<&'static Cache>,
     /// Wasm plugins (`None`: the config has none).
     pub plugins: Option<Arc<plugin::Runtime>>,
@@ -80,6 +83,9 @@ pub struct Ctx {
     cache_enabled: bool,
     /// The request is served from one slice of the object.
     slice: Option<slice::SliceReq>,
+    /// The normal `Accept-Encoding` of a cacheable request (`cache::vary`): what the origin
+    /// is asked with and what the variance is keyed by.
+    accept_encoding: Option<&'static str>,
     /// The origin ignored a slice's Range (answered 200): do not store it.
     slice_refused: bool,
     /// The final `X-Cache` value, once the response header is known.
@@ -153,6 +159,32 @@ pub fn error_status(e: &Error) -> u16 {
     }
 }
 
+fn group_name<'a>(state: &'a State, req: &admit::Admitted) -> &'a str {
+    &state.groups[req.group].name
+}
+
+/// The host a request is routed on: `Host`, else the authority of an absolute-form target.
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.host())
+}
+
+/// A local answer to a request whose body was not read (an upload refused before its body):
+/// the connection is closed, not drained. Draining would wait for a body that an
+/// `Expect: 100-continue` client never sends, and read its next request as this one's body.
+pub(crate) fn close_unless_body_read(
+    session: &mut Session,
+    resp: &mut ResponseHeader,
+) -> Result<()> {
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+        resp.insert_header(http::header::CONNECTION, "close")?;
+    }
+    Ok(())
+}
+
 async fn respond_local(session: &mut Session, r: &LocalResponse) -> Result<()> {
     respond_local_with(session, r, None, &[]).await
 }
@@ -166,15 +198,20 @@ async fn respond_local_with(
     origins: &[Origin],
 ) -> Result<()> {
     let mut resp = ResponseHeader::build(r.status, Some(4))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    resp.insert_header(
+        http::header::CONTENT_TYPE,
+        r.content_type.unwrap_or("text/plain; charset=utf-8"),
+    )?;
     resp.insert_header(http::header::CONTENT_LENGTH, r.body.len())?;
     if let Some(allow) = r.allow {
         resp.insert_header(http::header::ALLOW, allow)?;
     }
-    if r.status == 413 || r.status == 400 {
-        // The body was not read: the connection cannot carry another request.
+    if matches!(r.status, 400 | 413 | 431) {
+        // A malformed or oversized request: never read another on this connection.
         session.set_keepalive(None);
         resp.insert_header(http::header::CONNECTION, "close")?;
+    } else {
+        close_unless_body_read(session, &mut resp)?;
     }
     if let Some(ex) = plugins {
         plugin::on_response(ex, session.req_header(), &mut resp, origins).await;
@@ -191,10 +228,108 @@ async fn respond_local_with(
     Ok(())
 }
 
+/// How `request_filter` ends when the request does not go on.
+enum Answer {
+    Local(LocalResponse),
+    Plugin(plugin::LocalReply),
+}
+
 impl Cascade {
+    /// The trust boundary and admission (see `boundary`): header limits, the canonical
+    /// target, the route, the plugin chain, the final checks. `Ok`: `ctx.req` is set and the
+    /// request goes on.
+    async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> std::result::Result<(), Answer> {
+        let req = session.req_header();
+        boundary::check_header_limits(req, &self.state.header_limits)
+            .map_err(|m| Answer::Local(LocalResponse::new(431, format!("cascade: {m}\n"))))?;
+        let target = boundary::target(req)
+            .map_err(|m| Answer::Local(LocalResponse::new(400, format!("cascade: {m}\n"))))?;
+        // Plugins, Pingora's logs and the access log see the canonical target from here on.
+        let canonical = boundary::target_string(&target.path.path, target.query.as_deref());
+        if req.raw_path() != canonical.as_bytes() {
+            let uri = http::Uri::try_from(canonical.as_str()).map_err(|e| {
+                Answer::Local(LocalResponse::new(
+                    400,
+                    format!("cascade: bad target: {e}\n"),
+                ))
+            })?;
+            session.req_header_mut().set_uri(uri);
+        }
+        let req = session.req_header();
+        let facts = RequestFacts {
+            method: &req.method,
+            host: request_host(req),
+            target: &target,
+            content_length: req
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .map(|v| v.as_bytes()),
+        };
+        let mut a = match admit::admit(&self.state.router, &self.state.groups, &facts) {
+            Admission::Proxy(a) => a,
+            Admission::Local(r) => return Err(Answer::Local(r)),
+        };
+        if let Some(rt) = self.state.plugins.as_deref() {
+            let (exchange, verdict) =
+                plugin::on_request(rt, session, &mut a, &self.state.origins).await;
+            ctx.plugins = exchange;
+            let stop = match verdict {
+                plugin::Verdict::Continue => None,
+                plugin::Verdict::Reply(r) => Some(Answer::Plugin(r)),
+                plugin::Verdict::Fail(status, body) => {
+                    Some(Answer::Local(LocalResponse::new(status, body)))
+                }
+            };
+            if let Some(answer) = stop {
+                ctx.req = Some(a); // for the route's metrics
+                return Err(answer);
+            }
+            let req = session.req_header();
+            if req.raw_path() != canonical.as_bytes() {
+                // A plugin rewrote `:path` (e.g. auth dropping its signed-URL parameters).
+                let key_set = a.key_from_plugin;
+                if let Err(m) = admit::readmit_path(
+                    &self.state.router,
+                    &mut a,
+                    request_host(req),
+                    boundary::target(req),
+                    key_set,
+                ) {
+                    log::warn!("{m}");
+                    return Err(Answer::Local(LocalResponse::new(
+                        500,
+                        format!("cascade: {m}\n"),
+                    )));
+                }
+            }
+        }
+        let req = session.req_header();
+        let done = admit::finalize(
+            &mut a,
+            self.state.router.routes(),
+            &self.state.groups,
+            &req.method,
+            &req.headers,
+        );
+        ctx.req = Some(a);
+        done.map_err(Answer::Local)
+    }
+
     fn origin_for(&self, ctx: &Ctx, method: &http::Method) -> Option<(&Origin, Role)> {
         let (ix, role) = ctx.plan(&self.state, method)?.origin(ctx.attempt)?;
         Some((&self.state.origins[ix], role))
+    }
+
+    /// The `cache::SliceVersions` key of a slice request.
+    fn slice_version_key(&self, ctx: &Ctx) -> Option<cache::Hash> {
+        ctx.slice.filter(|s| !s.head)?;
+        let req = ctx.req.as_ref()?;
+        Some(cache::SliceVersions::key(
+            group_name(&self.state, req),
+            &req.key,
+            req.query.as_deref(),
+            ctx.accept_encoding.unwrap_or("identity"),
+        ))
     }
 
     fn count_error(&self, ctx: &mut Ctx, method: &http::Method, e: &Error) {
@@ -228,6 +363,7 @@ impl ProxyHttp for Cascade {
             replays: 0,
             cache_enabled: false,
             slice: None,
+            accept_encoding: None,
             slice_refused: false,
             cache_status: None,
             plugins: None,
@@ -236,57 +372,14 @@ impl ProxyHttp for Cascade {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let req = session.req_header();
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.host());
-        let facts = RequestFacts {
-            method: &req.method,
-            host,
-            path: req.uri.path(),
-            query: req.uri.query(),
-            content_length: req
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .map(|v| v.as_bytes()),
-        };
-        match admit::admit(&self.state.router, &self.state.groups, &facts) {
-            Admission::Proxy(mut a) => {
-                let Some(rt) = self.state.plugins.as_deref() else {
-                    ctx.req = Some(a);
-                    return Ok(false);
-                };
-                let (exchange, verdict) = plugin::on_request(
-                    rt,
-                    session,
-                    &mut a,
-                    &self.state.groups,
-                    &self.state.origins,
-                )
-                .await;
-                ctx.req = Some(a);
-                ctx.plugins = exchange;
-                match verdict {
-                    plugin::Verdict::Continue => Ok(false),
-                    plugin::Verdict::Reply(r) => {
-                        plugin::write_reply(session, &r).await?;
-                        Ok(true)
-                    }
-                    plugin::Verdict::Fail(status, body) => {
-                        let r = LocalResponse {
-                            status,
-                            body,
-                            allow: None,
-                        };
-                        respond_local(session, &r).await?;
-                        Ok(true)
-                    }
-                }
-            }
-            Admission::Local(r) => {
+        match self.admit(session, ctx).await {
+            Ok(()) => Ok(false),
+            Err(Answer::Local(r)) => {
                 respond_local(session, &r).await?;
+                Ok(true)
+            }
+            Err(Answer::Plugin(r)) => {
+                plugin::write_reply(session, &r).await?;
                 Ok(true)
             }
         }
@@ -333,7 +426,7 @@ impl ProxyHttp for Cascade {
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some((origin, _)) = self.origin_for(ctx, &session.req_header().method) else {
+        let Some((origin, role)) = self.origin_for(ctx, &session.req_header().method) else {
             return Error::e_explain(ErrorType::InternalError, "no origin for this attempt");
         };
         let req = ctx.req.as_ref().expect("admitted");
@@ -341,8 +434,16 @@ impl ProxyHttp for Cascade {
             // Before the rewrite: a signed origin signs the Range too.
             upstream.insert_header(http::header::RANGE, s.upstream_range())?;
         }
+        if let Some(ae) = ctx.accept_encoding {
+            // A cached answer is keyed by the normal value: ask the origin with exactly it.
+            upstream.insert_header(http::header::ACCEPT_ENCODING, ae)?;
+        }
+        let group = &self.state.groups[req.group];
+        let policy = crate::origin::Forward {
+            credentials: role == Role::Main || group.forward_credentials,
+        };
         origin
-            .rewrite(upstream, &req.key, req.query.as_deref())
+            .rewrite(upstream, &req.key, req.query.as_deref(), policy)
             .map_err(|m| Error::explain(ErrorType::InternalError, m))
     }
 
@@ -394,6 +495,16 @@ impl ProxyHttp for Cascade {
             if !cache_glue::slice_from_origin(resp, s)? {
                 ctx.slice_refused = true;
             }
+            if let (Some(cache), Some(k)) = (self.state.cache, self.slice_version_key(ctx)) {
+                if let Some(etag) = resp.headers.get(http::header::ETAG) {
+                    if cache.versions.observe(k, etag.as_bytes()) {
+                        // Another version than the stored slices: they go, this one stays.
+                        let req = ctx.req.as_ref().expect("admitted");
+                        let object = cache::object_key(group_name(&self.state, req), &req.key);
+                        cache.storage.invalidate(&object);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -413,6 +524,9 @@ impl ProxyHttp for Cascade {
             return Ok(());
         };
         ctx.slice = slice;
+        ctx.accept_encoding = Some(cache::vary::normalize_accept_encoding(
+            &session.req_header().headers,
+        ));
         session
             .cache
             .enable(cache.storage, None, None, Some(cache.lock), None);
@@ -430,7 +544,8 @@ impl ProxyHttp for Cascade {
             .expect("cache is only enabled for admitted requests");
         Ok(cache::cache_key(
             &self.state.groups[req.group].name,
-            &cache::decode_key(&req.key),
+            &req.key,
+            req.query.as_deref(),
             ctx.slice.as_ref(),
         ))
     }
@@ -438,7 +553,7 @@ impl ProxyHttp for Cascade {
     async fn cache_hit_filter(
         &self,
         _session: &mut Session,
-        _meta: &CacheMeta,
+        meta: &CacheMeta,
         _hit_handler: &mut HitHandler,
         is_fresh: bool,
         ctx: &mut Ctx,
@@ -447,6 +562,17 @@ impl ProxyHttp for Cascade {
         // `cache_miss` turns into a HEAD to the origin.
         if !is_fresh && ctx.slice.is_some_and(|s| s.head) {
             return Ok(Some(ForcedFreshness::ForceMiss));
+        }
+        // A slice of an older version than the latest slice fill: refetch, never mix.
+        if let (Some(cache), Some(k)) = (self.state.cache, self.slice_version_key(ctx)) {
+            if meta.headers().contains_key(slice::TOTAL_HEADER)
+                && cache.versions.outdated(
+                    k,
+                    meta.headers().get(http::header::ETAG).map(|v| v.as_bytes()),
+                )
+            {
+                return Ok(Some(ForcedFreshness::ForceMiss));
+            }
         }
         Ok(None)
     }
@@ -465,7 +591,7 @@ impl ProxyHttp for Cascade {
 
     fn response_cache_filter(
         &self,
-        _session: &Session,
+        session: &Session,
         resp: &ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<RespCacheable> {
@@ -478,14 +604,38 @@ impl ProxyHttp for Cascade {
             )));
         }
         let route = &self.state.router.routes()[req.route];
-        Ok(cache::policy::decide(
+        let decided = cache::policy::decide(
             resp,
             &cache::policy::Inputs {
                 config: &cache.config,
                 route_ttl: route.cache.ttl,
+                set_cookie: route.cache.set_cookie,
                 now: std::time::SystemTime::now(),
             },
-        ))
+        );
+        if matches!(decided, RespCacheable::Cacheable(_)) {
+            let ae = ctx.accept_encoding.unwrap_or("identity");
+            if let Some(v) = cache::vary::variance(&resp.headers, &session.req_header().headers, ae)
+            {
+                let primary = cache::cache_key(
+                    group_name(&self.state, req),
+                    &req.key,
+                    req.query.as_deref(),
+                    ctx.slice.as_ref(),
+                )
+                .primary_bin();
+                let max = cache.config.max_variants as usize;
+                if !cache
+                    .variants
+                    .admit(primary, v, max, |p| cache.storage.has(p))
+                {
+                    return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                        "too many variants",
+                    )));
+                }
+            }
+        }
+        Ok(decided)
     }
 
     fn cache_vary_filter(
@@ -494,7 +644,8 @@ impl ProxyHttp for Cascade {
         _ctx: &mut Ctx,
         req: &RequestHeader,
     ) -> Option<HashBinary> {
-        cache_glue::vary_key(meta, req)
+        let ae = cache::vary::normalize_accept_encoding(&req.headers);
+        cache::vary::variance(meta.headers(), &req.headers, ae)
     }
 
     fn range_header_filter(
@@ -554,10 +705,7 @@ impl ProxyHttp for Cascade {
             let method = &session.req_header().method;
             if admit::is_write(method) && resp.status.is_success() {
                 if let Some(req) = ctx.req.as_ref() {
-                    let object = cache::object_key(
-                        &self.state.groups[req.group].name,
-                        &cache::decode_key(&req.key),
-                    );
+                    let object = cache::object_key(&self.state.groups[req.group].name, &req.key);
                     let n = cache.storage.invalidate(&object);
                     METRICS
                         .cache_purges
@@ -717,11 +865,7 @@ impl ProxyHttp for Cascade {
                         .map_or("error", |s| s.canonical_reason().unwrap_or("error"))
                 ),
             };
-            let r = LocalResponse {
-                status: code,
-                body,
-                allow: None,
-            };
+            let r = LocalResponse::new(code, body);
             if let Err(err) =
                 respond_local_with(session, &r, ctx.plugins.as_mut(), &self.state.origins).await
             {
@@ -812,7 +956,12 @@ mod cache_glue {
         if !route.cache.enabled || !matches!(req.method, http::Method::GET | http::Method::HEAD) {
             return None;
         }
-        if cache::query_bypasses(admitted.query.as_deref()) {
+        // Not the object's answer (an S3 operation or sub-resource), or a query the route
+        // does not cache.
+        if admitted.not_object
+            || (route.cache.query == crate::config::schema::CacheQuery::Bypass
+                && admitted.query.is_some())
+        {
             return None;
         }
         if req.headers.contains_key(http::header::AUTHORIZATION) && !route.cache.cache_authorized {
@@ -827,7 +976,7 @@ mod cache_glue {
         let s = slice::plan(range_str, is_head, cache.config.slice_size);
         if s.is_some() {
             // The whole object is already stored: answer the Range or HEAD from it.
-            let whole = cache::cache_key(group, &cache::decode_key(&admitted.key), None);
+            let whole = cache::cache_key(group, &admitted.key, admitted.query.as_deref(), None);
             if cache.storage.has(&whole.combined_bin()) {
                 return Some(None);
             }
@@ -841,7 +990,8 @@ mod cache_glue {
     }
 
     /// Turns the origin's 206 for a slice into a cacheable 200 of the slice's bytes that
-    /// records the object's total length. `false`: the origin did not honour the Range.
+    /// records the object's total length. `false`: not to be stored (the origin ignored the
+    /// Range, or its 206 does not cover exactly the slice).
     pub fn slice_from_origin(resp: &mut ResponseHeader, s: &slice::SliceReq) -> Result<bool> {
         if resp.status.as_u16() != 206 {
             return Ok(resp.status.as_u16() != 200);
@@ -851,19 +1001,26 @@ mod cache_glue {
             .get(http::header::CONTENT_RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(slice::parse_content_range);
-        match parsed {
-            Some((first, last, total)) if first == s.start() => {
-                resp.set_status(200)?;
-                resp.remove_header(&http::header::CONTENT_RANGE);
-                resp.insert_header(http::header::CONTENT_LENGTH, last - first + 1)?;
-                resp.insert_header(slice::TOTAL_HEADER, total)?;
-                Ok(true)
+        let invalid = |m: &'static str| {
+            let mut e = Error::explain(ErrorType::InvalidHTTPHeader, m);
+            e.esource = ErrorSource::Upstream; // the origin's fault: 502
+            Err(e)
+        };
+        let Some((first, last, total)) = parsed else {
+            return invalid("origin answered a slice request without a valid Content-Range");
+        };
+        let storable = match slice::coverage(s, first, last, total) {
+            slice::Coverage::Exact => true,
+            slice::Coverage::Partial => false,
+            slice::Coverage::Unusable => {
+                return invalid("origin answered a slice request with a mismatched Content-Range")
             }
-            _ => Error::e_explain(
-                ErrorType::InvalidHTTPHeader,
-                "origin answered a slice request with a mismatched Content-Range",
-            ),
-        }
+        };
+        resp.set_status(200)?;
+        resp.remove_header(&http::header::CONTENT_RANGE);
+        resp.insert_header(http::header::CONTENT_LENGTH, last - first + 1)?;
+        resp.insert_header(slice::TOTAL_HEADER, total)?;
+        Ok(storable)
     }
 
     /// Cuts the client's answer out of a slice entry (hit or fresh fill).
@@ -917,33 +1074,6 @@ mod cache_glue {
                 RangeType::Single((lo - start) as usize..(hi - start + 1) as usize)
             }
         }
-    }
-
-    /// Variance for `Vary`: the named request headers' values.
-    pub fn vary_key(meta: &CacheMeta, req: &RequestHeader) -> Option<HashBinary> {
-        let mut names: Vec<String> = meta
-            .headers()
-            .get_all(http::header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(|n| n.trim().to_ascii_lowercase())
-            .filter(|n| !n.is_empty() && n != "accept-encoding")
-            .collect();
-        if names.is_empty() {
-            return None;
-        }
-        names.sort();
-        names.dedup();
-        let mut v = pingora_cache::VarianceBuilder::new();
-        for n in &names {
-            let val = req
-                .headers
-                .get(n.as_str())
-                .map_or(&b""[..], |v| v.as_bytes());
-            v.add_owned_name_value(n.clone(), val.to_vec());
-        }
-        v.finalize()
     }
 }
 

@@ -37,7 +37,8 @@ impl Router {
     }
 
     /// Find the route for a request. `host` may carry a port and any case; `path` is the
-    /// raw request path without query.
+    /// canonical request path (`boundary::path`), without query. Route prefixes are
+    /// canonical too, so a prefix match on the normal form is a match on the decoded path.
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<(usize, &RouteConfig)> {
         let host = host.map(normalize_host);
         self.order
@@ -107,9 +108,7 @@ mod tests {
             path: path.into(),
             strip_prefix: true,
             group: 0,
-            max_upload_size: None,
-            cache: Default::default(),
-            plugins: Vec::new(),
+            ..Default::default()
         }
     }
 

@@ -9,16 +9,21 @@
 //!                               └─ disk    files + index, bounded in bytes, survives restarts
 //! ```
 //!
-//! The key is the object, not the URL: `group \0 upstream object key` (plus the slice for
-//! slice entries), so two hostnames routed to one object share an entry and two groups
-//! (tenants, buckets) never do. Query strings are not part of the key; requests whose query
-//! addresses an S3 sub-resource (`versionId`, `acl`, listings, ...) bypass the cache.
+//! The key is what was asked of the origin, not the client's URL: group, canonical object key
+//! (`boundary::path`), the forwarded query (what went upstream, after the S3 policy and the
+//! route's `cache.query`) and the slice, each length-prefixed ([`cache_key`]), so no request
+//! can produce another object's or another slice's key, two hostnames routed to one object
+//! share an entry and two groups (tenants, buckets) never do. Requests whose query addresses
+//! an S3 operation or sub-resource (`versionId`, listings, multipart) bypass the cache.
+//! `Vary` adds a variance (pingora-cache's secondary key; `Accept-Encoding` normalised,
+//! see [`vary`]).
 
 pub mod disk;
 pub mod memory;
 pub mod policy;
 pub mod slice;
 pub mod storage;
+pub mod vary;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -63,6 +68,8 @@ pub struct CacheConfig {
     pub stale_if_error: Duration,
     pub stale_while_revalidate: Duration,
     pub slice_size: u64,
+    /// Most variants (`Vary`) stored per object.
+    pub max_variants: u32,
 }
 
 impl CacheConfig {
@@ -78,6 +85,7 @@ impl CacheConfig {
             stale_if_error: Duration::from_secs(300),
             stale_while_revalidate: Duration::ZERO,
             slice_size: 1 << 20,
+            max_variants: 8,
         }
     }
 }
@@ -87,6 +95,64 @@ pub struct Cache {
     pub config: CacheConfig,
     pub storage: &'static TieredStorage,
     pub lock: &'static CacheKeyLockImpl,
+    pub versions: SliceVersions,
+    pub variants: vary::Variants,
+}
+
+/// The ETag each sliced object's slices were filled with, so slices of two versions are
+/// never served as one: a fill that brings another ETag drops the object's other entries,
+/// and a slice hit whose ETag is not the latest is refetched. Keyed by the slice-less cache
+/// key and the normal `Accept-Encoding` (an encoding is a version of its own). Bounded: past
+/// [`SliceVersions::CAP`] objects the table starts over (a check missed, nothing mixed that
+/// the origin did not mix itself).
+#[derive(Default)]
+pub struct SliceVersions {
+    map: parking_lot::Mutex<std::collections::HashMap<Hash, Box<[u8]>>>,
+}
+
+impl SliceVersions {
+    pub const CAP: usize = 1 << 16;
+
+    /// The table key of a request's object.
+    pub fn key(group: &str, key: &str, query: Option<&str>, accept_encoding: &str) -> Hash {
+        use pingora_cache::key::CacheHashKey;
+        let mut k = cache_key(group, key, query, None);
+        let mut v = pingora_cache::VarianceBuilder::new();
+        v.add_value("ae", accept_encoding);
+        if let Some(h) = v.finalize() {
+            k.set_variance_key(h);
+        }
+        k.combined_bin()
+    }
+
+    /// Records the ETag a fill brought; `true` when it replaces another one (the object
+    /// changed at the origin: the caller drops the old entries).
+    pub fn observe(&self, k: Hash, etag: &[u8]) -> bool {
+        let mut map = self.map.lock();
+        match map.get(&k) {
+            Some(old) if **old == *etag => false,
+            Some(_) => {
+                map.insert(k, etag.into());
+                true
+            }
+            None => {
+                if map.len() >= Self::CAP {
+                    map.clear();
+                }
+                map.insert(k, etag.into());
+                false
+            }
+        }
+    }
+
+    /// Is a stored slice with this ETag of an older version than the latest seen?
+    pub fn outdated(&self, k: Hash, etag: Option<&[u8]>) -> bool {
+        match (self.map.lock().get(&k), etag) {
+            (Some(latest), Some(e)) => **latest != *e,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
 }
 
 impl Cache {
@@ -102,39 +168,83 @@ impl Cache {
             config,
             storage,
             lock,
+            versions: SliceVersions::default(),
+            variants: vary::Variants::default(),
         })
     }
 }
 
-/// A request path as a cache key component: percent-decoded, so `a%20b` and `a b` name one
-/// object (lossy for invalid UTF-8, which cannot collide with valid keys).
-pub fn decode_key(raw: &str) -> String {
-    percent_encoding::percent_decode_str(raw)
-        .decode_utf8_lossy()
-        .into_owned()
+/// The version of the key encoding; a change makes every stored entry unreachable.
+const KEY_VERSION: &str = "k2|";
+
+/// Appends `part` length-prefixed (`<decimal length>:<bytes>`): a concatenation of such parts
+/// decodes one way only, whatever bytes the parts hold.
+fn push_part(out: &mut String, part: &str) {
+    use std::fmt::Write;
+    let _ = write!(out, "{}:", part.len());
+    out.push_str(part);
 }
 
-/// The object part of a cache key: group and upstream object key.
+/// Reads one length-prefixed part off the front of `s`: (part, rest).
+fn take_part(s: &str) -> Option<(&str, &str)> {
+    let (len, rest) = s.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
+/// The object part of a cache key: group and canonical object key. Every entry of the
+/// object (query variants, slices, `Vary` variants) starts with it.
 pub fn object_key(group: &str, key: &str) -> String {
-    format!("{group}\0{key}")
+    let mut s = String::with_capacity(KEY_VERSION.len() + group.len() + key.len() + 8);
+    s.push_str(KEY_VERSION);
+    push_part(&mut s, group);
+    push_part(&mut s, key);
+    s
 }
 
-/// The pingora cache key for an object, or for one slice of it.
-pub fn cache_key(group: &str, key: &str, slice: Option<&slice::SliceReq>) -> CacheKey {
+/// (group, key) of an object key.
+pub fn parse_object(object: &str) -> Option<(&str, &str)> {
+    let rest = object.strip_prefix(KEY_VERSION)?;
+    let (group, rest) = take_part(rest)?;
+    let (key, _) = take_part(rest)?;
+    Some((group, key))
+}
+
+/// The pingora cache key of a request: object, forwarded query, slice; injective over all
+/// four parts.
+pub fn cache_key(
+    group: &str,
+    key: &str,
+    query: Option<&str>,
+    slice: Option<&slice::SliceReq>,
+) -> CacheKey {
     let mut primary = object_key(group, key);
-    if let Some(s) = slice {
-        primary.push('\0');
-        primary.push_str(&s.key_suffix());
+    push_part(&mut primary, query.unwrap_or(""));
+    match slice {
+        Some(s) => push_part(&mut primary, &s.key_suffix()),
+        None => push_part(&mut primary, ""),
     }
     CacheKey::new(primary, "")
 }
 
-/// The object part of a stored primary key (drops a slice suffix).
+/// The key of an object's query-less, slice-less entry, from its object key.
+pub fn plain_entry(object: &str) -> CacheKey {
+    let mut primary = String::with_capacity(object.len() + 4);
+    primary.push_str(object);
+    push_part(&mut primary, "");
+    push_part(&mut primary, "");
+    CacheKey::new(primary, "")
+}
+
+/// The object part of a stored primary key (drops query and slice).
 pub fn object_of(primary: &str) -> &str {
-    match primary.match_indices('\0').nth(1) {
-        Some((i, _)) => &primary[..i],
-        None => primary,
-    }
+    let end = (|| {
+        let rest = primary.strip_prefix(KEY_VERSION)?;
+        let (_, r) = take_part(rest)?;
+        let (_, r) = take_part(r)?;
+        Some(primary.len() - r.len())
+    })();
+    &primary[..end.unwrap_or(primary.len())]
 }
 
 /// S3 sub-resources and listings: never cached (their answers are not the object).
@@ -185,24 +295,75 @@ mod tests {
 
     #[test]
     fn keys_name_the_object_not_the_url() {
-        let a = cache_key("media", "a/b.mp4", None);
-        let b = cache_key("media", "a/b.mp4", None);
-        let other_group = cache_key("tenant2", "a/b.mp4", None);
+        let a = cache_key("media", "/a/b.mp4", None, None);
+        let b = cache_key("media", "/a/b.mp4", None, None);
+        let other_group = cache_key("tenant2", "/a/b.mp4", None, None);
         assert_eq!(a.combined_bin(), b.combined_bin());
         assert_ne!(a.combined_bin(), other_group.combined_bin());
-        // No ambiguity between group and key boundaries.
+        // No ambiguity between part boundaries, whatever the parts hold.
         assert_ne!(
-            cache_key("a", "bc", None).combined_bin(),
-            cache_key("ab", "c", None).combined_bin()
+            cache_key("a", "bc", None, None).combined_bin(),
+            cache_key("ab", "c", None, None).combined_bin()
+        );
+        assert_eq!(
+            cache_key("g", "/v.mp4", None, None).combined_bin(),
+            cache_key("g", "/v.mp4", Some(""), None).combined_bin(),
+            "no query and an empty one are one request (admission forwards neither)"
         );
         let s = slice::plan(Some("bytes=0-0"), false, 1 << 20).unwrap();
-        let sk = cache_key("media", "a/b.mp4", Some(&s));
-        assert_ne!(sk.combined_bin(), a.combined_bin());
+        let sk = cache_key("media", "/v.mp4", None, Some(&s));
+        assert_ne!(
+            sk.combined_bin(),
+            cache_key("media", "/v.mp4", None, None).combined_bin()
+        );
+        // The old attack: a key that spells a slice suffix.
+        let forged = format!("/v.mp4\0{}", s.key_suffix());
+        assert_ne!(
+            cache_key("media", &forged, None, None).combined_bin(),
+            sk.combined_bin()
+        );
+        assert_ne!(
+            cache_key(
+                "media",
+                "/a.jpg",
+                Some("response-content-type=text/html"),
+                None
+            )
+            .combined_bin(),
+            cache_key("media", "/a.jpg", None, None).combined_bin()
+        );
         assert_eq!(
             object_of(sk.primary_key_str().unwrap()),
-            object_key("media", "a/b.mp4")
+            object_key("media", "/v.mp4")
         );
-        assert_eq!(object_of(&object_key("g", "k")), "g\0k");
+        let q = cache_key("media", "/v.mp4", Some("a=1"), None);
+        assert_eq!(
+            object_of(q.primary_key_str().unwrap()),
+            object_key("media", "/v.mp4")
+        );
+        assert_eq!(
+            parse_object(&object_key("g:1", "/k:2")),
+            Some(("g:1", "/k:2"))
+        );
+        assert_eq!(
+            plain_entry(&object_key("g", "/k")).combined_bin(),
+            cache_key("g", "/k", None, None).combined_bin()
+        );
+        assert_eq!(object_of("garbage"), "garbage");
+    }
+
+    #[test]
+    fn slice_versions() {
+        let v = SliceVersions::default();
+        let k = SliceVersions::key("g", "/v.mp4", None, "identity");
+        assert_ne!(k, SliceVersions::key("g", "/v.mp4", None, "gzip"));
+        assert!(!v.outdated(k, Some(b"\"a\"")), "nothing known yet");
+        assert!(!v.observe(k, b"\"a\""));
+        assert!(!v.observe(k, b"\"a\""));
+        assert!(!v.outdated(k, Some(b"\"a\"")));
+        assert!(v.outdated(k, Some(b"\"b\"")));
+        assert!(v.observe(k, b"\"b\""), "a new version replaces the old");
+        assert!(v.outdated(k, Some(b"\"a\"")));
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //!   missing object costs no origin round-trips while it stays missing.
 //! - Only 200, 203, 301, 308, 404 and 410 are stored; everything else passes through.
 //! - Stale windows: the origin's `stale-while-revalidate` / `stale-if-error`, else the
-//!   configured defaults; `must-revalidate` / `proxy-revalidate` forbid serving stale.
+//!   configured defaults; `no-cache`, `must-revalidate`, `proxy-revalidate` and `s-maxage`
+//!   forbid serving stale (RFC 9111 §4.2.4, §5.2.2: a shared cache must revalidate them).
+//! - `Set-Cookie` is a per-user answer: not stored, unless the route strips the header from
+//!   the stored copy (`cache.set_cookie: strip`).
 //! - `Vary: *` is never cached; a `Content-Length` above `max_object_size` is not either.
 
 use std::time::{Duration, SystemTime};
@@ -22,6 +25,7 @@ pub struct Inputs<'a> {
     pub config: &'a CacheConfig,
     /// The route's default TTL, when it overrides the global one.
     pub route_ttl: Option<Duration>,
+    pub set_cookie: crate::config::schema::SetCookie,
     pub now: SystemTime,
 }
 
@@ -54,6 +58,10 @@ pub fn decide(resp: &ResponseHeader, i: &Inputs) -> RespCacheable {
             return Uncacheable(NoCacheReason::OriginNotCache);
         }
     }
+    let cookie = resp.headers.contains_key(http::header::SET_COOKIE);
+    if cookie && i.set_cookie == crate::config::schema::SetCookie::Pass {
+        return Uncacheable(NoCacheReason::Custom("set-cookie"));
+    }
     let negative = matches!(status, 404 | 410);
     let ttl = if negative {
         i.config.negative_ttl
@@ -75,9 +83,12 @@ pub fn decide(resp: &ResponseHeader, i: &Inputs) -> RespCacheable {
     } else {
         i.now + ttl
     };
-    let no_stale = cc
-        .as_ref()
-        .is_some_and(|c| c.has_key("must-revalidate") || c.has_key("proxy-revalidate"));
+    let no_stale = cc.as_ref().is_some_and(|c| {
+        c.has_key("must-revalidate")
+            || c.has_key("proxy-revalidate")
+            || c.has_key("no-cache")
+            || c.has_key("s-maxage")
+    });
     let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
     let (swr, sie) = if no_stale || negative {
         (0, 0)
@@ -94,6 +105,9 @@ pub fn decide(resp: &ResponseHeader, i: &Inputs) -> RespCacheable {
     let mut header = resp.clone();
     if let Some(cc) = &cc {
         cc.strip_private_headers(&mut header);
+    }
+    if cookie {
+        header.remove_header(&http::header::SET_COOKIE);
     }
     Cacheable(CacheMeta::new(fresh_until, i.now, swr, sie, header))
 }
@@ -129,6 +143,7 @@ mod tests {
             &Inputs {
                 config: &c,
                 route_ttl: None,
+                set_cookie: Default::default(),
                 now,
             },
         ) {
@@ -176,6 +191,7 @@ mod tests {
         let i = Inputs {
             config: &c,
             route_ttl: None,
+            set_cookie: Default::default(),
             now,
         };
         let RespCacheable::Cacheable(m) = decide(
@@ -199,5 +215,37 @@ mod tests {
             panic!()
         };
         assert!(!m.serve_stale_if_error(m.fresh_until() + Duration::from_secs(1)));
+        // RFC 9111: a shared cache never serves these stale, whatever the defaults say.
+        for cc in ["no-cache", "s-maxage=1", "proxy-revalidate, max-age=1"] {
+            let RespCacheable::Cacheable(m) = decide(&resp(200, &[("cache-control", cc)]), &i)
+            else {
+                panic!("{cc}")
+            };
+            let later = m.fresh_until() + Duration::from_secs(1);
+            assert!(!m.serve_stale_if_error(later), "{cc}");
+            assert!(!m.serve_stale_while_revalidate(later), "{cc}");
+        }
+    }
+
+    #[test]
+    fn set_cookie_is_never_stored_for_others() {
+        let c = cfg();
+        let r = resp(
+            200,
+            &[("set-cookie", "session=abc"), ("content-type", "image/png")],
+        );
+        let mut i = Inputs {
+            config: &c,
+            route_ttl: None,
+            set_cookie: crate::config::schema::SetCookie::Pass,
+            now: SystemTime::now(),
+        };
+        assert!(matches!(decide(&r, &i), RespCacheable::Uncacheable(_)));
+        i.set_cookie = crate::config::schema::SetCookie::Strip;
+        let RespCacheable::Cacheable(m) = decide(&r, &i) else {
+            panic!()
+        };
+        assert!(!m.response_header().headers.contains_key("set-cookie"));
+        assert!(m.response_header().headers.contains_key("content-type"));
     }
 }

@@ -99,6 +99,30 @@ pub fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     (s <= e && e < t).then_some((s, e, t))
 }
 
+/// How an origin's `206` for a slice's Range covers the slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// Exactly the slice, or from its start to the object's end: storable.
+    Exact,
+    /// Starts at the slice but ends elsewhere, and holds the client's first byte: served,
+    /// never stored (a stored slice must be the slice, or later hits would be cut short).
+    Partial,
+    /// Misses the slice's start or the client's first byte: an invalid answer.
+    Unusable,
+}
+
+/// Checks `Content-Range: bytes first-last/total` against the slice asked for.
+pub fn coverage(req: &SliceReq, first: u64, last: u64, total: u64) -> Coverage {
+    if first != req.start() || req.first > last {
+        return Coverage::Unusable;
+    }
+    if last == req.end().min(total - 1) {
+        Coverage::Exact
+    } else {
+        Coverage::Partial
+    }
+}
+
 /// What the client gets from a slice entry holding bytes `[slice.start(), +body_len)` of an
 /// object of `total` bytes.
 #[derive(Debug, PartialEq, Eq)]
@@ -183,6 +207,26 @@ mod tests {
         );
         let r = plan(Some("bytes=500-"), false, MIB).unwrap();
         assert_eq!(answer(&r, 100, 100), Answer::Unsatisfiable { total: 100 });
+    }
+
+    #[test]
+    fn coverages() {
+        let r = plan(Some("bytes=10-20"), false, MIB).unwrap();
+        assert_eq!(coverage(&r, 0, MIB - 1, 10 * MIB), Coverage::Exact);
+        assert_eq!(coverage(&r, 0, 99, 100), Coverage::Exact, "short object");
+        assert_eq!(coverage(&r, 0, 99, 10 * MIB), Coverage::Partial);
+        assert_eq!(coverage(&r, 0, 2 * MIB, 10 * MIB), Coverage::Partial);
+        assert_eq!(coverage(&r, 0, 5, 10 * MIB), Coverage::Unusable);
+        assert_eq!(coverage(&r, 1, MIB, 10 * MIB), Coverage::Unusable);
+        let last = plan(Some("bytes=2097200-"), false, MIB).unwrap();
+        assert_eq!(
+            coverage(&last, 2 * MIB, 2 * MIB + 99, 2 * MIB + 100),
+            Coverage::Exact
+        );
+        assert_eq!(
+            coverage(&last, 2 * MIB, 2 * MIB + 98, 2 * MIB + 100),
+            Coverage::Partial
+        );
     }
 
     #[test]

@@ -145,18 +145,22 @@ impl TieredStorage {
             .objects
             .remove(object)
             .unwrap_or_default();
-        all.insert(CacheKey::new(object, "").combined_bin());
+        all.insert(super::plain_entry(object).combined_bin());
         all.iter().map(|h| usize::from(self.remove(h))).sum()
     }
 
-    /// Removes every object whose key starts with `prefix`; returns entries removed.
-    pub fn purge_prefix(&self, prefix: &str) -> usize {
+    /// Removes every object of `group` whose key starts with `key_prefix`; returns entries
+    /// removed.
+    pub fn purge_prefix(&self, group: &str, key_prefix: &str) -> usize {
         let victims: Vec<HashSet<Hash>> = {
             let mut c = self.catalog.lock();
             let keys: Vec<Box<str>> = c
                 .objects
                 .keys()
-                .filter(|k| k.starts_with(prefix))
+                .filter(|k| {
+                    super::parse_object(k)
+                        .is_some_and(|(g, key)| g == group && key.starts_with(key_prefix))
+                })
                 .cloned()
                 .collect();
             keys.iter().filter_map(|k| c.objects.remove(k)).collect()

@@ -134,6 +134,9 @@ pub struct CacheSection {
     pub stale_while_revalidate: Duration,
     #[serde(default = "d_slice", deserialize_with = "de_size")]
     pub slice_size: u64,
+    /// Most variants (`Vary`) stored per object; further ones are served, not stored.
+    #[serde(default = "d_max_variants")]
+    pub max_variants: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -168,6 +171,9 @@ fn d_zero() -> Duration {
 fn d_slice() -> u64 {
     1 << 20
 }
+fn d_max_variants() -> u32 {
+    8
+}
 
 /// `admin:` — the admin API (purge). The bearer token comes from the environment.
 #[derive(Debug, Clone, Deserialize)]
@@ -195,6 +201,47 @@ pub struct RouteCacheMap {
     /// Cache answers to requests that carry `Authorization` (off by default).
     #[serde(default)]
     pub cache_authorized: bool,
+    /// What the query string does to caching.
+    #[serde(default)]
+    pub query: CacheQuery,
+    /// What a response with `Set-Cookie` does to caching.
+    #[serde(default)]
+    pub set_cookie: SetCookie,
+}
+
+/// A route's `cache.query`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheQuery {
+    /// The query is part of the cache key (as in nginx and Varnish).
+    #[default]
+    Include,
+    /// Reads go upstream without their query and share the query-less entry.
+    Ignore,
+    /// Reads with a query are not cached.
+    Bypass,
+}
+
+/// A route's `cache.set_cookie`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SetCookie {
+    /// A response with `Set-Cookie` goes to its client and is not stored.
+    #[default]
+    Pass,
+    /// The response is stored without its `Set-Cookie` (its own client still gets it).
+    Strip,
+}
+
+/// A route's `keys`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyMode {
+    /// Paths with dot or empty segments, encoded separators, control characters are 400.
+    #[default]
+    Strict,
+    /// Such paths are object keys as they are (for S3-style origins that never resolve them).
+    Raw,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -228,6 +275,46 @@ pub struct ServerSection {
     /// connection, beside Pingora's 64 KiB read buffer. 0 turns buffering off.
     #[serde(default = "default_write_buffer", deserialize_with = "de_size")]
     pub write_buffer: u64,
+    /// Bounds on a client's request header (over them: 431).
+    #[serde(default)]
+    pub header_limits: HeaderLimits,
+}
+
+/// `server.header_limits`: what a client's request header may hold. nginx allows 8 KiB per
+/// line and 32 KiB in all by default; Cloudflare 32 KiB per header and 128 KiB in all. Over a
+/// limit the request gets 431 and never reaches a plugin or an origin.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderLimits {
+    /// Longest request target or header field (name + value).
+    #[serde(default = "d_header_line", deserialize_with = "de_size")]
+    pub max_line: u64,
+    /// The whole header: request target and every field.
+    #[serde(default = "d_header_total", deserialize_with = "de_size")]
+    pub max_total: u64,
+    /// Number of header fields.
+    #[serde(default = "d_header_fields")]
+    pub max_fields: u32,
+}
+
+impl Default for HeaderLimits {
+    fn default() -> Self {
+        HeaderLimits {
+            max_line: d_header_line(),
+            max_total: d_header_total(),
+            max_fields: d_header_fields(),
+        }
+    }
+}
+
+fn d_header_line() -> u64 {
+    16 << 10
+}
+fn d_header_total() -> u64 {
+    64 << 10
+}
+fn d_header_fields() -> u32 {
+    100
 }
 
 impl Default for ServerSection {
@@ -240,6 +327,7 @@ impl Default for ServerSection {
             plugin_cache: None,
             plugin_instances: default_plugin_instances(),
             write_buffer: default_write_buffer(),
+            header_limits: HeaderLimits::default(),
         }
     }
 }
@@ -379,6 +467,10 @@ pub struct RawS3 {
     pub secret_key_env: String,
     #[serde(default)]
     pub session_token_env: Option<String>,
+    /// More client headers to forward and sign (`x-amz-server-side-encryption`, or a prefix
+    /// ending in `*`), beyond the built-in allowlist.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
 }
 
 fn default_region() -> String {
@@ -414,6 +506,9 @@ pub struct RawGroup {
     /// Refuse every write through this group (405).
     #[serde(default)]
     pub read_only: bool,
+    /// Send the client's `Authorization` and `Cookie` to the fallbacks too (default: main only).
+    #[serde(default)]
+    pub forward_credentials: bool,
 }
 
 fn default_fallback_on() -> Vec<u16> {
@@ -443,6 +538,12 @@ pub struct RawRoute {
     /// Ordered plugin chain (names from `plugins:`).
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Which paths make keys: `strict` (default) or `raw`.
+    #[serde(default)]
+    pub keys: KeyMode,
+    /// S3 sub-resources a signed group forwards on this route (`versionId`, `list`, ...).
+    #[serde(default)]
+    pub s3_allow: Vec<String>,
 }
 
 fn default_path() -> String {

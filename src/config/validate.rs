@@ -55,6 +55,8 @@ pub struct RouteCache {
     pub enabled: bool,
     pub ttl: Option<std::time::Duration>,
     pub cache_authorized: bool,
+    pub query: CacheQuery,
+    pub set_cookie: SetCookie,
 }
 
 #[derive(Debug, Clone)]
@@ -91,9 +93,11 @@ pub struct S3Signing {
     pub region: String,
     pub service: String,
     pub credentials: aws_credential_types::Credentials,
+    /// Extra client headers forwarded (and signed): lower-case names, or prefixes ending in `*`.
+    pub forward_headers: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GroupConfig {
     pub name: String,
     pub main: usize,
@@ -102,10 +106,16 @@ pub struct GroupConfig {
     pub skip_fallback: bool,
     pub cache_fallback: CacheFallback,
     pub read_only: bool,
+    /// The client's `Authorization` and `Cookie` reach the fallbacks too.
+    pub forward_credentials: bool,
+    /// Some origin of the group signs with cascade's credentials: requests through it follow
+    /// the S3 policy (`boundary::s3`).
+    pub signed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum HostMatch {
+    #[default]
     Any,
     /// Lower-case host without port.
     Exact(String),
@@ -113,7 +123,7 @@ pub enum HostMatch {
     Suffix(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RouteConfig {
     pub name: String,
     pub host: HostMatch,
@@ -125,6 +135,10 @@ pub struct RouteConfig {
     pub cache: RouteCache,
     /// The ordered plugin chain (indices into `Config::plugins`).
     pub plugins: Vec<usize>,
+    /// Whether paths refused by the canonical check are taken as raw object keys.
+    pub keys: KeyMode,
+    /// The S3 sub-resources this route forwards to signed origins.
+    pub s3_allow: crate::boundary::s3::Allow,
 }
 
 const TOP_LEVEL: &[&str] = &[
@@ -464,6 +478,10 @@ fn cache_config(
         cx.err("cache.lock_timeout", "must be greater than zero");
         ok = false;
     }
+    if !(1..=64).contains(&c.max_variants) {
+        cx.err("cache.max_variants", "must be between 1 and 64");
+        ok = false;
+    }
     let disk = match c.disk {
         Some(d) => {
             if d.size < 1 << 20 {
@@ -493,6 +511,7 @@ fn cache_config(
         stale_if_error: c.stale_if_error,
         stale_while_revalidate: c.stale_while_revalidate,
         slice_size: c.slice_size,
+        max_variants: c.max_variants,
     })
 }
 
@@ -617,7 +636,28 @@ fn signing(
         cx.err(&locate::join(path, "region"), "region must not be empty");
         return None;
     }
+    let mut forward_headers = Vec::new();
+    for (i, h) in s3.forward_headers.iter().enumerate() {
+        let name = h.trim().to_ascii_lowercase();
+        let base = name.strip_suffix('*').unwrap_or(&name);
+        if base.is_empty() || http::HeaderName::from_bytes(base.as_bytes()).is_err() {
+            cx.err(
+                &locate::index(&locate::join(path, "forward_headers"), i),
+                format!("`{h}` is not a header name (or a prefix ending in `*`)"),
+            );
+            return None;
+        }
+        if crate::boundary::s3::signer_owned(base) {
+            cx.err(
+                &locate::index(&locate::join(path, "forward_headers"), i),
+                format!("`{h}` is set by the signer; it cannot be forwarded from the client"),
+            );
+            return None;
+        }
+        forward_headers.push(name);
+    }
     Some(S3Signing {
+        forward_headers,
         region: s3.region,
         service: s3.service,
         credentials: aws_credential_types::Credentials::new(
@@ -750,11 +790,15 @@ fn group(
     ok.get().then(|| GroupConfig {
         name: name.to_string(),
         main,
-        fallbacks,
         fallback_on: raw.fallback_on,
         skip_fallback: raw.skip_fallback,
         cache_fallback: raw.cache_fallback,
         read_only: raw.read_only || origins[main].read_only,
+        forward_credentials: raw.forward_credentials,
+        signed: std::iter::once(main)
+            .chain(fallbacks.iter().copied())
+            .any(|o| matches!(&origins[o].kind, OriginKind::Http { s3: Some(_), .. })),
+        fallbacks,
     })
 }
 
@@ -815,10 +859,36 @@ fn route(
         );
         return None;
     }
-    let prefix = if raw.path.len() > 1 {
-        raw.path.trim_end_matches('/').to_string()
+    let trimmed = if raw.path.len() > 1 {
+        raw.path.trim_end_matches('/')
     } else {
-        raw.path.clone()
+        raw.path.as_str()
+    };
+    // The prefix is compared with canonical request paths: it must be one itself.
+    let prefix = match crate::boundary::path::canonicalize(trimmed.as_bytes()) {
+        Ok(c) if c.violations.is_empty() => c.path,
+        Ok(c) => {
+            let v = c.violations.first().map_or("", |v| v.describe());
+            cx.err(
+                &locate::join(path, "path"),
+                format!("path prefix `{}` has {v}", raw.path),
+            );
+            return None;
+        }
+        Err(e) => {
+            cx.err(
+                &locate::join(path, "path"),
+                format!("path prefix `{}`: {e}", raw.path),
+            );
+            return None;
+        }
+    };
+    let s3_allow = match crate::boundary::s3::Allow::parse(&raw.s3_allow) {
+        Ok(a) => a,
+        Err((i, m)) => {
+            cx.err(&locate::index(&locate::join(path, "s3_allow"), i), m);
+            return None;
+        }
     };
     let name = raw.name.clone().unwrap_or_else(|| format!("route{i}"));
     if raw.max_upload_size == Some(0) {
@@ -841,6 +911,8 @@ fn route(
             enabled: m.enabled,
             ttl: m.ttl,
             cache_authorized: m.cache_authorized,
+            query: m.query,
+            set_cookie: m.set_cookie,
         },
     };
     if cache.enabled && !cache_declared {
@@ -863,6 +935,8 @@ fn route(
         group,
         max_upload_size: raw.max_upload_size,
         plugins: Vec::new(),
+        keys: raw.keys,
+        s3_allow,
     })
 }
 

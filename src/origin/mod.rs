@@ -22,6 +22,14 @@ use sign::{s3_canonical_path, Signer};
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
+/// What of the client's request an attempt may carry besides the allowlist.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward {
+    /// The client's credentials (`Authorization`, `Cookie`): main only, unless the group
+    /// says `forward_credentials`.
+    pub credentials: bool,
+}
+
 #[derive(Debug)]
 pub struct Origin {
     pub name: String,
@@ -105,14 +113,38 @@ impl Origin {
         self.signer.is_some()
     }
 
-    /// Rewrite the upstream request for this origin: `key` is the object path (starts with
-    /// `/`, raw as the client sent it after any route prefix strip), `query` the raw query.
+    /// Rewrite the upstream request for this origin: `key` is the canonical object path
+    /// (`boundary::path` normal form, starts with `/`), `query` the forwarded query (after the
+    /// S3 policy). A signed origin gets only the allowlisted client headers
+    /// (`boundary::s3::forward_header`), then the signature; `forward.credentials` false (a
+    /// fallback) drops the client's `Authorization`, `Cookie` and `Proxy-Authorization`.
     pub fn rewrite(
         &self,
         req: &mut RequestHeader,
         key: &str,
         query: Option<&str>,
+        forward: Forward,
     ) -> Result<(), String> {
+        if let Some(signer) = &self.signer {
+            let extra = signer.forward_headers();
+            let drop: Vec<http::HeaderName> = req
+                .headers
+                .keys()
+                .filter(|n| !crate::boundary::s3::forward_header(n.as_str(), extra))
+                .cloned()
+                .collect();
+            for n in &drop {
+                req.remove_header(n);
+            }
+        } else if !forward.credentials {
+            for h in [
+                http::header::AUTHORIZATION,
+                http::header::COOKIE,
+                http::header::PROXY_AUTHORIZATION,
+            ] {
+                req.remove_header(&h);
+            }
+        }
         let mut target =
             String::with_capacity(self.prefix.len() + key.len() + 1 + query.map_or(0, str::len));
         target.push_str(&self.prefix);
@@ -158,6 +190,7 @@ mod tests {
                     credentials: aws_credential_types::Credentials::new(
                         "AK", "SK", None, None, "t",
                     ),
+                    forward_headers: Vec::new(),
                 }),
             },
             read_only: false,
@@ -172,16 +205,60 @@ mod tests {
         let mut req = RequestHeader::build("GET", b"/ignored", None).unwrap();
         req.insert_header("host", "media.example.com").unwrap();
         req.insert_header("authorization", "Bearer x").unwrap();
-        o.rewrite(
-            &mut req,
-            "/a/b c.jpg".replace(' ', "%20").as_str(),
-            Some("v=1"),
-        )
-        .unwrap();
+        req.insert_header("cookie", "s=1").unwrap();
+        let main = Forward { credentials: true };
+        o.rewrite(&mut req, "/a/b%20c.jpg", Some("v=1"), main)
+            .unwrap();
         assert_eq!(req.uri.to_string(), "/bucket/a/b%20c.jpg?v=1");
         assert_eq!(req.headers.get("host").unwrap(), "127.0.0.1:9000");
         // unsigned origins see the client's credentials (they may be the origin's own scheme)
         assert_eq!(req.headers.get("authorization").unwrap(), "Bearer x");
+        // ... but not as a fallback: another trust domain
+        o.rewrite(&mut req, "/a", None, Forward { credentials: false })
+            .unwrap();
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("cookie").is_none());
+    }
+
+    #[test]
+    fn signed_origins_get_the_allowlist_only() {
+        let o = http_origin("/bucket", true);
+        let mut req = RequestHeader::build("PUT", b"/x", None).unwrap();
+        for (k, v) in [
+            ("x-amz-copy-source", "bucket/other/secret"),
+            ("x-amz-acl", "public-read"),
+            ("x-amz-grant-read", "id=1"),
+            ("x-amz-meta-owner", "me"),
+            ("x-amz-checksum-crc32", "AAAAAA=="),
+            ("content-type", "image/png"),
+            ("cookie", "s=1"),
+            ("if-none-match", "*"),
+        ] {
+            req.insert_header(k, v).unwrap();
+        }
+        o.rewrite(&mut req, "/k", None, Forward { credentials: true })
+            .unwrap();
+        for gone in [
+            "x-amz-copy-source",
+            "x-amz-acl",
+            "x-amz-grant-read",
+            "cookie",
+        ] {
+            assert!(req.headers.get(gone).is_none(), "{gone}");
+        }
+        for kept in [
+            "x-amz-meta-owner",
+            "x-amz-checksum-crc32",
+            "content-type",
+            "if-none-match",
+        ] {
+            assert!(req.headers.get(kept).is_some(), "{kept}");
+        }
+        let auth = req.headers.get("authorization").unwrap().to_str().unwrap();
+        assert!(
+            !auth.contains("x-amz-acl") && auth.contains("x-amz-meta-owner"),
+            "{auth}"
+        );
     }
 
     #[test]
@@ -189,7 +266,8 @@ mod tests {
         let o = http_origin("/bucket", true);
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
         req.insert_header("authorization", "Bearer client").unwrap();
-        o.rewrite(&mut req, "/k(1).jpg", None).unwrap();
+        o.rewrite(&mut req, "/k(1).jpg", None, Forward { credentials: true })
+            .unwrap();
         assert_eq!(req.uri.to_string(), "/bucket/k%281%29.jpg");
         let auth = req.headers.get("authorization").unwrap().to_str().unwrap();
         assert!(auth.starts_with("AWS4-HMAC-SHA256 "), "{auth}");

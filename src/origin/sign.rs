@@ -22,6 +22,7 @@ pub struct Signer {
     identity: Identity,
     region: String,
     service: String,
+    forward_headers: Vec<String>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -32,6 +33,8 @@ impl std::fmt::Debug for Signer {
             .finish_non_exhaustive()
     }
 }
+
+const STREAMING_UNSIGNED_TRAILER: &str = "STREAMING-UNSIGNED-PAYLOAD-TRAILER";
 
 fn signed_header(name: &str) -> bool {
     name == "host"
@@ -49,7 +52,13 @@ impl Signer {
             identity: cfg.credentials.clone().into(),
             region: cfg.region.clone(),
             service: cfg.service.clone(),
+            forward_headers: cfg.forward_headers.clone(),
         }
+    }
+
+    /// The origin's extra forwarded headers (`s3.forward_headers`).
+    pub fn forward_headers(&self) -> &[String] {
+        &self.forward_headers
     }
 
     /// Sign `req` in place for `url_base` (`http://host:port`), at `now`. The request's URI
@@ -60,6 +69,14 @@ impl Signer {
         url_base: &str,
         now: SystemTime,
     ) -> Result<(), String> {
+        // An aws-chunked upload with unsigned chunks and trailing checksums (what SDKs send
+        // with flexible checksums) keeps its payload mode: S3 needs it to read the framing.
+        // Anything else is signed as UNSIGNED-PAYLOAD (chunk-signed modes were refused at
+        // admission: their chunk signatures belong to the client's key).
+        let streaming = req
+            .headers
+            .get("x-amz-content-sha256")
+            .is_some_and(|v| v.as_bytes() == STREAMING_UNSIGNED_TRAILER.as_bytes());
         // Anything the client sent in these slots must not survive: the signer sets them.
         for h in [
             "authorization",
@@ -93,13 +110,13 @@ impl Signer {
             .build()
             .map_err(|e| e.to_string())?
             .into();
-        let signable = SignableRequest::new(
-            req.method.as_str(),
-            &uri,
-            headers.into_iter(),
-            SignableBody::UnsignedPayload,
-        )
-        .map_err(|e| e.to_string())?;
+        let body = if streaming {
+            SignableBody::Precomputed(STREAMING_UNSIGNED_TRAILER.into())
+        } else {
+            SignableBody::UnsignedPayload
+        };
+        let signable = SignableRequest::new(req.method.as_str(), &uri, headers.into_iter(), body)
+            .map_err(|e| e.to_string())?;
         let (instructions, _) = sign(signable, &params)
             .map_err(|e| e.to_string())?
             .into_parts();
@@ -142,6 +159,7 @@ mod tests {
                 None,
                 "t",
             ),
+            forward_headers: Vec::new(),
         })
     }
 
@@ -171,6 +189,32 @@ mod tests {
         );
         assert_eq!(req.headers.get("x-amz-date").unwrap(), "20231114T221320Z");
         assert!(!format!("{:?}", signer()).contains("wJalr"));
+    }
+
+    #[test]
+    fn streaming_unsigned_trailer_keeps_its_payload_mode() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut req = RequestHeader::build("PUT", b"/bucket/k", None).unwrap();
+        req.insert_header("host", "h").unwrap();
+        req.insert_header("x-amz-content-sha256", STREAMING_UNSIGNED_TRAILER)
+            .unwrap();
+        req.insert_header("x-amz-trailer", "x-amz-checksum-crc32")
+            .unwrap();
+        signer().sign(&mut req, "http://h", t).unwrap();
+        assert_eq!(
+            req.headers.get("x-amz-content-sha256").unwrap(),
+            STREAMING_UNSIGNED_TRAILER
+        );
+        // A client's own hash is not trusted as ours.
+        let mut req = RequestHeader::build("PUT", b"/bucket/k", None).unwrap();
+        req.insert_header("host", "h").unwrap();
+        req.insert_header("x-amz-content-sha256", "deadbeef")
+            .unwrap();
+        signer().sign(&mut req, "http://h", t).unwrap();
+        assert_eq!(
+            req.headers.get("x-amz-content-sha256").unwrap(),
+            "UNSIGNED-PAYLOAD"
+        );
     }
 
     #[test]

@@ -135,6 +135,22 @@ impl Call {
             .ok()
             .filter(|p| p.starts_with('/') && http::uri::PathAndQuery::try_from(*p).is_ok())
             .ok_or_else(|| format!(":path {:?} is not a path", lossy(path)))?;
+        // The same canonical check as a client's path: a call cannot climb out of the
+        // origin's path prefix (`/../other-bucket`) or confuse a resolving origin.
+        let (p, q) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        let canon = crate::boundary::path::canonicalize(p.as_bytes())
+            .map_err(|e| format!(":path {:?}: {e}", lossy(p.as_bytes())))?;
+        if let Some(v) = canon.violations.first() {
+            return Err(format!(
+                ":path {:?} has {}",
+                lossy(p.as_bytes()),
+                v.describe()
+            ));
+        }
+        let path = crate::boundary::target_string(&canon.path, q);
         let o = &names.origins[origin];
         if o.read_only && method != Method::GET && method != Method::HEAD {
             return Err(format!(
@@ -152,7 +168,7 @@ impl Call {
             origin,
             origin_name: o.name.clone(),
             method,
-            path: path.to_string(),
+            path,
             headers: regular,
             body: Bytes::from(body),
             timeout,
@@ -290,7 +306,11 @@ async fn perform_once(
         Some((k, q)) => (k, Some(q)),
         None => (call.path.as_str(), None),
     };
-    origin.rewrite(&mut req, key, query).map_err(Failure::at)?;
+    // The plugin chose these headers: it may send credentials, also to a fallback.
+    let forward = crate::origin::Forward { credentials: true };
+    origin
+        .rewrite(&mut req, key, query, forward)
+        .map_err(Failure::at)?;
     let has_body = !call.body.is_empty();
     if has_body || !matches!(req.method, Method::GET | Method::HEAD | Method::DELETE) {
         req.insert_header(http::header::CONTENT_LENGTH, call.body.len())

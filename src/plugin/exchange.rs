@@ -726,6 +726,7 @@ pub async fn write_reply(session: &mut Session, r: &LocalReply) -> Result<()> {
         resp.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     }
     resp.insert_header(http::header::CONTENT_LENGTH, r.body.len())?;
+    crate::proxy::close_unless_body_read(session, &mut resp)?;
     let head_only = session.req_header().method == http::Method::HEAD || r.body.is_empty();
     session
         .write_response_header(Box::new(resp), head_only)
@@ -747,7 +748,6 @@ pub async fn on_request(
     rt: &super::Runtime,
     session: &mut Session,
     a: &mut crate::admit::Admitted,
-    groups: &[crate::config::GroupConfig],
     origins: &[crate::origin::Origin],
 ) -> (Option<Exchange>, Verdict) {
     let source = session.client_addr().and_then(|s| s.as_inet()).copied();
@@ -766,13 +766,12 @@ pub async fn on_request(
         return (Some(ex), verdict);
     }
     if let Some((group, key)) = ex.routing() {
-        if crate::admit::is_write(&session.req_header().method) && groups[group].read_only {
-            let body = format!("cascade: group `{}` is read-only\n", groups[group].name);
-            return (Some(ex), Verdict::Fail(405, body));
-        }
+        // The method and read-only rules are applied again to the new group by
+        // `admit::finalize`; a plugin-set key is checked there against the route's key mode.
         a.group = group;
         if key != a.key {
             a.key = key.to_string();
+            a.key_from_plugin = true;
         }
     }
     (Some(ex), verdict)

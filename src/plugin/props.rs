@@ -146,15 +146,17 @@ pub fn set(
             }
         }
         [b"cascade", b"upstream_path"] if phase == Phase::Request => {
-            match std::str::from_utf8(value) {
-                Ok(p) if p.starts_with('/') && !p.bytes().any(|b| b.is_ascii_control()) => {
-                    info.key = p.to_string();
+            // The same canonical check as a client's path: decoded once, re-encoded in normal
+            // form; the route's key mode is applied by `admit::finalize`.
+            match crate::boundary::path::canonicalize(value) {
+                Ok(c) => {
+                    info.key = c.path;
                     info.key_changed = true;
                     info.routing_changed = true;
                 }
-                _ => {
+                Err(e) => {
                     info.route_error = Some(format!(
-                        "plugin `{plugin}` set cascade.upstream_path to {:?}; it must be a path starting with `/`",
+                        "plugin `{plugin}` set cascade.upstream_path to {:?}: {e}",
                         lossy()
                     ))
                 }

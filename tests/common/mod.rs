@@ -470,12 +470,54 @@ impl Body for Trickle {
     }
 }
 
-#[derive(Debug)]
+/// A reply computed from the request (method, path and query, headers).
+pub type ReplyFn = Arc<dyn Fn(&str, &str, &HeaderMap) -> Reply + Send + Sync>;
+
 struct Script {
     /// Keyed by (method or "*", path without query).
     replies: HashMap<(String, String), Reply>,
+    /// Keyed by path without query; consulted before `replies`.
+    dynamic: HashMap<String, ReplyFn>,
     default: Reply,
     delay: Duration,
+    /// Resolve the path as nginx does before matching: percent-decode, merge `//`, resolve
+    /// `.` and `..` (so `/a/../private/x` is `/private/x`).
+    normalize: bool,
+}
+
+/// nginx's view of a request path: decoded once, slashes merged, dot segments resolved.
+pub fn nginx_normalize(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                decoded.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(bytes[i]);
+        i += 1;
+    }
+    let decoded = String::from_utf8_lossy(&decoded).into_owned();
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut p = format!("/{}", out.join("/"));
+    if decoded.ends_with('/') && p.len() > 1 {
+        p.push('/');
+    }
+    p
 }
 
 /// A plain HTTP origin answering scripted replies per path; records every request.
@@ -489,11 +531,22 @@ pub struct HttpOrigin {
 impl HttpOrigin {
     /// Start an origin whose default reply is `404 not found`.
     pub fn start() -> HttpOrigin {
+        HttpOrigin::start_with(false)
+    }
+
+    /// An origin that resolves paths as nginx does ([`nginx_normalize`]) before matching.
+    pub fn start_normalizing() -> HttpOrigin {
+        HttpOrigin::start_with(true)
+    }
+
+    fn start_with(normalize: bool) -> HttpOrigin {
         let stats = Arc::new(Stats::default());
         let script = Arc::new(Mutex::new(Script {
             replies: HashMap::new(),
+            dynamic: HashMap::new(),
             default: Reply::new(404, "not found"),
             delay: Duration::ZERO,
+            normalize,
         }));
         let (st, sc) = (stats.clone(), script.clone());
         let svc = service_fn(move |req: Request<Incoming>| {
@@ -503,14 +556,22 @@ impl HttpOrigin {
                 stats.record(&req);
                 let (reply, global_delay) = {
                     let s = script.lock().unwrap();
-                    let path = req.uri().path().to_string();
+                    let path = if s.normalize {
+                        nginx_normalize(req.uri().path())
+                    } else {
+                        req.uri().path().to_string()
+                    };
                     let method = req.method().as_str().to_string();
-                    let r = s
-                        .replies
-                        .get(&(method, path.clone()))
-                        .or_else(|| s.replies.get(&("*".to_string(), path)))
-                        .unwrap_or(&s.default)
-                        .clone();
+                    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    let r = match s.dynamic.get(&path) {
+                        Some(f) => f(&method, target, req.headers()),
+                        None => s
+                            .replies
+                            .get(&(method, path.clone()))
+                            .or_else(|| s.replies.get(&("*".to_string(), path)))
+                            .unwrap_or(&s.default)
+                            .clone(),
+                    };
                     (r, s.delay)
                 };
                 let mut body = req.into_body();
@@ -564,6 +625,20 @@ impl HttpOrigin {
             .unwrap()
             .replies
             .insert((method.to_string(), path.to_string()), reply);
+        self
+    }
+
+    /// Answer `path` (any method) with what `f` makes of the request.
+    pub fn route_fn(
+        &self,
+        path: &str,
+        f: impl Fn(&str, &str, &HeaderMap) -> Reply + Send + Sync + 'static,
+    ) -> &Self {
+        self.script
+            .lock()
+            .unwrap()
+            .dynamic
+            .insert(path.to_string(), Arc::new(f));
         self
     }
 
@@ -1102,4 +1177,63 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plugins and signatures
+// ---------------------------------------------------------------------------------------------
+
+/// Builds the plugins once per test process (serialized across processes: nextest runs each
+/// test in its own) and returns the path of `plugins/dist/<name>.wasm`.
+pub fn wasm(name: &str) -> String {
+    const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let out = Command::new("flock")
+            .arg(std::env::temp_dir().join("cascade-build-plugins.lock"))
+            .arg(format!("{ROOT}/scripts/build-plugins.sh"))
+            .stdout(Stdio::null())
+            .output()
+            .expect("run scripts/build-plugins.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-plugins.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    format!("{ROOT}/plugins/dist/{name}.wasm")
+}
+
+/// HMAC-SHA256 (RFC 2104) over SHA-256.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| k.iter().map(|x| x ^ b).collect::<Vec<u8>>();
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(msg)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }

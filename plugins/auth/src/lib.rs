@@ -208,9 +208,16 @@ impl HttpContext for AuthHttp {
         let verdict = self.check();
         match verdict {
             Verdict::Ok => {
-                // Secrets never reach the bucket.
+                // Secrets never reach the bucket: neither the key headers nor the signed-URL
+                // parameters (which would also split the cache by signature).
                 self.set_http_request_header(&self.config.key_header, None);
                 self.set_http_request_header("authorization", None);
+                let path = self.get_http_request_header(":path").unwrap_or_default();
+                let c = &*self.config;
+                let stripped = strip_params(&path, &[&c.signature_param, &c.expires_param]);
+                if stripped != path {
+                    self.set_http_request_header(":path", Some(&stripped));
+                }
                 Action::Continue
             }
             Verdict::Missing => {
@@ -329,6 +336,26 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (k == name).then_some(v)
     })
+}
+
+/// `path` without the query parameters named in `names` (the rest kept in order; no `?`
+/// left when nothing remains).
+fn strip_params(path: &str, names: &[&str]) -> String {
+    let Some((p, q)) = path.split_once('?') else {
+        return path.to_string();
+    };
+    let kept: Vec<&str> = q
+        .split('&')
+        .filter(|pair| {
+            let k = pair.split_once('=').map_or(*pair, |(k, _)| k);
+            !pair.is_empty() && !names.contains(&k)
+        })
+        .collect();
+    if kept.is_empty() {
+        p.to_string()
+    } else {
+        format!("{p}?{}", kept.join("&"))
+    }
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -487,6 +514,15 @@ mod tests {
         assert!(!verify_signed_url(&m, "/a/c.jpg", "2000", &sig, 1000));
         assert!(!verify_signed_url(&m, "/a/b.jpg", "2001", &sig, 1000));
         assert!(!verify_signed_url(&m, "/a/b.jpg", "2000", "zz", 1000));
+        assert_eq!(
+            strip_params("/a.jpg?w=1&expires=2&signature=ab&h=3", &["signature", "expires"]),
+            "/a.jpg?w=1&h=3"
+        );
+        assert_eq!(
+            strip_params("/a.jpg?expires=2&signature=ab", &["signature", "expires"]),
+            "/a.jpg"
+        );
+        assert_eq!(strip_params("/a.jpg", &["signature"]), "/a.jpg");
         let q = format!("x=1&expires=2000&signature={sig}");
         assert_eq!(query_param(&q, "expires"), Some("2000"));
         assert_eq!(query_param(&q, "signature"), Some(sig.as_str()));

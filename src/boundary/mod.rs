@@ -1,0 +1,154 @@
+//! The trust boundary: the one place where what a client sent becomes what cascade acts on.
+//!
+//! ```text
+//!  client request ──► limits   header size/count bounds           (431)
+//!                 ──► target   canonical path (path.rs) + query    (400)
+//!                 ──► admit    route on the canonical path, route's key mode, methods, sizes
+//!                 ──► plugins  see the canonical `:path`; their edits are re-checked here
+//!                 ──► finalize method rules again, the S3 policy (s3.rs) for signed groups,
+//!                              the route's cache-query mode → the forwarded query
+//!  upstream       ◄── rewrite  canonical key, forwarded query, header allowlist (signed),
+//!                              no client credentials to fallbacks
+//! ```
+//!
+//! Everything after `finalize` (cache key, upstream path, signature, fallback plan) reads the
+//! admitted request only, never the client's raw target: what the route saw is what the
+//! origin gets.
+
+pub mod path;
+pub mod s3;
+
+use pingora_http::RequestHeader;
+
+use crate::config::schema::HeaderLimits;
+
+/// Why a request header is over the limits (431).
+pub fn check_header_limits(req: &RequestHeader, l: &HeaderLimits) -> Result<(), String> {
+    let target = req.raw_path().len() as u64;
+    if target > l.max_line {
+        return Err(format!(
+            "the request target is {target} bytes; the limit is {}",
+            l.max_line
+        ));
+    }
+    if req.headers.len() as u64 > u64::from(l.max_fields) {
+        return Err(format!(
+            "the request has {} header fields; the limit is {}",
+            req.headers.len(),
+            l.max_fields
+        ));
+    }
+    let mut total = target;
+    for (name, value) in req.headers.iter() {
+        let line = (name.as_str().len() + value.len() + 4) as u64;
+        if line > l.max_line {
+            return Err(format!(
+                "header `{name}` is {line} bytes; the limit is {}",
+                l.max_line
+            ));
+        }
+        total += line;
+    }
+    if total > l.max_total {
+        return Err(format!(
+            "the request header is {total} bytes; the limit is {}",
+            l.max_total
+        ));
+    }
+    Ok(())
+}
+
+/// A request target made canonical: the path in normal form, the query as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub path: path::CanonPath,
+    pub query: Option<String>,
+}
+
+/// The canonical target of a request header. `Err`: 400 with this message.
+pub fn target(req: &RequestHeader) -> Result<Target, String> {
+    if !req.raw_path_is_utf8() {
+        return Err(path::PathError::InvalidUtf8.to_string());
+    }
+    // Pingora keeps only the path component in the URI of an absolute-form target (after
+    // checking its authority against Host), so this is the path in every form.
+    let path = path::canonicalize(req.uri.path().as_bytes()).map_err(|e| e.to_string())?;
+    Ok(Target {
+        path,
+        query: req.uri.query().map(str::to_string),
+    })
+}
+
+/// The target string a canonical request carries (`path[?query]`).
+pub fn target_string(path: &str, query: Option<&str>) -> String {
+    match query {
+        Some(q) => {
+            let mut s = String::with_capacity(path.len() + 1 + q.len());
+            s.push_str(path);
+            s.push('?');
+            s.push_str(q);
+            s
+        }
+        None => path.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(target: &str, headers: &[(&str, String)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), v.as_str()).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn header_limits() {
+        let l = HeaderLimits {
+            max_line: 100,
+            max_total: 250,
+            max_fields: 3,
+        };
+        assert!(check_header_limits(&req("/a", &[("x", "y".into())]), &l).is_ok());
+        let long = "v".repeat(100);
+        assert!(check_header_limits(&req("/a", &[("x", long)]), &l)
+            .unwrap_err()
+            .contains("header `x`"));
+        let many: Vec<(&str, String)> = (0..4).map(|_| ("x", "y".to_string())).collect();
+        assert!(check_header_limits(&req("/a", &many), &l)
+            .unwrap_err()
+            .contains("fields"));
+        let total: Vec<(&str, String)> = ["a", "b", "c"]
+            .iter()
+            .map(|n| (*n, "v".repeat(90)))
+            .collect();
+        assert!(check_header_limits(&req("/a", &total), &l)
+            .unwrap_err()
+            .contains("request header is"));
+        assert!(check_header_limits(&req(&format!("/{}", "a".repeat(100)), &[]), &l).is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let t = target(&req("/a%20b/c?x=1&y", &[])).unwrap();
+        assert_eq!(t.path.path, "/a%20b/c");
+        assert_eq!(t.query.as_deref(), Some("x=1&y"));
+        assert_eq!(target(&req("/a", &[])).unwrap().query, None);
+        assert_eq!(target(&req("/a?", &[])).unwrap().query.as_deref(), Some(""));
+        assert!(target(&req("/a/../b", &[]))
+            .unwrap()
+            .path
+            .violations
+            .first()
+            .is_some());
+        assert!(target(&req("/a%00", &[])).is_err());
+        let abs = target(&req("http://h.example/x%20y?q", &[])).unwrap();
+        assert_eq!(
+            (abs.path.path.as_str(), abs.query.as_deref()),
+            ("/x%20y", Some("q"))
+        );
+    }
+}
