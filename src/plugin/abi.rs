@@ -110,6 +110,16 @@ pub fn serialize_map<'a>(
 /// bytes or a single NUL byte (the spec allows both). Never panics, whatever the bytes; the
 /// pairs vector it allocates is bounded by the input's length (8 bytes per pair at least).
 pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    deserialize_map_max(bytes, usize::MAX)
+}
+
+/// The number of pairs a serialized map claims to hold (its first four bytes), unchecked.
+pub fn map_count(bytes: &[u8]) -> Option<usize> {
+    Some(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize)
+}
+
+/// [`deserialize_map`] of a map of at most `max_pairs` pairs (`None` for more).
+pub fn deserialize_map_max(bytes: &[u8], max_pairs: usize) -> Option<Vec<(&[u8], &[u8])>> {
     if bytes.is_empty() || bytes == [0] {
         return Some(Vec::new());
     }
@@ -117,7 +127,7 @@ pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
     };
     let n = u32_at(0)?;
-    if n > bytes.len() / 8 + 1 {
+    if n > bytes.len() / 8 + 1 || n > max_pairs {
         return None;
     }
     let mut pos = 4 + 8 * n;

@@ -497,7 +497,12 @@ impl Plugin {
                     .collect(),
                 environ_count: cfg.env.len(),
                 calls: cfg.calls.clone(),
-                max_body: usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
+                limits: super::limits::Limits {
+                    body: usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
+                    headers: cfg.max_headers as usize,
+                    shared_data: cfg.shared_data as usize,
+                    shared_value: cfg.shared_value as usize,
+                },
                 tick_ms: Default::default(),
             }),
             on_error: cfg.on_error,
