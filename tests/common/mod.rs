@@ -237,7 +237,10 @@ impl ServerHandle {
                                 let Ok((stream, _)) = accepted else { continue };
                                 let svc = svc.clone();
                                 tokio::spawn(async move {
+                                    // More headers than hyper's 100: plugin header floods
+                                    // reach the origin up to cascade's bound (256).
                                     let _ = hyper::server::conn::http1::Builder::new()
+                                        .max_headers(512)
                                         .serve_connection(TokioIo::new(stream), svc)
                                         .await;
                                 });
