@@ -229,14 +229,16 @@ pub struct ServerSection {
     /// ours is container friendly).
     #[serde(default = "default_grace", deserialize_with = "de_duration")]
     pub grace_period: Duration,
-    /// Where the Unix sockets of directory origins are created (default: a fresh
-    /// directory under the system temp dir).
+    /// Where the Unix sockets of directory origins are created: made 0700 when missing,
+    /// refused when not ours or writable by group or others (default: a fresh private
+    /// directory under the system temp dir, removed at exit).
     #[serde(default)]
     pub runtime_dir: Option<String>,
     /// Access log on stderr (one line per request).
     #[serde(default = "default_true")]
     pub access_log: bool,
     /// Directory of precompiled plugin modules (keyed by module hash and engine); optional.
+    /// Used only when ours and not writable by group or others; entries are checksummed.
     #[serde(default)]
     pub plugin_cache: Option<String>,
     /// Slots of the plugin instance pool (wasmtime's pooling allocator), shared by every
