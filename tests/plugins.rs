@@ -1770,6 +1770,17 @@ async fn guest_driven_allocations_are_bounded() {
         );
         let head = r.head.to_ascii_lowercase();
         assert!(head.contains("x-hog-ok: 10000\r\n") && head.contains("x-hog-status: 0\r\n"));
+        origin.stats.reset();
+        let r = hog(&c, "method", 100_000, 1).await;
+        assert_eq!(
+            (r.status().as_u16(), hogged(&r, "status")),
+            (200, "0".into())
+        );
+        assert_eq!(
+            origin.stats.last().unwrap().method,
+            "GET",
+            "a 100 KB method is dropped"
+        );
         let r = hog(&c, "header_pairs", 10, 10_000).await;
         assert_eq!(hogged(&r, "status"), "2", "more pairs than a header holds");
         let r = hog(&c, "header_pairs", 2 << 20, 1).await;

@@ -704,7 +704,9 @@ fn edit_header(host: &mut Host, map_type: i32, key: &[u8], value: &[u8], edit: E
                     return;
                 }
                 b":method" => {
-                    if edit != Edit::Remove {
+                    if edit != Edit::Remove && value.len() > limits::MAX_METHOD {
+                        over();
+                    } else if edit != Edit::Remove {
                         match http::Method::from_bytes(value) {
                             Ok(m) => req.set_method(m),
                             Err(_) => bad(":method value"),

@@ -36,6 +36,8 @@ pub const MAX_LOG: usize = 16 << 10;
 /// Headers a plugin's edits may grow a request or response header map to (Pingora's own
 /// limit when it parses one: an origin could not send more).
 pub const MAX_HEADER_COUNT: usize = 256;
+/// Bytes of a method a plugin may set with `:method` (an extension method is any token).
+pub const MAX_METHOD: usize = 64;
 /// Bytes of a serialized header map a guest may hand to `proxy_set_header_map_pairs`: what
 /// Pingora accepts as a request header (1 MiB, a long `:path` included) and the framing of
 /// [`MAX_MAP_PAIRS`] pairs.

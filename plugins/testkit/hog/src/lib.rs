@@ -496,6 +496,22 @@ fn request_mode(mode: &str, size: usize, count: usize) -> Report {
             report.status(r);
             report.put("pairs", map_count(REQUEST_HEADERS).to_string());
         }
+        // A `:method` of `size` token bytes.
+        "method" => {
+            let method = vec![b'M'; size];
+            let name = b":method";
+            // SAFETY: valid pointers.
+            let st = unsafe {
+                abi::proxy_replace_header_map_value(
+                    REQUEST_HEADERS,
+                    name.as_ptr(),
+                    name.len(),
+                    method.as_ptr(),
+                    size,
+                )
+            };
+            report.put("status", st);
+        }
         "header_pairs" => {
             let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..count)
                 .map(|i| (format!("x-p{i}").into_bytes(), buf.clone()))
