@@ -378,7 +378,7 @@ start_proxies() { # PROFILE
       ;;
     cascade)
       pick_port METRICS_PORT
-      mkdir -p "$dir/run"
+      mkdir -p -m 700 "$dir/run"  # cascade refuses a runtime dir others may write
       if [ "$CACHE_DISK" = 1 ]; then
         disk="disk: {path: \"$dir/cache-disk\", size: 1GiB}"
       else

@@ -28,7 +28,7 @@ cargo build --release --target "$target" --manifest-path "$plugins/Cargo.toml" "
 
 # <dist name>:<cargo artifact name>
 mkdir -p "$plugins/dist"
-for pair in auth:auth ext-auth:ext_auth tenant-router:tenant_router headers:headers chaos:chaos probe:probe rewrite:rewrite noop:noop; do
+for pair in auth:auth ext-auth:ext_auth tenant-router:tenant_router headers:headers chaos:chaos probe:probe rewrite:rewrite noop:noop hog:hog; do
   name="${pair%%:*}"
   artifact="$CARGO_TARGET_DIR/$target/release/${pair#*:}.wasm"
   if [ ! -f "$artifact" ]; then

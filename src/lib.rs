@@ -16,6 +16,7 @@ pub mod config;
 pub mod fallback;
 pub mod metrics;
 pub mod origin;
+pub mod owned;
 pub mod plugin;
 pub mod proxy;
 pub mod route;
@@ -33,18 +34,28 @@ use pingora_core::services::listening::Service;
 use config::{Config, OriginKind};
 use origin::Origin;
 
-/// Where the Unix sockets of directory origins live.
-fn runtime_dir(cfg: &Config) -> PathBuf {
+/// Where the Unix sockets of directory origins live, ready for them: `server.runtime_dir`,
+/// created 0700 when missing, refused when it is not ours or is writable by group or others
+/// (another user could swap a socket); by default a fresh private directory under the system
+/// temp dir, removed when cascade exits.
+fn runtime_dir(cfg: &Config) -> Result<PathBuf, String> {
     match &cfg.server.runtime_dir {
         Some(d) => {
             let p = Path::new(d);
-            if p.is_absolute() {
+            let p = if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 cfg.source.parent().unwrap_or(Path::new(".")).join(p)
-            }
+            };
+            owned::ensure_dir(&p).map_err(|e| format!("server.runtime_dir: {e}"))?;
+            Ok(p)
         }
-        None => std::env::temp_dir().join(format!("cascade-{}", std::process::id())),
+        None => {
+            let p = owned::fresh_dir(&std::env::temp_dir(), "cascade")
+                .map_err(|e| format!("runtime directory: {e}"))?;
+            owned::remove_at_exit(p.clone());
+            Ok(p)
+        }
     }
 }
 
@@ -72,9 +83,7 @@ fn dir_socket(rt_dir: &Path, origin_ix: usize) -> PathBuf {
 
 /// Build the Pingora server with every service of the config. Does not start it.
 pub fn build_server(cfg: &Config) -> Result<Server, String> {
-    let rt_dir = runtime_dir(cfg);
-    std::fs::create_dir_all(&rt_dir)
-        .map_err(|e| format!("cannot create runtime dir {}: {e}", rt_dir.display()))?;
+    let rt_dir = runtime_dir(cfg)?;
 
     let mut conf = ServerConf {
         threads: cfg

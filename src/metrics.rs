@@ -46,6 +46,7 @@ pub struct Metrics {
     pub plugin_http_calls: IntCounterVec,
     pub plugin_http_call_duration: HistogramVec,
     pub plugin_queue_dropped: IntCounterVec,
+    pub plugin_limit_hits: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -240,6 +241,13 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let plugin_limit_hits = register_int_counter_vec_with_registry!(
+            "cascade_plugin_limit_hits_total",
+            "Hostcalls refused or cut because a plugin hit one of its bounds (fd_write, log, headers, shared_data, properties, queues, metrics, body, local_response, http_call), by plugin and limit.",
+            &["plugin", "limit"],
+            registry
+        )
+        .expect("metric");
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -273,6 +281,7 @@ impl Metrics {
             plugin_http_calls,
             plugin_http_call_duration,
             plugin_queue_dropped,
+            plugin_limit_hits,
         }
     }
 

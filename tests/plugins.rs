@@ -1553,3 +1553,314 @@ async fn a_trapping_tick_stops_the_plugins_ticks_and_costs_no_request() {
     assert_eq!(traps, Some(1.0), "{m}");
     assert_eq!(c.stderr().matches("chaos: tick").count(), 1);
 }
+
+/// One request to the `hog` fixture in `mode` (`x-hog-size` / `x-hog-count`).
+async fn hog(c: &Cascade, mode: &str, size: usize, count: usize) -> reqwest::Response {
+    client()
+        .get(c.url("/h"))
+        .header("x-hog", mode)
+        .header("x-hog-size", size.to_string())
+        .header("x-hog-count", count.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The `x-hog-*` report `name` of a response.
+fn hogged(r: &reqwest::Response, name: &str) -> String {
+    header(r, &format!("x-hog-{name}"))
+}
+
+/// Item 7: every allocation a guest can drive is bounded. The `hog` fixture tries each bound
+/// (huge fd_writes and log lines, shared data past its limits, thousands of properties,
+/// queues and metrics, a body grown past limits.body, header floods, oversized local
+/// responses and calls, hostile pointers, a lying allocator) and reports the status it got:
+/// each is the exact ABI status, the request next to it works, cascade stays up, and its
+/// memory does not grow with what the plugin asked for.
+#[tokio::test]
+async fn guest_driven_allocations_are_bounded() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "{}plugins:\n  hog:\n    wasm: {}\n    calls: [web]\n    config: hog\n    \
+         limits: {{body: 64KiB, headers: 16KiB, shared_data: 1MiB, shared_value: 256KiB}}\n\
+         routes:\n  - {{path: /, group: main, plugins: [hog]}}\n",
+        http_origin_yaml(&origin),
+        wasm("hog")
+    );
+    let mut c = Cascade::start(&yaml);
+    let t0 = Instant::now();
+    let plain = |round: usize, after: &'static str| {
+        let c = &c;
+        async move {
+            let r = client().get(c.url("/plain")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "the request after {after} (round {round})");
+            assert_eq!(header(&r, "x-hog"), "none");
+            assert_eq!(r.text().await.unwrap(), "ok");
+        }
+    };
+    plain(0, "start").await;
+    let (rss0, hwm0) = (c.vm_rss_kib(), c.vm_hwm_kib());
+
+    for round in 0..3 {
+        // Hostile pointers and lengths: INVALID_MEMORY_ACCESS (6), WASI FAULT (21).
+        let r = hog(&c, "bogus", 0, 1).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            hogged(&r, "bogus"),
+            "log=6,log_len=6,fd_iovs=21,fd_data=21,fd_ret=21,pairs_ret=6,value_key=6,add_key=6,\
+             set_pairs=6,prop_path=6,prop_ret=6,set_prop=6,shared_key=6,shared_ret=6,buffer_ret=6,\
+             buffer_status=6,metric=6,queue=6,call=6,local=6,random=21,clock=21,environ=21"
+        );
+        plain(round, "bogus pointers").await;
+        // An allocator that answers out of bounds, too near the end, null, or calls back in.
+        let r = hog(&c, "alloc", 0, 1).await;
+        assert_eq!(hogged(&r, "alloc"), "bogus=6,edge=6,null=10,reenter=0/10");
+        plain(round, "a lying allocator").await;
+
+        // fd_write: 64 KiB and 1024 iovecs per call (INVAL, 28); 1024 iovecs naming the same
+        // MiB would otherwise copy 1 GiB.
+        let r = hog(&c, "fd_write", 100, 1).await;
+        assert_eq!(
+            (hogged(&r, "status"), hogged(&r, "written")),
+            ("0".into(), "100".into())
+        );
+        let r = hog(&c, "fd_write", 1 << 20, 1024).await;
+        assert_eq!(hogged(&r, "status"), "28");
+        let r = hog(&c, "fd_write", 1, 2000).await;
+        assert_eq!(hogged(&r, "status"), "28", "more than 1024 iovecs");
+        plain(round, "fd_write").await;
+
+        // proxy_log: a MiB message is cut to 16 KiB and answered OK (the SDK panics otherwise).
+        let r = hog(&c, "log", 1 << 20, 3).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("3".into(), "0".into())
+        );
+        plain(round, "proxy_log").await;
+
+        // Shared data: values up to limits.shared_value, 1 MiB in all (BAD_ARGUMENT, 2).
+        let r = hog(&c, "shared", 256 << 10, 200).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("3".into(), "2".into()),
+            "three 256 KiB values fit in 1 MiB, a fourth does not (every round: overwriting a value with one of the same size is fine)"
+        );
+        let r = hog(&c, "shared", (256 << 10) + 1, 1).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("0".into(), "2".into())
+        );
+        let r = hog(&c, "shared_key", 5000, 1).await;
+        assert_eq!(hogged(&r, "status"), "2", "a key over 4 KiB");
+        plain(round, "shared data").await;
+
+        // Custom properties: 64 per request, 16 KiB each, 64 KiB in all; paths up to 4 KiB.
+        let r = hog(&c, "props", 10, 10_000).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("64".into(), "2".into())
+        );
+        let r = hog(&c, "props", 20_000, 1).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("0".into(), "2".into())
+        );
+        let r = hog(&c, "props", 16 << 10, 100).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("3".into(), "2".into())
+        );
+        let r = hog(&c, "props_path", 100_000, 1).await;
+        assert_eq!(
+            (hogged(&r, "status"), hogged(&r, "get")),
+            ("2".into(), "1".into())
+        );
+        plain(round, "custom properties").await;
+
+        // Queues (16 per plugin, names up to 256 bytes) and metrics (256, names up to 256).
+        let r = hog(&c, "queues", 0, 100).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("16".into(), "2".into())
+        );
+        let r = hog(&c, "queue_name", 1000, 1).await;
+        assert_eq!(hogged(&r, "status"), "2");
+        let r = hog(&c, "metrics", 0, 1000).await;
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status")),
+            ("256".into(), "2".into())
+        );
+        let r = hog(&c, "metric_name", 1000, 1).await;
+        assert_eq!(hogged(&r, "status"), "2");
+        plain(round, "queues and metrics").await;
+
+        // A body grows up to limits.body (64 KiB) by proxy_set_buffer_bytes, no further.
+        origin.stats.reset();
+        let r = client()
+            .post(c.url("/h"))
+            .header("x-hog", "body")
+            .header("x-hog-size", (16 << 10).to_string())
+            .header("x-hog-count", "100")
+            // Chunked: the body's length changes on the way.
+            .body(reqwest::Body::wrap_stream(futures::stream::once(async {
+                Ok::<_, std::io::Error>(b"hello".to_vec())
+            })))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            (hogged(&r, "ok"), hogged(&r, "status"), hogged(&r, "body")),
+            ("3".into(), "2".into(), (5 + 3 * (16 << 10)).to_string())
+        );
+        assert_eq!(origin.stats.request_bytes(), 5 + 3 * (16 << 10) as u64);
+        plain(round, "a grown body").await;
+
+        // Header floods: 10,000 add_header calls all answer OK (the SDK traps otherwise);
+        // the map stops growing at limits.headers (16 KiB) / 256 headers.
+        for (size, what) in [(100, "bytes"), (1, "count")] {
+            origin.stats.reset();
+            let r = hog(&c, "headers", size, 10_000).await;
+            assert_eq!(r.status(), 200);
+            assert_eq!(
+                (hogged(&r, "ok"), hogged(&r, "status")),
+                ("10000".into(), "0".into())
+            );
+            let seen = origin.stats.last().unwrap();
+            let bytes: usize = seen
+                .headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len())
+                .sum();
+            assert!(
+                seen.headers.len() <= 256 + 2,
+                "{what}: {} headers",
+                seen.headers.len()
+            );
+            assert!(
+                bytes <= (16 << 10) + 512,
+                "{what}: {bytes} bytes of headers"
+            );
+            assert!(
+                seen.headers.len() > 100,
+                "{what}: the flood got in up to the bound"
+            );
+        }
+        // (Read raw: reqwest takes 100 headers at most.)
+        let req = format!(
+            "GET /h HTTP/1.1\r\nHost: {}\r\nx-hog: resp_headers\r\nx-hog-size: 100\r\n\
+             x-hog-count: 10000\r\nConnection: close\r\n\r\n",
+            c.addr
+        );
+        let addr = c.addr;
+        let r = tokio::task::spawn_blocking(move || {
+            raw_request(addr, req.as_bytes(), Duration::from_secs(10))
+        })
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200);
+        let lines: Vec<&str> = r.head.lines().skip(1).filter(|l| !l.is_empty()).collect();
+        let bytes: usize = lines.iter().map(|l| l.len() - 2).sum();
+        assert!(lines.len() <= 256 + 8, "{} response headers", lines.len());
+        assert!(lines.len() > 100, "the flood got in up to the bound");
+        assert!(
+            bytes <= (16 << 10) + 1024,
+            "{bytes} bytes of response headers"
+        );
+        let head = r.head.to_ascii_lowercase();
+        assert!(head.contains("x-hog-ok: 10000\r\n") && head.contains("x-hog-status: 0\r\n"));
+        origin.stats.reset();
+        let r = hog(&c, "method", 100_000, 1).await;
+        assert_eq!(
+            (r.status().as_u16(), hogged(&r, "status")),
+            (200, "0".into())
+        );
+        assert_eq!(
+            origin.stats.last().unwrap().method,
+            "GET",
+            "a 100 KB method is dropped"
+        );
+        let r = hog(&c, "header_pairs", 10, 10_000).await;
+        assert_eq!(hogged(&r, "status"), "2", "more pairs than a header holds");
+        let r = hog(&c, "header_pairs", 2 << 20, 1).await;
+        assert_eq!(hogged(&r, "status"), "2", "a map larger than any header");
+        let r = hog(&c, "header_pairs", 10, 10).await;
+        assert_eq!(
+            (r.status().as_u16(), hogged(&r, "status")),
+            (200, "0".into())
+        );
+        plain(round, "header floods").await;
+
+        // Local responses (body up to limits.body, headers up to limits.headers) and HTTP
+        // calls (headers up to 264 pairs, 64 KiB): BAD_ARGUMENT, the request goes on.
+        let r = hog(&c, "local", 100 << 10, 1).await;
+        assert_eq!(
+            (r.status().as_u16(), hogged(&r, "status")),
+            (200, "2".into())
+        );
+        assert_eq!(
+            r.text().await.unwrap(),
+            "ok",
+            "refused: the origin answered"
+        );
+        let r = hog(&c, "local", 10, 1).await;
+        assert_eq!(header(&r, "x-hog-local"), "1");
+        assert_eq!(r.text().await.unwrap(), "hhhhhhhhhh");
+        let r = hog(&c, "local_headers", 100, 1000).await;
+        assert_eq!(hogged(&r, "status"), "2");
+        let r = hog(&c, "http_call", 10, 1000).await;
+        assert_eq!(hogged(&r, "status"), "2");
+        plain(round, "local responses and calls").await;
+    }
+
+    assert!(c.is_running(), "cascade is up");
+    let (rss1, hwm1) = (c.vm_rss_kib(), c.vm_hwm_kib());
+    eprintln!("RSS {rss0} -> {rss1} KiB, peak {hwm0} -> {hwm1} KiB");
+    assert!(
+        rss1.saturating_sub(rss0) < 64 << 10,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
+    assert!(
+        hwm1.saturating_sub(hwm0) < 128 << 10,
+        "peak RSS grew from {hwm0} KiB to {hwm1} KiB"
+    );
+    // Every kind of hit is counted; the log says so, at most every 10 s per limit.
+    let m = c.metrics().await;
+    for limit in [
+        "fd_write",
+        "log",
+        "headers",
+        "shared_data",
+        "properties",
+        "queues",
+        "metrics",
+        "body",
+        "local_response",
+        "http_call",
+    ] {
+        let n = metric_sum(
+            &m,
+            "cascade_plugin_limit_hits_total",
+            &[("plugin", "hog"), ("limit", limit)],
+        );
+        assert!(n.is_some_and(|n| n >= 3.0), "{limit}: {n:?}\n{m}");
+    }
+    let defined = m
+        .lines()
+        .filter(|l| l.starts_with("cascade_plugin_counter{") && l.contains("plugin=\"hog\""))
+        .count();
+    assert_eq!(defined, 256, "metric series a plugin can mint");
+    let err = c.stderr();
+    assert!(err.contains("more bytes cut"), "a long log line is cut");
+    assert!(
+        err.lines().all(|l| l.len() < 20 << 10),
+        "no log line longer than the cut"
+    );
+    let logged = err.matches("limit `queues`").count();
+    let periods = t0.elapsed().as_secs() as usize / 10 + 1;
+    assert!(
+        (1..=periods).contains(&logged),
+        "hits are logged, at most once per 10 s: {logged} lines in {periods} period(s)"
+    );
+}

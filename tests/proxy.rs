@@ -1054,3 +1054,114 @@ async fn responses_are_intact_whatever_the_write_buffer() {
         }
     }
 }
+
+/// Starts `cascade run -c <dir>/cascade.yaml` with `yaml` (and `TMPDIR=tmpdir`).
+fn spawn_cascade(
+    dir: &std::path::Path,
+    yaml: &str,
+    tmpdir: &std::path::Path,
+) -> std::process::Child {
+    let cfg = dir.join("cascade.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    std::process::Command::new(cascade_bin())
+        .args(["run", "-c"])
+        .arg(&cfg)
+        .env("TMPDIR", tmpdir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (bounded) until `port` accepts connections, or `child` exits.
+fn wait_listening(child: &mut std::process::Child, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "cascade exited early");
+        assert!(Instant::now() < deadline, "cascade did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Item 8: `server.runtime_dir` holds the directory origins' Unix sockets. One writable by
+/// group or others (another user could swap a socket) stops cascade at start with an error
+/// naming it and what is wrong; a missing one is created 0700; without the setting a fresh
+/// private directory is used and removed when cascade exits.
+#[test]
+fn the_runtime_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let www = tmp.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    let sys_tmp = tmp.path().join("tmp");
+    std::fs::create_dir(&sys_tmp).unwrap();
+    let yaml = |port: u16, rt: Option<&std::path::Path>| {
+        let rt = rt.map_or(String::new(), |p| {
+            format!(", runtime_dir: \"{}\"", p.display())
+        });
+        format!(
+            "listen: [{{addr: \"127.0.0.1:{port}\"}}]\nserver: {{threads: 1, grace_period: 1s{rt}}}\n\
+             origins: {{www: {{dir: \"{}\"}}}}\ngroups: {{g: {{main: www}}}}\nroutes: [{{path: /, group: g}}]\n",
+            www.display()
+        )
+    };
+
+    // World- or group-writable: refused, with the path and the reason.
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    for m in [0o777, 0o775] {
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(m)).unwrap();
+        let out = spawn_cascade(tmp.path(), &yaml(free_port(), Some(&shared)), &sys_tmp)
+            .wait_with_output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("server.runtime_dir")
+                && err.contains(&shared.display().to_string())
+                && err.contains("writable by its group or by others"),
+            "{err}"
+        );
+        assert!(!shared.join("dir-origin-0.sock").exists());
+    }
+
+    // Missing: created 0700, and the origin's socket is in it.
+    let fresh = tmp.path().join("run/cascade");
+    let port = free_port();
+    let mut child = spawn_cascade(tmp.path(), &yaml(port, Some(&fresh)), &sys_tmp);
+    wait_listening(&mut child, port);
+    assert_eq!(mode(&fresh), 0o700);
+    assert!(fresh.join("dir-origin-0.sock").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Default: a new private directory under TMPDIR, gone after exit.
+    let port = free_port();
+    let mut child = spawn_cascade(tmp.path(), &yaml(port, None), &sys_tmp);
+    wait_listening(&mut child, port);
+    let dirs: Vec<_> = std::fs::read_dir(&sys_tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let name = dirs[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("cascade-{}-", child.id())),
+        "{name}"
+    );
+    assert_eq!(mode(&dirs[0]), 0o700);
+    assert!(dirs[0].join("dir-origin-0.sock").exists());
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "cascade did not exit on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!dirs[0].exists(), "removed at exit");
+}

@@ -37,6 +37,12 @@ pub struct PluginConfig {
     pub max_body: u64,
     /// Origins (indices) the plugin may call with `proxy_http_call` (`calls:`).
     pub calls: Vec<usize>,
+    /// `limits.headers`: bytes a header map may grow to by the plugin's edits.
+    pub max_headers: u64,
+    /// `limits.shared_data`: bytes of keys and values of the plugin's shared data.
+    pub shared_data: u64,
+    /// `limits.shared_value`: bytes of one shared-data value.
+    pub shared_value: u64,
 }
 
 impl std::fmt::Debug for PluginConfig {
@@ -162,6 +168,30 @@ fn plugin(
         );
         ok = false;
     }
+    if !(1 << 10..=1 << 20).contains(&raw.limits.headers) {
+        cx.err(
+            &locate::join(path, "limits.headers"),
+            "must be between 1KiB and 1MiB (Pingora refuses larger headers)",
+        );
+        ok = false;
+    }
+    if raw.limits.shared_data > 1 << 30 {
+        cx.err(
+            &locate::join(path, "limits.shared_data"),
+            "must be at most 1GiB",
+        );
+        ok = false;
+    }
+    if raw.limits.shared_value == 0 || raw.limits.shared_value > raw.limits.shared_data {
+        cx.err(
+            &locate::join(path, "limits.shared_value"),
+            format!(
+                "must be greater than zero and at most limits.shared_data ({} bytes)",
+                raw.limits.shared_data
+            ),
+        );
+        ok = false;
+    }
     let mut vars = Vec::with_capacity(raw.env.len());
     for (i, var) in raw.env.iter().enumerate() {
         let field = locate::index(&locate::join(path, "env"), i);
@@ -210,6 +240,9 @@ fn plugin(
         bodies: raw.bodies,
         max_body: raw.limits.body,
         calls,
+        max_headers: raw.limits.headers,
+        shared_data: raw.limits.shared_data,
+        shared_value: raw.limits.shared_value,
     })
 }
 
@@ -270,5 +303,52 @@ mod tests {
         let v: Value = serde_yaml::from_str("\"raw {not json}\"").unwrap();
         assert_eq!(config_bytes(&v).unwrap(), b"raw {not json}");
         assert_eq!(config_bytes(&Value::Null).unwrap(), b"");
+    }
+
+    fn with_limits(limits: &str) -> Result<crate::config::Config, Vec<(usize, String)>> {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = dir.path().join("p.wasm");
+        std::fs::write(&wasm, b"not loaded here").unwrap();
+        let yaml = format!(
+            "listen: [{{addr: 127.0.0.1:1}}]\norigins: {{a: {{url: \"http://127.0.0.1:9\"}}}}\n\
+             groups: {{g: {{main: a}}}}\nplugins:\n  p:\n    wasm: {}\n    limits:\n{limits}\
+             routes: [{{path: /, group: g, plugins: [p]}}]\n",
+            wasm.display()
+        );
+        crate::config::load_str(&yaml, Path::new("/tmp/t.yaml"), &|_| None)
+            .map_err(|e| e.0.into_iter().map(|e| (e.line, e.field)).collect())
+    }
+
+    #[test]
+    fn guest_allocation_limits_have_defaults_and_are_validated_with_their_line() {
+        let c = with_limits("      body: 1MiB\n").unwrap();
+        let p = &c.plugins[0];
+        assert_eq!(
+            (p.max_headers, p.shared_data, p.shared_value),
+            (64 << 10, 16 << 20, 1 << 20)
+        );
+        let c =
+            with_limits("      headers: 8KiB\n      shared_data: 1MiB\n      shared_value: 1MiB\n")
+                .unwrap();
+        let p = &c.plugins[0];
+        assert_eq!(
+            (p.max_headers, p.shared_data, p.shared_value),
+            (8 << 10, 1 << 20, 1 << 20)
+        );
+        let errs =
+            with_limits("      headers: 100\n      shared_data: 2GiB\n      shared_value: 0\n")
+                .unwrap_err();
+        for want in [
+            (8, "plugins.p.limits.headers"),
+            (9, "plugins.p.limits.shared_data"),
+            (10, "plugins.p.limits.shared_value"),
+        ] {
+            assert!(
+                errs.iter().any(|(l, f)| (*l, f.as_str()) == want),
+                "missing {want:?} in {errs:?}"
+            );
+        }
+        let errs = with_limits("      shared_data: 1MiB\n      shared_value: 2MiB\n").unwrap_err();
+        assert_eq!(errs, vec![(9, "plugins.p.limits.shared_value".to_string())]);
     }
 }

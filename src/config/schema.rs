@@ -84,9 +84,19 @@ pub struct PluginLimits {
     /// Deadline of one callback.
     #[serde(default = "d_plugin_time", deserialize_with = "de_duration")]
     pub time: Duration,
-    /// Most body bytes held for a plugin that pauses a body (`Action::Pause`) to see more.
+    /// Most body bytes held for a plugin that pauses a body (`Action::Pause`) to see more;
+    /// also what a body may grow to by the plugin's `proxy_set_buffer_bytes`.
     #[serde(default = "d_plugin_body", deserialize_with = "de_size")]
     pub body: u64,
+    /// Bytes (names + values) the plugin's edits may grow a header map to.
+    #[serde(default = "d_plugin_headers", deserialize_with = "de_size")]
+    pub headers: u64,
+    /// Bytes (keys + values) of the plugin's shared data.
+    #[serde(default = "d_plugin_shared_data", deserialize_with = "de_size")]
+    pub shared_data: u64,
+    /// Bytes of one shared-data value.
+    #[serde(default = "d_plugin_shared_value", deserialize_with = "de_size")]
+    pub shared_value: u64,
 }
 
 impl Default for PluginLimits {
@@ -95,6 +105,9 @@ impl Default for PluginLimits {
             memory: d_plugin_memory(),
             time: d_plugin_time(),
             body: d_plugin_body(),
+            headers: d_plugin_headers(),
+            shared_data: d_plugin_shared_data(),
+            shared_value: d_plugin_shared_value(),
         }
     }
 }
@@ -110,6 +123,15 @@ fn d_true() -> bool {
 }
 fn d_plugin_body() -> u64 {
     1 << 20
+}
+fn d_plugin_headers() -> u64 {
+    crate::plugin::limits::DEFAULT_HEADERS
+}
+fn d_plugin_shared_data() -> u64 {
+    crate::plugin::limits::DEFAULT_SHARED_DATA
+}
+fn d_plugin_shared_value() -> u64 {
+    crate::plugin::limits::DEFAULT_SHARED_VALUE
 }
 
 /// `cache:` — the edge cache. Absent: nothing is cached.
@@ -254,14 +276,16 @@ pub struct ServerSection {
     /// ours is container friendly).
     #[serde(default = "default_grace", deserialize_with = "de_duration")]
     pub grace_period: Duration,
-    /// Where the Unix sockets of directory origins are created (default: a fresh
-    /// directory under the system temp dir).
+    /// Where the Unix sockets of directory origins are created: made 0700 when missing,
+    /// refused when not ours or writable by group or others (default: a fresh private
+    /// directory under the system temp dir, removed at exit).
     #[serde(default)]
     pub runtime_dir: Option<String>,
     /// Access log on stderr (one line per request).
     #[serde(default = "default_true")]
     pub access_log: bool,
     /// Directory of precompiled plugin modules (keyed by module hash and engine); optional.
+    /// Used only when ours and not writable by group or others; entries are checksummed.
     #[serde(default)]
     pub plugin_cache: Option<String>,
     /// Slots of the plugin instance pool (wasmtime's pooling allocator), shared by every

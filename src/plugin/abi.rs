@@ -106,16 +106,28 @@ pub fn serialize_map<'a>(
     out.extend_from_slice(data);
 }
 
-/// Parses a serialized map; `None` when the bytes are malformed.
+/// Parses a serialized map; `None` when the bytes are malformed. An empty map is either no
+/// bytes or a single NUL byte (the spec allows both). Never panics, whatever the bytes; the
+/// pairs vector it allocates is bounded by the input's length (8 bytes per pair at least).
 pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    if bytes.is_empty() {
+    deserialize_map_max(bytes, usize::MAX)
+}
+
+/// The number of pairs a serialized map claims to hold (its first four bytes), unchecked.
+pub fn map_count(bytes: &[u8]) -> Option<usize> {
+    Some(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize)
+}
+
+/// [`deserialize_map`] of a map of at most `max_pairs` pairs (`None` for more).
+pub fn deserialize_map_max(bytes: &[u8], max_pairs: usize) -> Option<Vec<(&[u8], &[u8])>> {
+    if bytes.is_empty() || bytes == [0] {
         return Some(Vec::new());
     }
     let u32_at = |at: usize| -> Option<usize> {
         Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize)
     };
     let n = u32_at(0)?;
-    if n > bytes.len() / 8 + 1 {
+    if n > bytes.len() / 8 + 1 || n > max_pairs {
         return None;
     }
     let mut pos = 4 + 8 * n;
@@ -170,6 +182,106 @@ mod tests {
         assert!(deserialize_map(&out[..out.len() - 3]).is_none());
         assert!(deserialize_map(&[1, 0, 0, 0, 9]).is_none());
         assert_eq!(deserialize_map(&[]).unwrap(), vec![]);
+        assert_eq!(
+            deserialize_map(&[0]).unwrap(),
+            vec![],
+            "the spec's other empty map"
+        );
+    }
+
+    mod prop {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Serializes `pairs` the way the host does.
+        fn serialized(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+            let (mut out, mut data) = (Vec::new(), Vec::new());
+            serialize_map(
+                &mut out,
+                &mut data,
+                pairs.iter().map(|(k, v)| (&k[..], &v[..])),
+            );
+            out
+        }
+
+        proptest! {
+            /// Whatever a guest hands over, decoding never panics, and what it decodes lies
+            /// inside the input.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512)) {
+                if let Some(pairs) = deserialize_map(&bytes) {
+                    prop_assert!(pairs.len() <= bytes.len() / 8 + 1);
+                    let total: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    prop_assert!(total <= bytes.len());
+                }
+            }
+
+            /// Lengths and counts that claim more than the input holds are refused, not
+            /// trusted (a huge count must not make the host allocate).
+            #[test]
+            fn lying_headers_are_refused(
+                n in any::<u32>(),
+                lens in vec(any::<u32>(), 0..16),
+                tail in vec(any::<u8>(), 0..64),
+            ) {
+                let mut bytes = n.to_le_bytes().to_vec();
+                for l in &lens {
+                    bytes.extend_from_slice(&l.to_le_bytes());
+                }
+                bytes.extend_from_slice(&tail);
+                if let Some(pairs) = deserialize_map(&bytes) {
+                    prop_assert_eq!(pairs.len(), n as usize);
+                    prop_assert!(pairs.len() <= bytes.len() / 8 + 1);
+                }
+            }
+
+            /// serialize → deserialize gives back the pairs, in order, byte for byte
+            /// (NULs and non-UTF-8 included).
+            #[test]
+            fn pairs_round_trip(
+                pairs in vec((vec(any::<u8>(), 0..40), vec(any::<u8>(), 0..80)), 0..24),
+            ) {
+                let bytes = serialized(&pairs);
+                let back = deserialize_map(&bytes).expect("a serialized map decodes");
+                let back: Vec<(Vec<u8>, Vec<u8>)> =
+                    back.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+                prop_assert_eq!(&back, &pairs);
+                // Cutting the bytes short is caught, never read past.
+                if !pairs.is_empty() {
+                    prop_assert!(deserialize_map(&bytes[..bytes.len() - 1]).is_none());
+                }
+            }
+
+            /// A valid map with one byte changed anywhere (a count, a length, a separator)
+            /// decodes to something inside the input, or is refused.
+            #[test]
+            fn mutated_maps_never_panic(
+                pairs in vec((vec(any::<u8>(), 0..16), vec(any::<u8>(), 0..16)), 1..8),
+                at in any::<usize>(),
+                to in any::<u8>(),
+            ) {
+                let mut bytes = serialized(&pairs);
+                let i = at % bytes.len();
+                bytes[i] = to;
+                if let Some(decoded) = deserialize_map(&bytes) {
+                    let total: usize = decoded.iter().map(|(k, v)| k.len() + v.len()).sum();
+                    prop_assert!(total <= bytes.len());
+                }
+            }
+
+            /// Whatever decodes re-encodes to bytes that decode to the same pairs.
+            #[test]
+            fn decoded_maps_re_encode(bytes in vec(any::<u8>(), 0..256)) {
+                if let Some(pairs) = deserialize_map(&bytes) {
+                    let owned: Vec<(Vec<u8>, Vec<u8>)> =
+                        pairs.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+                    let again = serialized(&owned);
+                    let twice = deserialize_map(&again).expect("re-encoded map decodes");
+                    prop_assert_eq!(twice, pairs);
+                }
+            }
+        }
     }
 
     #[test]

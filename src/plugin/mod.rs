@@ -23,6 +23,8 @@
 //! - `tick`     `proxy_on_tick` to idle instances on the plugin's period, and the ticks' calls;
 //!   `proxy_on_queue_ready` to one idle instance of a queue's owner
 //! - `queue`    shared queues: registry, bounded FIFOs, which are ready
+//! - `limits`   every bound on what a guest can make the host allocate or grow, and how a
+//!   hit is counted and logged
 //!
 //! Not implemented: gRPC callouts (they answer `UNIMPLEMENTED`).
 
@@ -30,6 +32,7 @@ pub mod abi;
 mod callout;
 mod exchange;
 pub mod host;
+pub mod limits;
 mod props;
 mod queue;
 mod runtime;

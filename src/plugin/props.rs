@@ -11,12 +11,14 @@
 //! `cascade.upstream_path` (an object path starting with `/`). A bad value does not fail the
 //! call (the Rust SDK traps on any error status); it fails the request with 500 and a log
 //! line naming the plugin. Any other path is stored for the request and readable back by
-//! every plugin of the chain (Envoy's filter state), and the call returns OK.
+//! every plugin of the chain (Envoy's filter state), and the call returns OK, within bounds
+//! (`limits::MAX_PROPERTIES` per request, `MAX_PROPERTY_VALUE` per value,
+//! `MAX_PROPERTY_BYTES` in all): past them it is refused (`BAD_ARGUMENT`, as Envoy answers a
+//! value it cannot set).
 
 use super::host::{authority, Env, Phase, PluginInfo};
+use super::limits::{MAX_PROPERTIES, MAX_PROPERTY_BYTES, MAX_PROPERTY_VALUE};
 use super::{Names, RequestInfo};
-
-const MAX_CUSTOM: usize = 64;
 
 fn put(out: &mut Vec<u8>, b: &[u8]) -> bool {
     out.extend_from_slice(b);
@@ -119,7 +121,13 @@ pub fn get(path: &[&[u8]], env: Option<&mut Env>, plugin: &PluginInfo, out: &mut
     }
 }
 
-/// Applies a property write (request phase only; ignored otherwise).
+/// Whether `path` names a custom property (stored for the request), not one of cascade's.
+pub fn is_custom(path: &[&[u8]]) -> bool {
+    path.first() != Some(&&b"cascade"[..])
+}
+
+/// Applies a property write (request phase only; ignored otherwise). `Err`: a custom property
+/// refused for its bounds (why).
 pub fn set(
     path: &[&[u8]],
     value: &[u8],
@@ -127,7 +135,7 @@ pub fn set(
     info: &mut RequestInfo,
     names: &Names,
     plugin: &str,
-) {
+) -> Result<(), String> {
     let lossy = || String::from_utf8_lossy(value).into_owned();
     match path {
         [b"cascade", b"origin_group"] if phase == Phase::Request => {
@@ -163,13 +171,72 @@ pub fn set(
             }
         }
         [b"cascade", ..] => {} // read-only or out of phase: accepted, ignored
-        _ => {
-            let key = path.join(&0u8);
-            if let Some(slot) = info.custom.iter_mut().find(|(k, _)| *k == key) {
-                slot.1 = value.to_vec();
-            } else if info.custom.len() < MAX_CUSTOM {
-                info.custom.push((key, value.to_vec()));
-            }
+        _ => return set_custom(info, path.join(&0u8), value),
+    }
+    Ok(())
+}
+
+/// Stores custom property `key`, within the bounds of a request's custom properties.
+fn set_custom(info: &mut RequestInfo, key: Vec<u8>, value: &[u8]) -> Result<(), String> {
+    if value.len() > MAX_PROPERTY_VALUE {
+        return Err(format!(
+            "a value of {} bytes (at most {MAX_PROPERTY_VALUE})",
+            value.len()
+        ));
+    }
+    let others: usize = (info.custom.iter())
+        .filter(|(k, _)| *k != key)
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if others + key.len() + value.len() > MAX_PROPERTY_BYTES {
+        return Err(format!(
+            "custom properties of more than {MAX_PROPERTY_BYTES} bytes for one request"
+        ));
+    }
+    if let Some(slot) = info.custom.iter_mut().find(|(k, _)| *k == key) {
+        slot.1 = value.to_vec();
+    } else if info.custom.len() < MAX_PROPERTIES {
+        info.custom.push((key, value.to_vec()));
+    } else {
+        return Err(format!(
+            "more than {MAX_PROPERTIES} custom properties for one request"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_properties_are_bounded_per_request() {
+        let mut info = RequestInfo::default();
+        let names = Names::default();
+        let set = |info: &mut RequestInfo, k: &str, v: &[u8]| {
+            let path: Vec<&[u8]> = vec![b"x", k.as_bytes()];
+            set(&path, v, Phase::Request, info, &names, "p")
+        };
+        for i in 0..MAX_PROPERTIES {
+            set(&mut info, &format!("k{i}"), b"v").unwrap();
         }
+        let e = set(&mut info, "one-more", b"v").unwrap_err();
+        assert!(e.contains("more than 64 custom properties"), "{e}");
+        set(&mut info, "k0", b"rewritten").expect("an existing one may change");
+        let big = vec![b'x'; MAX_PROPERTY_VALUE + 1];
+        assert!(set(&mut info, "k1", &big)
+            .unwrap_err()
+            .contains("a value of"));
+        // The bytes of all of them are bounded too.
+        let mut info = RequestInfo::default();
+        let v = vec![b'x'; MAX_PROPERTY_VALUE];
+        let fit = MAX_PROPERTY_BYTES / (MAX_PROPERTY_VALUE + 8);
+        for i in 0..fit {
+            set(&mut info, &format!("k{i}"), &v).unwrap();
+        }
+        let e = set(&mut info, "last", &v).unwrap_err();
+        assert!(e.contains("bytes for one request"), "{e}");
+        assert_eq!(info.custom.len(), fit);
+        assert!(is_custom(&[b"x"]) && !is_custom(&[b"cascade", b"route"]));
     }
 }

@@ -8,7 +8,9 @@
 //! the queue ready; the tick thread then delivers `proxy_on_queue_ready` to one idle instance
 //! of the owner (batched: several enqueues between two deliveries make one call). Queues are
 //! bounded ([`MAX_ITEMS`], [`MAX_BYTES`]): a full queue drops its oldest messages (counted in
-//! `cascade_plugin_queue_dropped_total`), because the SDKs panic on any error status there.
+//! `cascade_plugin_queue_dropped_total`), because the SDKs panic on any error status there;
+//! a message larger than a whole queue is dropped without being copied. A plugin registers
+//! at most `limits::MAX_QUEUES` queues (they live as long as the process).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -44,12 +46,16 @@ fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     f(REGISTRY.lock().get_or_insert_with(Registry::default))
 }
 
-/// The id of `plugin`'s queue `name`, created on first registration.
-pub fn register(plugin: &Arc<str>, name: &[u8]) -> u32 {
+/// The id of `plugin`'s queue `name`, created on first registration; `None` when that would
+/// give the plugin more than `max` queues (queues are never removed).
+pub fn register(plugin: &Arc<str>, name: &[u8], max: usize) -> Option<u32> {
     with(|r| {
         let key = (plugin.clone(), name.to_vec());
         if let Some(&id) = r.ids.get(&key) {
-            return id;
+            return Some(id);
+        }
+        if r.queues.iter().filter(|q| q.owner == *plugin).count() >= max {
+            return None;
         }
         r.queues.push(Queue {
             owner: plugin.clone(),
@@ -59,7 +65,7 @@ pub fn register(plugin: &Arc<str>, name: &[u8]) -> u32 {
         });
         let id = r.queues.len() as u32;
         r.ids.insert(key, id);
-        id
+        Some(id)
     })
 }
 
@@ -104,6 +110,21 @@ pub fn enqueue(id: u32, value: Vec<u8>) -> bool {
                 .with_label_values(&[&q.owner])
                 .inc_by(dropped);
         }
+        true
+    })
+}
+
+/// Counts a message too large for any queue as dropped by queue `id` without taking it;
+/// `false` when there is no queue `id`.
+pub fn drop_one(id: u32) -> bool {
+    with(|r| {
+        let Some(q) = (id as usize).checked_sub(1).and_then(|i| r.queues.get(i)) else {
+            return false;
+        };
+        METRICS
+            .plugin_queue_dropped
+            .with_label_values(&[&q.owner])
+            .inc();
         true
     })
 }
@@ -156,13 +177,20 @@ mod tests {
     fn queues_are_per_plugin_bounded_and_fifo() {
         let a: Arc<str> = Arc::from("queue-test-a");
         let b: Arc<str> = Arc::from("queue-test-b");
-        let id = register(&a, b"events");
+        let id = register(&a, b"events", 2).unwrap();
         assert_eq!(
-            register(&a, b"events"),
-            id,
+            register(&a, b"events", 2),
+            Some(id),
             "same plugin, same name, same id"
         );
-        assert_ne!(register(&b, b"events"), id);
+        assert_ne!(register(&b, b"events", 2), Some(id));
+        assert!(register(&a, b"second", 2).is_some());
+        assert_eq!(register(&a, b"third", 2), None, "two queues at most");
+        assert_eq!(
+            register(&a, b"events", 2),
+            Some(id),
+            "an existing one resolves"
+        );
         assert_eq!(resolve(&a, b"", b"events"), Some(id));
         assert_eq!(resolve(&b, b"queue-test-a", b"events"), Some(id));
         assert_eq!(resolve(&a, b"nope", b"events"), None);

@@ -497,7 +497,12 @@ impl Plugin {
                     .collect(),
                 environ_count: cfg.env.len(),
                 calls: cfg.calls.clone(),
-                max_body: usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
+                limits: super::limits::Limits {
+                    body: usize::try_from(cfg.max_body).unwrap_or(usize::MAX),
+                    headers: cfg.max_headers as usize,
+                    shared_data: cfg.shared_data as usize,
+                    shared_value: cfg.shared_value as usize,
+                },
                 tick_ms: Default::default(),
             }),
             on_error: cfg.on_error,
@@ -797,7 +802,19 @@ impl Plugin {
     }
 }
 
+/// What begins a precompiled-cache entry: this magic, then sha256 of the serialized module,
+/// then the module as `Engine::precompile_module` made it.
+const CACHE_MAGIC: &[u8; 8] = b"cscwasm1";
+const CACHE_HEADER: usize = CACHE_MAGIC.len() + 32;
+
 /// Compiles `bytes`, through the precompiled cache in `cache_dir` when given.
+///
+/// `Module::deserialize` runs whatever machine code it is handed, so a cache entry is used
+/// only when both the directory and the file are ours and writable by nobody else, the file
+/// is not a symbolic link, and the checksum in its header matches its bytes. A directory that
+/// fails this is not used at all (the module is compiled, with a warning); a file that fails
+/// it, a truncated or altered one, is recompiled and replaced. Entries are written 0600 to a
+/// temp file and renamed into place; a missing directory is created 0700.
 fn compile(
     engine: &Engine,
     bytes: &[u8],
@@ -807,35 +824,106 @@ fn compile(
     let Some(dir) = cache_dir else {
         return Module::new(engine, bytes);
     };
+    if let Err(e) = crate::owned::ensure_dir(dir) {
+        log::warn!("plugin cache not used ({e}); compiling");
+        return Module::new(engine, bytes);
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join(format!("{hex}-{:016x}.cwasm", h.finish()));
-    if let Ok(data) = std::fs::read(&path) {
-        // SAFETY: the file was written by `precompile_module` of an engine with the same
-        // compatibility hash (it is in the name) into cascade's own cache directory.
-        match unsafe { Module::deserialize(engine, &data) } {
-            Ok(m) => return Ok(m),
-            Err(e) => {
-                log::warn!(
+    match read_cached(&path) {
+        Ok(Some(data)) => {
+            // SAFETY: the entry is ours and unaltered (owner, mode and checksum checked by
+            // `read_cached`), and was written by `precompile_module` of an engine with the same
+            // compatibility hash (it is in the name).
+            match unsafe { Module::deserialize(engine, &data) } {
+                Ok(m) => return Ok(m),
+                Err(e) => log::warn!(
                     "plugin cache: {} unusable ({e}); recompiling",
                     path.display()
-                );
-                let _ = std::fs::remove_file(&path);
+                ),
             }
         }
+        Ok(None) => {}
+        Err(why) => log::warn!("plugin cache: {why}; recompiling and replacing it"),
     }
     let data = engine.precompile_module(bytes)?;
-    let stored = std::fs::create_dir_all(dir).and_then(|_| {
-        let tmp = dir.join(format!(".{hex}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, &data)?;
-        std::fs::rename(&tmp, &path)
-    });
-    if let Err(e) = stored {
+    if let Err(e) = write_cached(dir, &path, &data) {
         log::warn!("plugin cache: cannot store {}: {e}", path.display());
     }
     // SAFETY: `data` was produced by this engine just now.
     unsafe { Module::deserialize(engine, &data) }
+}
+
+/// The serialized module in cache entry `path`: `Ok(None)` when there is none, `Err(why)`
+/// when the entry cannot be trusted (not ours, writable by others, a link, not an entry of
+/// this format, or its checksum does not match: truncated or altered).
+fn read_cached(path: &Path) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    // The checks are on the file opened, not on a name that could change meanwhile.
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(why) = crate::owned::untrusted(&meta, false) {
+        return Err(format!("{} {why}", path.display()));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut data)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if data.len() < CACHE_HEADER || &data[..CACHE_MAGIC.len()] != CACHE_MAGIC {
+        return Err(format!("{} is not a cache entry", path.display()));
+    }
+    let body = data.split_off(CACHE_HEADER);
+    if Sha256::digest(&body)[..] != data[CACHE_MAGIC.len()..] {
+        return Err(format!(
+            "{} does not match its checksum (truncated or altered)",
+            path.display()
+        ));
+    }
+    Ok(Some(body))
+}
+
+/// Writes cache entry `path` (magic, checksum, `data`): a 0600 temp file in `dir`, renamed.
+fn write_cached(dir: &Path, path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut r = [0u8; 8];
+    let _ = getrandom::getrandom(&mut r);
+    let tmp = dir.join(format!(
+        ".{}.{}.{:016x}.tmp",
+        path.file_name()
+            .map_or("entry".into(), |n| n.to_string_lossy()),
+        std::process::id(),
+        u64::from_le_bytes(r)
+    ));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(CACHE_MAGIC)?;
+        f.write_all(&Sha256::digest(data))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// What a reload did: plugins swapped (by name), and why others kept their version.
@@ -1197,24 +1285,148 @@ mod tests {
         }
     }
 
+    /// A config with the probe plugin cached in `dir`, and that cache's entries.
+    fn cached_probe(dir: &Path, name: &str) -> Option<(Config, impl Fn() -> Vec<PathBuf>)> {
+        let server = format!("server: {{plugin_cache: \"{}\"}}\n", dir.display());
+        let cfg = probe_config(name, &server)?;
+        let dir = dir.to_path_buf();
+        let entries = move || -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|d| d.map(|e| e.unwrap().path()).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        Some((cfg, entries))
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn precompiled_modules_are_cached_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let server = format!("server: {{plugin_cache: \"{}\"}}\n", dir.path().display());
-        let Some(cfg) = probe_config("probe-cached", &server) else {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let Some((cfg, entries)) = cached_probe(&dir, "probe-cached") else {
             return;
         };
         let rt = Runtime::load(&cfg).unwrap().unwrap();
-        let files: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(files.len(), 1, "{files:?}");
-        assert!(files[0].ends_with(".cwasm"));
+        let files = entries();
+        assert_eq!(files.len(), 1, "one entry, no temp file left: {files:?}");
+        assert!(files[0].to_string_lossy().ends_with(".cwasm"));
+        assert_eq!(
+            mode(&dir),
+            0o700,
+            "a missing cache directory is made private"
+        );
+        assert_eq!(mode(&files[0]), 0o600);
+        assert!(read_cached(&files[0]).unwrap().is_some());
         drop(rt);
-        // Second start: loaded from the cache (a corrupt entry would be recompiled).
+        // Second start: loaded from the cache.
+        let before = std::fs::read(&files[0]).unwrap();
         let rt = Runtime::load(&cfg).unwrap().unwrap();
         one_request(&rt);
+        assert_eq!(
+            std::fs::read(&files[0]).unwrap(),
+            before,
+            "used, not rewritten"
+        );
+    }
+
+    /// Item 8: `Module::deserialize` runs the machine code it is given, so an entry that was
+    /// altered, cut short, is not ours, is writable by others or is a link is never
+    /// deserialized: it is recompiled and replaced.
+    #[test]
+    fn an_untrusted_cache_entry_is_never_deserialized() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((cfg, entries)) = cached_probe(tmp.path(), "probe-untrusted-cache") else {
+            return;
+        };
+        drop(Runtime::load(&cfg).unwrap().unwrap());
+        let entry = entries().pop().unwrap();
+        let good = std::fs::read(&entry).unwrap();
+        let set_mode = |m| std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(m));
+        let flipped = {
+            let mut b = good.clone();
+            let i = CACHE_HEADER + (b.len() - CACHE_HEADER) / 2;
+            b[i] ^= 0x40;
+            b
+        };
+        let root = std::os::unix::fs::chown(&entry, Some(crate::owned::uid()), None).is_ok()
+            && crate::owned::uid() == 0;
+        type Spoil<'a> = Box<dyn Fn() + 'a>;
+        let mut cases: Vec<(&str, Spoil<'_>, &str)> = vec![
+            (
+                "a flipped byte",
+                Box::new(|| std::fs::write(&entry, &flipped).unwrap()),
+                "checksum",
+            ),
+            (
+                "cut short",
+                Box::new(|| std::fs::write(&entry, &good[..good.len() / 3]).unwrap()),
+                "checksum",
+            ),
+            (
+                "a header cut",
+                Box::new(|| std::fs::write(&entry, &good[..20]).unwrap()),
+                "not a cache entry",
+            ),
+            (
+                "writable by others",
+                Box::new(|| set_mode(0o666).unwrap()),
+                "writable by its group or by others",
+            ),
+            (
+                "a symbolic link",
+                Box::new(|| {
+                    let real = entry.with_extension("real");
+                    std::fs::write(&real, &good).unwrap();
+                    std::fs::remove_file(&entry).unwrap();
+                    std::os::unix::fs::symlink(&real, &entry).unwrap();
+                }),
+                "",
+            ),
+        ];
+        if root {
+            cases.push((
+                "owned by another user",
+                Box::new(|| std::os::unix::fs::chown(&entry, Some(65534), None).unwrap()),
+                "owned by uid 65534",
+            ));
+        }
+        for (what, spoil, why) in cases {
+            spoil();
+            let e = read_cached(&entry).expect_err(what);
+            assert!(e.contains(why), "{what}: {e}");
+            // Loading recompiles, works, and leaves a good private entry in its place.
+            let rt = Runtime::load(&cfg).unwrap().unwrap();
+            one_request(&rt);
+            drop(rt);
+            assert_eq!(std::fs::read(&entry).unwrap(), good, "{what}: replaced");
+            assert_eq!(mode(&entry), 0o600, "{what}");
+            assert!(read_cached(&entry).unwrap().is_some(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_cache_directory_writable_by_others_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("shared");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let Some((cfg, entries)) = cached_probe(&dir, "probe-shared-cache") else {
+            return;
+        };
+        let rt = Runtime::load(&cfg).unwrap().unwrap();
+        one_request(&rt);
+        assert!(entries().is_empty(), "nothing read or written there");
+        // Not ours either: a planted entry is never read.
+        let e = crate::owned::check(&dir, true).unwrap_err();
+        assert!(e.contains("writable"), "{e}");
     }
 
     #[test]

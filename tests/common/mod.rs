@@ -19,6 +19,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
@@ -237,7 +238,10 @@ impl ServerHandle {
                                 let Ok((stream, _)) = accepted else { continue };
                                 let svc = svc.clone();
                                 tokio::spawn(async move {
+                                    // More headers than hyper's 100: plugin header floods
+                                    // reach the origin up to cascade's bound (256).
                                     let _ = hyper::server::conn::http1::Builder::new()
+                                        .max_headers(512)
                                         .serve_connection(TokioIo::new(stream), svc)
                                         .await;
                                 });
@@ -829,7 +833,9 @@ impl CascadeBuilder {
         let port = free_port();
         let metrics_port = free_port();
         let runtime_dir = dir.path().join("run");
+        // Private, as cascade requires (a group- or world-writable one is refused).
         std::fs::create_dir_all(&runtime_dir).unwrap();
+        std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let config = format!(
             "listen:\n  - addr: \"127.0.0.1:{port}\"\nmetrics:\n  addr: \"127.0.0.1:{metrics_port}\"\n\
              server:\n  threads: 1\n  grace_period: 1s\n  runtime_dir: \"{}\"\n{}{}\n",
