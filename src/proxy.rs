@@ -287,6 +287,13 @@ impl Cascade {
             let req = session.req_header();
             if req.raw_path() != canonical.as_bytes() {
                 // A plugin rewrote `:path` (e.g. auth dropping its signed-URL parameters).
+                if req.raw_path().len() as u64 > self.state.header_limits.max_line {
+                    ctx.req = Some(a);
+                    return Err(Answer::Local(LocalResponse::new(
+                        500,
+                        "cascade: a plugin set a `:path` longer than server.header_limits.max_line\n",
+                    )));
+                }
                 let key_set = a.key_from_plugin;
                 if let Err(m) = admit::readmit_path(
                     &self.state.router,

@@ -20,6 +20,9 @@ use super::host::{authority, Env, Phase, PluginInfo};
 use super::limits::{MAX_PROPERTIES, MAX_PROPERTY_BYTES, MAX_PROPERTY_VALUE};
 use super::{Names, RequestInfo};
 
+/// The longest object path a plugin may route to (S3 keys are at most 1 KiB).
+const MAX_UPSTREAM_PATH: usize = 16 << 10;
+
 fn put(out: &mut Vec<u8>, b: &[u8]) -> bool {
     out.extend_from_slice(b);
     true
@@ -157,6 +160,12 @@ pub fn set(
             // The same canonical check as a client's path: decoded once, re-encoded in normal
             // form; the route's key mode is applied by `admit::finalize`.
             match crate::boundary::path::canonicalize(value) {
+                Ok(_) if value.len() > MAX_UPSTREAM_PATH => {
+                    info.route_error = Some(format!(
+                        "plugin `{plugin}` set a cascade.upstream_path of {} bytes (at most {MAX_UPSTREAM_PATH})",
+                        value.len()
+                    ))
+                }
                 Ok(c) => {
                     info.key = c.path;
                     info.key_changed = true;
