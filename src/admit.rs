@@ -476,4 +476,50 @@ mod tests {
         readmit_path(&router, &mut a, None, t("/s3/x"), true).unwrap();
         assert_eq!(a.key, "/tenant/x");
     }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// What the route saw is what goes upstream: an admitted key is canonical, and the
+            /// path it came from (prefix + key) routes to the same route again.
+            #[test]
+            fn routes_exactly_what_it_forwards(raw in "(/(m|archive|raw|s3|\\.|\\.\\.|%2e|%2f|%25|x|;|%00|)){1,6}") {
+                let (router, groups) = setup();
+                let Ok(path) = boundary::path::canonicalize(raw.as_bytes()) else { return Ok(()) };
+                let target = boundary::Target { path, query: None };
+                let facts = RequestFacts {
+                    method: &Method::GET,
+                    host: Some("media.example.com"),
+                    target: &target,
+                    content_length: None,
+                };
+                if let Admission::Proxy(a) = admit(&router, &groups, &facts) {
+                    let route = &router.routes()[a.route];
+                    let again = boundary::path::canonicalize(a.key.as_bytes()).unwrap();
+                    prop_assert_eq!(&again.path, &a.key);
+                    if route.keys == KeyMode::Strict {
+                        prop_assert!(again.violations.is_empty(), "{} -> {}", raw, a.key);
+                    }
+                    let full = if route.strip_prefix && route.path != "/" {
+                        // `/m` and `/m/` both strip to the key `/`.
+                        let p = &target.path.path;
+                        if a.key == "/" && p.strip_suffix('/') == Some(route.path.as_str()) {
+                            p.clone()
+                        } else if a.key == "/" {
+                            route.path.clone()
+                        } else {
+                            format!("{}{}", route.path, a.key)
+                        }
+                    } else {
+                        a.key.clone()
+                    };
+                    prop_assert_eq!(&full, &target.path.path);
+                    let (ix, _) = router.find(Some("media.example.com"), &full).unwrap();
+                    prop_assert_eq!(ix, a.route);
+                }
+            }
+        }
+    }
 }

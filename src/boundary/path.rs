@@ -387,4 +387,87 @@ mod tests {
             assert_eq!(once.path, twice.path, "{raw}");
         }
     }
+
+    mod prop {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Paths built from the pieces attacks are made of.
+        fn hostile_path() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(b"/".to_vec()),
+                Just(b".".to_vec()),
+                Just(b"..".to_vec()),
+                Just(b"%2e".to_vec()),
+                Just(b"%2E".to_vec()),
+                Just(b"%2f".to_vec()),
+                Just(b"%5c".to_vec()),
+                Just(b"%25".to_vec()),
+                Just(b"%00".to_vec()),
+                Just(b";".to_vec()),
+                Just(b"\\".to_vec()),
+                Just(b"%c3%a9".to_vec()),
+                Just(b"%ff".to_vec()),
+                "[a-z0-9]{1,3}".prop_map(String::into_bytes),
+                any::<u8>().prop_map(|b| vec![b]),
+            ];
+            vec(piece, 0..12).prop_map(|ps| {
+                let mut p = b"/".to_vec();
+                for x in ps {
+                    p.extend(x);
+                }
+                p
+            })
+        }
+
+        proptest! {
+            /// The normal form is a fixed point: canonical twice is canonical once.
+            #[test]
+            fn idempotent(raw in hostile_path()) {
+                if let Ok(once) = canonicalize(&raw) {
+                    let twice = canonicalize(once.path.as_bytes()).expect("a normal form is valid");
+                    prop_assert_eq!(&twice.path, &once.path);
+                }
+            }
+
+            /// A path with nothing flagged has no dot or empty segment, no separator in a
+            /// segment, no control character, and is plain ASCII in normal form.
+            #[test]
+            fn accepted_paths_are_clean(raw in hostile_path()) {
+                if let Ok(c) = canonicalize(&raw) {
+                    if c.violations.is_empty() {
+                        let p = &c.path;
+                        prop_assert!(p.starts_with('/'));
+                        prop_assert!(p.is_ascii());
+                        let segs: Vec<&str> = p[1..].split('/').collect();
+                        for (i, seg) in segs.iter().enumerate() {
+                            prop_assert!(!seg.is_empty() || i + 1 == segs.len(), "{}", p);
+                            let d = decode(seg.as_bytes()).unwrap();
+                            prop_assert!(!is_dot(&d), "{}", p);
+                            prop_assert!(!d.iter().any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f), "{}", p);
+                        }
+                        prop_assert!(!p.contains(';'));
+                    }
+                }
+            }
+
+            /// Decoding the normal form gives back exactly the client's decoded bytes
+            /// (nothing gained, nothing lost), and the normal form is injective.
+            #[test]
+            fn normal_form_is_the_decoded_path(a in hostile_path(), b in hostile_path()) {
+                if let (Ok(ca), Ok(cb)) = (canonicalize(&a), canonicalize(&b)) {
+                    let (da, db) = (decode(ca.path.as_bytes()).unwrap(), decode(cb.path.as_bytes()).unwrap());
+                    prop_assert_eq!(&da, &decode(&a).unwrap());
+                    prop_assert_eq!(ca.path == cb.path, da == db);
+                }
+            }
+
+            /// Arbitrary bytes never panic.
+            #[test]
+            fn never_panics(raw in vec(any::<u8>(), 0..64)) {
+                let _ = canonicalize(&raw);
+            }
+        }
+    }
 }

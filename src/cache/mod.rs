@@ -399,4 +399,36 @@ mod tests {
             "MISS"
         );
     }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn part() -> impl Strategy<Value = String> {
+            // Separators, digits and colons are what a naive encoding would confuse.
+            "[a-z0-9:/\\x00?&=%.-]{0,8}"
+        }
+
+        proptest! {
+            /// Two requests share an entry only when group, key, query and slice are all equal.
+            #[test]
+            fn keys_are_injective(
+                a in (part(), part(), proptest::option::of(part()), proptest::option::of(0u64..4)),
+                b in (part(), part(), proptest::option::of(part()), proptest::option::of(0u64..4)),
+            ) {
+                let slice = |i: Option<u64>| i.map(|index| slice::SliceReq {
+                    size: 1 << 20, index, first: index << 20, last: None, head: false,
+                });
+                let ka = cache_key(&a.0, &a.1, a.2.as_deref(), slice(a.3).as_ref());
+                let kb = cache_key(&b.0, &b.1, b.2.as_deref(), slice(b.3).as_ref());
+                let norm = |q: &Option<String>| q.clone().filter(|q| !q.is_empty());
+                let same = a.0 == b.0 && a.1 == b.1 && norm(&a.2) == norm(&b.2) && a.3 == b.3;
+                prop_assert_eq!(ka.primary_key() == kb.primary_key(), same);
+                // The object part is recovered whatever the parts hold.
+                let object = object_of(ka.primary_key_str().unwrap());
+                prop_assert_eq!(object, object_key(&a.0, &a.1));
+                prop_assert_eq!(parse_object(object), Some((a.0.as_str(), a.1.as_str())));
+            }
+        }
+    }
 }

@@ -113,7 +113,8 @@ pub enum Coverage {
 
 /// Checks `Content-Range: bytes first-last/total` against the slice asked for.
 pub fn coverage(req: &SliceReq, first: u64, last: u64, total: u64) -> Coverage {
-    if first != req.start() || req.first > last {
+    // A first byte past the object's end is answered 416 from any answer for the slice.
+    if first != req.start() || (req.first > last && req.first < total) {
         return Coverage::Unusable;
     }
     if last == req.end().min(total - 1) {
@@ -235,5 +236,54 @@ mod tests {
         assert_eq!(parse_content_range("bytes 0-99/*"), None);
         assert_eq!(parse_content_range("bytes 5-4/10"), None);
         assert_eq!(parse_content_range("bytes 0-10/10"), None);
+    }
+
+    mod prop {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// A client range maps to the slice holding its first byte; the origin's exact
+            /// answer for that slice is storable, and the cut served from it lies inside the
+            /// slice, the object and the client's range.
+            #[test]
+            fn slice_arithmetic(
+                size in 1u64..5000,
+                first in 0u64..100_000,
+                len in proptest::option::of(0u64..20_000),
+                total in 1u64..120_000,
+            ) {
+                let last = len.map(|l| first + l);
+                let range = match last {
+                    Some(l) => format!("bytes={first}-{l}"),
+                    None => format!("bytes={first}-"),
+                };
+                let s = plan(Some(&range), false, size).unwrap();
+                prop_assert_eq!(s.index, first / size);
+                prop_assert!(s.start() <= first && first <= s.end());
+                if s.start() >= total {
+                    prop_assert_eq!(answer(&s, total, 0), Answer::Unsatisfiable { total });
+                    return Ok(());
+                }
+                // Past the end but inside the last slice: a 416 from the slice's answer.
+                let hi = s.end().min(total - 1);
+                prop_assert_eq!(coverage(&s, s.start(), hi, total), Coverage::Exact);
+                let body_len = hi - s.start() + 1;
+                match answer(&s, total, body_len) {
+                    Answer::Partial { lo, hi: h, total: t } => {
+                        prop_assert_eq!(t, total);
+                        prop_assert_eq!(lo, first);
+                        prop_assert!(lo <= h && h <= hi && h < total);
+                        prop_assert!(last.is_none_or(|l| h <= l));
+                    }
+                    Answer::Unsatisfiable { .. } => prop_assert!(first >= total),
+                    Answer::Head { .. } => prop_assert!(false, "not a HEAD"),
+                }
+                // A shorter answer that still holds the first byte is served, never stored.
+                if hi > s.start() && first < hi {
+                    prop_assert_eq!(coverage(&s, s.start(), hi - 1, total), Coverage::Partial);
+                }
+            }
+        }
     }
 }

@@ -1076,4 +1076,114 @@ routes:
         assert_eq!(errs.len(), 1);
         assert!(errs[0].line >= 1);
     }
+
+    #[test]
+    fn new_trust_boundary_fields_are_validated_with_their_line() {
+        let errs = load_err(
+            "listen: [{addr: 127.0.0.1:1}]\norigins:\n  a: {url: \"http://h\"}\n  b: {url: \"http://h\", s3: {access_key_env: AK, secret_key_env: SK, forward_headers: [x-amz-date]}}\n\
+             groups:\n  g: {main: a}\nroutes:\n  - {path: /a/../b, group: g}\n  - {path: /c, group: g, s3_allow: [acl, nope]}\n\
+             \x20 - {path: /d, group: g, keys: loose}\n",
+        );
+        let fields: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+        for want in [
+            (4, "origins.b.s3.forward_headers[0]"),
+            (8, "routes[0].path"),
+            (9, "routes[1].s3_allow[1]"),
+            (10, "routes[2].keys"),
+        ] {
+            assert!(fields.contains(&want), "missing {want:?} in {fields:?}");
+        }
+        let c = load_ok(&format!(
+            "{GOOD}  - {{path: \"/caf%C3%A9\", group: g, keys: raw, s3_allow: [list]}}\n"
+        ));
+        let r = &c.routes[1];
+        assert_eq!(r.path, "/caf%C3%A9");
+        assert_eq!(r.keys, KeyMode::Raw);
+        assert!(c.groups[0].signed, "a signed main makes a signed group");
+    }
+
+    mod prop {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// YAML values built from the schema's own words, so that generated files reach deep
+        /// into validation rather than stop at the first unknown field.
+        fn value() -> impl Strategy<Value = serde_yaml::Value> {
+            let word = prop_oneof![
+                Just("listen"),
+                Just("addr"),
+                Just("origins"),
+                Just("groups"),
+                Just("routes"),
+                Just("url"),
+                Just("dir"),
+                Just("s3"),
+                Just("main"),
+                Just("fallbacks"),
+                Just("path"),
+                Just("group"),
+                Just("cache"),
+                Just("memory"),
+                Just("disk"),
+                Just("size"),
+                Just("keys"),
+                Just("raw"),
+                Just("s3_allow"),
+                Just("query"),
+                Just("ignore"),
+                Just("set_cookie"),
+                Just("plugins"),
+                Just("server"),
+                Just("header_limits"),
+                Just("max_line"),
+                Just("timeouts"),
+                Just("admin"),
+                Just("a"),
+                Just("g"),
+                Just("/"),
+                Just("http://127.0.0.1:1/b"),
+                Just("10s"),
+                Just("1MiB"),
+                Just("127.0.0.1:0"),
+                Just("access_key_env"),
+                Just("AK"),
+            ]
+            .prop_map(|w| serde_yaml::Value::String(w.to_string()));
+            let leaf = prop_oneof![
+                word.clone(),
+                any::<i64>().prop_map(|n| serde_yaml::Value::Number(n.into())),
+                any::<bool>().prop_map(serde_yaml::Value::Bool),
+                Just(serde_yaml::Value::Null),
+                ".{0,12}".prop_map(serde_yaml::Value::String),
+            ];
+            leaf.prop_recursive(4, 48, 6, move |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4)
+                        .prop_map(serde_yaml::Value::Sequence),
+                    proptest::collection::vec((word.clone(), inner), 0..5)
+                        .prop_map(|kv| { serde_yaml::Value::Mapping(kv.into_iter().collect()) }),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Whatever the file holds, loading answers a config or located errors; it never
+            /// panics.
+            #[test]
+            fn loading_never_panics(v in value()) {
+                let text = serde_yaml::to_string(&v).unwrap();
+                match load(&text, Path::new("/tmp/p.yaml"), &env) {
+                    Ok(_) => {}
+                    Err(e) => prop_assert!(!e.0.is_empty()),
+                }
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in ".{0,200}") {
+                let _ = load(&text, Path::new("/tmp/p.yaml"), &env);
+            }
+        }
+    }
 }
