@@ -199,25 +199,10 @@ impl Refusal {
         format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message><Resource>{}</Resource><RequestId>cascade</RequestId></Error>\n",
             self.code,
-            xml_escape(&self.message),
-            xml_escape(resource)
+            crate::origin::dir::xml_escape(&self.message),
+            crate::origin::dir::xml_escape(resource)
         )
     }
-}
-
-fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// What the policy made of a request's query.

@@ -878,7 +878,7 @@ fn error_xml(code: &str, message: &str, key: Option<&str>) -> String {
 
 /// Escapes text for XML 1.0 character data; characters XML 1.0 cannot carry
 /// at all (most control characters) become U+FFFD.
-fn xml_escape(text: &str) -> String {
+pub(crate) fn xml_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
