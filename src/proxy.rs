@@ -245,9 +245,9 @@ impl Cascade {
         let target = boundary::target(req)
             .map_err(|m| Answer::Local(LocalResponse::new(400, format!("cascade: {m}\n"))))?;
         // Plugins, Pingora's logs and the access log see the canonical target from here on.
-        let canonical = boundary::target_string(&target.path.path, target.query.as_deref());
-        if req.raw_path() != canonical.as_bytes() {
-            let uri = http::Uri::try_from(canonical.as_str()).map_err(|e| {
+        if !target.is(req.raw_path()) {
+            let canonical = boundary::target_string(&target.path.path, target.query.as_deref());
+            let uri = http::Uri::try_from(canonical).map_err(|e| {
                 Answer::Local(LocalResponse::new(
                     400,
                     format!("cascade: bad target: {e}\n"),
@@ -285,7 +285,7 @@ impl Cascade {
                 return Err(answer);
             }
             let req = session.req_header();
-            if req.raw_path() != canonical.as_bytes() {
+            if !target.is(req.raw_path()) {
                 // A plugin rewrote `:path` (e.g. auth dropping its signed-URL parameters).
                 if req.raw_path().len() as u64 > self.state.header_limits.max_line {
                     ctx.req = Some(a);

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-
 fn b64url(data: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();

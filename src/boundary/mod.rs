@@ -65,6 +65,18 @@ pub struct Target {
     pub query: Option<String>,
 }
 
+impl Target {
+    /// Is `raw` (a request header's target) this target, byte for byte? No allocation.
+    pub fn is(&self, raw: &[u8]) -> bool {
+        let p = self.path.path.as_bytes();
+        match (raw.strip_prefix(p), &self.query) {
+            (Some(rest), Some(q)) => rest.first() == Some(&b'?') && &rest[1..] == q.as_bytes(),
+            (Some(rest), None) => rest.is_empty(),
+            (None, _) => false,
+        }
+    }
+}
+
 /// The canonical target of a request header. `Err`: 400 with this message.
 pub fn target(req: &RequestHeader) -> Result<Target, String> {
     if !req.raw_path_is_utf8() {
@@ -145,6 +157,11 @@ mod tests {
             .first()
             .is_some());
         assert!(target(&req("/a%00", &[])).is_err());
+        assert!(t.is(b"/a%20b/c?x=1&y"));
+        assert!(!t.is(b"/a%20b/c?x=1"));
+        assert!(!t.is(b"/a%20b/c"));
+        let bare = target(&req("/a", &[])).unwrap();
+        assert!(bare.is(b"/a") && !bare.is(b"/a?") && !bare.is(b"/ab"));
         let abs = target(&req("http://h.example/x%20y?q", &[])).unwrap();
         assert_eq!(
             (abs.path.path.as_str(), abs.query.as_deref()),
