@@ -244,6 +244,20 @@ impl Cascade {
             .map_err(|m| Answer::Local(LocalResponse::new(431, format!("cascade: {m}\n"))))?;
         let target = boundary::target(req)
             .map_err(|m| Answer::Local(LocalResponse::new(400, format!("cascade: {m}\n"))))?;
+        if !req.headers.contains_key(http::header::HOST) {
+            // An absolute-form target without Host (HTTP/1.0): its authority is the host
+            // (RFC 9112 §3.2.2); Pingora has checked a Host against it when there is one.
+            if let Some(authority) = boundary::target_authority(req.raw_path()) {
+                let authority = authority.to_string();
+                session
+                    .req_header_mut()
+                    .insert_header(http::header::HOST, authority)
+                    .map_err(|_| {
+                        Answer::Local(LocalResponse::new(400, "cascade: bad authority\n"))
+                    })?;
+            }
+        }
+        let req = session.req_header();
         // Plugins, Pingora's logs and the access log see the canonical target from here on.
         if !target.is(req.raw_path()) {
             let canonical = boundary::target_string(&target.path.path, target.query.as_deref());
@@ -460,6 +474,8 @@ impl ProxyHttp for Cascade {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        // cascade's own internal header: never taken from an origin.
+        resp.remove_header(slice::TOTAL_HEADER);
         let method = &session.req_header().method;
         let Some(plan) = ctx.plan(&self.state, method) else {
             return Ok(());
@@ -524,7 +540,7 @@ impl ProxyHttp for Cascade {
         let Some(slice) = cache_glue::cacheable_request(
             session.req_header(),
             req,
-            &self.state.groups[req.group].name,
+            &self.state.groups[req.group],
             route,
             cache,
         ) else {
@@ -956,7 +972,7 @@ mod cache_glue {
     pub fn cacheable_request(
         req: &RequestHeader,
         admitted: &Admitted,
-        group: &str,
+        group: &GroupConfig,
         route: &RouteConfig,
         cache: &Cache,
     ) -> Option<Option<slice::SliceReq>> {
@@ -974,6 +990,24 @@ mod cache_glue {
         if req.headers.contains_key(http::header::AUTHORIZATION) && !route.cache.cache_authorized {
             return None;
         }
+        // A per-user answer the origin may give by the cookie it sees (Varnish's rule; only
+        // where the cookie reaches such an origin).
+        if group.cookies_reach_origin
+            && !route.cache.cache_cookies
+            && req.headers.contains_key(http::header::COOKIE)
+        {
+            return None;
+        }
+        // A header forwarded only because an origin's `s3.forward_headers` names it can change
+        // the answer (an SSE-C key decrypts) and is not in the key: not cached.
+        if !group.forward_headers.is_empty()
+            && req.headers.keys().any(|n| {
+                !boundary::s3::forward_header(n.as_str(), &[])
+                    && boundary::s3::forward_header(n.as_str(), &group.forward_headers)
+            })
+        {
+            return None;
+        }
         let range = req.headers.get(http::header::RANGE);
         let range_str = match range {
             Some(v) => Some(v.to_str().ok()?),
@@ -983,7 +1017,8 @@ mod cache_glue {
         let s = slice::plan(range_str, is_head, cache.config.slice_size);
         if s.is_some() {
             // The whole object is already stored: answer the Range or HEAD from it.
-            let whole = cache::cache_key(group, &admitted.key, admitted.query.as_deref(), None);
+            let whole =
+                cache::cache_key(&group.name, &admitted.key, admitted.query.as_deref(), None);
             if cache.storage.has(&whole.combined_bin()) {
                 return Some(None);
             }
@@ -1016,6 +1051,13 @@ mod cache_glue {
         let Some((first, last, total)) = parsed else {
             return invalid("origin answered a slice request without a valid Content-Range");
         };
+        let length = resp
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .map(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
+        if length.is_some_and(|l| l != Some(last - first + 1)) {
+            return invalid("origin answered a slice request with a Content-Length that is not its Content-Range's");
+        }
         let storable = match slice::coverage(s, first, last, total) {
             slice::Coverage::Exact => true,
             slice::Coverage::Partial => false,

@@ -428,11 +428,14 @@ fn range_reply(body: &bytes::Bytes, h: &http::HeaderMap, etag: &str) -> Reply {
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))
         .map(|(a, b)| {
-            let a: usize = a.parse().unwrap();
+            let a: usize = a.parse().unwrap_or(usize::MAX);
             let b: usize = b.parse().unwrap_or(total - 1).min(total - 1);
             (a, b)
         });
     match range {
+        Some((a, b)) if a > b => {
+            Reply::new(416, "").header("content-range", &format!("bytes */{total}"))
+        }
         Some((a, b)) => Reply::new(206, body.slice(a..=b))
             .header("content-range", &format!("bytes {a}-{b}/{total}"))
             .header("etag", etag),
@@ -868,9 +871,12 @@ async fn fallbacks_never_see_the_clients_credentials() {
         );
         let c = Cascade::start(&yaml);
         let r = client()
-            .get(c.url("/x.jpg"))
+            .get(c.url("/x.jpg?w=1&X-Amz-Credential=AKID&X-Amz-Signature=s&access_token=t"))
             .header("authorization", "Bearer user-token")
             .header("cookie", "session=abc")
+            .header("x-api-key", "k-123")
+            .header("x-auth-token", "tok")
+            .header("range", "bytes=0-3")
             .send()
             .await
             .unwrap();
@@ -881,13 +887,19 @@ async fn fallbacks_never_see_the_clients_credentials() {
             "Bearer user-token",
             "main is trusted"
         );
+        assert!(m.uri.contains("X-Amz-Credential"));
         let f = fallback.stats.last().unwrap();
+        for h in ["authorization", "cookie", "x-api-key", "x-auth-token"] {
+            assert_eq!(f.headers.contains_key(h), forwarded, "{h} {extra}");
+        }
         assert_eq!(
-            f.headers.contains_key("authorization"),
-            forwarded,
-            "{extra}"
+            f.header("range"),
+            "bytes=0-3",
+            "what a read needs still goes"
         );
-        assert_eq!(f.headers.contains_key("cookie"), forwarded, "{extra}");
+        if !forwarded {
+            assert_eq!(f.uri, "/x.jpg?w=1", "presign and token parameters dropped");
+        }
     }
 }
 
@@ -981,4 +993,130 @@ async fn oversized_request_headers_get_431() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn requests_with_cookies_are_cached_only_where_cookies_cannot_matter() {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "page").header("cache-control", "max-age=60"));
+    let s3 = S3Server::signed();
+    s3.put_file("data", "a.jpg", "jpeg");
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\n{}groups:\n  g: {{main: web}}\n  b: {{main: data}}\n\
+         cache: {{memory: 16MiB}}\nroutes:\n  - {{path: /, group: g}}\n\
+         \x20 - {{path: /ok, strip_prefix: true, group: g, cache: {{cache_cookies: true}}}}\n\
+         \x20 - {{path: /b, strip_prefix: true, group: b}}\n",
+        origin.url(""),
+        signed_origin("data", &s3.bucket_url("data"), "DATA")
+    );
+    let c = Cascade::builder(&yaml)
+        .test_credentials("DATA_AK", "DATA_SK")
+        .start();
+    let get = |p: &'static str, cookie: bool| {
+        let u = c.url(p);
+        async move {
+            let mut rq = client().get(u);
+            if cookie {
+                rq = rq.header("cookie", "session=alice");
+            }
+            header(&rq.send().await.unwrap(), "x-cache")
+        }
+    };
+    // The unsigned origin sees the cookie and may answer by it: not cached.
+    assert_eq!(get("/p.html", true).await, "BYPASS");
+    assert_eq!(get("/p.html", true).await, "BYPASS");
+    assert_eq!(get("/p.html", false).await, "MISS");
+    assert_eq!(get("/p.html", false).await, "HIT");
+    // The route says cookies do not matter there.
+    assert_eq!(get("/ok/q.html", true).await, "MISS");
+    assert_eq!(get("/ok/q.html", true).await, "HIT");
+    // A signed bucket never gets the cookie: cached.
+    assert_eq!(get("/b/a.jpg", true).await, "MISS");
+    assert_eq!(get("/b/a.jpg", true).await, "HIT");
+    assert!(!s3.stats.last().unwrap().headers.contains_key("cookie"));
+}
+
+#[tokio::test]
+async fn extra_forwarded_headers_are_never_cached() {
+    let s3 = S3Server::signed();
+    s3.put_file("data", "a.txt", "secret");
+    let yaml = format!(
+        "origins:\n  data: {{url: \"{}\", s3: {{region: us-east-1, access_key_env: DATA_AK, secret_key_env: DATA_SK, \
+         forward_headers: [x-amz-server-side-encryption-customer-key, x-amz-server-side-encryption-customer-key-md5]}}}}\n\
+         groups:\n  b: {{main: data}}\ncache: {{memory: 16MiB}}\nroutes:\n  - {{path: /, group: b}}\n",
+        s3.bucket_url("data")
+    );
+    let c = Cascade::builder(&yaml)
+        .test_credentials("DATA_AK", "DATA_SK")
+        .start();
+    // A request with a customer key (SSE-C) is forwarded and signed, but never stored: the
+    // next client without the key must not get the decrypted answer from the cache.
+    let r = client()
+        .get(c.url("/a.txt"))
+        .header("x-amz-server-side-encryption-customer-key", "a2V5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "x-cache"), "BYPASS");
+    assert_eq!(
+        s3.stats
+            .last()
+            .unwrap()
+            .header("x-amz-server-side-encryption-customer-key"),
+        "a2V5"
+    );
+    let r = client().get(c.url("/a.txt")).send().await.unwrap();
+    assert_eq!(header(&r, "x-cache"), "MISS");
+}
+
+#[tokio::test]
+async fn hostile_ranges_and_origin_headers_cannot_break_slices() {
+    let origin = HttpOrigin::start();
+    let body: bytes::Bytes = (0..3_000_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let b = body.clone();
+    origin.route_fn("/v.mp4", move |_, _, h| range_reply(&b, h, "\"v\""));
+    // An origin that sends cascade's internal slice header itself.
+    origin.route(
+        "/evil.mp4",
+        Reply::new(200, "tiny").header("x-cascade-slice-total", "5000000"),
+    );
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\n\
+         cache: {{memory: 64MiB, slice_size: 1MB}}\nroutes:\n  - {{path: /, group: g}}\n",
+        origin.url("")
+    );
+    let mut c = Cascade::start(&yaml);
+    for range in [
+        "bytes=18446744073709551615-",
+        "bytes=18446744073709551000-18446744073709551615",
+    ] {
+        let r = client()
+            .get(c.url("/v.mp4"))
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
+        assert!(!r.status().is_server_error(), "{range}: {}", r.status());
+    }
+    let r = client()
+        .get(c.url("/evil.mp4"))
+        .header("range", "bytes=1000-1009")
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.status().is_server_error(), "{}", r.status());
+    let got = r.bytes().await.unwrap();
+    assert!(got.len() <= 4, "no bytes invented: {got:?}");
+    assert!(c.is_running());
+    let r = client()
+        .get(c.url("/v.mp4"))
+        .header("range", "bytes=1000000-1000009")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), body.slice(1_000_000..1_000_010));
 }

@@ -58,6 +58,45 @@ pub fn check_header_limits(req: &RequestHeader, l: &HeaderLimits) -> Result<(), 
     Ok(())
 }
 
+/// Does a client header go to a fallback (when the group does not `forward_credentials`)?
+/// Only what a read needs: content negotiation, ranges, conditionals, CORS. Anything else may
+/// be a credential (`Authorization`, `Cookie`, `X-Api-Key`, a session token, ...).
+pub fn fallback_header(name: &str) -> bool {
+    matches!(
+        name,
+        "accept"
+            | "accept-encoding"
+            | "accept-language"
+            | "user-agent"
+            | "range"
+            | "cache-control"
+            | "pragma"
+            | "origin"
+            | "access-control-request-method"
+            | "access-control-request-headers"
+            | "content-length"
+            | "transfer-encoding"
+    ) || name.starts_with("if-")
+}
+
+/// A query without the parameters that carry credentials (presigned-URL `X-Amz-*`,
+/// OAuth's `access_token`), for a fallback.
+pub fn without_credentials(query: &str) -> std::borrow::Cow<'_, str> {
+    let credential = |pair: &str| {
+        let name = pair.split_once('=').map_or(pair, |(k, _)| k);
+        name.len() >= 6 && name[..6].eq_ignore_ascii_case("x-amz-")
+            || name.eq_ignore_ascii_case("access_token")
+    };
+    if !query.split('&').any(credential) {
+        return query.into();
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !credential(p))
+        .collect();
+    kept.join("&").into()
+}
+
 /// A request target made canonical: the path in normal form, the query as sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
@@ -89,6 +128,22 @@ pub fn target(req: &RequestHeader) -> Result<Target, String> {
         path,
         query: req.uri.query().map(str::to_string),
     })
+}
+
+/// The authority of an absolute-form target (`http://host:port/path` → `host:port`).
+pub fn target_authority(raw: &[u8]) -> Option<&str> {
+    let s = std::str::from_utf8(raw).ok()?;
+    let (scheme, rest) = s.split_once("://")?;
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+    {
+        return None;
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    (!authority.is_empty() && !authority.contains('@')).then_some(authority)
 }
 
 /// The target string a canonical request carries (`path[?query]`).
@@ -162,6 +217,13 @@ mod tests {
         assert!(!t.is(b"/a%20b/c"));
         let bare = target(&req("/a", &[])).unwrap();
         assert!(bare.is(b"/a") && !bare.is(b"/a?") && !bare.is(b"/ab"));
+        assert_eq!(
+            target_authority(b"http://h.example:8080/x?q"),
+            Some("h.example:8080")
+        );
+        assert_eq!(target_authority(b"http://h.example?q"), Some("h.example"));
+        assert_eq!(target_authority(b"/x"), None);
+        assert_eq!(target_authority(b"http://u@h/x"), None);
         let abs = target(&req("http://h.example/x%20y?q", &[])).unwrap();
         assert_eq!(
             (abs.path.path.as_str(), abs.query.as_deref()),

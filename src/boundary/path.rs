@@ -19,7 +19,9 @@
 //!
 //! `;` is encoded (`%3B`) in the normal form: servers that strip `;params` from segments
 //! (Tomcat, Jetty) would otherwise read `/private;x/a` as `/private/a` while cascade routed it
-//! as another prefix.
+//! as another prefix. `+` is encoded (`%2B`): unsigned S3 (and form-decoding servers) read a
+//! literal `+` in a path as a space, so the origin would serve another object than the route
+//! and the plugins decided on.
 
 use std::fmt;
 
@@ -108,8 +110,8 @@ pub struct CanonPath {
     pub violations: Violations,
 }
 
-/// Bytes written as themselves in the normal form: RFC 3986 `pchar` without `;` and `%`
-/// (unreserved, sub-delims but `;`, `:`, `@`), plus the separator `/`.
+/// Bytes written as themselves in the normal form: RFC 3986 `pchar` without `;`, `+` and `%`
+/// (unreserved, sub-delims but `;` and `+`, `:`, `@`), plus the separator `/`.
 const fn keep_table() -> [bool; 256] {
     let mut t = [false; 256];
     let mut b = 0;
@@ -128,7 +130,6 @@ const fn keep_table() -> [bool; 256] {
                     | b'('
                     | b')'
                     | b'*'
-                    | b'+'
                     | b','
                     | b'='
                     | b':'
@@ -331,6 +332,8 @@ mod tests {
         assert_eq!(ok("/a%281%29"), "/a(1)");
         assert_eq!(ok("/100%25"), "/100%25");
         assert_eq!(ok("/a;b"), "/a%3Bb");
+        assert_eq!(ok("/a+b"), "/a%2Bb");
+        assert_eq!(ok("/a%2Bb"), "/a%2Bb");
         assert_eq!(ok("/a%3fb"), "/a%3Fb");
         assert_eq!(ok("/...a/.b/c."), "/...a/.b/c.");
         assert_eq!(ok("/%2541"), "/%2541");

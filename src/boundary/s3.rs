@@ -6,7 +6,8 @@
 //! - **Queries**: the multipart operations (`uploads` with POST; `uploadId` with PUT, POST,
 //!   DELETE, GET; `partNumber` with PUT, GET, HEAD) are forwarded. S3 sub-resources and
 //!   overrides (`acl`, `tagging`, `versionId`, listings, `response-content-type`, ...) are
-//!   refused with 403 unless the route lists them in `s3_allow`. Anything else (cache busters,
+//!   refused with 403 unless the route lists them in `s3_allow`, and even then for reads
+//!   (GET, HEAD) only. Anything else (cache busters,
 //!   a plugin's signed-URL parameters, presigned-URL leftovers, `x-id`) is dropped: S3 ignores
 //!   it, so it must not split the cache either.
 //! - **The bucket itself**: an empty object key is the bucket (GET lists it, PUT creates it,
@@ -287,6 +288,13 @@ pub fn check(
                     "the S3 sub-resource `{name}` is not allowed through this route"
                 )));
             }
+            // `s3_allow` opens reads only: `DELETE ?versionId`, `PUT ?acl`, `PUT ?tagging`
+            // would let any writer rewrite history or permissions with cascade's keys.
+            if !read {
+                return Err(Refusal::denied(format!(
+                    "the S3 sub-resource `{name}` is allowed through this route for reads (GET, HEAD) only"
+                )));
+            }
             // Listing parameters only make sense on the bucket.
             if LISTING.contains(&name.as_str()) && !bucket {
                 return Err(Refusal::denied(format!(
@@ -386,6 +394,17 @@ mod tests {
         }
         assert_eq!(run("GET", "/k", Some("uploads"), &[]), Err(403));
         assert_eq!(run("PUT", "/k", Some("partNumber=1&acl"), &[]), Err(403));
+        // Allowed sub-resources are for reads: a writer cannot delete versions or set ACLs.
+        assert_eq!(
+            run("DELETE", "/k", Some("versionId=3"), &["versionId"]),
+            Err(403)
+        );
+        assert_eq!(run("PUT", "/k", Some("acl"), &["acl"]), Err(403));
+        assert_eq!(run("PUT", "/k", Some("tagging"), &["tagging"]), Err(403));
+        assert_eq!(
+            run("GET", "/k", Some("acl"), &["acl"]).map(|q| q.forward),
+            Ok(Some("acl".into()))
+        );
         let ok = run("GET", "/k", Some("versionId=3&v=1"), &["versionId"]).unwrap();
         assert_eq!(ok.forward.as_deref(), Some("versionId=3"));
         assert!(ok.not_object);

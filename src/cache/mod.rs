@@ -103,15 +103,23 @@ pub struct Cache {
 /// never served as one: a fill that brings another ETag drops the object's other entries,
 /// and a slice hit whose ETag is not the latest is refetched. Keyed by the slice-less cache
 /// key and the normal `Accept-Encoding` (an encoding is a version of its own). Bounded: past
-/// [`SliceVersions::CAP`] objects the table starts over (a check missed, nothing mixed that
+/// [`SliceVersions::CAP`] objects a shard starts over (a check missed, nothing mixed that
 /// the origin did not mix itself).
 #[derive(Default)]
 pub struct SliceVersions {
-    map: parking_lot::Mutex<std::collections::HashMap<Hash, Box<[u8]>>>,
+    shards: [parking_lot::Mutex<std::collections::HashMap<Hash, Box<[u8]>>>; 16],
 }
 
 impl SliceVersions {
-    pub const CAP: usize = 1 << 16;
+    /// Objects remembered per shard (16 shards, so slice hits rarely share a lock).
+    pub const CAP: usize = 1 << 12;
+
+    fn shard(
+        &self,
+        k: &Hash,
+    ) -> parking_lot::MutexGuard<'_, std::collections::HashMap<Hash, Box<[u8]>>> {
+        self.shards[usize::from(k[0] & 15)].lock()
+    }
 
     /// The table key of a request's object.
     pub fn key(group: &str, key: &str, query: Option<&str>, accept_encoding: &str) -> Hash {
@@ -128,7 +136,7 @@ impl SliceVersions {
     /// Records the ETag a fill brought; `true` when it replaces another one (the object
     /// changed at the origin: the caller drops the old entries).
     pub fn observe(&self, k: Hash, etag: &[u8]) -> bool {
-        let mut map = self.map.lock();
+        let mut map = self.shard(&k);
         match map.get(&k) {
             Some(old) if **old == *etag => false,
             Some(_) => {
@@ -147,7 +155,7 @@ impl SliceVersions {
 
     /// Is a stored slice with this ETag of an older version than the latest seen?
     pub fn outdated(&self, k: Hash, etag: Option<&[u8]>) -> bool {
-        match (self.map.lock().get(&k), etag) {
+        match (self.shard(&k).get(&k), etag) {
             (Some(latest), Some(e)) => **latest != *e,
             (Some(_), None) => true,
             _ => false,

@@ -64,7 +64,17 @@ pub fn decide(resp: &ResponseHeader, i: &Inputs) -> RespCacheable {
     }
     let negative = matches!(status, 404 | 410);
     let ttl = if negative {
-        i.config.negative_ttl
+        // The negative TTL bounds how long a miss is remembered; it never makes an answer
+        // fresher than the origin said (`no-cache`, `max-age=0`: not stored).
+        let origin = if cc.as_ref().is_some_and(|c| c.no_cache()) {
+            Some(Duration::ZERO)
+        } else if let Some(d) = cc.as_ref().and_then(|c| c.fresh_duration()) {
+            Some(d)
+        } else {
+            pingora_cache::filters::calculate_expires_header_time(resp)
+                .map(|t| t.duration_since(i.now).unwrap_or(Duration::ZERO))
+        };
+        origin.map_or(i.config.negative_ttl, |d| d.min(i.config.negative_ttl))
     } else if cc.as_ref().is_some_and(|c| c.no_cache()) {
         Duration::ZERO
     } else if let Some(d) = cc.as_ref().and_then(|c| c.fresh_duration()) {
@@ -176,6 +186,23 @@ mod tests {
         assert_eq!(ttl(&resp(200, &[("cache-control", "private")])), None);
         assert!(ttl(&resp(200, &[("cache-control", "no-cache")])).unwrap() <= 0);
         assert_eq!(ttl(&resp(404, &[])), Some(10), "negative ttl");
+        assert_eq!(
+            ttl(&resp(404, &[("cache-control", "max-age=3")])),
+            Some(3),
+            "never fresher than the origin says"
+        );
+        assert_eq!(
+            ttl(&resp(404, &[("cache-control", "max-age=600")])),
+            Some(10)
+        );
+        assert_eq!(ttl(&resp(404, &[("cache-control", "no-cache")])), None);
+        assert_eq!(
+            ttl(&resp(
+                410,
+                &[("cache-control", "max-age=0, must-revalidate")]
+            )),
+            None
+        );
         assert_eq!(ttl(&resp(500, &[])), None);
         assert_eq!(ttl(&resp(206, &[])), None);
         assert_eq!(ttl(&resp(200, &[("vary", "*")])), None);

@@ -30,7 +30,7 @@ impl SliceReq {
 
     /// The inclusive last byte of this slice.
     pub fn end(&self) -> u64 {
-        self.start() + self.size - 1
+        self.start().saturating_add(self.size - 1)
     }
 
     /// Range header for the origin request.
@@ -67,6 +67,8 @@ pub fn plan(range: Option<&str>, is_head: bool, size: u64) -> Option<SliceReq> {
     }
     let (a, b) = spec.split_once('-')?;
     let first: u64 = a.trim().parse().ok()?;
+    // A slice must fit in u64 (a client's `bytes=18446744073709551615-` is no slice).
+    first.checked_add(size)?;
     let last = match b.trim() {
         "" => None,
         b => {
@@ -143,8 +145,12 @@ pub fn answer(req: &SliceReq, total: u64, body_len: u64) -> Answer {
     if req.first >= total {
         return Answer::Unsatisfiable { total };
     }
-    let slice_last = req.start() + body_len.max(1) - 1;
+    let slice_last = req.start().saturating_add(body_len.max(1) - 1);
     let hi = req.last.unwrap_or(u64::MAX).min(slice_last).min(total - 1);
+    if hi < req.first {
+        // Not in this entry (only an entry that is not the slice could say so).
+        return Answer::Unsatisfiable { total };
+    }
     Answer::Partial {
         lo: req.first,
         hi,
@@ -172,6 +178,9 @@ mod tests {
         assert!(plan(Some("items=0-1"), false, MIB).is_none());
         assert!(plan(None, false, MIB).is_none(), "no range: whole object");
         assert!(plan(Some("bytes=0-0"), false, 0).is_none(), "slicing off");
+        assert!(plan(Some("bytes=18446744073709551615-"), false, 1_000_000).is_none());
+        let near = plan(Some("bytes=18446744073708551615-"), false, 1_000_000).unwrap();
+        assert!(near.end() >= near.start());
         assert!(plan(None, true, MIB).unwrap().head);
     }
 

@@ -21,14 +21,16 @@ const GZIP: u8 = 4;
 /// The variants stored per object (primary key), to cap them at `cache.max_variants`: past
 /// the cap a new variant is served, not stored, so a header an attacker controls (`Vary:
 /// X-Anything`) cannot fill the cache with copies of one object. An object's set is forgotten
-/// when its entries are all gone; the table starts over past [`Variants::CAP`] objects.
+/// when its entries are all gone; a shard of the table starts over past [`Variants::CAP`]
+/// objects.
 #[derive(Default)]
 pub struct Variants {
-    map: parking_lot::Mutex<std::collections::HashMap<HashBinary, Vec<HashBinary>>>,
+    shards: [parking_lot::Mutex<std::collections::HashMap<HashBinary, Vec<HashBinary>>>; 16],
 }
 
 impl Variants {
-    pub const CAP: usize = 1 << 16;
+    /// Objects remembered per shard (16 shards).
+    pub const CAP: usize = 1 << 12;
 
     /// May the variant `variance` of `primary` be stored? Records it when it may.
     /// `stored(primary)`: whether any entry of the object is still stored.
@@ -39,7 +41,7 @@ impl Variants {
         max: usize,
         stored: impl Fn(&HashBinary) -> bool,
     ) -> bool {
-        let mut map = self.map.lock();
+        let mut map = self.shards[usize::from(primary[0] & 15)].lock();
         if map.len() >= Self::CAP && !map.contains_key(&primary) {
             map.clear();
         }
@@ -95,15 +97,19 @@ pub fn normalize_accept_encoding(headers: &HeaderMap) -> &'static str {
         let Ok(v) = v.to_str() else { continue };
         for item in v.split(',') {
             let (coding, params) = item.split_once(';').unwrap_or((item, ""));
-            let bit = match coding.trim().to_ascii_lowercase().as_str() {
-                "zstd" => ZSTD,
-                "br" => BR,
-                "gzip" | "x-gzip" => GZIP,
-                "*" => {
-                    star = !q_is_zero(params);
-                    continue;
-                }
-                _ => continue,
+            let coding = coding.trim();
+            let is = |name: &str| coding.eq_ignore_ascii_case(name);
+            let bit = if is("zstd") {
+                ZSTD
+            } else if is("br") {
+                BR
+            } else if is("gzip") || is("x-gzip") {
+                GZIP
+            } else if coding == "*" {
+                star = !q_is_zero(params);
+                continue;
+            } else {
+                continue;
             };
             if q_is_zero(params) {
                 refused |= bit;

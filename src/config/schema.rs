@@ -223,6 +223,10 @@ pub struct RouteCacheMap {
     /// Cache answers to requests that carry `Authorization` (off by default).
     #[serde(default)]
     pub cache_authorized: bool,
+    /// Cache answers to requests that carry `Cookie` when an origin of the group sees the
+    /// cookie (off by default; behind signed or directory origins cookies never matter).
+    #[serde(default)]
+    pub cache_cookies: bool,
     /// What the query string does to caching.
     #[serde(default)]
     pub query: CacheQuery,
@@ -495,6 +499,11 @@ pub struct RawS3 {
     /// ending in `*`), beyond the built-in allowlist.
     #[serde(default)]
     pub forward_headers: Vec<String>,
+    /// The URL's host names the bucket (`bucket.s3.region.amazonaws.com`). Detected for AWS,
+    /// GCS, R2, Spaces, B2 and Wasabi host names; other providers say it here. A signed URL
+    /// that names no bucket at all (a service root) is refused.
+    #[serde(default)]
+    pub virtual_hosted: Option<bool>,
 }
 
 fn default_region() -> String {

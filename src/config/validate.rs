@@ -55,6 +55,7 @@ pub struct RouteCache {
     pub enabled: bool,
     pub ttl: Option<std::time::Duration>,
     pub cache_authorized: bool,
+    pub cache_cookies: bool,
     pub query: CacheQuery,
     pub set_cookie: SetCookie,
 }
@@ -111,6 +112,13 @@ pub struct GroupConfig {
     /// Some origin of the group signs with cascade's credentials: requests through it follow
     /// the S3 policy (`boundary::s3`).
     pub signed: bool,
+    /// The `s3.forward_headers` of the group's signed origins: a request carrying one is not
+    /// cached (what it changes, an SSE-C key say, is not in the cache key).
+    pub forward_headers: Vec<String>,
+    /// A client's `Cookie` reaches an origin that may answer by it (an unsigned HTTP main, or
+    /// fallback with `forward_credentials`): requests with cookies are not cached unless the
+    /// route says `cache_cookies` (signed origins never get the cookie; dir origins ignore it).
+    pub cookies_reach_origin: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
@@ -578,6 +586,21 @@ fn origin(
                     return None;
                 }
             };
+            if let Some(s3) = &raw.s3 {
+                let virtual_hosted = s3
+                    .virtual_hosted
+                    .unwrap_or_else(|| virtual_hosted_bucket(&parsed.host));
+                if parsed.prefix.is_empty() && !virtual_hosted {
+                    cx.err(
+                        &field,
+                        format!(
+                            "a signed origin must name its bucket: `{}/BUCKET` (path-style), or a bucket host such as `https://BUCKET.s3.REGION.amazonaws.com` (set `s3.virtual_hosted: true` when the host names the bucket at another provider); at a service root, a client could list, create or delete buckets with cascade's credentials",
+                            url.trim_end_matches('/')
+                        ),
+                    );
+                    return None;
+                }
+            }
             let s3 = match raw.s3 {
                 None => None,
                 Some(s3) => Some(signing(cx, &locate::join(path, "s3"), s3, env)?),
@@ -668,6 +691,30 @@ fn signing(
             "cascade-config",
         ),
     })
+}
+
+/// Does a host name a bucket at a provider whose host names are known (AWS S3, GCS, R2,
+/// DigitalOcean Spaces, Backblaze B2, Wasabi)? A service endpoint (`s3.us-east-1.amazonaws.com`,
+/// `storage.googleapis.com`, `ACCOUNT.r2.cloudflarestorage.com`) does not.
+fn virtual_hosted_bucket(host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    let labels: Vec<&str> = host.split('.').collect();
+    let first = labels[0];
+    let ends = |suffix: &str| host.ends_with(suffix);
+    if ends(".amazonaws.com") || ends(".backblazeb2.com") || ends(".wasabisys.com") {
+        // `BUCKET.s3.REGION.amazonaws.com`, `BUCKET.s3-REGION...`; the endpoint starts `s3`.
+        return labels.len() >= 4 && !first.starts_with("s3") && labels[1].starts_with("s3");
+    }
+    if ends(".storage.googleapis.com") {
+        return labels.len() >= 4;
+    }
+    if ends(".r2.cloudflarestorage.com") {
+        return labels.len() >= 5; // BUCKET.ACCOUNT.r2.cloudflarestorage.com
+    }
+    if ends(".digitaloceanspaces.com") {
+        return labels.len() >= 4; // BUCKET.REGION.digitaloceanspaces.com
+    }
+    false
 }
 
 struct ParsedUrl {
@@ -798,6 +845,18 @@ fn group(
         signed: std::iter::once(main)
             .chain(fallbacks.iter().copied())
             .any(|o| matches!(&origins[o].kind, OriginKind::Http { s3: Some(_), .. })),
+        cookies_reach_origin: {
+            let plain = |o: usize| matches!(&origins[o].kind, OriginKind::Http { s3: None, .. });
+            plain(main) || (raw.forward_credentials && fallbacks.iter().any(|&f| plain(f)))
+        },
+        forward_headers: std::iter::once(main)
+            .chain(fallbacks.iter().copied())
+            .filter_map(|o| match &origins[o].kind {
+                OriginKind::Http { s3: Some(s), .. } => Some(s.forward_headers.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
         fallbacks,
     })
 }
@@ -911,6 +970,7 @@ fn route(
             enabled: m.enabled,
             ttl: m.ttl,
             cache_authorized: m.cache_authorized,
+            cache_cookies: m.cache_cookies,
             query: m.query,
             set_cookie: m.set_cookie,
         },
@@ -1032,7 +1092,7 @@ listen: [{addr: 127.0.0.1:8080}]
 bogus: 1
 origins:
   a: {url: \"ftp://x\"}
-  b: {url: \"http://x\", s3: {access_key_env: NOPE, secret_key_env: SK}}
+  b: {url: \"http://x/bucket\", s3: {access_key_env: NOPE, secret_key_env: SK}}
   c: {dir: /definitely/not/here}
   d: {urll: \"http://x\"}
 groups:
@@ -1078,9 +1138,47 @@ routes:
     }
 
     #[test]
+    fn signed_origins_must_name_their_bucket() {
+        for (host, virt) in [
+            ("media.s3.us-east-1.amazonaws.com", true),
+            ("media.s3.amazonaws.com", true),
+            ("media.s3-eu-west-1.amazonaws.com", true),
+            ("s3.us-east-1.amazonaws.com", false),
+            ("s3.amazonaws.com", false),
+            ("media.storage.googleapis.com", true),
+            ("storage.googleapis.com", false),
+            ("media.acct.r2.cloudflarestorage.com", true),
+            ("acct.r2.cloudflarestorage.com", false),
+            ("media.nyc3.digitaloceanspaces.com", true),
+            ("nyc3.digitaloceanspaces.com", false),
+            ("minio.internal", false),
+        ] {
+            assert_eq!(virtual_hosted_bucket(host), virt, "{host}");
+        }
+        let signed = |url: &str, extra: &str| {
+            format!(
+                "listen: [{{addr: 127.0.0.1:1}}]\norigins:\n  a: {{url: \"{url}\", s3: {{access_key_env: AK, secret_key_env: SK{extra}}}}}\ngroups: {{g: {{main: a}}}}\nroutes: [{{group: g}}]\n"
+            )
+        };
+        let e = load_err(&signed("http://minio:9000", ""));
+        assert_eq!((e[0].line, e[0].field.as_str()), (3, "origins.a.url"));
+        assert!(
+            e[0].message.contains("must name its bucket"),
+            "{}",
+            e[0].message
+        );
+        load_err(&signed("https://s3.us-east-1.amazonaws.com/", ""));
+        load_ok(&signed("http://minio:9000/media", ""));
+        load_ok(&signed("https://media.s3.us-east-1.amazonaws.com", ""));
+        load_ok(&signed("https://cdn.example.net", ", virtual_hosted: true"));
+        // Unsigned origins are not ours to sign: any URL.
+        load_ok("listen: [{addr: 127.0.0.1:1}]\norigins: {a: {url: \"http://web:8000\"}}\ngroups: {g: {main: a}}\nroutes: [{group: g}]\n");
+    }
+
+    #[test]
     fn new_trust_boundary_fields_are_validated_with_their_line() {
         let errs = load_err(
-            "listen: [{addr: 127.0.0.1:1}]\norigins:\n  a: {url: \"http://h\"}\n  b: {url: \"http://h\", s3: {access_key_env: AK, secret_key_env: SK, forward_headers: [x-amz-date]}}\n\
+            "listen: [{addr: 127.0.0.1:1}]\norigins:\n  a: {url: \"http://h\"}\n  b: {url: \"http://h/b\", s3: {access_key_env: AK, secret_key_env: SK, forward_headers: [x-amz-date]}}\n\
              groups:\n  g: {main: a}\nroutes:\n  - {path: /a/../b, group: g}\n  - {path: /c, group: g, s3_allow: [acl, nope]}\n\
              \x20 - {path: /d, group: g, keys: loose}\n",
         );

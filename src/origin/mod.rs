@@ -125,26 +125,29 @@ impl Origin {
         query: Option<&str>,
         forward: Forward,
     ) -> Result<(), String> {
-        if let Some(signer) = &self.signer {
-            let extra = signer.forward_headers();
+        // Which client headers go: a signed origin gets the S3 allowlist; a fallback (another
+        // trust domain) gets only what a read needs, nothing that could be a credential.
+        let extra = self.signer.as_ref().map(|s| s.forward_headers());
+        if extra.is_some() || !forward.credentials {
             let drop: Vec<http::HeaderName> = req
                 .headers
                 .keys()
-                .filter(|n| !crate::boundary::s3::forward_header(n.as_str(), extra))
+                .filter(|n| {
+                    let n = n.as_str();
+                    extra.is_some_and(|e| !crate::boundary::s3::forward_header(n, e))
+                        || (!forward.credentials && !crate::boundary::fallback_header(n))
+                })
                 .cloned()
                 .collect();
             for n in &drop {
                 req.remove_header(n);
             }
-        } else if !forward.credentials {
-            for h in [
-                http::header::AUTHORIZATION,
-                http::header::COOKIE,
-                http::header::PROXY_AUTHORIZATION,
-            ] {
-                req.remove_header(&h);
-            }
         }
+        let query = match query {
+            Some(q) if !forward.credentials => Some(crate::boundary::without_credentials(q)),
+            q => q.map(std::borrow::Cow::Borrowed),
+        };
+        let query = query.as_deref().filter(|q| !q.is_empty());
         let mut target =
             String::with_capacity(self.prefix.len() + key.len() + 1 + query.map_or(0, str::len));
         target.push_str(&self.prefix);
@@ -214,10 +217,16 @@ mod tests {
         // unsigned origins see the client's credentials (they may be the origin's own scheme)
         assert_eq!(req.headers.get("authorization").unwrap(), "Bearer x");
         // ... but not as a fallback: another trust domain
-        o.rewrite(&mut req, "/a", None, Forward { credentials: false })
+        req.insert_header("x-api-key", "k").unwrap();
+        req.insert_header("range", "bytes=0-1").unwrap();
+        let q = Some("w=1&X-Amz-Credential=c&access_token=t&X-Amz-Signature=s");
+        o.rewrite(&mut req, "/a", q, Forward { credentials: false })
             .unwrap();
-        assert!(req.headers.get("authorization").is_none());
-        assert!(req.headers.get("cookie").is_none());
+        for gone in ["authorization", "cookie", "x-api-key"] {
+            assert!(req.headers.get(gone).is_none(), "{gone}");
+        }
+        assert_eq!(req.headers.get("range").unwrap(), "bytes=0-1");
+        assert_eq!(req.uri.to_string(), "/bucket/a?w=1");
     }
 
     #[test]

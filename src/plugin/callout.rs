@@ -150,8 +150,17 @@ impl Call {
                 v.describe()
             ));
         }
-        let path = crate::boundary::target_string(&canon.path, q);
         let o = &names.origins[origin];
+        let path = if o.signed {
+            // cascade's credentials sign only what a client could have made them sign.
+            let headers: http::HeaderMap = regular.iter().cloned().collect();
+            let allowed = crate::boundary::s3::Allow::default();
+            let q = crate::boundary::s3::check(&method, &canon.path, q, &headers, &allowed)
+                .map_err(|r| format!(":path {:?}: {}", lossy(path.as_bytes()), r.message))?;
+            crate::boundary::target_string(&canon.path, q.forward.as_deref())
+        } else {
+            crate::boundary::target_string(&canon.path, q)
+        };
         if o.read_only && method != Method::GET && method != Method::HEAD {
             return Err(format!(
                 "origin `{}` is read-only (a fallback, or read_only): {method} is not allowed",
@@ -394,11 +403,19 @@ mod tests {
                     name: "authsvc".into(),
                     read_only: false,
                     timeout: Duration::from_secs(5),
+                    signed: false,
                 },
                 CallTarget {
                     name: "archive".into(),
                     read_only: true,
                     timeout: Duration::from_secs(5),
+                    signed: false,
+                },
+                CallTarget {
+                    name: "bucket".into(),
+                    read_only: false,
+                    timeout: Duration::from_secs(5),
+                    signed: true,
                 },
             ],
             ..Default::default()
@@ -410,7 +427,37 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_bytes(), v.as_bytes()))
             .collect();
-        Call::parse(&names(), &[0, 1], 7, up.as_bytes(), &pairs, Vec::new(), ms)
+        Call::parse(
+            &names(),
+            &[0, 1, 2],
+            7,
+            up.as_bytes(),
+            &pairs,
+            Vec::new(),
+            ms,
+        )
+    }
+
+    #[test]
+    fn calls_are_held_to_the_clients_rules() {
+        let call = |p: &str| parse("authsvc", &[(":method", "GET"), (":path", p)], 0);
+        // A call cannot climb out of the origin's path prefix.
+        for bad in ["/a/../other/x", "//x", "/a%2fb", "/a%00"] {
+            assert!(call(bad).is_err(), "{bad}");
+        }
+        assert_eq!(call("/a%20b?x=1").unwrap().path, "/a%20b?x=1");
+        // A signed origin: no sub-resource, no bucket, other parameters dropped.
+        let signed = |m: &str, p: &str| parse("bucket", &[(":method", m), (":path", p)], 0);
+        assert!(signed("GET", "/k?acl").unwrap_err().contains("acl"));
+        assert!(signed("GET", "/").is_err());
+        assert!(signed("PUT", "/k").unwrap().path == "/k");
+        assert_eq!(signed("GET", "/k?v=1").unwrap().path, "/k");
+        let h = [
+            (":method", "PUT"),
+            (":path", "/k"),
+            ("x-amz-copy-source", "b/o"),
+        ];
+        assert!(parse("bucket", &h, 0).is_err());
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct CallTarget {
     pub read_only: bool,
     /// The call's timeout when the plugin gives none (the origin's read timeout).
     pub timeout: std::time::Duration,
+    /// Signed with cascade's credentials: calls follow the S3 policy (`boundary::s3`) as
+    /// clients do, with no sub-resource allowed.
+    pub signed: bool,
 }
 
 /// What the plugins of one request see and change besides the headers.

@@ -1003,6 +1003,10 @@ impl Runtime {
                                 .iter()
                                 .any(|g| g.fallbacks.contains(&i) || (g.main == i && g.read_only)),
                         timeout: o.timeouts.read,
+                        signed: matches!(
+                            &o.kind,
+                            crate::config::OriginKind::Http { s3: Some(_), .. }
+                        ),
                     })
                     .collect(),
             }),
