@@ -85,6 +85,14 @@ fn cache_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The body files of the cache directory (each entry also has a `.meta` file beside it).
+fn body_files(dir: &Path) -> Vec<PathBuf> {
+    cache_files(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "meta"))
+        .collect()
+}
+
 #[tokio::test]
 async fn hit_after_miss_is_not_fetched_again() {
     let b = bucket("  memory: 16MiB");
@@ -158,7 +166,7 @@ async fn corrupted_or_truncated_cache_files_are_misses() {
     assert_eq!(get(&cascade, "/x.bin").await.1, "MISS");
     assert_eq!(get(&cascade, "/y.bin").await.1, "MISS");
     drop(cascade); // memory tier gone; only the files remain
-    let files = cache_files(dir.path());
+    let files = body_files(dir.path());
     assert_eq!(files.len(), 2, "{files:?}");
     // Flip one body byte in the first, truncate the second.
     let mut bytes = std::fs::read(&files[0]).unwrap();
@@ -650,8 +658,9 @@ async fn a_client_that_disconnects_mid_fill_leaves_no_complete_looking_entry() {
     let xc = header(&r, "x-cache");
     assert_eq!(r.bytes().await.unwrap().len(), size);
     assert!(xc == "MISS" || xc == "HIT", "{xc}");
-    // Every file in the cache dir is a complete entry (the temp dir holds no finished file).
-    for f in cache_files(dir.path()) {
+    // Every body file in the cache dir is a complete entry (the temp dir holds no finished
+    // file).
+    for f in body_files(dir.path()) {
         let len = std::fs::metadata(&f).unwrap().len();
         assert!(len > size as u64, "{} is {len} bytes", f.display());
     }

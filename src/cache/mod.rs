@@ -99,7 +99,7 @@ impl Cache {
             Some((path, size)) => Some(disk::DiskTier::open(path, *size)?),
             None => None,
         };
-        let storage = storage::leak(TieredStorage::new(memory, disk));
+        let storage = storage::leak(TieredStorage::new(memory, disk, config.fill_memory));
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(config.lock_timeout));
         Ok(Cache {
             config,
