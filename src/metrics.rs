@@ -125,7 +125,7 @@ impl Metrics {
         .expect("metric");
         let cache_fill_errors = register_int_counter_with_registry!(
             "cascade_cache_fill_errors_total",
-            "Cache fills abandoned (client or origin failed mid-body, disk write failed): nothing was stored.",
+            "Cache fills abandoned, whole or their disk part (client or origin failed mid-body, disk write failed, no room on disk, over cache.fill_memory without a disk tier).",
             registry
         )
         .expect("metric");
