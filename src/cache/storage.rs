@@ -1216,4 +1216,52 @@ mod tests {
         );
         assert_eq!(read(st, &k).await, Some(b"same body".to_vec()));
     }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stalled_disk_read_does_not_stall_the_worker() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(1 << 20, Some((dir.path(), 64 << 20)), 16 << 20));
+        let k = cache_key("g", "stuck.bin", None);
+        fill_all(st, &k, &body(1, 300_000)).await;
+        // The entry's meta file becomes a FIFO: opening it blocks until a writer comes,
+        // like a read from a stalled disk.
+        let name = crate::cache::hex(&k.combined_bin());
+        let meta_path = dir.path().join(&name[..2]).join(format!("{name}.meta"));
+        std::fs::remove_file(&meta_path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&meta_path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // The writer comes when this test says so, or after 10 s (if the read had stalled
+        // the runtime's only thread, the test could not say so).
+        let released = Arc::new(AtomicBool::new(false));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let unblocker = std::thread::spawn({
+            let (released, meta_path) = (released.clone(), meta_path.clone());
+            move || {
+                let _ = wait.recv_timeout(Duration::from_secs(10));
+                released.store(true, Ordering::SeqCst);
+                let w = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&meta_path)
+                    .unwrap();
+                std::fs::write(meta_path.with_extension("junk"), b"junk").unwrap();
+                std::fs::rename(meta_path.with_extension("junk"), &meta_path).unwrap();
+                drop(w);
+            }
+        });
+        let lookup = tokio::spawn(async move { st.lookup(&k, &span()).await.map(|h| h.is_some()) });
+        // The lookup is under way (the worker polled it) and this runtime's one thread still
+        // runs other tasks.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "the worker was blocked until the disk read was released"
+        );
+        go.send(()).unwrap();
+        assert!(!lookup.await.unwrap().unwrap(), "a bad meta file is a miss");
+        unblocker.join().unwrap();
+    }
 }
