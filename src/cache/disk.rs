@@ -1489,4 +1489,77 @@ mod tests {
         t.unlink_removed(&[h(2)]);
         assert_eq!(read(&t, 2).unwrap(), b"new");
     }
+
+    #[test]
+    fn concurrent_fills_removals_reads_and_meta_updates_stay_consistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 1 << 20;
+        let t = DiskTier::open(dir.path(), limit).unwrap();
+        let versions = AtomicU64::new(1);
+        std::thread::scope(|sc| {
+            for seed in 0..4u64 {
+                let (t, versions) = (&t, &versions);
+                sc.spawn(move || {
+                    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    for _ in 0..150 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let i = (x % 5) as u8;
+                        match (x >> 8) % 4 {
+                            0 => {
+                                // A body that names its version in every 8 bytes, and a
+                                // meta that names it too.
+                                let v = versions.fetch_add(1, Ordering::Relaxed);
+                                let len = 8 * (1000 + (x >> 16) % 20_000) as usize;
+                                let body: Vec<u8> =
+                                    (0..len / 8).flat_map(|_| v.to_le_bytes()).collect();
+                                let meta = (Bytes::from(format!("v{v}")), Bytes::new());
+                                let mut w = t.writer(h(i), "k", meta);
+                                if w.write(&body).is_ok() {
+                                    let _ = t.finish(w, &|p| {
+                                        p();
+                                        true
+                                    });
+                                }
+                            }
+                            1 => {
+                                t.remove(&h(i));
+                            }
+                            2 => {
+                                let _ = t.update_meta(&h(i), (Bytes::from("u"), Bytes::new()));
+                            }
+                            _ => {
+                                let Some(found) = t.load(&h(i), u64::MAX) else {
+                                    continue;
+                                };
+                                let LoadedBody::Whole(body) = found.body else {
+                                    unreachable!()
+                                };
+                                let v = &body[..8];
+                                assert!(body.chunks(8).all(|c| c == v), "a torn body");
+                                let meta = String::from_utf8_lossy(&found.meta.0).to_string();
+                                if let Some(mv) = meta.strip_prefix('v') {
+                                    let bv = u64::from_le_bytes(v.try_into().unwrap());
+                                    assert_eq!(mv, bv.to_string(), "meta of another body");
+                                }
+                            }
+                        }
+                        assert!(t.bytes() + t.reserved() <= limit);
+                    }
+                });
+            }
+        });
+        assert_eq!(t.reserved(), 0);
+        assert_eq!(
+            t.bytes(),
+            walk(dir.path()),
+            "the index accounts for every file"
+        );
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // And what is left reloads as it is.
+        let n = t.objects();
+        drop(t);
+        assert_eq!(DiskTier::open(dir.path(), limit).unwrap().objects(), n);
+    }
 }
