@@ -51,7 +51,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -591,12 +591,17 @@ impl DiskTier {
     /// bytes (checked block by block: a bad block removes the entry, a miss), else returns a
     /// reader. Blocking.
     pub fn load(&self, h: &Hash, whole_up_to: u64) -> Option<Loaded> {
+        self.load_into(h, whole_up_to, Vec::new())
+    }
+
+    /// [`DiskTier::load`], reading a whole body into `buf` (see [`BodyReader::read_all_into`]).
+    pub fn load_into(&self, h: &Hash, whole_up_to: u64, buf: Vec<u8>) -> Option<Loaded> {
         let obj = self.open_object(h)?;
         let id = obj.head.ident.id;
         let meta = obj.meta.clone();
         let reader = BodyReader::new(self.clone(), *h, obj);
         let body = if reader.body_len <= whole_up_to {
-            match reader.read_all() {
+            match reader.read_all_into(buf) {
                 Ok(b) => LoadedBody::Whole(b),
                 Err(e) => {
                     log::warn!("cache: {e}; treated as a miss");
@@ -653,6 +658,11 @@ impl DiskTier {
 
     pub fn contains(&self, h: &Hash) -> bool {
         self.0.index.lock().map.contains_key(h)
+    }
+
+    /// Both files' bytes of entry `h` (at least its body's length), if indexed.
+    pub fn entry_size(&self, h: &Hash) -> Option<u64> {
+        self.0.index.lock().map.get(h).map(|e| e.size)
     }
 
     pub fn objects(&self) -> usize {
@@ -1086,13 +1096,24 @@ impl BodyReader {
 
     /// Reads the blocks covering `from..to` and checks each; returns them from `from`'s block
     /// on. A bad block removes the entry.
-    fn read_checked(&self, from: u64, to: u64) -> io::Result<Bytes> {
+    fn read_checked(&self, from: u64, to: u64, mut buf: Vec<u8>) -> io::Result<Bytes> {
         let first = from / BLOCK;
         let start = first * BLOCK;
         let stop = (to.div_ceil(BLOCK) * BLOCK).min(self.body_len);
-        let mut buf = vec![0u8; (stop - start) as usize];
-        self.file
-            .read_exact_at(&mut buf, self.body_offset + start)?;
+        // Read into spare capacity (`read_to_end` does not zero it first: for a 1 MiB hit,
+        // zeroing cost as much as the CRCs).
+        let len = stop - start;
+        buf.clear();
+        buf.reserve_exact(len as usize);
+        let mut f = &self.file;
+        f.seek(SeekFrom::Start(self.body_offset + start))?;
+        f.take(len).read_to_end(&mut buf)?;
+        if buf.len() as u64 != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "cache file shorter than its head says",
+            ));
+        }
         for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
             let ix = first as usize + i;
             if crc32fast::hash(block) != self.table[ix] {
@@ -1109,12 +1130,17 @@ impl BodyReader {
     /// The next chunk (up to [`READ_BLOCKS`] blocks), `None` at the end. `Err` on I/O error
     /// or a bad block (the entry is removed, so the next request is a miss). Blocking.
     pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        self.next_chunk_into(Vec::new())
+    }
+
+    /// [`BodyReader::next_chunk`] into `buf` (a buffer of [`READ_BLOCKS`] blocks).
+    pub fn next_chunk_into(&mut self, buf: Vec<u8>) -> io::Result<Option<Bytes>> {
         if self.pos >= self.end {
             return Ok(None);
         }
         let block_start = self.pos / BLOCK * BLOCK;
         let to = self.end.min(block_start + READ_BLOCKS * BLOCK);
-        let blocks = self.read_checked(self.pos, to)?;
+        let blocks = self.read_checked(self.pos, to, buf)?;
         let chunk = blocks.slice((self.pos - block_start) as usize..(to - block_start) as usize);
         self.pos = to;
         Ok(Some(chunk))
@@ -1122,10 +1148,18 @@ impl BodyReader {
 
     /// Reads the whole body, checking every block. Blocking.
     pub fn read_all(self) -> io::Result<Bytes> {
+        self.read_all_into(Vec::new())
+    }
+
+    /// [`BodyReader::read_all`] into `buf`. A buffer allocated by the thread that will send
+    /// and free the body (a proxy worker) keeps the allocator's memory hot there: a buffer
+    /// allocated on one of the many blocking-pool threads and freed on the worker came back
+    /// cold, and a 1 MiB disk hit cost twice the CPU.
+    pub fn read_all_into(self, buf: Vec<u8>) -> io::Result<Bytes> {
         if self.body_len == 0 {
             return Ok(Bytes::new());
         }
-        self.read_checked(0, self.body_len)
+        self.read_checked(0, self.body_len, buf)
     }
 }
 

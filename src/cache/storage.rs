@@ -397,7 +397,12 @@ impl TieredStorage {
             return Ok(None); // a miss costs no trip to the blocking pool
         }
         let (d, whole) = (disk.clone(), self.verify_whole);
-        let Some(found) = blocking(move || d.load(&h, whole)).await? else {
+        // The body's buffer comes from this (the worker's) allocator: see `read_all_into`.
+        let buf = match disk.entry_size(&h) {
+            Some(size) if size <= whole + 64 * 1024 => Vec::with_capacity(size as usize),
+            _ => Vec::new(),
+        };
+        let Some(found) = blocking(move || d.load_into(&h, whole, buf)).await? else {
             return Ok(None);
         };
         let meta = match CacheMeta::deserialize(&found.meta.0, &found.meta.1) {
@@ -591,8 +596,9 @@ impl HandleHit for DiskHit {
         let Some(mut r) = self.0.take() else {
             return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
         };
+        let buf = Vec::with_capacity((disk::READ_BLOCKS * disk::BLOCK) as usize);
         let (r, chunk) = blocking(move || {
-            let chunk = r.next_chunk();
+            let chunk = r.next_chunk_into(buf);
             (r, chunk)
         })
         .await?;
