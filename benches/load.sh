@@ -23,6 +23,8 @@
 #   BUILD=1          0: skip `cargo build --release` (use CASCADE_BIN as it is)
 #   CASCADE_BIN      default $CARGO_TARGET_DIR/release/cascade
 #   CACHE_DISK=0     1: give cascade's cache a disk tier too (under the work directory)
+#   CACHE_MEMORY=256MiB   cascade's memory tier; objects above a quarter of it are served from
+#                    disk (CACHE_DISK=1 CACHE_MEMORY=1MiB: hit1m is a disk hit, hit4k a memory one)
 #   NGINX_MAIN404=locked   nginx cache profile, main's 404 in `location /`: locked (not cached,
 #                    proxy_cache_lock on), unlocked (not cached, lock off), cached (1m)
 #   PLUGIN_BODIES=0  1: the plughit plugins take body callbacks too (bodies: true)
@@ -44,6 +46,7 @@ PIN=${PIN:-0}
 BUILD=${BUILD:-1}
 KEEP=${KEEP:-0}
 CACHE_DISK=${CACHE_DISK:-0}
+CACHE_MEMORY=${CACHE_MEMORY:-256MiB}
 NGINX_MAIN404=${NGINX_MAIN404:-locked}
 PLUGIN_BODIES=${PLUGIN_BODIES:-0}
 
@@ -386,6 +389,7 @@ start_proxies() { # PROFILE
       fi
       render "$tpl" "$dir/gen.yaml" DIR="$dir" THREADS="$THREADS" PORT="${PORT_OF[$p]}" \
         METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk" \
+        CACHE_MEMORY="$CACHE_MEMORY" \
         ROOT="$ROOT" BODIES="$([ "$PLUGIN_BODIES" = 1 ] && echo true || echo false)"
       "$CASCADE_BIN" check -c "$dir/gen.yaml" >"$dir/check.log" 2>&1 ||
         {
@@ -582,7 +586,7 @@ measure() { # PROXY SCENARIO ROUND
 versions="$("$NGINX" -v 2>&1 | sed 's/.*: //' || true), $("$WRK" -v 2>&1 | head -1 | awk '{ print $1, $2 }' || true)"
 if wants cascade; then versions="cascade $("$CASCADE_BIN" --version 2>/dev/null | awk '{ print $NF }'), $versions"; fi
 log "$versions"
-log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU PROXIES='${RUN_PROXIES[*]}' CACHE_DISK=$CACHE_DISK NGINX_MAIN404=$NGINX_MAIN404 PLUGIN_BODIES=$PLUGIN_BODIES"
+log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU PROXIES='${RUN_PROXIES[*]}' CACHE_DISK=$CACHE_DISK CACHE_MEMORY=$CACHE_MEMORY NGINX_MAIN404=$NGINX_MAIN404 PLUGIN_BODIES=$PLUGIN_BODIES"
 for sc in $SCENARIOS; do
   if [ "${PROFILE_OF[$sc]}" != "$CUR_PROFILE" ]; then
     stop_proxies

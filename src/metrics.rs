@@ -30,6 +30,8 @@ pub struct Metrics {
     pub cache_bytes: GaugeVec,
     pub cache_objects: GaugeVec,
     pub cache_fill_errors: IntCounter,
+    pub cache_fill_memory: IntGauge,
+    pub cache_fills_discarded: IntCounter,
     pub cache_lock_waits: IntCounter,
     pub cache_served_bytes: IntCounterVec,
     pub cache_purges: IntCounterVec,
@@ -124,7 +126,19 @@ impl Metrics {
         .expect("metric");
         let cache_fill_errors = register_int_counter_with_registry!(
             "cascade_cache_fill_errors_total",
-            "Cache fills abandoned (client or origin failed mid-body, disk write failed): nothing was stored.",
+            "Cache fills abandoned, whole or their disk part (client or origin failed mid-body, disk write failed, no room on disk, over cache.fill_memory without a disk tier).",
+            registry
+        )
+        .expect("metric");
+        let cache_fill_memory = register_int_gauge_with_registry!(
+            "cascade_cache_fill_memory_bytes",
+            "Bytes held in memory by cache fills in flight (memory copies, disk writes not yet done), bounded by cache.fill_memory.",
+            registry
+        )
+        .expect("metric");
+        let cache_fills_discarded = register_int_counter_with_registry!(
+            "cascade_cache_fills_discarded_total",
+            "Cache fills that stored nothing because their object was written or purged while they were in flight.",
             registry
         )
         .expect("metric");
@@ -265,6 +279,8 @@ impl Metrics {
             cache_bytes,
             cache_objects,
             cache_fill_errors,
+            cache_fill_memory,
+            cache_fills_discarded,
             cache_lock_waits,
             cache_served_bytes,
             cache_purges,

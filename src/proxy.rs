@@ -90,6 +90,9 @@ pub struct Ctx {
     slice_refused: bool,
     /// The final `X-Cache` value, once the response header is known.
     pub cache_status: Option<&'static str>,
+    /// Taken when the request goes upstream on a miss or to revalidate: its answer is stored
+    /// only if no write or purge of the object came in between (`cache::storage::Ticket`).
+    fill_ticket: Option<cache::storage::Ticket>,
     /// The request's plugin chain state (instances leased until `logging`).
     plugins: Option<plugin::Exchange>,
     /// The response header as the plugins left it, for their body callbacks' properties
@@ -341,6 +344,15 @@ impl Cascade {
         Some((&self.state.origins[ix], role))
     }
 
+    fn take_fill_ticket(&self, ctx: &mut Ctx) {
+        if let (Some(cache), Some(req), None) =
+            (self.state.cache, ctx.req.as_ref(), ctx.fill_ticket.as_ref())
+        {
+            let object = cache::object_key(group_name(&self.state, req), &req.key);
+            ctx.fill_ticket = Some(cache.storage.ticket(&object));
+        }
+    }
+
     /// The `cache::SliceVersions` key of a slice request.
     fn slice_version_key(&self, ctx: &Ctx) -> Option<cache::Hash> {
         ctx.slice.filter(|s| !s.head)?;
@@ -387,6 +399,7 @@ impl ProxyHttp for Cascade {
             accept_encoding: None,
             slice_refused: false,
             cache_status: None,
+            fill_ticket: None,
             plugins: None,
             plugin_resp: None,
         }
@@ -581,6 +594,10 @@ impl ProxyHttp for Cascade {
         is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
+        if !is_fresh {
+            // Going upstream to refresh it: an invalidation meanwhile must win.
+            self.take_fill_ticket(ctx);
+        }
         // An expired slice 0 cannot be refreshed by a HEAD (see `cache_miss`): a miss, which
         // `cache_miss` turns into a HEAD to the origin.
         if !is_fresh && ctx.slice.is_some_and(|s| s.head) {
@@ -609,6 +626,7 @@ impl ProxyHttp for Cascade {
             session.cache.disable(NoCacheReason::DeclinedToUpstream);
             return;
         }
+        self.take_fill_ticket(ctx);
         session.cache.cache_miss();
     }
 
@@ -624,6 +642,13 @@ impl ProxyHttp for Cascade {
         if ctx.slice_refused {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                 "origin ignored the slice range",
+            )));
+        }
+        if ctx.fill_ticket.as_ref().is_some_and(|t| !t.current()) {
+            // A write or a purge came in while this answer was on its way: it may be the old
+            // version.
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                "invalidated while fetched",
             )));
         }
         let route = &self.state.router.routes()[req.route];

@@ -85,6 +85,35 @@ fn cache_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The body files of the cache directory (each entry also has a `.meta` file beside it).
+fn body_files(dir: &Path) -> Vec<PathBuf> {
+    cache_files(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "meta"))
+        .collect()
+}
+
+/// Bytes of every file under `dir`, temp files included.
+fn bytes_under(dir: &Path) -> u64 {
+    files_under(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Polls `/metrics` (bounded) until `name` satisfies `ok`; returns the last value.
+async fn metric_until(c: &Cascade, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric_sum(&c.metrics().await, name, &[]).unwrap_or(f64::NAN);
+        if ok(v) || Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn hit_after_miss_is_not_fetched_again() {
     let b = bucket("  memory: 16MiB");
@@ -158,7 +187,7 @@ async fn corrupted_or_truncated_cache_files_are_misses() {
     assert_eq!(get(&cascade, "/x.bin").await.1, "MISS");
     assert_eq!(get(&cascade, "/y.bin").await.1, "MISS");
     drop(cascade); // memory tier gone; only the files remain
-    let files = cache_files(dir.path());
+    let files = body_files(dir.path());
     assert_eq!(files.len(), 2, "{files:?}");
     // Flip one body byte in the first, truncate the second.
     let mut bytes = std::fs::read(&files[0]).unwrap();
@@ -650,8 +679,9 @@ async fn a_client_that_disconnects_mid_fill_leaves_no_complete_looking_entry() {
     let xc = header(&r, "x-cache");
     assert_eq!(r.bytes().await.unwrap().len(), size);
     assert!(xc == "MISS" || xc == "HIT", "{xc}");
-    // Every file in the cache dir is a complete entry (the temp dir holds no finished file).
-    for f in cache_files(dir.path()) {
+    // Every body file in the cache dir is a complete entry (the temp dir holds no finished
+    // file).
+    for f in body_files(dir.path()) {
         let len = std::fs::metadata(&f).unwrap().len();
         assert!(len > size as u64, "{} is {len} bytes", f.display());
     }
@@ -676,4 +706,166 @@ async fn routes_can_turn_caching_off_and_set_their_ttl() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(get(&c, "/a").await.1, "EXPIRED");
     assert_eq!(o.stats.count("GET"), 4);
+}
+
+#[tokio::test]
+async fn a_write_during_a_slow_fill_keeps_the_old_version_out_of_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, c) = http_origin(&format!(
+        "  memory: 16MiB\n  disk: {{path: \"{}\", size: 64MiB}}",
+        dir.path().display()
+    ));
+    let v1 = vec![1u8; 200_000];
+    // The origin sends the header and half the body, then the rest 2 s later.
+    o.route_method(
+        "GET",
+        "/doc.bin",
+        Reply::new(200, v1.clone()).trickle(Duration::from_secs(2)),
+    );
+    o.route_method("PUT", "/doc.bin", Reply::new(200, ""));
+    let slow = tokio::spawn({
+        let url = c.url("/doc.bin");
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            (header(&r, "x-cache"), r.bytes().await.unwrap().to_vec())
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || o.stats.response_bytes()
+            >= 100_000)
+        .await,
+        "the fill never started"
+    );
+    let r = client()
+        .put(c.url("/doc.bin"))
+        .body("v2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        !slow.is_finished(),
+        "the write must be answered while the fill is in flight"
+    );
+    o.route_method("GET", "/doc.bin", Reply::new(200, "v2"));
+    // The client of the slow fill is served in full, as a miss.
+    let (xc, got) = slow.await.unwrap();
+    assert_eq!(xc, "MISS");
+    assert!(got == v1, "the slow client got {} bytes", got.len());
+    let discarded = metric_until(&c, "cascade_cache_fills_discarded_total", |v| v >= 1.0).await;
+    assert_eq!(
+        discarded, 1.0,
+        "the fill begun before the write was discarded"
+    );
+    // The version fetched before the write was not stored: the next reader gets the new one.
+    assert_eq!(get(&c, "/doc.bin").await, (200, "MISS".into(), "v2".into()));
+    assert_eq!(get(&c, "/doc.bin").await, (200, "HIT".into(), "v2".into()));
+    assert_eq!(o.stats.count("GET"), 2);
+}
+
+#[tokio::test]
+async fn a_write_while_the_origin_is_still_answering_keeps_the_old_version_out() {
+    let (o, c) = http_origin("  memory: 16MiB");
+    // The origin takes 1.5 s to send even the header of the old version: the write lands
+    // before any fill exists.
+    o.route_method(
+        "GET",
+        "/late.bin",
+        Reply::new(200, "v1").delay(Duration::from_millis(1500)),
+    );
+    o.route_method("PUT", "/late.bin", Reply::new(200, ""));
+    let slow = tokio::spawn({
+        let url = c.url("/late.bin");
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            (header(&r, "x-cache"), r.text().await.unwrap())
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || o.stats.count("GET") >= 1).await,
+        "the miss never went upstream"
+    );
+    let r = client()
+        .put(c.url("/late.bin"))
+        .body("v2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        !slow.is_finished(),
+        "the write must land before the old answer"
+    );
+    o.route_method("GET", "/late.bin", Reply::new(200, "v2"));
+    assert_eq!(slow.await.unwrap(), ("MISS".into(), "v1".into()));
+    assert_eq!(
+        get(&c, "/late.bin").await,
+        (200, "MISS".into(), "v2".into())
+    );
+    assert_eq!(get(&c, "/late.bin").await, (200, "HIT".into(), "v2".into()));
+}
+
+#[tokio::test]
+async fn concurrent_large_misses_stay_within_the_disk_size_and_the_fill_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk_size: u64 = 4 << 20;
+    let fill_memory = 1u64 << 20;
+    let (o, c) = http_origin(&format!(
+        "  memory: 64MiB\n  fill_memory: 1MiB\n  disk: {{path: \"{}\", size: 4MiB}}",
+        dir.path().display()
+    ));
+    // Eight 2 MiB objects whose first halves arrive together: 8 MiB of fills in flight
+    // against a 4 MiB disk tier and a 1 MiB fill budget.
+    let (n, size) = (8usize, 2 << 20);
+    let bodies: Vec<Vec<u8>> = (0..n)
+        .map(|i| (0..size).map(|j| (j % 251) as u8 ^ i as u8).collect())
+        .collect();
+    for (i, b) in bodies.iter().enumerate() {
+        o.route(
+            &format!("/big/{i}"),
+            Reply::new(200, b.clone()).trickle(Duration::from_secs(2)),
+        );
+    }
+    let gets: Vec<_> = (0..n)
+        .map(|i| {
+            let url = c.url(&format!("/big/{i}"));
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap().to_vec())
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            o.stats.response_bytes() >= (n * size / 2) as u64
+        })
+        .await,
+        "the first halves never went out"
+    );
+    // While the second halves wait: the directory (temp files included) and the fills'
+    // memory stay within their bounds. Ten samples, 100 ms apart.
+    for _ in 0..10 {
+        let on_disk = bytes_under(dir.path());
+        assert!(on_disk <= disk_size, "{on_disk} bytes under the cache dir");
+        let m = c.metrics().await;
+        let held = metric_sum(&m, "cascade_cache_fill_memory_bytes", &[]).unwrap();
+        assert!(held <= fill_memory as f64, "fills hold {held} bytes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (g, b) in gets.into_iter().zip(&bodies) {
+        let (status, got) = g.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(&got == b, "a client got {} bytes", got.len());
+    }
+    let held = metric_until(&c, "cascade_cache_fill_memory_bytes", |v| v == 0.0).await;
+    assert_eq!(held, 0.0, "every fill gave its memory back");
+    let m = c.metrics().await;
+    assert!(
+        metric_sum(&m, "cascade_cache_fill_errors_total", &[]).unwrap() >= 1.0,
+        "some fills could not get room on disk"
+    );
+    assert!(
+        metric_sum(&m, "cascade_cache_bytes", &[("tier", "disk")]).unwrap() <= disk_size as f64
+    );
+    assert!(bytes_under(dir.path()) <= disk_size);
 }

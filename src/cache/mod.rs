@@ -61,6 +61,8 @@ pub fn unhex(s: &str) -> Option<Hash> {
 pub struct CacheConfig {
     pub memory: u64,
     pub disk: Option<(PathBuf, u64)>,
+    /// Bytes all fills in flight may hold in memory together.
+    pub fill_memory: u64,
     pub max_object_size: u64,
     pub default_ttl: Duration,
     pub negative_ttl: Duration,
@@ -78,6 +80,7 @@ impl CacheConfig {
         CacheConfig {
             memory: 1 << 20,
             disk: None,
+            fill_memory: 256 << 20,
             max_object_size: 1 << 30,
             default_ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(10),
@@ -170,7 +173,7 @@ impl Cache {
             Some((path, size)) => Some(disk::DiskTier::open(path, *size)?),
             None => None,
         };
-        let storage = storage::leak(TieredStorage::new(memory, disk));
+        let storage = storage::leak(TieredStorage::new(memory, disk, config.fill_memory));
         let lock: &'static CacheKeyLockImpl = Box::leak(CacheLock::new_boxed(config.lock_timeout));
         Ok(Cache {
             config,

@@ -1,12 +1,29 @@
 //! `TieredStorage`: cascade's pingora-cache `Storage` (memory tier over disk tier).
 //!
-//! Lookup: memory, then disk; a disk hit small enough for memory is verified whole and
-//! promoted. Fill: the body streams into a disk temp file as it arrives (never held whole
-//! unless small enough for memory) and is committed only by `finish`; a dropped miss handler
-//! (client gone, origin failed) commits nothing. Purge removes an entry from both tiers.
+//! Lookup: memory (inline: no I/O), then disk on the blocking pool; a disk hit small enough
+//! for memory is read and checked whole and promoted. Fill: the body streams to a disk temp
+//! file in batches written on the blocking pool (one batch in flight while the next one
+//! fills), beside a memory copy while the object still fits the memory tier; nothing is
+//! visible until `finish` commits it; a dropped miss handler (client gone, origin failed)
+//! commits nothing. Purge removes an entry from both tiers: the index at once, the files on
+//! the blocking pool. No disk I/O runs on a proxy worker (see `disk.rs` for why).
+//!
+//! Bounds on fills: the bytes that fills hold in memory (memory copies and disk batches not
+//! yet written) come out of one budget, `cache.fill_memory`; a fill that cannot get more
+//! gives up its memory copy and writes its disk batches unbuffered (and with no disk tier
+//! stores nothing). The client's response never waits on the budget. Temp files count against
+//! the disk tier's size (`disk.rs`).
+//!
+//! Generations: every object with a fill in flight has a generation. `invalidate`,
+//! `purge_prefix` and `purge` bump the generation of the objects they touch, and a fill
+//! publishes (disk index insert, memory insert) only if the generation it started with is
+//! still current, checked under the same lock as the bump; so a version fetched before a
+//! write or a purge is never stored after it. Objects without a fill in flight have no entry.
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,20 +37,30 @@ use pingora_cache::storage::{
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::CacheMeta;
 use pingora_error::{Error, ErrorType, Result};
+use tokio::task::JoinHandle;
 
-use super::disk::{BodyReader, DiskTier, DiskWriter, VERIFY_WHOLE};
+use super::disk::{self, BodyReader, DiskTier, DiskWriter, LoadedBody, VERIFY_WHOLE};
 use super::memory::{MemEntry, MemoryTier};
 use super::Hash;
 use crate::metrics::METRICS;
+
+/// A fill hands its disk writes to the blocking pool in batches of about this size.
+pub const WRITE_BATCH: usize = 256 * 1024;
 
 pub struct TieredStorage {
     pub memory: MemoryTier,
     pub disk: Option<DiskTier>,
     catalog: Mutex<Catalog>,
+    /// Objects with fills in flight. Its lock also orders memory-tier writes by storage
+    /// (fills, meta updates) against removals.
+    fills: Mutex<Fills>,
+    budget: FillBudget,
+    /// Disk bodies up to this size are read whole (checked before serving) on lookup.
+    verify_whole: u64,
 }
 
-/// Object (`group \0 key`) -> its stored entries (the whole object, its slices). Lets a write
-/// invalidate every slice of an object and an operator purge by key prefix. Entries that both
+/// Object (`cache::object_key`: group and key) -> its stored entries (the whole object, its
+/// slices). Lets a write invalidate every slice of an object and an operator purge by key prefix. Entries that both
 /// tiers have since evicted are pruned in an amortised sweep, so the catalog stays
 /// proportional to what is stored.
 #[derive(Default)]
@@ -55,10 +82,140 @@ impl Catalog {
     }
 }
 
+/// Fills in flight, by object: the object's generation and the entries being filled (one
+/// per fill). An object's entry lives while it has fills in flight.
+#[derive(Default)]
+struct Fills {
+    objects: HashMap<Box<str>, InFlight>,
+}
+
+impl Fills {
+    /// The object's entry, made at generation 0 if it has none.
+    fn entry(&mut self, object: &str) -> &mut InFlight {
+        if !self.objects.contains_key(object) {
+            let fresh = InFlight {
+                gen: 0,
+                hashes: Vec::new(),
+                pending: 0,
+            };
+            self.objects.insert(object.into(), fresh);
+        }
+        self.objects.get_mut(object).expect("just made")
+    }
+}
+
+struct InFlight {
+    gen: u64,
+    hashes: Vec<Hash>,
+    /// Requests gone upstream for the object that have no fill yet ([`Ticket`]s).
+    pending: usize,
+}
+
+/// A request's claim, taken when it goes upstream on a miss (or to revalidate), that what it
+/// fetches is still the current version when it comes back: a write or a purge meanwhile bumps
+/// the object's generation and the answer is not stored ([`Ticket::current`]). Closes the
+/// window before a fill exists (the origin answered the request before the write, the answer
+/// arrives after it). Dropped with the request.
+pub struct Ticket {
+    storage: &'static TieredStorage,
+    object: Box<str>,
+    gen: u64,
+}
+
+impl Ticket {
+    /// No write or purge of the object since the ticket was taken.
+    pub fn current(&self) -> bool {
+        self.storage.is_current(&self.object, self.gen)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut f = self.storage.fills.lock();
+        if let Some(e) = f.objects.get_mut(&*self.object) {
+            e.pending = e.pending.saturating_sub(1);
+            if e.pending == 0 && e.hashes.is_empty() {
+                f.objects.remove(&*self.object);
+            }
+        }
+    }
+}
+
+/// The bytes held in memory by fills in flight, bounded by `cache.fill_memory`.
+pub struct FillBudget {
+    limit: u64,
+    used: AtomicU64,
+}
+
+impl FillBudget {
+    pub fn new(limit: u64) -> Self {
+        FillBudget {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: u64) -> bool {
+        let taken = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                (u + n <= self.limit).then_some(u + n)
+            });
+        if taken.is_ok() {
+            // Deltas, not the value: concurrent updates cannot leave a stale value behind.
+            METRICS.cache_fill_memory.add(n as i64);
+        }
+        taken.is_ok()
+    }
+
+    fn give(&self, n: u64) {
+        if n > 0 {
+            self.used.fetch_sub(n, Ordering::Relaxed);
+            METRICS.cache_fill_memory.sub(n as i64);
+        }
+    }
+}
+
+/// Bytes taken from the fill budget, given back on drop.
+struct Held {
+    budget: &'static FillBudget,
+    n: u64,
+}
+
+impl Held {
+    fn new(budget: &'static FillBudget) -> Self {
+        Held { budget, n: 0 }
+    }
+
+    fn grow(&mut self, n: u64) -> bool {
+        let ok = self.budget.try_take(n);
+        if ok {
+            self.n += n;
+        }
+        ok
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
+}
+
 fn io_err(e: std::io::Error) -> Box<Error> {
     Error::because(ErrorType::InternalError, "cache storage", e)
 }
 
+/// Runs blocking disk work on the blocking pool and waits for it.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::because(ErrorType::InternalError, "cache storage: blocking task", e))
+}
 /// A cache entry's meta as stored: pingora's internal part, and the response header as
 /// pingora's header codec reads it (a zstd frame of HTTP/1 text), but written with stored
 /// (uncompressed) blocks. Every hit decodes the header; entropy-decoding a zstd-compressed
@@ -105,7 +262,8 @@ fn zstd_stored(data: &[u8]) -> Vec<u8> {
 }
 
 impl TieredStorage {
-    pub fn new(memory: MemoryTier, disk: Option<DiskTier>) -> Self {
+    /// `fill_memory`: the budget of bytes all fills in flight may hold in memory together.
+    pub fn new(memory: MemoryTier, disk: Option<DiskTier>, fill_memory: u64) -> Self {
         let mut catalog = Catalog::default();
         if let Some(d) = &disk {
             for (h, key) in d.entries() {
@@ -116,7 +274,20 @@ impl TieredStorage {
             memory,
             disk,
             catalog: Mutex::new(catalog),
+            fills: Mutex::new(Fills::default()),
+            budget: FillBudget::new(fill_memory),
+            verify_whole: VERIFY_WHOLE,
         }
+    }
+
+    /// Bytes fills in flight hold in memory now.
+    pub fn fill_memory(&self) -> u64 {
+        self.budget.used()
+    }
+
+    /// Objects with fills in flight (each has a generation entry).
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.lock().objects.len()
     }
 
     fn record(&self, primary: &str, combined: Hash) {
@@ -124,11 +295,17 @@ impl TieredStorage {
         c.add(primary, combined);
         let stored = self.memory.objects() + self.disk.as_ref().map_or(0, |d| d.objects());
         if c.entries > 2 * stored + 4096 {
+            // Entries being filled are not stored yet but must stay findable.
+            let filling: HashSet<Hash> = self
+                .fills
+                .lock()
+                .objects
+                .values()
+                .flat_map(|f| f.hashes.iter().copied())
+                .collect();
             let mut entries = 0;
             c.objects.retain(|_, set| {
-                set.retain(|h| {
-                    self.memory.contains(h) || self.disk.as_ref().is_some_and(|d| d.contains(h))
-                });
+                set.retain(|h| filling.contains(h) || self.has(h));
                 entries += set.len();
                 !set.is_empty()
             });
@@ -136,9 +313,91 @@ impl TieredStorage {
         }
     }
 
+    /// A fill of `h` (an entry of `object`) starts: returns the object's generation.
+    fn fill_begin(&self, object: &str, h: Hash) -> u64 {
+        let mut f = self.fills.lock();
+        let e = f.entry(object);
+        e.hashes.push(h);
+        e.gen
+    }
+
+    /// A [`Ticket`] for a request about to go upstream for `object`.
+    pub fn ticket(&'static self, object: &str) -> Ticket {
+        let mut f = self.fills.lock();
+        let e = f.entry(object);
+        e.pending += 1;
+        Ticket {
+            storage: self,
+            object: object.into(),
+            gen: e.gen,
+        }
+    }
+
+    /// A fill of `h` ended (finished or dropped).
+    fn fill_end(&self, object: &str, h: &Hash) {
+        let mut f = self.fills.lock();
+        if let Some(e) = f.objects.get_mut(object) {
+            if let Some(i) = e.hashes.iter().position(|x| x == h) {
+                e.hashes.swap_remove(i);
+            }
+            if e.hashes.is_empty() && e.pending == 0 {
+                f.objects.remove(object);
+            }
+        }
+    }
+
+    /// Bumps the generation of every object with fills in flight that `hit` selects, so
+    /// those fills are discarded at finish.
+    fn bump(&self, hit: impl Fn(&str, &InFlight) -> bool) {
+        for (object, e) in self.fills.lock().objects.iter_mut() {
+            if hit(object, e) {
+                e.gen += 1;
+            }
+        }
+    }
+
+    fn is_current(&self, object: &str, gen: u64) -> bool {
+        self.fills
+            .lock()
+            .objects
+            .get(object)
+            .is_some_and(|e| e.gen == gen)
+    }
+
+    /// Runs `publish` if `object` is still at generation `gen`, atomically with respect to
+    /// [`TieredStorage::bump`]; says whether it ran.
+    fn publish_if(&self, object: &str, gen: u64, publish: &mut dyn FnMut()) -> bool {
+        let f = self.fills.lock();
+        let current = f.objects.get(object).is_some_and(|e| e.gen == gen);
+        if current {
+            publish();
+        }
+        current
+    }
+
+    /// Removes entries from both tiers (disk index first, so no lookup can promote one of
+    /// them back into memory meanwhile); the disk files are unlinked on the blocking pool.
+    /// Returns how many were stored in either tier.
+    fn remove_all(&self, hs: &HashSet<Hash>) -> usize {
+        if hs.is_empty() {
+            return 0;
+        }
+        let on_disk: HashSet<Hash> = self
+            .disk
+            .as_ref()
+            .map(|d| d.remove_many(hs).into_iter().collect())
+            .unwrap_or_default();
+        let _f = self.fills.lock();
+        hs.iter()
+            .filter(|h| self.memory.remove(h) | on_disk.contains(*h))
+            .count()
+    }
+
     /// Removes every stored entry (the object and all its slices) of `object`
-    /// (`cache::object_key(group, key)`). Returns how many entries were removed.
+    /// (`cache::object_key(group, key)`), and makes fills of it in flight store nothing.
+    /// Returns how many entries were removed. No I/O on the caller's thread.
     pub fn invalidate(&self, object: &str) -> usize {
+        self.bump(|o, _| o == object);
         let mut all = self
             .catalog
             .lock()
@@ -146,30 +405,25 @@ impl TieredStorage {
             .remove(object)
             .unwrap_or_default();
         all.insert(super::plain_entry(object).combined_bin());
-        all.iter().map(|h| usize::from(self.remove(h))).sum()
+        self.remove_all(&all)
     }
 
-    /// Removes every object of `group` whose key starts with `key_prefix`; returns entries
-    /// removed.
+    /// Removes every object of `group` whose key starts with `key_prefix` (fills in flight of
+    /// such objects store nothing); returns entries removed. No I/O on the caller's thread.
     pub fn purge_prefix(&self, group: &str, key_prefix: &str) -> usize {
-        let victims: Vec<HashSet<Hash>> = {
-            let mut c = self.catalog.lock();
-            let keys: Vec<Box<str>> = c
-                .objects
-                .keys()
-                .filter(|k| {
-                    super::parse_object(k)
-                        .is_some_and(|(g, key)| g == group && key.starts_with(key_prefix))
-                })
-                .cloned()
-                .collect();
-            keys.iter().filter_map(|k| c.objects.remove(k)).collect()
+        let matches = |o: &str| {
+            super::parse_object(o).is_some_and(|(g, key)| g == group && key.starts_with(key_prefix))
         };
-        victims
-            .into_iter()
-            .flatten()
-            .map(|h| usize::from(self.remove(&h)))
-            .sum()
+        self.bump(|o, _| matches(o));
+        let victims: HashSet<Hash> = {
+            let mut c = self.catalog.lock();
+            let keys: Vec<Box<str>> = c.objects.keys().filter(|k| matches(k)).cloned().collect();
+            keys.iter()
+                .filter_map(|k| c.objects.remove(k))
+                .flatten()
+                .collect()
+        };
+        self.remove_all(&victims)
     }
 
     /// Whether either tier holds this entry (an index probe: no I/O).
@@ -177,54 +431,53 @@ impl TieredStorage {
         self.memory.contains(h) || self.disk.as_ref().is_some_and(|d| d.contains(h))
     }
 
-    /// Removes one entry from both tiers.
+    /// Removes one entry from both tiers (no I/O on the caller's thread).
     pub fn remove(&self, h: &Hash) -> bool {
-        let m = self.memory.remove(h);
-        let d = self.disk.as_ref().is_some_and(|d| d.remove(h));
-        m || d
+        self.remove_all(&HashSet::from([*h])) > 0
     }
 
-    fn lookup_hash(&self, h: &Hash) -> Result<Option<(CacheMeta, HitHandler)>> {
-        if let Some(e) = self.memory.get(h) {
+    async fn lookup_hash(&'static self, h: Hash) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if let Some(e) = self.memory.get(&h) {
             let meta = CacheMeta::deserialize(&e.meta.0, &e.meta.1)?;
             return Ok(Some((meta, Box::new(MemHit::new(e.body.clone())))));
         }
         let Some(disk) = &self.disk else {
             return Ok(None);
         };
-        let Some(obj) = disk.open_object(h) else {
+        if !disk.contains(&h) {
+            return Ok(None); // a miss costs no trip to the blocking pool
+        }
+        let (d, whole) = (disk.clone(), self.verify_whole);
+        // The body's buffer comes from this (the worker's) allocator: see `read_all_into`.
+        let buf = match disk.entry_size(&h) {
+            Some(size) if size <= whole + 64 * 1024 => Vec::with_capacity(size as usize),
+            _ => Vec::new(),
+        };
+        let Some(found) = blocking(move || d.load_into(&h, whole, buf)).await? else {
             return Ok(None);
         };
-        let meta = match CacheMeta::deserialize(&obj.head.meta.0, &obj.head.meta.1) {
+        let meta = match CacheMeta::deserialize(&found.meta.0, &found.meta.1) {
             Ok(m) => m,
             Err(e) => {
                 log::warn!("cache: removing entry with unreadable meta: {e}");
-                disk.remove(h);
+                disk.drop_entry_later(h, found.id);
                 return Ok(None);
             }
         };
-        let len = obj.head.header.body_len;
-        if len <= VERIFY_WHOLE {
-            let meta_raw = obj.head.meta.clone();
-            match BodyReader::new(obj).read_all() {
-                Ok(body) => {
-                    if (len as usize) <= self.memory.max_object() {
-                        self.memory.put(MemEntry {
-                            hash: *h,
-                            meta: meta_raw,
-                            body: body.clone(),
-                        });
-                    }
-                    Ok(Some((meta, Box::new(MemHit::new(body)))))
+        match found.body {
+            LoadedBody::Whole(body) => {
+                if body.len() <= self.memory.max_object() {
+                    // Only if it is still the indexed entry: a purge since the read wins.
+                    let entry = MemEntry {
+                        hash: h,
+                        meta: found.meta,
+                        body: body.clone(),
+                    };
+                    disk.if_current(&h, found.id, || self.memory.put(entry));
                 }
-                Err(e) => {
-                    log::warn!("cache: {e}; treated as a miss");
-                    disk.remove(h);
-                    Ok(None)
-                }
+                Ok(Some((meta, Box::new(MemHit::new(body)))))
             }
-        } else {
-            Ok(Some((meta, Box::new(DiskHit(BodyReader::new(obj))))))
+            LoadedBody::Stream(r) => Ok(Some((meta, Box::new(DiskHit(Some(r)))))),
         }
     }
 }
@@ -236,7 +489,7 @@ impl Storage for TieredStorage {
         key: &CacheKey,
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
-        self.lookup_hash(&key.combined_bin())
+        self.lookup_hash(key.combined_bin()).await
     }
 
     async fn get_miss_handler(
@@ -248,18 +501,26 @@ impl Storage for TieredStorage {
         let hash = key.combined_bin();
         let meta = meta_bytes(meta)?;
         let key_str = String::from_utf8_lossy(key.primary_key()).into_owned();
-        let disk = match &self.disk {
-            Some(d) => Some(d.writer(hash, &key_str, meta.clone()).map_err(io_err)?),
-            None => None,
-        };
+        // In the catalog from the start, so an invalidation of the object finds this entry.
+        self.record(&key_str, hash);
+        let gen = self.fill_begin(super::object_of(&key_str), hash);
+        let disk = self.disk.as_ref().map(|d| DiskFill {
+            writer: Some(d.writer(hash, &key_str, meta.clone())),
+            busy: None,
+            batch: Vec::new(),
+            batch_len: 0,
+            held: Held::new(&self.budget),
+        });
         Ok(Box::new(Fill {
             storage: self,
             hash,
             key: key_str,
+            gen,
             meta,
-            mem: Some(Vec::new()),
-            mem_len: 0,
+            mem: Some((Vec::new(), Held::new(&self.budget))),
+            len: 0,
             disk,
+            disk_lost: false,
             finished: false,
         }))
     }
@@ -271,6 +532,7 @@ impl Storage for TieredStorage {
         _trace: &SpanHandle,
     ) -> Result<PurgeOutcome> {
         let h = target.key().combined_bin();
+        self.bump(|_, e| e.hashes.contains(&h));
         Ok(if self.remove(&h) {
             PurgeOutcome::Purged(None)
         } else {
@@ -287,16 +549,24 @@ impl Storage for TieredStorage {
         let h = key.combined_bin();
         let raw = meta_bytes(meta)?;
         let mut updated = false;
-        if let Some(e) = self.memory.get(&h) {
-            self.memory.put(MemEntry {
-                hash: h,
-                meta: raw.clone(),
-                body: e.body.clone(),
-            });
-            updated = true;
+        {
+            let _f = self.fills.lock(); // ordered against removals (see `remove_all`)
+            if let Some(e) = self.memory.get(&h) {
+                self.memory.put(MemEntry {
+                    hash: h,
+                    meta: raw.clone(),
+                    body: e.body.clone(),
+                });
+                updated = true;
+            }
         }
         if let Some(d) = &self.disk {
-            updated |= d.update_meta(&h, raw).map_err(io_err)?;
+            if d.contains(&h) {
+                let d = d.clone();
+                updated |= blocking(move || d.update_meta(&h, raw))
+                    .await?
+                    .map_err(io_err)?;
+            }
         }
         Ok(updated)
     }
@@ -306,7 +576,7 @@ impl Storage for TieredStorage {
     }
 }
 
-/// A hit served from memory (or from a disk file read whole and verified).
+/// A hit served from memory (or from a disk file read whole and checked).
 struct MemHit {
     body: Bytes,
     range: (usize, usize),
@@ -367,13 +637,24 @@ impl HandleHit for MemHit {
     }
 }
 
-/// A large object streamed from its disk file.
-struct DiskHit(BodyReader);
+/// A large object streamed from its disk file, a few blocks per trip to the blocking pool.
+/// `None` only after a failed trip (the reader was lost with it).
+struct DiskHit(Option<BodyReader>);
 
 #[async_trait]
 impl HandleHit for DiskHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        self.0.next_chunk().map_err(io_err)
+        let Some(mut r) = self.0.take() else {
+            return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
+        };
+        let buf = Vec::with_capacity((disk::READ_BLOCKS * disk::BLOCK) as usize);
+        let (r, chunk) = blocking(move || {
+            let chunk = r.next_chunk_into(buf);
+            (r, chunk)
+        })
+        .await?;
+        self.0 = Some(r);
+        chunk.map_err(io_err)
     }
 
     async fn finish(
@@ -390,9 +671,10 @@ impl HandleHit for DiskHit {
     }
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
-        self.0
-            .seek(start as u64, end.map(|e| e as u64))
-            .map_err(io_err)
+        let Some(r) = self.0.as_mut() else {
+            return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
+        };
+        r.seek(start as u64, end.map(|e| e as u64)).map_err(io_err)
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
@@ -404,75 +686,226 @@ impl HandleHit for DiskHit {
     }
 }
 
+impl Drop for DiskHit {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            disk::offload(move || drop(r)); // closes the file off the worker
+        }
+    }
+}
+
+/// The disk part of a fill: a writer, at most one batch being written on the blocking pool,
+/// and the next batch filling up.
+struct DiskFill {
+    /// `None` while a batch is being written (`busy`).
+    writer: Option<DiskWriter>,
+    busy: Option<JoinHandle<(DiskWriter, io::Result<()>)>>,
+    batch: Vec<Bytes>,
+    batch_len: usize,
+    /// The budget the batch holds.
+    held: Held,
+}
+
+impl DiskFill {
+    async fn push(&mut self, data: Bytes) -> io::Result<()> {
+        let n = data.len();
+        let buffered = self.held.grow(n as u64);
+        self.batch.push(data);
+        self.batch_len += n;
+        if !buffered {
+            // The fills' budget is spent: hold nothing past this call.
+            self.flush().await?;
+            return self.wait().await;
+        }
+        if self.batch_len >= WRITE_BATCH {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Hands the batch to the blocking pool, once the previous one is written.
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.wait().await?;
+        let mut w = self.writer.take().expect("idle after wait");
+        let batch = std::mem::take(&mut self.batch);
+        let budget = self.held.budget;
+        let held = std::mem::replace(&mut self.held, Held::new(budget));
+        self.batch_len = 0;
+        self.busy = Some(tokio::task::spawn_blocking(move || {
+            let written = w.write_batch(&batch);
+            drop((batch, held)); // the budget comes back with the memory
+            (w, written)
+        }));
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> io::Result<()> {
+        if let Some(job) = self.busy.take() {
+            let (w, written) = job.await.map_err(io::Error::other)?;
+            self.writer = Some(w);
+            written?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is left; returns the writer, ready to commit.
+    async fn close(mut self) -> io::Result<DiskWriter> {
+        self.flush().await?;
+        self.wait().await?;
+        Ok(self.writer.take().expect("idle after wait"))
+    }
+}
+
 /// One fill in progress. Nothing is visible to readers until `finish`.
 struct Fill {
     storage: &'static TieredStorage,
     hash: Hash,
     key: String,
+    /// The object's generation when the fill began.
+    gen: u64,
     meta: (Bytes, Bytes),
-    /// Body chunks while the object still fits the memory tier; dropped once it does not.
-    mem: Option<Vec<Bytes>>,
-    mem_len: usize,
-    disk: Option<DiskWriter>,
+    /// Body chunks while the object still fits the memory tier and the fill budget.
+    mem: Option<(Vec<Bytes>, Held)>,
+    /// Body bytes received.
+    len: usize,
+    disk: Option<DiskFill>,
+    /// The disk part failed or was abandoned.
+    disk_lost: bool,
     finished: bool,
+}
+
+impl Fill {
+    fn lose_disk(&mut self, e: io::Error) {
+        // Disk full or failing: keep serving the client, cache nothing on disk.
+        if e.kind() == io::ErrorKind::StorageFull {
+            log::debug!("cache: fill not cached on disk: {e}");
+        } else {
+            log::warn!("cache: disk write failed, object not cached on disk: {e}");
+        }
+        METRICS.cache_fill_errors.inc();
+        self.disk = None; // the writer's Drop removes the temp file, off the worker
+        self.disk_lost = true;
+        if self.mem.is_none() {
+            log::debug!("cache: fill of {} stores nothing", super::hex(&self.hash));
+        }
+    }
 }
 
 #[async_trait]
 impl HandleMiss for Fill {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
-        if let Some(w) = self.disk.as_mut() {
-            if let Err(e) = w.write(&data) {
-                // Disk full or failing: keep serving the client, cache nothing on disk.
-                log::warn!("cache: disk write failed, object not cached on disk: {e}");
-                METRICS.cache_fill_errors.inc();
-                self.disk = None;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let n = data.len();
+        self.len += n;
+        if let Some((chunks, held)) = self.mem.as_mut() {
+            if self.len > self.storage.memory.max_object() {
+                self.mem = None;
+            } else if held.grow(n as u64) {
+                chunks.push(data.clone());
+            } else {
+                // The fills' shared budget is spent: no memory copy for this one.
+                self.mem = None;
+                if self.disk.is_none() && !self.disk_lost {
+                    // Nothing will be stored (no disk tier).
+                    METRICS.cache_fill_errors.inc();
+                }
             }
         }
-        self.mem_len += data.len();
-        if self.mem_len > self.storage.memory.max_object() {
-            self.mem = None;
-        } else if let Some(chunks) = self.mem.as_mut() {
-            chunks.push(data);
+        if let Some(d) = self.disk.as_mut() {
+            if let Err(e) = d.push(data).await {
+                self.lose_disk(e);
+            }
         }
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         self.finished = true;
-        if let Some(chunks) = self.mem.take() {
+        let st = self.storage;
+        let (hash, gen) = (self.hash, self.gen);
+        let object: Box<str> = super::object_of(&self.key).into();
+        let mut refused = !st.is_current(&object, gen);
+        if refused {
+            // Written or purged since the fill began: store nothing.
+            self.mem = None;
+            self.disk = None;
+        }
+        if let Some(d) = self.disk.take() {
+            let tier = st.disk.clone().expect("a disk part needs a disk tier");
+            let obj = object.clone();
+            let committed = match d.close().await {
+                Ok(w) => blocking(move || tier.finish(w, &|p| st.publish_if(&obj, gen, p)))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e))),
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(Some(_)) => {}
+                Ok(None) => refused = true,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::StorageFull {
+                        log::debug!("cache: object not cached on disk: {e}");
+                    } else {
+                        log::warn!("cache: cannot commit object to disk: {e}");
+                    }
+                    METRICS.cache_fill_errors.inc();
+                    self.disk_lost = true;
+                }
+            }
+        }
+        if self.disk_lost {
+            // The old version must not outlive the new one in the other tier.
+            if let Some(d) = &st.disk {
+                d.remove(&hash);
+            }
+        }
+        if let Some((chunks, held)) = self.mem.take() {
             let body = if chunks.len() == 1 {
                 chunks.into_iter().next().expect("one")
             } else {
-                let mut v = Vec::with_capacity(self.mem_len);
+                let mut v = Vec::with_capacity(self.len);
                 for c in chunks {
                     v.extend_from_slice(&c);
                 }
                 Bytes::from(v)
             };
-            self.storage.memory.put(MemEntry {
-                hash: self.hash,
+            let mut entry = Some(MemEntry {
+                hash,
                 meta: self.meta.clone(),
                 body,
             });
-        } else {
-            // Stale copies of a key must not outlive its replacement in the other tier.
-            self.storage.memory.remove(&self.hash);
-        }
-        if let (Some(w), Some(disk)) = (self.disk.take(), self.storage.disk.as_ref()) {
-            if let Err(e) = disk.finish(w) {
-                log::warn!("cache: cannot commit object to disk: {e}");
-                METRICS.cache_fill_errors.inc();
+            let put = &mut || st.memory.put(entry.take().expect("published once"));
+            if !st.publish_if(&object, gen, put) {
+                refused = true;
             }
+            drop(held);
+        } else if !refused {
+            // Stale copies of a key must not outlive its replacement in the other tier.
+            st.memory.remove(&hash);
         }
-        self.storage.record(&self.key, self.hash);
-        Ok(MissFinishType::Created(self.mem_len))
+        if refused {
+            log::debug!(
+                "cache: fill of {} discarded: the object was written or purged meanwhile",
+                super::hex(&hash)
+            );
+            METRICS.cache_fills_discarded.inc();
+            return Ok(MissFinishType::Created(0));
+        }
+        Ok(MissFinishType::Created(self.len))
     }
 }
 
 impl Drop for Fill {
     fn drop(&mut self) {
+        self.storage
+            .fill_end(super::object_of(&self.key), &self.hash);
         if !self.finished {
-            // The DiskWriter's own Drop removes the temp file.
+            // The DiskWriter's own Drop removes the temp file (off the worker).
             METRICS.cache_fill_errors.inc();
         }
     }
@@ -530,5 +963,362 @@ mod tests {
             v.extend_from_slice(&[0xA0, 0, 0, 0, 0, 1, 0, 0]);
             v
         });
+    }
+
+    // ---- fills, budget, generations, disk hits through the Storage API ----
+
+    use crate::cache::{cache_key, object_key};
+    use pingora_cache::trace::Span;
+    use std::path::Path;
+
+    fn span() -> SpanHandle {
+        Span::inactive().handle()
+    }
+
+    fn new_storage(memory: u64, disk: Option<(&Path, u64)>, fill_memory: u64) -> TieredStorage {
+        TieredStorage::new(
+            MemoryTier::new(memory),
+            disk.map(|(p, size)| DiskTier::open(p, size).unwrap()),
+            fill_memory,
+        )
+    }
+
+    fn meta() -> CacheMeta {
+        let now = SystemTime::now();
+        let h = ResponseHeader::build(200, None).unwrap();
+        CacheMeta::new(now + Duration::from_secs(600), now, 0, 0, h)
+    }
+
+    fn body(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    async fn fill_all(st: &'static TieredStorage, key: &CacheKey, data: &[u8]) -> MissFinishType {
+        let mut m = st.get_miss_handler(key, &meta(), &span()).await.unwrap();
+        for c in data.chunks(64 * 1024) {
+            m.write_body(Bytes::copy_from_slice(c), false)
+                .await
+                .unwrap();
+        }
+        m.finish().await.unwrap()
+    }
+
+    async fn read(st: &'static TieredStorage, key: &CacheKey) -> Option<Vec<u8>> {
+        let (_, mut hit) = st.lookup(key, &span()).await.unwrap()?;
+        let mut out = Vec::new();
+        while let Some(b) = hit.read_body().await.unwrap() {
+            out.extend_from_slice(&b);
+        }
+        Some(out)
+    }
+
+    fn files(p: &Path) -> usize {
+        std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    files(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+
+    /// Waits (bounded) for the unlinks handed to the blocking pool.
+    async fn settle(dir: &Path, want_files: usize) -> usize {
+        for _ in 0..200 {
+            if files(dir) == want_files {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        files(dir)
+    }
+
+    fn created(t: MissFinishType) -> usize {
+        match t {
+            MissFinishType::Created(n) => n,
+            MissFinishType::Appended(..) => panic!("appended"),
+        }
+    }
+
+    #[tokio::test]
+    async fn fills_share_one_memory_budget() {
+        // No disk tier: a fill that cannot keep its memory copy stores nothing.
+        let st = leak(new_storage(64 << 20, None, 1 << 20));
+        let keys: Vec<CacheKey> = (0..4)
+            .map(|i| cache_key("g", &format!("o{i}"), None, None))
+            .collect();
+        let bodies: Vec<Vec<u8>> = (0..4).map(|i| body(i, 512 * 1024)).collect();
+        let mut fills = Vec::new();
+        for k in &keys {
+            fills.push(st.get_miss_handler(k, &meta(), &span()).await.unwrap());
+        }
+        let errors = METRICS.cache_fill_errors.get();
+        // 4 x 512 KiB arriving together: twice the 1 MiB budget.
+        for off in (0..512 * 1024).step_by(64 * 1024) {
+            for (f, b) in fills.iter_mut().zip(&bodies) {
+                f.write_body(Bytes::copy_from_slice(&b[off..off + 64 * 1024]), false)
+                    .await
+                    .unwrap();
+                assert!(st.fill_memory() <= 1 << 20, "{}", st.fill_memory());
+            }
+        }
+        assert!(st.fill_memory() > 0);
+        for f in fills {
+            assert_eq!(created(f.finish().await.unwrap()), 512 * 1024);
+        }
+        assert_eq!(st.fill_memory(), 0, "every byte given back");
+        let mut stored = 0;
+        for (k, b) in keys.iter().zip(&bodies) {
+            if let Some(got) = read(st, k).await {
+                assert_eq!(&got, b);
+                stored += 1;
+            }
+        }
+        assert!((1..4).contains(&stored), "{stored} of 4 stored");
+        assert!(METRICS.cache_fill_errors.get() >= errors + (4 - stored) as u64);
+    }
+
+    #[tokio::test]
+    async fn over_budget_fills_still_complete_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(1 << 20, Some((dir.path(), 64 << 20)), 1 << 20));
+        let keys: Vec<CacheKey> = (0..4)
+            .map(|i| cache_key("g", &format!("d{i}"), None, None))
+            .collect();
+        let bodies: Vec<Vec<u8>> = (0..4).map(|i| body(i, 2 << 20)).collect();
+        let mut fills = Vec::new();
+        for k in &keys {
+            fills.push(st.get_miss_handler(k, &meta(), &span()).await.unwrap());
+        }
+        for off in (0..2 << 20).step_by(64 * 1024) {
+            for (f, b) in fills.iter_mut().zip(&bodies) {
+                f.write_body(Bytes::copy_from_slice(&b[off..off + 64 * 1024]), false)
+                    .await
+                    .unwrap();
+                assert!(st.fill_memory() <= 1 << 20, "{}", st.fill_memory());
+            }
+        }
+        for f in fills {
+            f.finish().await.unwrap();
+        }
+        assert_eq!(st.fill_memory(), 0);
+        for (k, b) in keys.iter().zip(&bodies) {
+            assert!(
+                !st.memory.contains(&k.combined_bin()),
+                "too large for memory"
+            );
+            assert_eq!(read(st, k).await.as_ref(), Some(b), "complete on disk");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fill_begun_before_an_invalidation_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(
+            16 << 20,
+            Some((dir.path(), 64 << 20)),
+            16 << 20,
+        ));
+        let discarded = METRICS.cache_fills_discarded.get();
+        let k = cache_key("g", "a.bin", None, None);
+        let old = body(1, 300 * 1024);
+        // The first fill of an object (nothing stored yet), then a write invalidates it.
+        let mut m = st.get_miss_handler(&k, &meta(), &span()).await.unwrap();
+        m.write_body(Bytes::copy_from_slice(&old[..100_000]), false)
+            .await
+            .unwrap();
+        assert_eq!(
+            st.invalidate(&object_key("g", "a.bin")),
+            0,
+            "nothing stored"
+        );
+        m.write_body(Bytes::copy_from_slice(&old[100_000..]), false)
+            .await
+            .unwrap();
+        assert_eq!(created(m.finish().await.unwrap()), 0);
+        assert_eq!(read(st, &k).await, None, "the old version is not stored");
+        assert!(!st.has(&k.combined_bin()));
+        assert_eq!(settle(dir.path(), 0).await, 0, "no file left");
+        assert_eq!(METRICS.cache_fills_discarded.get(), discarded + 1);
+        assert_eq!(st.fills_in_flight(), 0, "no generation kept without fills");
+        // A fill begun after the invalidation is stored.
+        let new = body(2, 300 * 1024);
+        assert_eq!(created(fill_all(st, &k, &new).await), new.len());
+        assert_eq!(read(st, &k).await, Some(new.clone()));
+
+        // An expired entry being refreshed while a purge by prefix removes it: the refresh
+        // stores nothing either, and the old copy is gone from both tiers.
+        let mut m = st.get_miss_handler(&k, &meta(), &span()).await.unwrap();
+        m.write_body(Bytes::from(body(3, 1000)), false)
+            .await
+            .unwrap();
+        // A fill of another object in flight at the same time is not affected.
+        let other = cache_key("h", "a.bin", None, None);
+        let mut o = st.get_miss_handler(&other, &meta(), &span()).await.unwrap();
+        o.write_body(Bytes::from_static(b"other"), false)
+            .await
+            .unwrap();
+        assert_eq!(st.purge_prefix("g", "a"), 1);
+        assert_eq!(created(m.finish().await.unwrap()), 0);
+        assert_eq!(created(o.finish().await.unwrap()), 5);
+        assert_eq!(read(st, &k).await, None);
+        assert_eq!(read(st, &other).await, Some(b"other".to_vec()));
+
+        // pingora's purge of the entry's key does the same.
+        let s = crate::cache::slice::plan(Some("bytes=0-0"), false, 1 << 20).unwrap();
+        let sk = cache_key("g", "v.mp4", None, Some(&s));
+        let mut m = st.get_miss_handler(&sk, &meta(), &span()).await.unwrap();
+        m.write_body(Bytes::from_static(b"slice"), false)
+            .await
+            .unwrap();
+        let outcome = st
+            .purge(
+                PurgeTarget::Active(&sk.to_compact()),
+                PurgeType::Invalidation,
+                &span(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome, PurgeOutcome::NotFound);
+        assert_eq!(created(m.finish().await.unwrap()), 0);
+        assert_eq!(read(st, &sk).await, None);
+        assert_eq!(METRICS.cache_fills_discarded.get(), discarded + 3);
+        assert_eq!(st.fills_in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_reaches_a_slice_being_filled() {
+        let st = leak(new_storage(16 << 20, None, 16 << 20));
+        let s = crate::cache::slice::plan(Some("bytes=0-0"), false, 1 << 20).unwrap();
+        let sk = cache_key("g", "v.mp4", None, Some(&s));
+        let mut m = st.get_miss_handler(&sk, &meta(), &span()).await.unwrap();
+        m.write_body(Bytes::from_static(b"old slice"), false)
+            .await
+            .unwrap();
+        st.invalidate(&object_key("g", "v.mp4"));
+        assert_eq!(created(m.finish().await.unwrap()), 0);
+        assert_eq!(read(st, &sk).await, None);
+    }
+
+    #[tokio::test]
+    async fn large_disk_hits_stream_and_check_every_block_they_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = new_storage(1 << 20, Some((dir.path(), 64 << 20)), 16 << 20);
+        st.verify_whole = 0; // stream everything above 0 bytes
+        let st = leak(st);
+        let k = cache_key("g", "big.bin", None, None);
+        let b = body(7, 20 * disk::BLOCK as usize + 5);
+        fill_all(st, &k, &b).await;
+        assert_eq!(read(st, &k).await.as_ref(), Some(&b));
+        // A range in the middle (the Range path seeks before reading).
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        let (s, e) = (5 * 65536 + 17, 12 * 65536 + 3);
+        hit.seek(s, Some(e)).unwrap();
+        let mut got = Vec::new();
+        while let Some(c) = hit.read_body().await.unwrap() {
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got, &b[s..e]);
+        // Corrupt block 9: a range through it fails (a truncated response), the entry goes.
+        let name = crate::cache::hex(&k.combined_bin());
+        let path = dir.path().join(&name[..2]).join(&name);
+        let mut raw = std::fs::read(&path).unwrap();
+        let key_len = String::from_utf8_lossy(k.primary_key()).len();
+        raw[disk::HEADER_LEN as usize + key_len + 9 * 65536 + 3] ^= 0x10;
+        std::fs::write(&path, raw).unwrap();
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        hit.seek(s, Some(e)).unwrap();
+        let mut served = 0;
+        let err = loop {
+            match hit.read_body().await {
+                Ok(Some(c)) => served += c.len(),
+                Ok(None) => panic!("a corrupt block read as a complete body"),
+                Err(e) => break e,
+            }
+        };
+        assert!(served < e - s, "{err}");
+        assert!(!st.has(&k.combined_bin()));
+        assert!(
+            st.lookup(&k, &span()).await.unwrap().is_none(),
+            "a miss next"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_revalidation_replaces_the_meta_of_both_tiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(
+            16 << 20,
+            Some((dir.path(), 64 << 20)),
+            16 << 20,
+        ));
+        let k = cache_key("g", "r.txt", None, None);
+        fill_all(st, &k, b"same body").await;
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.append_header("etag", "\"v2\"").unwrap();
+        let now = SystemTime::now();
+        let m2 = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
+        assert!(st.update_meta(&k, &m2, &span()).await.unwrap());
+        st.memory.remove(&k.combined_bin()); // read the disk copy
+        let (meta, _) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        assert_eq!(
+            meta.response_header().headers.get("etag").unwrap(),
+            "\"v2\""
+        );
+        assert_eq!(read(st, &k).await, Some(b"same body".to_vec()));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stalled_disk_read_does_not_stall_the_worker() {
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(1 << 20, Some((dir.path(), 64 << 20)), 16 << 20));
+        let k = cache_key("g", "stuck.bin", None, None);
+        fill_all(st, &k, &body(1, 300_000)).await;
+        // The entry's meta file becomes a FIFO: opening it blocks until a writer comes,
+        // like a read from a stalled disk.
+        let name = crate::cache::hex(&k.combined_bin());
+        let meta_path = dir.path().join(&name[..2]).join(format!("{name}.meta"));
+        std::fs::remove_file(&meta_path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&meta_path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // The writer comes when this test says so, or after 10 s (if the read had stalled
+        // the runtime's only thread, the test could not say so).
+        let released = Arc::new(AtomicBool::new(false));
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let unblocker = std::thread::spawn({
+            let (released, meta_path) = (released.clone(), meta_path.clone());
+            move || {
+                let _ = wait.recv_timeout(Duration::from_secs(10));
+                released.store(true, Ordering::SeqCst);
+                let w = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&meta_path)
+                    .unwrap();
+                std::fs::write(meta_path.with_extension("junk"), b"junk").unwrap();
+                std::fs::rename(meta_path.with_extension("junk"), &meta_path).unwrap();
+                drop(w);
+            }
+        });
+        let lookup = tokio::spawn(async move { st.lookup(&k, &span()).await.map(|h| h.is_some()) });
+        // The lookup is under way (the worker polled it) and this runtime's one thread still
+        // runs other tasks.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !released.load(Ordering::SeqCst),
+            "the worker was blocked until the disk read was released"
+        );
+        go.send(()).unwrap();
+        assert!(!lookup.await.unwrap().unwrap(), "a bad meta file is a miss");
+        unblocker.join().unwrap();
     }
 }

@@ -142,6 +142,9 @@ pub struct CacheSection {
     pub memory: u64,
     #[serde(default)]
     pub disk: Option<DiskSection>,
+    /// Bytes all fills in flight may hold in memory together.
+    #[serde(default = "d_fill_memory", deserialize_with = "de_size")]
+    pub fill_memory: u64,
     #[serde(default = "d_max_object", deserialize_with = "de_size")]
     pub max_object_size: u64,
     #[serde(default = "d_default_ttl", deserialize_with = "de_duration")]
@@ -170,6 +173,9 @@ pub struct DiskSection {
 }
 
 fn d_cache_memory() -> u64 {
+    256 << 20
+}
+fn d_fill_memory() -> u64 {
     256 << 20
 }
 fn d_max_object() -> u64 {

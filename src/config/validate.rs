@@ -474,6 +474,10 @@ fn cache_config(
         cx.err("cache.memory", "must be at least 1MiB");
         ok = false;
     }
+    if c.fill_memory < 1 << 20 {
+        cx.err("cache.fill_memory", "must be at least 1MiB");
+        ok = false;
+    }
     if c.slice_size != 0 && c.slice_size < 64 * 1024 {
         cx.err("cache.slice_size", "must be 0 (off) or at least 64KiB");
         ok = false;
@@ -512,6 +516,7 @@ fn cache_config(
     ok.then_some(crate::cache::CacheConfig {
         memory: c.memory,
         disk,
+        fill_memory: c.fill_memory,
         max_object_size: c.max_object_size,
         default_ttl: c.default_ttl,
         negative_ttl: c.negative_ttl,
@@ -1128,6 +1133,17 @@ routes:
         assert_eq!(errs[0].line, 3);
         let errs = load_err("listen: [{addr: nope}]\n");
         assert_eq!(errs[0].field, "listen[0].addr");
+    }
+
+    #[test]
+    fn cache_fill_memory_has_a_default_and_a_floor() {
+        let base = format!("{GOOD}cache:\n  memory: 16MiB\n");
+        assert_eq!(load_ok(&base).cache.unwrap().fill_memory, 256 << 20);
+        let c = load_ok(&format!("{base}  fill_memory: 64MiB\n"));
+        assert_eq!(c.cache.unwrap().fill_memory, 64 << 20);
+        let errs = load_err(&format!("{base}  fill_memory: 100KiB\n"));
+        assert_eq!(errs[0].field, "cache.fill_memory");
+        assert_eq!(errs[0].line, 11);
     }
 
     #[test]
