@@ -11,6 +11,9 @@ cargo fmt --all -- --check
 if [ -x scripts/build-plugins.sh ]; then
   scripts/build-plugins.sh
 fi
+# The plugins' own unit tests, natively (hog uses wasm32-only intrinsics: it is exercised in
+# tests/plugins.rs instead).
+(cd plugins && cargo test --quiet --workspace --exclude hog)
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --no-fail-fast "$@"
   cargo test --doc
