@@ -708,6 +708,23 @@ async fn routes_can_turn_caching_off_and_set_their_ttl() {
     assert_eq!(o.stats.count("GET"), 4);
 }
 
+/// PUTs `v2` to `path` while the `slow` GET of the old version is still on its way, and
+/// makes the origin answer `v2` from then on.
+async fn write_v2_before<T>(
+    c: &Cascade,
+    o: &HttpOrigin,
+    path: &str,
+    slow: &tokio::task::JoinHandle<T>,
+) {
+    let r = client().put(c.url(path)).body("v2").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        !slow.is_finished(),
+        "the write must land while the old version is in flight"
+    );
+    o.route_method("GET", path, Reply::new(200, "v2"));
+}
+
 #[tokio::test]
 async fn a_write_during_a_slow_fill_keeps_the_old_version_out_of_the_cache() {
     let dir = tempfile::tempdir().unwrap();
@@ -736,18 +753,7 @@ async fn a_write_during_a_slow_fill_keeps_the_old_version_out_of_the_cache() {
         .await,
         "the fill never started"
     );
-    let r = client()
-        .put(c.url("/doc.bin"))
-        .body("v2")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(
-        !slow.is_finished(),
-        "the write must be answered while the fill is in flight"
-    );
-    o.route_method("GET", "/doc.bin", Reply::new(200, "v2"));
+    write_v2_before(&c, &o, "/doc.bin", &slow).await;
     // The client of the slow fill is served in full, as a miss.
     let (xc, got) = slow.await.unwrap();
     assert_eq!(xc, "MISS");
@@ -785,18 +791,7 @@ async fn a_write_while_the_origin_is_still_answering_keeps_the_old_version_out()
         eventually(Duration::from_secs(10), || o.stats.count("GET") >= 1).await,
         "the miss never went upstream"
     );
-    let r = client()
-        .put(c.url("/late.bin"))
-        .body("v2")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(
-        !slow.is_finished(),
-        "the write must land before the old answer"
-    );
-    o.route_method("GET", "/late.bin", Reply::new(200, "v2"));
+    write_v2_before(&c, &o, "/late.bin", &slow).await;
     assert_eq!(slow.await.unwrap(), ("MISS".into(), "v1".into()));
     assert_eq!(
         get(&c, "/late.bin").await,
