@@ -2,6 +2,15 @@
 //! sockets (a SigV4-verifying s3s-fs bucket, plain HTTP origins, one that resolves paths as
 //! nginx does, the shipped `auth` plugin), asserting the safe outcome and that the legitimate
 //! request next to it still works.
+//!
+//! The classes whose attacks need their own machinery are tested beside it: bounded fills and
+//! disk I/O off the workers in `tests/cache.rs` (`concurrent_large_misses_...`,
+//! `a_write_during_a_slow_fill_...`, `a_write_while_the_origin_is_still_answering_...`) and
+//! `cache::storage`/`cache::disk` unit tests; guest-driven allocations in `tests/plugins.rs`
+//! (`guest_driven_allocations_are_bounded`, the `hog` plugin); local files in
+//! `tests/proxy.rs` (`the_runtime_dir_is_private`) and `plugin::runtime` unit tests (the
+//! precompiled cache). Property tests sit with the code (`boundary::path`, `admit`, `cache`,
+//! `cache::slice`, `config::validate`, `plugin::abi`); `scripts/fuzz.sh` fuzzes the same.
 
 mod common;
 
