@@ -137,7 +137,7 @@ routes:
             None,
         ));
     });
-    let origin = &state.origins[1];
+    let origin = &state.origins[1].peers[0];
     let fwd = cascade::origin::Forward { credentials: true };
     time("signed rewrite (allowlist + SigV4), for scale", || {
         let mut r = put.clone();

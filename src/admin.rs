@@ -1,5 +1,6 @@
 //! The admin API, on its own listener: cache purge (one object, or every object under a key
-//! prefix), plugin reload and a health probe. Every request but `/healthz` needs
+//! prefix), plugin reload, the state of every origin and peer, manual drain/enable of a peer,
+//! and health probes. Every request but `/healthz` and `/readyz` needs
 //! `Authorization: Bearer <token>`, the token read from the environment variable named in
 //! `admin.token_env`, compared in constant time; without it the answer is 401.
 //!
@@ -8,6 +9,11 @@
 //! PURGE|DELETE /cache/<group>/<key prefix>*    every object whose key starts with the prefix
 //! PURGE|DELETE /cache/<group>/*                the whole group
 //! POST /plugins/reload                         re-read the plugin files (as SIGHUP does)
+//! GET  /status                                 groups, origins and peers (JSON), cache, plugins
+//! POST /origins/<origin>/peers/<peer>/drain    no new requests to the peer (in-flight finish)
+//! POST /origins/<origin>/peers/<peer>/enable   back in rotation
+//! GET  /readyz                                 200 once every monitored peer had a check
+//! GET  /healthz                                200 while the process serves
 //! ```
 //! The object key is the one the route hands to the origin (after `strip_prefix`), the same
 //! string the cache key is built from.
@@ -18,15 +24,16 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use subtle::ConstantTimeEq;
 
-use crate::cache::{self, TieredStorage};
+use std::sync::Arc;
+
+use crate::cache;
 use crate::metrics::METRICS;
-use crate::plugin;
+use crate::proxy::State;
+use crate::upstream;
 
 pub struct AdminApp {
     token: String,
-    groups: Vec<String>,
-    storage: Option<&'static TieredStorage>,
-    plugins: Option<std::sync::Arc<plugin::Runtime>>,
+    state: Arc<State>,
 }
 
 /// What a purge request asks for, after parsing (pure, for tests).
@@ -76,24 +83,18 @@ pub fn parse_purge(path: &str, groups: &[String]) -> Result<PurgeReq, (u16, Stri
 }
 
 impl AdminApp {
-    pub fn new(
-        token: String,
-        groups: Vec<String>,
-        storage: Option<&'static TieredStorage>,
-        plugins: Option<std::sync::Arc<plugin::Runtime>>,
-    ) -> Self {
-        AdminApp {
-            token,
-            groups,
-            storage,
-            plugins,
-        }
+    pub fn new(token: String, state: Arc<State>) -> Self {
+        AdminApp { token, state }
+    }
+
+    fn group_names(&self) -> Vec<String> {
+        self.state.groups.iter().map(|g| g.name.clone()).collect()
     }
 
     /// `POST /plugins/reload`: compiles and swaps changed plugin files off the async threads;
     /// 200 with what was swapped, 500 when a plugin failed (it keeps its loaded version).
     async fn reload_plugins(&self) -> (u16, String) {
-        let Some(rt) = self.plugins.clone() else {
+        let Some(rt) = self.state.plugins.clone() else {
             return (404, "no plugins are configured\n".into());
         };
         let report = match tokio::task::spawn_blocking(move || rt.reload()).await {
@@ -112,6 +113,16 @@ impl AdminApp {
         if path == "/healthz" {
             return (200, "ok\n".into());
         }
+        if path == "/readyz" {
+            return if upstream::monitor::ready() {
+                (200, "ready\n".into())
+            } else {
+                (
+                    503,
+                    "not ready: waiting for the first health checks\n".into(),
+                )
+            };
+        }
         if !authorized(auth, &self.token) {
             return (
                 401,
@@ -121,13 +132,23 @@ impl AdminApp {
         if path == "/plugins/reload" {
             return (405, "use POST /plugins/reload\n".into());
         }
+        if path == "/status" {
+            return if method == Method::GET {
+                (200, self.status())
+            } else {
+                (405, "use GET /status\n".into())
+            };
+        }
+        if let Some(rest) = path.strip_prefix("/origins/") {
+            return self.peer_action(method, rest);
+        }
         if method.as_str() != "PURGE" && method != Method::DELETE {
             return (405, "use PURGE (or DELETE)\n".into());
         }
-        let Some(storage) = self.storage else {
+        let Some(storage) = self.state.cache.map(|c| c.storage) else {
             return (404, "no cache is configured\n".into());
         };
-        match parse_purge(path, &self.groups) {
+        match parse_purge(path, &self.group_names()) {
             Ok(PurgeReq::One { object }) => {
                 let n = storage.invalidate(&object);
                 METRICS
@@ -149,6 +170,137 @@ impl AdminApp {
             }
             Err(e) => e,
         }
+    }
+}
+
+impl AdminApp {
+    /// `POST /origins/<origin>/peers/<peer>/drain|enable`: the runbook's manual failover.
+    fn peer_action(&self, method: &Method, rest: &str) -> (u16, String) {
+        let parts: Vec<&str> = rest.split('/').collect();
+        let [origin, "peers", peer, action] = parts[..] else {
+            return (
+                404,
+                "not found: POST /origins/<origin>/peers/<peer>/drain|enable\n".into(),
+            );
+        };
+        if method != Method::POST {
+            return (
+                405,
+                format!("use POST /origins/{origin}/peers/{peer}/{action}\n"),
+            );
+        }
+        let Some(o) = self.state.origins.iter().find(|o| o.name == origin) else {
+            return (404, format!("unknown origin `{origin}`\n"));
+        };
+        let Some(p) = o.peers.iter().find(|p| p.name == peer) else {
+            return (404, format!("origin `{origin}` has no peer `{peer}`\n"));
+        };
+        let drain = match action {
+            "drain" => true,
+            "enable" => false,
+            _ => return (404, format!("unknown action `{action}`: drain or enable\n")),
+        };
+        if p.state.set_draining(drain) {
+            log::warn!(
+                "origin `{origin}`: peer `{peer}` {} by the admin API",
+                if drain { "drained" } else { "enabled" }
+            );
+        }
+        p.metrics
+            .up
+            .set(i64::from(p.state.usable(upstream::now_ms())));
+        (
+            200,
+            format!(
+                "{{\"origin\":{},\"peer\":{},\"state\":\"{}\"}}\n",
+                serde_json::Value::from(origin),
+                serde_json::Value::from(peer),
+                p.state.status(upstream::now_ms()).as_str()
+            ),
+        )
+    }
+
+    /// `GET /status`: every group, origin and peer as the proxy sees them now.
+    fn status(&self) -> String {
+        use serde_json::{json, Value};
+        let now = upstream::now_ms();
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let st = &self.state;
+        let groups: Vec<Value> = st
+            .groups
+            .iter()
+            .map(|g| {
+                json!({
+                    "name": g.name,
+                    "main": st.origins[g.main].name,
+                    "fallbacks": g.fallbacks.iter().map(|&f| st.origins[f].name.clone()).collect::<Vec<_>>(),
+                    "failover": g.failover,
+                    "read_only": g.read_only,
+                })
+            })
+            .collect();
+        let origins: Vec<Value> = st
+            .origins
+            .iter()
+            .map(|o| {
+                let peers: Vec<Value> = o
+                    .peers
+                    .iter()
+                    .map(|p| {
+                        let s = &p.state;
+                        let check = s.last_check().map(|c| {
+                            json!({
+                                "ok": c.ok,
+                                "detail": c.detail,
+                                "latency_ms": c.latency.as_secs_f64() * 1000.0,
+                                "at": c.at,
+                            })
+                        });
+                        json!({
+                            "name": p.name,
+                            "served_from": p.label,
+                            "addresses": p.addrs(),
+                            "weight": p.weight,
+                            "priority": p.priority,
+                            "state": s.status(now).as_str(),
+                            "since": s.since_unix_ms(),
+                            "in_flight": s.in_flight(),
+                            "requests": s.requests.load(std::sync::atomic::Ordering::Relaxed),
+                            "failures": s.failed.load(std::sync::atomic::Ordering::Relaxed),
+                            "ejections": s.ejected_total.load(std::sync::atomic::Ordering::Relaxed),
+                            "ejected_until": s.ejected_until(now).map(|u| unix_now + (u - now)),
+                            "last_check": check,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": o.name,
+                    "balance": o.selector.balance().as_str(),
+                    "monitored": o.health.is_some(),
+                    "retries": o.retries,
+                    "peers": peers,
+                })
+            })
+            .collect();
+        let cache = st.cache.map(|c| {
+            json!({
+                "memory": {"bytes": c.storage.memory.bytes(), "objects": c.storage.memory.objects()},
+                "disk": c.storage.disk.as_ref().map(|d| json!({"bytes": d.bytes(), "objects": d.objects(), "limit": d.limit()})),
+            })
+        });
+        let plugins = st.plugins.as_ref().map(|rt| rt.plugin_names());
+        let doc = json!({
+            "ready": upstream::monitor::ready(),
+            "groups": groups,
+            "origins": origins,
+            "cache": cache,
+            "plugins": plugins,
+        });
+        let mut out = serde_json::to_string_pretty(&doc).unwrap_or_default();
+        out.push('\n');
+        out
     }
 }
 
@@ -239,9 +391,80 @@ mod tests {
         assert_eq!(parse_purge("/nope", &groups).unwrap_err().0, 404);
     }
 
+    fn app() -> AdminApp {
+        let yaml = "listen: [{addr: 127.0.0.1:1}]
+origins:
+  m:
+    peers:
+      - {url: \"http://127.0.0.1:9/b\", name: a}
+      - {url: \"http://127.0.0.1:10/b\", name: b, priority: 2}
+groups: {g: {main: m}}
+routes: [{group: g}]
+";
+        let cfg =
+            crate::config::load_str(yaml, std::path::Path::new("/t.yaml"), &|_| None).unwrap();
+        let state = crate::build_state(&cfg, std::path::Path::new("/tmp")).unwrap();
+        AdminApp::new("0123456789abcdef".into(), Arc::new(state))
+    }
+
+    #[test]
+    fn status_and_drain() {
+        let app = app();
+        let ok = Some(&b"Bearer 0123456789abcdef"[..]);
+        let (code, body) = app.handle(&Method::GET, "/status", ok);
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["groups"][0]["main"], "m");
+        let peers = &v["origins"][0]["peers"];
+        assert_eq!(peers[0]["name"], "a");
+        assert_eq!(peers[0]["served_from"], "m/a");
+        assert_eq!(peers[0]["state"], "up");
+        assert_eq!(peers[1]["priority"], 2);
+        assert_eq!(v["origins"][0]["balance"], "round_robin");
+        // Drain, then enable, by name; unknown names are 404; GET is 405.
+        let (code, body) = app.handle(&Method::POST, "/origins/m/peers/a/drain", ok);
+        assert_eq!((code, body.contains("draining")), (200, true), "{body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&app.handle(&Method::GET, "/status", ok).1).unwrap();
+        assert_eq!(v["origins"][0]["peers"][0]["state"], "draining");
+        assert_eq!(
+            app.state.origins[0].pick("/k", 0),
+            Some(1),
+            "the drained peer gets none"
+        );
+        assert_eq!(
+            app.handle(&Method::POST, "/origins/m/peers/a/enable", ok).0,
+            200
+        );
+        assert_eq!(app.state.origins[0].pick("/k", 0), Some(0));
+        assert_eq!(
+            app.handle(&Method::POST, "/origins/m/peers/zz/drain", ok).0,
+            404
+        );
+        assert_eq!(
+            app.handle(&Method::POST, "/origins/zz/peers/a/drain", ok).0,
+            404
+        );
+        assert_eq!(
+            app.handle(&Method::POST, "/origins/m/peers/a/boom", ok).0,
+            404
+        );
+        assert_eq!(
+            app.handle(&Method::GET, "/origins/m/peers/a/drain", ok).0,
+            405
+        );
+        assert_eq!(
+            app.handle(&Method::POST, "/origins/m/peers/a/drain", None)
+                .0,
+            401
+        );
+        assert_eq!(app.handle(&Method::GET, "/status", None).0, 401);
+        assert_eq!(app.handle(&Method::GET, "/readyz", None).0, 200);
+    }
+
     #[test]
     fn handle_requires_token_before_anything() {
-        let app = AdminApp::new("0123456789abcdef".into(), vec!["g".into()], None, None);
+        let app = app();
         assert_eq!(app.handle(&Method::GET, "/cache/g/x", None).0, 401);
         assert_eq!(app.handle(&Method::GET, "/healthz", None).0, 200);
         let ok = Some(&b"Bearer 0123456789abcdef"[..]);

@@ -50,6 +50,8 @@ pub struct LocalResponse {
     pub allow: Option<&'static str>,
     /// `None`: `text/plain; charset=utf-8`.
     pub content_type: Option<&'static str>,
+    /// `Retry-After`, in seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl LocalResponse {
@@ -59,6 +61,7 @@ impl LocalResponse {
             body: body.into(),
             allow: None,
             content_type: None,
+            retry_after: None,
         }
     }
 

@@ -10,6 +10,8 @@
 
 pub mod admin;
 pub mod admit;
+pub mod attempt;
+pub mod background;
 pub mod boundary;
 pub mod cache;
 pub mod config;
@@ -20,6 +22,7 @@ pub mod owned;
 pub mod plugin;
 pub mod proxy;
 pub mod route;
+pub mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,8 +113,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         rt.watch_sighup();
         plugin::start_ticks(rt, state.origins.clone());
     }
-    let cache_storage = state.cache.map(|c| c.storage);
-    let plugin_runtime = state.plugins.clone();
+    upstream::monitor::start(state.origins.clone());
     let state = Arc::new(state);
     // Replays are retries: allow one per fallback, plus Pingora's reused-connection retries.
     conf.max_retries = state.max_attempts() + 2;
@@ -138,7 +140,9 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
         &server.configuration,
-        proxy::Cascade { state },
+        proxy::Cascade {
+            state: state.clone(),
+        },
         "cascade proxy",
     );
     // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes
@@ -150,12 +154,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     server.add_service(proxy);
 
     if let Some(admin) = &cfg.admin {
-        let app = admin::AdminApp::new(
-            admin.token.clone(),
-            cfg.groups.iter().map(|g| g.name.clone()).collect(),
-            cache_storage,
-            plugin_runtime,
-        );
+        let app = admin::AdminApp::new(admin.token.clone(), state.clone());
         let mut svc = Service::new("admin".to_string(), HttpServer::new_app(app));
         svc.threads = Some(1);
         svc.add_tcp(&admin.addr.to_string());

@@ -49,6 +49,13 @@ pub struct Metrics {
     pub plugin_http_call_duration: HistogramVec,
     pub plugin_queue_dropped: IntCounterVec,
     pub plugin_limit_hits: IntCounterVec,
+    pub peer_up: IntGaugeVec,
+    pub peer_requests: IntCounterVec,
+    pub peer_ejections: IntCounterVec,
+    pub peer_in_flight: IntGaugeVec,
+    pub health_checks: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub failovers: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -262,6 +269,55 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let peer_up = register_int_gauge_vec_with_registry!(
+            "cascade_peer_up",
+            "1 when a peer is usable (up, not drained, not ejected), else 0, by origin and peer.",
+            &["origin", "peer"],
+            registry
+        )
+        .expect("metric");
+        let peer_requests = register_int_counter_vec_with_registry!(
+            "cascade_peer_requests_total",
+            "Attempts on a peer by outcome: ok (an answer), status (a retry_on status), connect (connect error), timeout, error (reset, protocol).",
+            &["origin", "peer", "outcome"],
+            registry
+        )
+        .expect("metric");
+        let peer_ejections = register_int_counter_vec_with_registry!(
+            "cascade_peer_ejections_total",
+            "Passive ejections (consecutive failures) of a peer.",
+            &["origin", "peer"],
+            registry
+        )
+        .expect("metric");
+        let peer_in_flight = register_int_gauge_vec_with_registry!(
+            "cascade_peer_in_flight",
+            "Attempts in flight on a peer.",
+            &["origin", "peer"],
+            registry
+        )
+        .expect("metric");
+        let health_checks = register_int_counter_vec_with_registry!(
+            "cascade_health_checks_total",
+            "Active health checks of a peer, by result (ok, fail).",
+            &["origin", "peer", "result"],
+            registry
+        )
+        .expect("metric");
+        let retries = register_int_counter_vec_with_registry!(
+            "cascade_retries_total",
+            "Attempts retried on another peer of the same origin, by origin and reason (connect, timeout, status).",
+            &["origin", "reason"],
+            registry
+        )
+        .expect("metric");
+        let failovers = register_int_counter_vec_with_registry!(
+            "cascade_failovers_total",
+            "Reads sent on to the fallbacks because main could not answer, by group.",
+            &["group"],
+            registry
+        )
+        .expect("metric");
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -298,6 +354,13 @@ impl Metrics {
             plugin_http_call_duration,
             plugin_queue_dropped,
             plugin_limit_hits,
+            peer_up,
+            peer_requests,
+            peer_ejections,
+            peer_in_flight,
+            health_checks,
+            retries,
+            failovers,
         }
     }
 

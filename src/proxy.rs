@@ -23,6 +23,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, RangeType, Session};
 
 use crate::admit::{self, Admission, LocalResponse, RequestFacts};
+use crate::attempt::{Attempts, Current, Failure, Rules};
 use crate::boundary;
 use crate::cache::{self, slice, Cache};
 use crate::config::{CacheFallback, GroupConfig};
@@ -50,14 +51,19 @@ pub struct State {
 }
 
 impl State {
-    /// The most attempts any request can make (main + the longest fallback list).
+    /// The most attempts any request can make: every origin of the longest plan, each with
+    /// its retries on other peers.
     pub fn max_attempts(&self) -> usize {
-        1 + self
-            .groups
+        self.groups
             .iter()
-            .map(|g| g.fallbacks.len())
+            .map(|g| {
+                std::iter::once(g.main)
+                    .chain(g.fallbacks.iter().copied())
+                    .map(|o| 1 + self.origins[o].retries as usize)
+                    .sum::<usize>()
+            })
             .max()
-            .unwrap_or(0)
+            .unwrap_or(1)
     }
 }
 
@@ -69,12 +75,15 @@ pub struct Cascade {
 pub struct Ctx {
     start: Instant,
     req: Option<admit::Admitted>,
-    /// Index of the current attempt in the plan (0 = main).
-    attempt: usize,
+    /// The walk over the plan's origins and their peers (`attempt`).
+    attempts: Attempts,
+    /// No peer could answer: the 503's `Retry-After`.
+    no_peer: Option<u64>,
     /// Set between a replay decision and Pingora's retry: the error is ours, retry it.
     replay_pending: bool,
     attempt_start: Option<Instant>,
-    served: Option<(usize, Role)>,
+    /// The attempt whose answer went to the client.
+    served: Option<Current>,
     body_bytes: u64,
     /// The error kind already counted for this attempt (avoid double counting).
     error_counted: bool,
@@ -116,6 +125,17 @@ fn replay_error(status: u16) -> Box<Error> {
     let mut e = Error::explain(
         REPLAY,
         format!("origin answered {status}; replaying to the next fallback"),
+    );
+    e.set_retry(true);
+    e.esource = ErrorSource::Upstream;
+    e
+}
+
+/// The error that makes Pingora try a `retry_on` status again, on another peer or origin.
+fn retry_error(status: u16) -> Box<Error> {
+    let mut e = Error::explain(
+        REPLAY,
+        format!("origin answered {status}; trying another peer"),
     );
     e.set_retry(true);
     e.esource = ErrorSource::Upstream;
@@ -208,6 +228,9 @@ async fn respond_local_with(
     resp.insert_header(http::header::CONTENT_LENGTH, r.body.len())?;
     if let Some(allow) = r.allow {
         resp.insert_header(http::header::ALLOW, allow)?;
+    }
+    if let Some(secs) = r.retry_after {
+        resp.insert_header(http::header::RETRY_AFTER, secs)?;
     }
     if matches!(r.status, 400 | 413 | 431) {
         // A malformed or oversized request: never read another on this connection.
@@ -339,9 +362,34 @@ impl Cascade {
         done.map_err(Answer::Local)
     }
 
+    /// The origin of the attempt in flight (else of the plan's current step).
     fn origin_for(&self, ctx: &Ctx, method: &http::Method) -> Option<(&Origin, Role)> {
-        let (ix, role) = ctx.plan(&self.state, method)?.origin(ctx.attempt)?;
+        if let Some(c) = ctx.attempts.current {
+            return Some((&self.state.origins[c.origin], c.role));
+        }
+        let (ix, role) = ctx.plan(&self.state, method)?.origin(ctx.attempts.step)?;
         Some((&self.state.origins[ix], role))
+    }
+
+    /// What the request allows its attempts (`attempt::Rules`).
+    fn rules<'a>(&'a self, ctx: &Ctx, method: &http::Method) -> Option<Rules<'a>> {
+        let req = ctx.req.as_ref()?;
+        let group = &self.state.groups[req.group];
+        Some(Rules {
+            plan: Plan::new(group, method),
+            group,
+            read: matches!(*method, http::Method::GET | http::Method::HEAD),
+        })
+    }
+
+    /// The attempt in flight failed with `f`: `true` when Pingora should try again (the
+    /// attempt walk has moved to another peer or origin).
+    fn attempt_failed(&self, ctx: &mut Ctx, method: &http::Method, f: Failure) -> bool {
+        let Some(rules) = self.rules(ctx, method) else {
+            return false;
+        };
+        let key = &ctx.req.as_ref().expect("admitted").key;
+        ctx.attempts.failed(f, &self.state.origins, rules, key)
     }
 
     fn take_fill_ticket(&self, ctx: &mut Ctx) {
@@ -387,7 +435,8 @@ impl ProxyHttp for Cascade {
         Ctx {
             start: Instant::now(),
             req: None,
-            attempt: 0,
+            attempts: Attempts::default(),
+            no_peer: None,
             replay_pending: false,
             attempt_start: None,
             served: None,
@@ -448,21 +497,36 @@ impl ProxyHttp for Cascade {
         ctx.replay_pending = false;
         ctx.error_counted = false;
         ctx.attempt_start = Some(Instant::now());
-        match self.origin_for(ctx, &session.req_header().method) {
-            Some((origin, _)) => Ok(origin.peer()),
-            None => Error::e_explain(ErrorType::InternalError, "no origin for this attempt"),
+        let Some(rules) = self.rules(ctx, &session.req_header().method) else {
+            return Error::e_explain(ErrorType::InternalError, "no origin for this attempt");
+        };
+        let key = &ctx.req.as_ref().expect("admitted").key;
+        match ctx.attempts.next(&self.state.origins, rules, key) {
+            Ok(c) => Ok(self.state.origins[c.origin].peers[c.peer].http_peer()),
+            Err(no) => {
+                // Every peer known down (or drained): answer at once, no connect attempts.
+                ctx.no_peer = Some(no.retry_after);
+                let mut e = Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    "no usable peer: every peer of the request's origins is down, drained or ejected",
+                );
+                e.esource = ErrorSource::Upstream;
+                Err(e)
+            }
         }
     }
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let Some((origin, role)) = self.origin_for(ctx, &session.req_header().method) else {
-            return Error::e_explain(ErrorType::InternalError, "no origin for this attempt");
+        let Some(c) = ctx.attempts.current else {
+            return Error::e_explain(ErrorType::InternalError, "no attempt in flight");
         };
+        let role = c.role;
+        let peer = &self.state.origins[c.origin].peers[c.peer];
         let req = ctx.req.as_ref().expect("admitted");
         if let Some(s) = &ctx.slice {
             // Before the rewrite: a signed origin signs the Range too.
@@ -476,8 +540,7 @@ impl ProxyHttp for Cascade {
         let policy = crate::origin::Forward {
             credentials: role == Role::Main || group.forward_credentials,
         };
-        origin
-            .rewrite(upstream, &req.key, req.query.as_deref(), policy)
+        peer.rewrite(upstream, &req.key, req.query.as_deref(), policy)
             .map_err(|m| Error::explain(ErrorType::InternalError, m))
     }
 
@@ -489,14 +552,12 @@ impl ProxyHttp for Cascade {
     ) -> Result<()> {
         // cascade's own internal header: never taken from an origin.
         resp.remove_header(slice::TOTAL_HEADER);
-        let method = &session.req_header().method;
-        let Some(plan) = ctx.plan(&self.state, method) else {
+        let method = &session.req_header().method.clone();
+        let (Some(plan), Some(c)) = (ctx.plan(&self.state, method), ctx.attempts.current) else {
             return Ok(());
         };
-        let Some((origin_ix, role)) = plan.origin(ctx.attempt) else {
-            return Ok(());
-        };
-        let origin = &self.state.origins[origin_ix];
+        let role = c.role;
+        let origin = &self.state.origins[c.origin];
         let elapsed = ctx.attempt_start.map_or(Duration::ZERO, |t| t.elapsed());
         METRICS
             .upstream_duration
@@ -506,19 +567,28 @@ impl ProxyHttp for Cascade {
             return Err(total_timeout(origin));
         }
         let status = resp.status.as_u16();
-        if plan.should_replay(ctx.attempt, status) {
+        if plan.should_replay(ctx.attempts.step, status) {
             let group = &self.state.groups[ctx.req.as_ref().expect("admitted").group];
             METRICS
                 .fallback_replays
                 .with_label_values(&[group.name.as_str(), origin.name.as_str()])
                 .inc();
-            ctx.attempt += 1;
+            ctx.attempts.replay(&self.state.origins);
             ctx.replays += 1;
             ctx.replay_pending = true;
             return Err(replay_error(status));
         }
-        ctx.served = Some((origin_ix, role));
-        resp.insert_header(SERVED_FROM, origin.name.as_str())?;
+        if origin.retry_on.status(status) {
+            // Nothing has reached the client: another peer, or the fallbacks, may answer.
+            if self.attempt_failed(ctx, method, Failure::Status) {
+                ctx.replay_pending = true;
+                return Err(retry_error(status));
+            }
+        } else {
+            ctx.attempts.answered(&self.state.origins);
+        }
+        ctx.served = Some(c);
+        resp.insert_header(SERVED_FROM, origin.peers[c.peer].label.as_str())?;
         resp.insert_header(SERVED_ROLE, role.as_str())?;
         let group = &self.state.groups[ctx.req.as_ref().expect("admitted").group];
         if role == Role::Fallback
@@ -840,9 +910,12 @@ impl ProxyHttp for Cascade {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        self.count_error(ctx, &session.req_header().method.clone(), &e);
-        // A dead origin is not a missing object: no replay, no hammering the same peer.
-        e.set_retry(false);
+        let method = session.req_header().method.clone();
+        self.count_error(ctx, &method, &e);
+        // Another peer, or (a read) the fallbacks when main cannot answer; never the same
+        // peer again. No body byte was sent: writes may move to another peer too.
+        let again = self.attempt_failed(ctx, &method, Failure::Connect);
+        e.set_retry(again);
         e
     }
 
@@ -857,19 +930,36 @@ impl ProxyHttp for Cascade {
         if ctx.replay_pending {
             return e; // ours, already marked retryable
         }
-        if e.esource() == &ErrorSource::Upstream {
+        let method = session.req_header().method.clone();
+        let upstream = e.esource() == &ErrorSource::Upstream;
+        if upstream {
             // A client that went away is not an origin failure.
-            self.count_error(ctx, &session.req_header().method.clone(), &e);
+            self.count_error(ctx, &method, &e);
         }
         let mut e = e.more_context(format!("Peer: {peer}"));
-        // Pingora's default: retry only idempotent requests whose body can be replayed,
-        // and only when a reused pooled connection turned out to be dead.
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
+        let replayable = method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
+        let before_answer = session.response_written().is_none();
+        let stale = client_reused
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        let again = if !before_answer || !replayable || !upstream {
+            false
+        } else if stale {
+            // Pingora's rule: a pooled connection the peer had closed; the same peer again,
+            // not the peer's failure.
+            ctx.attempts.stale_connection();
+            true
         } else {
-            e.retry.decide_reuse(client_reused);
-        }
+            let f = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+                t if *t == TOTAL_TIMEOUT => Failure::Timeout,
+                _ => Failure::Error,
+            };
+            self.attempt_failed(ctx, &method, f)
+        };
+        e.set_retry(again);
         e
     }
 
@@ -902,6 +992,9 @@ impl ProxyHttp for Cascade {
                 .origin_for(ctx, &session.req_header().method)
                 .map_or("-".to_string(), |(o, _)| o.name.clone());
             let body = match code {
+                503 if ctx.no_peer.is_some() => format!(
+                    "cascade: no peer of origin `{origin}` can answer now (down, drained or ejected)\n"
+                ),
                 502 => format!(
                     "cascade: origin `{origin}` is unreachable or sent an invalid response\n"
                 ),
@@ -913,7 +1006,10 @@ impl ProxyHttp for Cascade {
                         .map_or("error", |s| s.canonical_reason().unwrap_or("error"))
                 ),
             };
-            let r = LocalResponse::new(code, body);
+            let r = LocalResponse {
+                retry_after: ctx.no_peer.filter(|_| code == 503),
+                ..LocalResponse::new(code, body)
+            };
             if let Err(err) =
                 respond_local_with(session, &r, ctx.plugins.as_mut(), &self.state.origins).await
             {
@@ -935,9 +1031,10 @@ impl ProxyHttp for Cascade {
         let route = ctx.req.as_ref().map_or("none", |r| {
             self.state.router.routes()[r.route].name.as_str()
         });
+        ctx.attempts.end(&self.state.origins);
         let served = ctx
             .served
-            .map_or("cascade", |(o, _)| self.state.origins[o].name.as_str());
+            .map_or("cascade", |c| self.state.origins[c.origin].name.as_str());
         METRICS
             .requests
             .with_label_values(&[

@@ -17,11 +17,12 @@ use std::path::{Path, PathBuf};
 
 pub use plugins::PluginConfig;
 pub use schema::{
-    CacheFallback, OnError, Timeouts, DEFAULT_PLUGIN_INSTANCES, MAX_PLUGIN_INSTANCES,
+    Balance, CacheFallback, OnError, Passive, Timeouts, DEFAULT_PLUGIN_INSTANCES,
+    MAX_PLUGIN_INSTANCES,
 };
 pub use validate::{
-    AdminConfig, Config, GroupConfig, HostMatch, OriginConfig, OriginKind, RouteCache, RouteConfig,
-    S3Signing,
+    AdminConfig, Config, GroupConfig, HealthConfig, HostMatch, OriginConfig, OriginKind,
+    PeerConfig, RetryOn, RouteCache, RouteConfig, S3Signing,
 };
 
 /// One configuration error, located in the source file.

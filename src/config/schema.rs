@@ -473,13 +473,18 @@ impl TimeoutOverrides {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOrigin {
+    /// One peer: the shorthand for `peers: [{url: ...}]`.
     #[serde(default)]
     pub url: Option<String>,
     #[serde(default)]
     pub dir: Option<String>,
+    /// Several peers holding the same content (replicas, mirrors, regions).
+    #[serde(default)]
+    pub peers: Option<Vec<RawPeer>>,
     /// Refuse writes to this origin (405).
     #[serde(default)]
     pub read_only: bool,
+    /// SigV4 signing; the default of peers without their own `s3`.
     #[serde(default)]
     pub s3: Option<RawS3>,
     /// Verify the origin's TLS certificate (https only).
@@ -487,6 +492,164 @@ pub struct RawOrigin {
     pub tls_verify: bool,
     #[serde(default)]
     pub timeouts: TimeoutOverrides,
+    /// How a request picks a peer of the best usable priority tier.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Active health monitor (none by default).
+    #[serde(default)]
+    pub health: Option<RawHealth>,
+    /// Passive health: outlier ejection.
+    #[serde(default)]
+    pub passive: Passive,
+    /// Other peers of this origin a request may try after a failed attempt.
+    #[serde(default = "d_retries")]
+    pub retries: u32,
+    /// What makes an attempt fail over to another peer: `connect`, `timeout`, or a status.
+    #[serde(default = "d_retry_on")]
+    pub retry_on: Vec<serde_yaml::Value>,
+    /// How often host names are resolved again.
+    #[serde(default = "d_dns_refresh", deserialize_with = "de_duration")]
+    pub dns_refresh: Duration,
+}
+
+/// One peer of an origin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub url: String,
+    /// Its name in metrics, `X-Served-From` and the admin API (default: host[:port]).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Share of requests within its tier (0: never chosen while a weighted peer is usable).
+    #[serde(default = "d_weight")]
+    pub weight: u32,
+    /// Tier: lower is preferred; a tier is used only when no better tier has a usable peer.
+    #[serde(default = "d_priority")]
+    pub priority: u32,
+    #[serde(default)]
+    pub s3: Option<RawS3>,
+    #[serde(default)]
+    pub tls_verify: Option<bool>,
+}
+
+fn d_weight() -> u32 {
+    1
+}
+fn d_priority() -> u32 {
+    1
+}
+fn d_retries() -> u32 {
+    2
+}
+fn d_retry_on() -> Vec<serde_yaml::Value> {
+    ["connect", "timeout"]
+        .into_iter()
+        .map(|s| serde_yaml::Value::String(s.into()))
+        .chain(
+            [502u64, 503, 504]
+                .into_iter()
+                .map(|n| serde_yaml::Value::Number(n.into())),
+        )
+        .collect()
+}
+fn d_dns_refresh() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// An origin's `balance`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted round robin (smooth, as nginx's).
+    #[default]
+    RoundRobin,
+    /// The peer with the fewest requests in flight (weighted).
+    LeastOutstanding,
+    /// Consistent hashing on the object key: each key on one peer; a new peer takes ~1/N.
+    Hash,
+    /// Weighted random.
+    Random,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastOutstanding => "least_outstanding",
+            Balance::Hash => "hash",
+            Balance::Random => "random",
+        }
+    }
+}
+
+/// An origin's `health`: an active monitor like a Cloudflare LB monitor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// The object asked for (signed like any request on an S3 peer).
+    pub path: String,
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Statuses that mean up: numbers, or classes such as "2xx" (default [200]).
+    #[serde(default)]
+    pub expected_codes: Option<Vec<serde_yaml::Value>>,
+    /// A substring the body must contain (implies GET).
+    #[serde(default)]
+    pub expected_body: Option<String>,
+    #[serde(default = "d_health_interval", deserialize_with = "de_duration")]
+    pub interval: Duration,
+    #[serde(default = "d_health_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Consecutive successes that mark a down peer up.
+    #[serde(default = "d_two")]
+    pub rise: u32,
+    /// Consecutive failures that mark an up peer down.
+    #[serde(default = "d_two")]
+    pub fall: u32,
+}
+
+fn d_health_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn d_two() -> u32 {
+    2
+}
+
+/// An origin's `passive`: consecutive failures eject a peer for a cooldown that doubles per
+/// consecutive ejection.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Passive {
+    /// Consecutive failures that eject a peer (0: never eject).
+    #[serde(default = "d_passive_failures")]
+    pub failures: u32,
+    #[serde(default = "d_cooldown", deserialize_with = "de_duration")]
+    pub cooldown: Duration,
+    #[serde(default = "d_max_cooldown", deserialize_with = "de_duration")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive {
+            failures: d_passive_failures(),
+            cooldown: d_cooldown(),
+            max_cooldown: d_max_cooldown(),
+        }
+    }
+}
+
+fn d_passive_failures() -> u32 {
+    3
+}
+fn d_cooldown() -> Duration {
+    Duration::from_secs(30)
+}
+fn d_max_cooldown() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 
 /// SigV4 signing for an origin. Credentials are only ever named, never written.
@@ -545,6 +708,10 @@ pub struct RawGroup {
     /// Refuse every write through this group (405).
     #[serde(default)]
     pub read_only: bool,
+    /// Reads go on to the fallbacks when main cannot answer (every peer down, or its
+    /// attempts exhausted on connect errors, timeouts or `retry_on` statuses).
+    #[serde(default = "default_true")]
+    pub failover: bool,
     /// Send the client's `Authorization` and `Cookie` to the fallbacks too (default: main only).
     #[serde(default)]
     pub forward_credentials: bool,

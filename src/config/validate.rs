@@ -66,25 +66,97 @@ pub struct OriginConfig {
     pub kind: OriginKind,
     pub read_only: bool,
     pub timeouts: Timeouts,
+    pub balance: Balance,
+    pub health: Option<HealthConfig>,
+    pub passive: Passive,
+    /// Other peers a request may try after a failed attempt.
+    pub retries: u32,
+    pub retry_on: RetryOn,
+    pub dns_refresh: std::time::Duration,
+}
+
+impl OriginConfig {
+    /// Its peers (none for a directory origin).
+    pub fn peers(&self) -> &[PeerConfig] {
+        match &self.kind {
+            OriginKind::Http { peers } => peers,
+            OriginKind::Dir { .. } => &[],
+        }
+    }
+
+    /// Some peer signs with cascade's credentials.
+    pub fn is_signed(&self) -> bool {
+        self.peers().iter().any(|p| p.s3.is_some())
+    }
+
+    /// Some peer is a plain (unsigned) HTTP origin, which sees what the client sends.
+    pub fn is_plain_http(&self) -> bool {
+        self.peers().iter().any(|p| p.s3.is_none())
+    }
+
+    /// The extra forwarded headers of its signed peers.
+    pub fn forward_headers(&self) -> impl Iterator<Item = &String> {
+        self.peers()
+            .iter()
+            .filter_map(|p| p.s3.as_ref())
+            .flat_map(|s| s.forward_headers.iter())
+    }
 }
 
 #[derive(Debug, Clone)]
 pub enum OriginKind {
-    /// Any HTTP(S) origin; a bucket when `s3` is set or the URL carries a bucket path.
-    Http {
-        tls: bool,
-        tls_verify: bool,
-        /// Host name or IP literal (no brackets), for connecting and SNI.
-        host: String,
-        port: u16,
-        /// The Host header to send (`host` or `host:port` as written in the URL).
-        host_header: String,
-        /// Path prefix prepended to every key (`/bucket` for path-style), no trailing `/`.
-        prefix: String,
-        s3: Option<S3Signing>,
-    },
+    /// Any HTTP(S) origin (a bucket when a peer has `s3` or a bucket path): one or more peers.
+    Http { peers: Vec<PeerConfig> },
     /// A local directory, served by cascade itself on a Unix socket.
     Dir { root: PathBuf },
+}
+
+/// One peer of an HTTP origin.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: String,
+    pub weight: u32,
+    pub priority: u32,
+    pub tls: bool,
+    pub tls_verify: bool,
+    /// Host name or IP literal (no brackets), for connecting and SNI.
+    pub host: String,
+    pub port: u16,
+    /// The Host header to send (`host` or `host:port` as written in the URL).
+    pub host_header: String,
+    /// Path prefix prepended to every key (`/bucket` for path-style), no trailing `/`.
+    pub prefix: String,
+    pub s3: Option<S3Signing>,
+}
+
+/// What makes an attempt fail over to another peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryOn {
+    pub connect: bool,
+    pub timeout: bool,
+    /// Sorted.
+    pub statuses: Vec<u16>,
+}
+
+impl RetryOn {
+    pub fn status(&self, s: u16) -> bool {
+        self.statuses.binary_search(&s).is_ok()
+    }
+}
+
+/// A validated active health monitor.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub method: http::Method,
+    /// Canonical path and query in the peer (the peer's prefix is added).
+    pub target: String,
+    /// Inclusive status ranges that mean up.
+    pub expected: Vec<(u16, u16)>,
+    pub expected_body: Option<String>,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub rise: u32,
+    pub fall: u32,
 }
 
 /// SigV4 settings with credentials already read from the environment. `Credentials`' Debug
@@ -115,6 +187,8 @@ pub struct GroupConfig {
     /// The `s3.forward_headers` of the group's signed origins: a request carrying one is not
     /// cached (what it changes, an SSE-C key say, is not in the cache key).
     pub forward_headers: Vec<String>,
+    /// Reads go on to the fallbacks when main cannot answer.
+    pub failover: bool,
     /// A client's `Cookie` reaches an origin that may answer by it (an unsigned HTTP main, or
     /// fallback with `forward_credentials`): requests with cookies are not cached unless the
     /// route says `cache_cookies` (signed origins never get the cookie; dir origins ignore it).
@@ -544,82 +618,95 @@ fn origin(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Option<OriginConfig> {
     let timeouts = raw.timeouts.apply(defaults);
-    let kind = match (&raw.url, &raw.dir) {
-        (Some(_), Some(_)) => {
-            cx.err(path, "set either `url` or `dir`, not both");
-            return None;
-        }
-        (None, None) => {
+    let set = [raw.url.is_some(), raw.dir.is_some(), raw.peers.is_some()];
+    if set.iter().filter(|x| **x).count() > 1 {
+        cx.err(path, "set one of `url`, `peers` or `dir`");
+        return None;
+    }
+    let kind = if let Some(dir) = &raw.dir {
+        if raw.s3.is_some() {
             cx.err(
-                path,
-                "an origin needs `url` (an HTTP(S) origin or bucket) or `dir` (a local directory)",
+                &locate::join(path, "s3"),
+                "a `dir` origin is not signed; remove `s3`",
             );
             return None;
         }
-        (None, Some(dir)) => {
-            if raw.s3.is_some() {
+        let p = base_dir.join(dir);
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_dir() => OriginKind::Dir {
+                root: p.canonicalize().unwrap_or(p),
+            },
+            Ok(_) => {
                 cx.err(
-                    &locate::join(path, "s3"),
-                    "a `dir` origin is not signed; remove `s3`",
+                    &locate::join(path, "dir"),
+                    format!("{} is not a directory", p.display()),
                 );
                 return None;
             }
-            let p = base_dir.join(dir);
-            match std::fs::metadata(&p) {
-                Ok(m) if m.is_dir() => OriginKind::Dir {
-                    root: p.canonicalize().unwrap_or(p),
-                },
-                Ok(_) => {
-                    cx.err(
-                        &locate::join(path, "dir"),
-                        format!("{} is not a directory", p.display()),
-                    );
-                    return None;
-                }
-                Err(e) => {
-                    cx.err(&locate::join(path, "dir"), format!("{}: {e}", p.display()));
-                    return None;
-                }
+            Err(e) => {
+                cx.err(&locate::join(path, "dir"), format!("{}: {e}", p.display()));
+                return None;
             }
         }
-        (Some(url), None) => {
-            let field = locate::join(path, "url");
-            let parsed = match parse_origin_url(url) {
-                Ok(u) => u,
-                Err(m) => {
-                    cx.err(&field, m);
-                    return None;
-                }
-            };
-            if let Some(s3) = &raw.s3 {
-                let virtual_hosted = s3
-                    .virtual_hosted
-                    .unwrap_or_else(|| virtual_hosted_bucket(&parsed.host));
-                if parsed.prefix.is_empty() && !virtual_hosted {
-                    cx.err(
-                        &field,
-                        format!(
-                            "a signed origin must name its bucket: `{}/BUCKET` (path-style), or a bucket host such as `https://BUCKET.s3.REGION.amazonaws.com` (set `s3.virtual_hosted: true` when the host names the bucket at another provider); at a service root, a client could list, create or delete buckets with cascade's credentials",
-                            url.trim_end_matches('/')
-                        ),
-                    );
-                    return None;
-                }
-            }
-            let s3 = match raw.s3 {
-                None => None,
-                Some(s3) => Some(signing(cx, &locate::join(path, "s3"), s3, env)?),
-            };
-            OriginKind::Http {
-                tls: parsed.tls,
-                tls_verify: raw.tls_verify,
-                host: parsed.host,
-                port: parsed.port,
-                host_header: parsed.host_header,
-                prefix: parsed.prefix,
-                s3,
-            }
+    } else if let Some(url) = &raw.url {
+        let one = RawPeer {
+            url: url.clone(),
+            name: None,
+            weight: 1,
+            priority: 1,
+            s3: None,
+            tls_verify: None,
+        };
+        let peer = peer(cx, path, &locate::join(path, "url"), one, &raw, env)?;
+        OriginKind::Http { peers: vec![peer] }
+    } else if let Some(list) = &raw.peers {
+        if list.is_empty() || list.len() > 64 {
+            cx.err(&locate::join(path, "peers"), "an origin has 1 to 64 peers");
+            return None;
         }
+        let mut peers = Vec::with_capacity(list.len());
+        let mut names = HashSet::new();
+        let mut ok = true;
+        for (i, p) in list.iter().enumerate() {
+            let ppath = locate::index(&locate::join(path, "peers"), i);
+            let Some(parsed) = peer(
+                cx,
+                &ppath,
+                &locate::join(&ppath, "url"),
+                p.clone(),
+                &raw,
+                env,
+            ) else {
+                ok = false;
+                continue;
+            };
+            if !names.insert(parsed.name.clone()) {
+                cx.err(
+                    &locate::join(&ppath, "name"),
+                    format!("peer name `{}` is used twice in this origin", parsed.name),
+                );
+                ok = false;
+                continue;
+            }
+            peers.push(parsed);
+        }
+        if !ok {
+            return None;
+        }
+        if peers.iter().all(|p| p.weight == 0) {
+            cx.err(
+                &locate::join(path, "peers"),
+                "every peer has weight 0: none would ever be chosen",
+            );
+            return None;
+        }
+        OriginKind::Http { peers }
+    } else {
+        cx.err(
+            path,
+            "an origin needs `url` (an HTTP(S) origin or bucket), `peers` (several) or `dir` (a local directory)",
+        );
+        return None;
     };
     if timeouts.connect.is_zero() || timeouts.read.is_zero() || timeouts.total.is_zero() {
         cx.err(
@@ -628,11 +715,255 @@ fn origin(
         );
         return None;
     }
+    let retry_on = retry_on(cx, &locate::join(path, "retry_on"), &raw.retry_on)?;
+    let health = match &raw.health {
+        Some(h) => Some(health(cx, &locate::join(path, "health"), h)?),
+        None => None,
+    };
+    if matches!(kind, OriginKind::Dir { .. }) && (raw.health.is_some() || raw.peers.is_some()) {
+        cx.err(path, "a `dir` origin has no peers to monitor or balance");
+        return None;
+    }
+    if raw.dns_refresh.is_zero() {
+        cx.err(
+            &locate::join(path, "dns_refresh"),
+            "must be greater than zero",
+        );
+        return None;
+    }
+    if raw.passive.failures > 0 && raw.passive.cooldown.is_zero() {
+        cx.err(
+            &locate::join(path, "passive.cooldown"),
+            "must be greater than zero",
+        );
+        return None;
+    }
+    if raw.passive.max_cooldown < raw.passive.cooldown {
+        cx.err(
+            &locate::join(path, "passive.max_cooldown"),
+            "must be at least `cooldown`",
+        );
+        return None;
+    }
+    if raw.retries > 16 {
+        cx.err(&locate::join(path, "retries"), "at most 16");
+        return None;
+    }
     Some(OriginConfig {
         name: name.to_string(),
         kind,
         read_only: raw.read_only,
         timeouts,
+        balance: raw.balance,
+        health,
+        passive: raw.passive,
+        retries: raw.retries,
+        retry_on,
+        dns_refresh: raw.dns_refresh,
+    })
+}
+
+/// One peer: its URL (`field` locates it), its own or the origin's `s3`, name and weights.
+fn peer(
+    cx: &mut Ctx,
+    path: &str,
+    field: &str,
+    raw: RawPeer,
+    origin: &RawOrigin,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<PeerConfig> {
+    let parsed = match parse_origin_url(&raw.url) {
+        Ok(u) => u,
+        Err(m) => {
+            cx.err(field, m);
+            return None;
+        }
+    };
+    let (s3, s3_path) = match (raw.s3, &origin.s3) {
+        (Some(own), _) => (Some(own), locate::join(path, "s3")),
+        (None, Some(shared)) => (Some(shared.clone()), "s3".to_string()),
+        (None, None) => (None, String::new()),
+    };
+    let s3_field = if s3_path == "s3" {
+        // The origin's shared `s3:` (its location is the origin's).
+        locate::join(path.split(".peers[").next().unwrap_or(path), "s3")
+    } else {
+        s3_path
+    };
+    if let Some(s3) = &s3 {
+        let virtual_hosted = s3
+            .virtual_hosted
+            .unwrap_or_else(|| virtual_hosted_bucket(&parsed.host));
+        if parsed.prefix.is_empty() && !virtual_hosted {
+            cx.err(
+                field,
+                format!(
+                    "a signed origin must name its bucket: `{}/BUCKET` (path-style), or a bucket host such as `https://BUCKET.s3.REGION.amazonaws.com` (set `s3.virtual_hosted: true` when the host names the bucket at another provider); at a service root, a client could list, create or delete buckets with cascade's credentials",
+                    raw.url.trim_end_matches('/')
+                ),
+            );
+            return None;
+        }
+    }
+    let s3 = match s3 {
+        None => None,
+        Some(s3) => Some(signing(cx, &s3_field, s3, env)?),
+    };
+    let name = raw
+        .name
+        .clone()
+        .unwrap_or_else(|| parsed.host_header.clone());
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        cx.err(
+            &locate::join(path, "name"),
+            format!("peer name `{name}`: use letters, digits, `-`, `_`, `.` or `:`"),
+        );
+        return None;
+    }
+    Some(PeerConfig {
+        name,
+        weight: raw.weight,
+        priority: raw.priority,
+        tls: parsed.tls,
+        tls_verify: raw.tls_verify.unwrap_or(origin.tls_verify),
+        host: parsed.host,
+        port: parsed.port,
+        host_header: parsed.host_header,
+        prefix: parsed.prefix,
+        s3,
+    })
+}
+
+/// `retry_on`: `connect`, `timeout`, statuses (500-599) or `5xx`.
+fn retry_on(cx: &mut Ctx, path: &str, raw: &[Value]) -> Option<RetryOn> {
+    let mut r = RetryOn::default();
+    for (i, v) in raw.iter().enumerate() {
+        let field = locate::index(path, i);
+        match v {
+            Value::String(s) if s == "connect" => r.connect = true,
+            Value::String(s) if s == "timeout" => r.timeout = true,
+            Value::String(s) if s == "5xx" => r.statuses.extend(500..=599),
+            Value::Number(n) if n.as_u64().is_some_and(|n| (500..=599).contains(&n)) => {
+                r.statuses.push(n.as_u64().expect("checked") as u16)
+            }
+            other => {
+                cx.err(
+                    &field,
+                    format!(
+                        "`{}` is not `connect`, `timeout`, `5xx` or a status 500-599",
+                        serde_yaml::to_string(other).unwrap_or_default().trim()
+                    ),
+                );
+                return None;
+            }
+        }
+    }
+    r.statuses.sort_unstable();
+    r.statuses.dedup();
+    Some(r)
+}
+
+fn health(cx: &mut Ctx, path: &str, h: &RawHealth) -> Option<HealthConfig> {
+    let method = match h.method.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("GET") => http::Method::GET,
+        Some("HEAD") => {
+            if h.expected_body.is_some() {
+                cx.err(
+                    &locate::join(path, "method"),
+                    "HEAD has no body to check `expected_body` against: use GET",
+                );
+                return None;
+            }
+            http::Method::HEAD
+        }
+        Some(m) => {
+            cx.err(
+                &locate::join(path, "method"),
+                format!("`{m}` is not GET or HEAD"),
+            );
+            return None;
+        }
+    };
+    let target = match crate::boundary::path::canonicalize(
+        h.path.split('?').next().unwrap_or("").as_bytes(),
+    ) {
+        Ok(c) if c.violations.is_empty() => {
+            crate::boundary::target_string(&c.path, h.path.split_once('?').map(|(_, q)| q))
+        }
+        _ => {
+            cx.err(
+                &locate::join(path, "path"),
+                format!("`{}` is not a clean path starting with `/`", h.path),
+            );
+            return None;
+        }
+    };
+    let mut expected = Vec::new();
+    match &h.expected_codes {
+        None => expected.push((200, 200)),
+        Some(list) if list.is_empty() => {
+            cx.err(&locate::join(path, "expected_codes"), "must not be empty");
+            return None;
+        }
+        Some(list) => {
+            for (i, v) in list.iter().enumerate() {
+                let range = match v {
+                    Value::Number(n) => n
+                        .as_u64()
+                        .filter(|n| (100..=599).contains(n))
+                        .map(|n| (n as u16, n as u16)),
+                    Value::String(s) => {
+                        let b = s.as_bytes();
+                        (b.len() == 3 && (b'1'..=b'5').contains(&b[0]) && &b[1..] == b"xx").then(
+                            || {
+                                let c = u16::from(b[0] - b'0') * 100;
+                                (c, c + 99)
+                            },
+                        )
+                    }
+                    _ => None,
+                };
+                match range {
+                    Some(r) => expected.push(r),
+                    None => {
+                        cx.err(
+                            &locate::index(&locate::join(path, "expected_codes"), i),
+                            "a status (200) or a class (\"2xx\")",
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+    if h.rise == 0 || h.fall == 0 {
+        cx.err(path, "`rise` and `fall` must be at least 1");
+        return None;
+    }
+    if h.interval.is_zero() || h.timeout.is_zero() {
+        cx.err(path, "`interval` and `timeout` must be greater than zero");
+        return None;
+    }
+    if h.timeout > h.interval {
+        cx.err(
+            &locate::join(path, "timeout"),
+            "must not be longer than `interval`",
+        );
+        return None;
+    }
+    Some(HealthConfig {
+        method,
+        target,
+        expected,
+        expected_body: h.expected_body.clone(),
+        interval: h.interval,
+        timeout: h.timeout,
+        rise: h.rise,
+        fall: h.fall,
     })
 }
 
@@ -849,19 +1180,16 @@ fn group(
         forward_credentials: raw.forward_credentials,
         signed: std::iter::once(main)
             .chain(fallbacks.iter().copied())
-            .any(|o| matches!(&origins[o].kind, OriginKind::Http { s3: Some(_), .. })),
+            .any(|o| origins[o].is_signed()),
         cookies_reach_origin: {
-            let plain = |o: usize| matches!(&origins[o].kind, OriginKind::Http { s3: None, .. });
+            let plain = |o: usize| origins[o].is_plain_http();
             plain(main) || (raw.forward_credentials && fallbacks.iter().any(|&f| plain(f)))
         },
         forward_headers: std::iter::once(main)
             .chain(fallbacks.iter().copied())
-            .filter_map(|o| match &origins[o].kind {
-                OriginKind::Http { s3: Some(s), .. } => Some(s.forward_headers.iter().cloned()),
-                _ => None,
-            })
-            .flatten()
+            .flat_map(|o| origins[o].forward_headers().cloned())
             .collect(),
+        failover: raw.failover,
         fallbacks,
     })
 }
@@ -1043,35 +1371,19 @@ routes:
     fn good_config_resolves_everything() {
         let c = load_ok(GOOD);
         assert_eq!(c.listen, vec!["127.0.0.1:8080".parse().unwrap()]);
-        let a = &c.origins[0];
-        match &a.kind {
-            OriginKind::Http {
-                tls,
-                host,
-                port,
-                prefix,
-                s3,
-                ..
-            } => {
-                assert!(tls);
-                assert_eq!(host, "bucket.s3.eu-west-1.amazonaws.com");
-                assert_eq!(*port, 443);
-                assert_eq!(prefix, "");
-                assert_eq!(s3.as_ref().unwrap().region, "eu-west-1");
-            }
-            _ => panic!(),
-        }
-        match &c.origins[1].kind {
-            OriginKind::Http {
-                prefix,
-                host_header,
-                ..
-            } => {
-                assert_eq!(prefix, "/prod-bucket");
-                assert_eq!(host_header, "127.0.0.1:9000");
-            }
-            _ => panic!(),
-        }
+        let a = &c.origins[0].peers()[0];
+        assert!(a.tls);
+        assert_eq!(a.host, "bucket.s3.eu-west-1.amazonaws.com");
+        assert_eq!(a.port, 443);
+        assert_eq!(a.prefix, "");
+        assert_eq!(a.s3.as_ref().unwrap().region, "eu-west-1");
+        let b = &c.origins[1].peers()[0];
+        assert_eq!(b.prefix, "/prod-bucket");
+        assert_eq!(b.host_header, "127.0.0.1:9000");
+        assert_eq!(
+            b.name, "127.0.0.1:9000",
+            "a one-peer origin's peer is named by its host"
+        );
         let g = &c.groups[0];
         assert_eq!(
             (g.main, g.fallbacks.clone(), g.fallback_on.clone()),

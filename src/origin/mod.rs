@@ -1,22 +1,30 @@
-//! Origins at run time: where an attempt connects (a Pingora `HttpPeer`) and how the
-//! request is rewritten for it (Host, bucket prefix + key, SigV4 signature). `dir` holds the
-//! local-directory origin that cascade serves itself on a Unix socket.
+//! Origins at run time: an origin is one or more *peers* holding the same content; each peer
+//! knows where an attempt connects (Pingora `HttpPeer`s, one per resolved address) and how the
+//! request is rewritten for it (Host, bucket prefix + key, header allowlist, SigV4 signature).
+//! Which peer an attempt uses, and their health, is `upstream`'s business. `dir` holds the
+//! local-directory origin that cascade serves itself on a Unix socket (one peer).
 //!
 //! Invariant: `rewrite` starts from the client's request every time (Pingora re-clones the
-//! downstream header per attempt), so a fallback replay never inherits the previous
-//! origin's Host or signature.
+//! downstream header per attempt), so a retry on another peer or a fallback replay never
+//! inherits the previous peer's Host or signature.
 
 pub mod dir;
 pub mod sign;
 
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use parking_lot::RwLock;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 
-use crate::config::{OriginConfig, OriginKind, Timeouts};
+use crate::config::{
+    HealthConfig, OriginConfig, OriginKind, Passive, PeerConfig, RetryOn, Timeouts,
+};
+use crate::upstream::{self, Budget, PeerState, Selector};
 use sign::{s3_canonical_path, Signer};
 
 /// How long an idle pooled upstream connection is kept.
@@ -30,92 +38,267 @@ pub struct Forward {
     pub credentials: bool,
 }
 
-#[derive(Debug)]
 pub struct Origin {
     pub name: String,
     pub read_only: bool,
     pub timeouts: Timeouts,
-    peer: HttpPeer,
+    pub peers: Vec<Peer>,
+    pub selector: Selector,
+    pub passive: Passive,
+    pub retries: u32,
+    pub retry_on: RetryOn,
+    pub health: Option<HealthConfig>,
+    pub dns_refresh: Duration,
+    pub budget: Budget,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("name", &self.name)
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One peer of an origin.
+pub struct Peer {
+    pub name: String,
+    /// `X-Served-From`: the origin's name for a one-peer origin, `origin/peer` otherwise.
+    pub label: String,
+    pub weight: u32,
+    pub priority: u32,
+    /// Host name or IP literal to resolve (`None`: a Unix socket).
+    pub host: Option<String>,
+    port: u16,
+    tls: bool,
+    tls_verify: bool,
+    sni: String,
+    timeouts: Timeouts,
     host_header: String,
     prefix: String,
     /// `scheme://authority`, what the signature covers besides the path.
     url_base: String,
     signer: Option<Signer>,
+    /// One connection target per resolved address (DNS refresh replaces them).
+    targets: RwLock<Arc<[HttpPeer]>>,
+    next_target: AtomicUsize,
+    pub state: PeerState,
+    pub metrics: PeerMetrics,
 }
 
-impl Origin {
-    /// Build the runtime origin. `dir_socket` is where the directory origin of this name
-    /// listens (only for `dir` origins). Host names are resolved here, once.
-    pub fn new(cfg: &OriginConfig, dir_socket: Option<&Path>) -> Result<Origin, String> {
-        let (mut peer, host_header, prefix, url_base, signer) = match &cfg.kind {
-            OriginKind::Http {
-                tls,
-                tls_verify,
-                host,
-                port,
-                host_header,
-                prefix,
-                s3,
-            } => {
-                let addr = (host.as_str(), *port)
-                    .to_socket_addrs()
-                    .map_err(|e| format!("origin `{}`: cannot resolve {host}: {e}", cfg.name))?
-                    .next()
-                    .ok_or_else(|| format!("origin `{}`: {host} has no address", cfg.name))?;
-                let mut peer = HttpPeer::new(addr, *tls, host.clone());
-                peer.options.verify_cert = *tls_verify;
-                peer.options.verify_hostname = *tls_verify;
-                let scheme = if *tls { "https" } else { "http" };
-                (
-                    peer,
-                    host_header.clone(),
-                    prefix.clone(),
-                    format!("{scheme}://{host_header}"),
-                    s3.as_ref().map(Signer::new),
-                )
-            }
-            OriginKind::Dir { .. } => {
-                let sock = dir_socket.ok_or_else(|| format!("origin `{}`: no socket", cfg.name))?;
-                let peer = HttpPeer::new_uds(&sock.to_string_lossy(), false, String::new())
-                    .map_err(|e| format!("origin `{}`: {e}", cfg.name))?;
-                (
-                    peer,
-                    "localhost".into(),
-                    String::new(),
-                    "http://localhost".into(),
-                    None,
-                )
-            }
+/// A peer's metric series, resolved once (no label lookup per request).
+pub struct PeerMetrics {
+    pub up: prometheus::IntGauge,
+    pub in_flight: prometheus::IntGauge,
+    pub ejections: prometheus::IntCounter,
+    /// By outcome: ok, status, connect, timeout, error.
+    pub outcomes: [prometheus::IntCounter; 5],
+}
+
+/// How an attempt on a peer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer (any status but a `retry_on` one).
+    Ok,
+    /// A `retry_on` status.
+    Status,
+    Connect,
+    Timeout,
+    /// A reset or protocol error after connecting.
+    Error,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        ["ok", "status", "connect", "timeout", "error"][self as usize]
+    }
+}
+
+impl PeerMetrics {
+    fn new(origin: &str, peer: &str) -> PeerMetrics {
+        let m = &crate::metrics::METRICS;
+        let l = [origin, peer];
+        let outcome = |o: Outcome| {
+            m.peer_requests
+                .with_label_values(&[origin, peer, o.as_str()])
         };
-        let t = cfg.timeouts;
-        peer.options.connection_timeout = Some(t.connect);
-        peer.options.total_connection_timeout = Some(t.connect);
-        peer.options.read_timeout = Some(t.read);
-        peer.options.write_timeout = Some(t.write);
-        peer.options.idle_timeout = Some(POOL_IDLE);
-        Ok(Origin {
+        let up = m.peer_up.with_label_values(&l);
+        up.set(1);
+        PeerMetrics {
+            up,
+            in_flight: m.peer_in_flight.with_label_values(&l),
+            ejections: m.peer_ejections.with_label_values(&l),
+            outcomes: [
+                outcome(Outcome::Ok),
+                outcome(Outcome::Status),
+                outcome(Outcome::Connect),
+                outcome(Outcome::Timeout),
+                outcome(Outcome::Error),
+            ],
+        }
+    }
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("name", &self.name)
+            .field("host_header", &self.host_header)
+            .field("prefix", &self.prefix)
+            .field("signer", &self.signer)
+            .finish_non_exhaustive()
+    }
+}
+
+fn template(addr: SocketAddr, tls: bool, sni: &str, verify: bool, t: &Timeouts) -> HttpPeer {
+    let mut peer = HttpPeer::new(addr, tls, sni.to_string());
+    peer.options.verify_cert = verify;
+    peer.options.verify_hostname = verify;
+    options(&mut peer, t);
+    peer
+}
+
+fn options(peer: &mut HttpPeer, t: &Timeouts) {
+    peer.options.connection_timeout = Some(t.connect);
+    peer.options.total_connection_timeout = Some(t.connect);
+    peer.options.read_timeout = Some(t.read);
+    peer.options.write_timeout = Some(t.write);
+    peer.options.idle_timeout = Some(POOL_IDLE);
+}
+
+impl Peer {
+    fn http(cfg: &PeerConfig, label: String, t: Timeouts, origin: &str) -> Result<Peer, String> {
+        let addrs: Vec<SocketAddr> = (cfg.host.as_str(), cfg.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("origin `{origin}`: cannot resolve {}: {e}", cfg.host))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(format!("origin `{origin}`: {} has no address", cfg.host));
+        }
+        let scheme = if cfg.tls { "https" } else { "http" };
+        let peer = Peer {
             name: cfg.name.clone(),
-            read_only: cfg.read_only,
+            label,
+            weight: cfg.weight,
+            priority: cfg.priority,
+            host: Some(cfg.host.clone()),
+            port: cfg.port,
+            tls: cfg.tls,
+            tls_verify: cfg.tls_verify,
+            sni: cfg.host.clone(),
             timeouts: t,
-            peer,
-            host_header,
-            prefix,
-            url_base,
-            signer,
+            host_header: cfg.host_header.clone(),
+            prefix: cfg.prefix.clone(),
+            url_base: format!("{scheme}://{}", cfg.host_header),
+            signer: cfg.s3.as_ref().map(Signer::new),
+            targets: RwLock::new(Arc::from(Vec::new())),
+            next_target: AtomicUsize::new(0),
+            state: PeerState::default(),
+            metrics: PeerMetrics::new(origin, &cfg.name),
+        };
+        peer.set_addrs(&addrs);
+        Ok(peer)
+    }
+
+    fn uds(sock: &Path, label: String, t: Timeouts, origin: &str) -> Result<Peer, String> {
+        let mut http = HttpPeer::new_uds(&sock.to_string_lossy(), false, String::new())
+            .map_err(|e| format!("origin `{origin}`: {e}"))?;
+        options(&mut http, &t);
+        Ok(Peer {
+            name: origin.to_string(),
+            label,
+            weight: 1,
+            priority: 1,
+            host: None,
+            port: 0,
+            tls: false,
+            tls_verify: false,
+            sni: String::new(),
+            timeouts: t,
+            host_header: "localhost".into(),
+            prefix: String::new(),
+            url_base: "http://localhost".into(),
+            signer: None,
+            targets: RwLock::new(Arc::from(vec![http])),
+            next_target: AtomicUsize::new(0),
+            state: PeerState::default(),
+            metrics: PeerMetrics::new(origin, origin),
         })
     }
 
-    pub fn peer(&self) -> Box<HttpPeer> {
-        Box::new(self.peer.clone())
+    /// The addresses connections go to (a DNS refresh replaces them).
+    pub fn set_addrs(&self, addrs: &[SocketAddr]) {
+        let targets: Vec<HttpPeer> = addrs
+            .iter()
+            .map(|a| template(*a, self.tls, &self.sni, self.tls_verify, &self.timeouts))
+            .collect();
+        *self.targets.write() = Arc::from(targets);
+    }
+
+    /// Set the addresses when they differ from the current ones; `true` when they did.
+    pub fn replace_addrs(&self, addrs: &[SocketAddr]) -> bool {
+        let mut now: Vec<SocketAddr> = self
+            .targets
+            .read()
+            .iter()
+            .filter_map(|t| t._address.as_inet().copied())
+            .collect();
+        now.sort();
+        if now == addrs {
+            return false;
+        }
+        self.set_addrs(addrs);
+        true
+    }
+
+    /// A host name (not an IP literal) to re-resolve, with its port.
+    pub fn dns_name(&self) -> Option<(&str, u16)> {
+        let host = self.host.as_deref()?;
+        host.parse::<std::net::IpAddr>()
+            .is_err()
+            .then_some((host, self.port))
+    }
+
+    pub fn needs_dns(&self) -> bool {
+        self.dns_name().is_some()
+    }
+
+    /// The addresses it connects to now (`None` for a Unix socket).
+    pub fn addrs(&self) -> Vec<String> {
+        self.targets
+            .read()
+            .iter()
+            .map(|t| t._address.to_string())
+            .collect()
+    }
+
+    /// A connection target for one attempt (round robin over the resolved addresses).
+    pub fn http_peer(&self) -> Box<HttpPeer> {
+        let targets = self.targets.read();
+        let i = self.next_target.fetch_add(1, Relaxed) % targets.len().max(1);
+        Box::new(targets[i].clone())
     }
 
     pub fn is_signed(&self) -> bool {
         self.signer.is_some()
     }
 
-    /// Rewrite the upstream request for this origin: `key` is the canonical object path
+    /// An attempt starts on this peer.
+    pub fn enter(&self) {
+        self.state.enter();
+        self.metrics.in_flight.inc();
+    }
+
+    /// The attempt [`Peer::enter`]ed ended.
+    pub fn leave(&self) {
+        self.state.leave();
+        self.metrics.in_flight.dec();
+    }
+
+    /// Rewrite the upstream request for this peer: `key` is the canonical object path
     /// (`boundary::path` normal form, starts with `/`), `query` the forwarded query (after the
-    /// S3 policy). A signed origin gets only the allowlisted client headers
+    /// S3 policy). A signed peer gets only the allowlisted client headers
     /// (`boundary::s3::forward_header`), then the signature; `forward.credentials` false (a
     /// fallback) drops the client's `Authorization`, `Cookie` and `Proxy-Authorization`.
     pub fn rewrite(
@@ -172,32 +355,192 @@ impl Origin {
     }
 }
 
+impl Origin {
+    /// Build the runtime origin. `dir_socket` is where the directory origin of this name
+    /// listens (only for `dir` origins). Host names are resolved here (and again every
+    /// `dns_refresh` by `upstream::monitor`).
+    pub fn new(cfg: &OriginConfig, dir_socket: Option<&Path>) -> Result<Origin, String> {
+        let t = cfg.timeouts;
+        let peers = match &cfg.kind {
+            OriginKind::Http { peers } => {
+                let multi = peers.len() > 1;
+                peers
+                    .iter()
+                    .map(|p| {
+                        let label = if multi {
+                            format!("{}/{}", cfg.name, p.name)
+                        } else {
+                            cfg.name.clone()
+                        };
+                        Peer::http(p, label, t, &cfg.name)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            }
+            OriginKind::Dir { .. } => {
+                let sock = dir_socket.ok_or_else(|| format!("origin `{}`: no socket", cfg.name))?;
+                vec![Peer::uds(sock, cfg.name.clone(), t, &cfg.name)?]
+            }
+        };
+        let members: Vec<upstream::Member> = peers
+            .iter()
+            .map(|p| upstream::Member {
+                name: p.name.clone(),
+                weight: p.weight,
+                priority: p.priority,
+            })
+            .collect();
+        Ok(Origin {
+            name: cfg.name.clone(),
+            read_only: cfg.read_only,
+            timeouts: t,
+            selector: Selector::new(cfg.balance, &members),
+            peers,
+            passive: cfg.passive,
+            retries: cfg.retries,
+            retry_on: cfg.retry_on.clone(),
+            health: cfg.health.clone(),
+            dns_refresh: cfg.dns_refresh,
+            budget: Budget::default(),
+        })
+    }
+
+    /// Some peer signs with cascade's credentials.
+    pub fn is_signed(&self) -> bool {
+        self.peers.iter().any(Peer::is_signed)
+    }
+
+    /// A peer for an attempt on `key`, not among `tried` (a bit set of peer indices): a usable one by the origin's
+    /// balance, else (every usable one tried or none usable) `None`. When no peer at all is
+    /// usable because of passive ejections only, the panic rule applies: ejected peers are
+    /// tried rather than failing without trying (Envoy); peers the active monitor has down,
+    /// or an operator drained, are never chosen.
+    pub fn pick(&self, key: &str, tried: u64) -> Option<usize> {
+        let now = upstream::now_ms();
+        // `tried`: bit i = peer i (origins have at most 64 peers).
+        let fresh = |i: usize| i >= 64 || tried & (1 << i) == 0;
+        let in_flight = |i: usize| self.peers[i].state.in_flight();
+        if let Some(i) = self.selector.pick(
+            key.as_bytes(),
+            |i| fresh(i) && self.peers[i].state.usable(now),
+            in_flight,
+        ) {
+            return Some(i);
+        }
+        if self.peers.iter().any(|p| p.state.usable(now)) {
+            return None; // usable peers exist; this request has tried them all
+        }
+        self.selector.pick(
+            key.as_bytes(),
+            |i| fresh(i) && self.peers[i].state.is_up() && !self.peers[i].state.is_draining(),
+            in_flight,
+        )
+    }
+
+    /// Every peer is down (active monitor) or drained: nothing to try.
+    pub fn all_down(&self) -> bool {
+        self.peers
+            .iter()
+            .all(|p| !p.state.is_up() || p.state.is_draining())
+    }
+
+    /// Usable peers other than `except`: may passive detection eject `except`?
+    pub fn others_usable(&self, except: usize) -> bool {
+        let now = upstream::now_ms();
+        self.peers
+            .iter()
+            .enumerate()
+            .any(|(i, p)| i != except && p.state.usable(now))
+    }
+
+    /// A peer by name.
+    pub fn peer_index(&self, name: &str) -> Option<usize> {
+        self.peers.iter().position(|p| p.name == name)
+    }
+
+    /// How an attempt on peer `i` ended: counted, and passive detection updated (a
+    /// connect error, a timeout or a `retry_on` status is a failure; an answer a success).
+    /// Returns the ejection's cooldown when this failure ejected the peer.
+    pub fn report(&self, i: usize, outcome: Outcome) -> Option<Duration> {
+        let peer = &self.peers[i];
+        peer.metrics.outcomes[outcome as usize].inc();
+        match outcome {
+            Outcome::Ok => {
+                peer.state.success();
+                None
+            }
+            Outcome::Error => None,
+            Outcome::Status | Outcome::Connect | Outcome::Timeout => {
+                let now = upstream::now_ms();
+                match peer
+                    .state
+                    .failure(&self.passive, now, || self.others_usable(i))
+                {
+                    upstream::Verdict::Ejected(d) => {
+                        peer.metrics.ejections.inc();
+                        peer.metrics.up.set(0);
+                        log::warn!(
+                            "origin `{}`: peer `{}` ejected for {d:?} after {} consecutive failures",
+                            self.name,
+                            peer.name,
+                            self.passive.failures
+                        );
+                        Some(d)
+                    }
+                    upstream::Verdict::Counted => None,
+                }
+            }
+        }
+    }
+
+    /// Seconds a client should wait before trying again when no peer can answer: until the
+    /// first ejection ends, or one monitor interval.
+    pub fn retry_after(&self) -> u64 {
+        let now = upstream::now_ms();
+        let ejection = self
+            .peers
+            .iter()
+            .filter_map(|p| p.state.ejected_until(now))
+            .min()
+            .map(|u| (u - now).div_ceil(1000));
+        let monitor = self.health.as_ref().map(|h| h.interval.as_secs().max(1));
+        ejection.or(monitor).unwrap_or(1).clamp(1, 3600)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::S3Signing;
 
     fn http_origin(prefix: &str, s3: bool) -> Origin {
+        let peer = PeerConfig {
+            name: "p".into(),
+            weight: 1,
+            priority: 1,
+            tls: false,
+            tls_verify: true,
+            host: "127.0.0.1".into(),
+            port: 9000,
+            host_header: "127.0.0.1:9000".into(),
+            prefix: prefix.into(),
+            s3: s3.then(|| S3Signing {
+                region: "us-east-1".into(),
+                service: "s3".into(),
+                credentials: aws_credential_types::Credentials::new("AK", "SK", None, None, "t"),
+                forward_headers: Vec::new(),
+            }),
+        };
         let cfg = OriginConfig {
             name: "o".into(),
-            kind: OriginKind::Http {
-                tls: false,
-                tls_verify: true,
-                host: "127.0.0.1".into(),
-                port: 9000,
-                host_header: "127.0.0.1:9000".into(),
-                prefix: prefix.into(),
-                s3: s3.then(|| S3Signing {
-                    region: "us-east-1".into(),
-                    service: "s3".into(),
-                    credentials: aws_credential_types::Credentials::new(
-                        "AK", "SK", None, None, "t",
-                    ),
-                    forward_headers: Vec::new(),
-                }),
-            },
+            kind: OriginKind::Http { peers: vec![peer] },
             read_only: false,
             timeouts: Timeouts::default(),
+            balance: Default::default(),
+            health: None,
+            passive: Default::default(),
+            retries: 2,
+            retry_on: Default::default(),
+            dns_refresh: Duration::from_secs(60),
         };
         Origin::new(&cfg, None).unwrap()
     }
@@ -210,7 +553,8 @@ mod tests {
         req.insert_header("authorization", "Bearer x").unwrap();
         req.insert_header("cookie", "s=1").unwrap();
         let main = Forward { credentials: true };
-        o.rewrite(&mut req, "/a/b%20c.jpg", Some("v=1"), main)
+        o.peers[0]
+            .rewrite(&mut req, "/a/b%20c.jpg", Some("v=1"), main)
             .unwrap();
         assert_eq!(req.uri.to_string(), "/bucket/a/b%20c.jpg?v=1");
         assert_eq!(req.headers.get("host").unwrap(), "127.0.0.1:9000");
@@ -220,7 +564,8 @@ mod tests {
         req.insert_header("x-api-key", "k").unwrap();
         req.insert_header("range", "bytes=0-1").unwrap();
         let q = Some("w=1&X-Amz-Credential=c&access_token=t&X-Amz-Signature=s");
-        o.rewrite(&mut req, "/a", q, Forward { credentials: false })
+        o.peers[0]
+            .rewrite(&mut req, "/a", q, Forward { credentials: false })
             .unwrap();
         for gone in ["authorization", "cookie", "x-api-key"] {
             assert!(req.headers.get(gone).is_none(), "{gone}");
@@ -245,7 +590,8 @@ mod tests {
         ] {
             req.insert_header(k, v).unwrap();
         }
-        o.rewrite(&mut req, "/k", None, Forward { credentials: true })
+        o.peers[0]
+            .rewrite(&mut req, "/k", None, Forward { credentials: true })
             .unwrap();
         for gone in [
             "x-amz-copy-source",
@@ -275,7 +621,8 @@ mod tests {
         let o = http_origin("/bucket", true);
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
         req.insert_header("authorization", "Bearer client").unwrap();
-        o.rewrite(&mut req, "/k(1).jpg", None, Forward { credentials: true })
+        o.peers[0]
+            .rewrite(&mut req, "/k(1).jpg", None, Forward { credentials: true })
             .unwrap();
         assert_eq!(req.uri.to_string(), "/bucket/k%281%29.jpg");
         let auth = req.headers.get("authorization").unwrap().to_str().unwrap();

@@ -315,9 +315,15 @@ async fn perform_once(
         Some((k, q)) => (k, Some(q)),
         None => (call.path.as_str(), None),
     };
+    // A usable peer of the origin, as a request's first attempt would get (no retries on
+    // other peers: the plugin sees the failure and decides).
+    let peer_ix = origin
+        .pick(key, 0)
+        .ok_or_else(|| Failure::at(format!("origin `{}` has no usable peer", origin.name)))?;
+    let target = &origin.peers[peer_ix];
     // The plugin chose these headers: it may send credentials, also to a fallback.
     let forward = crate::origin::Forward { credentials: true };
-    origin
+    target
         .rewrite(&mut req, key, query, forward)
         .map_err(Failure::at)?;
     let has_body = !call.body.is_empty();
@@ -325,7 +331,7 @@ async fn perform_once(
         req.insert_header(http::header::CONTENT_LENGTH, call.body.len())
             .map_err(Failure::at)?;
     }
-    let peer = origin.peer();
+    let peer = target.http_peer();
     let (mut s, reused) = connector
         .get_http_session(&*peer)
         .await

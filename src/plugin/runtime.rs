@@ -1003,10 +1003,7 @@ impl Runtime {
                                 .iter()
                                 .any(|g| g.fallbacks.contains(&i) || (g.main == i && g.read_only)),
                         timeout: o.timeouts.read,
-                        signed: matches!(
-                            &o.kind,
-                            crate::config::OriginKind::Http { s3: Some(_), .. }
-                        ),
+                        signed: o.is_signed(),
                     })
                     .collect(),
             }),
@@ -1059,6 +1056,11 @@ impl Runtime {
     /// Re-reads every plugin file; changed ones are compiled, started and swapped in. New
     /// requests use the new instances; requests in flight keep the ones they leased. A plugin
     /// that fails to load keeps its previous version.
+    /// The configured plugins' names, in config order.
+    pub fn plugin_names(&self) -> Vec<String> {
+        self.slots.iter().map(|s| s.cfg.name.clone()).collect()
+    }
+
     pub fn reload(&self) -> ReloadReport {
         let _one_at_a_time = self.reloading.lock();
         let mut report = ReloadReport::default();
@@ -1140,31 +1142,7 @@ impl Runtime {
     }
 }
 
-/// Runs the future `make` builds on a thread of its own (`name`) with a current-thread tokio
-/// runtime: the plugins' background work (SIGHUP reload, ticks) never runs on a proxy worker.
-/// `what` names the feature in the error logged when the thread cannot start.
-pub(super) fn background<F>(
-    name: &str,
-    what: &'static str,
-    make: impl FnOnce() -> F + Send + 'static,
-) where
-    F: std::future::Future<Output = ()>,
-{
-    let spawned = std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt.block_on(make()),
-                Err(e) => log::error!("plugins: cannot start a runtime ({e}); {what} disabled"),
-            }
-        });
-    if let Err(e) = spawned {
-        log::error!("plugins: cannot start the {name} thread ({e}); {what} disabled");
-    }
-}
+pub(super) use crate::background::spawn as background;
 
 #[cfg(test)]
 mod tests {
