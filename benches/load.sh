@@ -84,6 +84,7 @@ plughit64k plugins /hit-64k.bin main     65536    HIT  hit64k with the plughit p
 plughit1m plugins /hit-1m.bin    main      1048576  HIT  hit1m with the plughit plugins (cascade only)
 plugnoop  plugnoop /hit-4k.bin   main      4096     HIT  hit4k with three no-op SDK plugins: the ABI floor (cascade only)
 plugcall  plugcall /hit-4k.bin   main      4096     HIT  hit4k with ext-auth: one HTTP call per request to a local auth service (cascade only)
+pass2     peers  /main-4k.bin    main      4096     -    pass with main as two round-robin peers (nginx: an upstream of two servers)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
@@ -93,6 +94,9 @@ declare -A HEADER_OF=([plughit]="x-api-key: bench-key" [plughit64k]="x-api-key: 
 # and the largest allowed req/s loss.
 declare -A PLUGIN_BASE_OF=([plughit]=hit4k [plughit64k]=hit64k [plughit1m]=hit1m [plugnoop]=hit4k [plugcall]=hit4k)
 PLUGIN_MAX_COST=0.10
+# Balancer cost (issue 13): scenario -> the single-peer scenario it is compared with.
+declare -A BALANCER_BASE_OF=([pass2]=pass)
+BALANCER_MAX_COST=0.03
 
 declare -A PROFILE_OF PATH_OF FROM_OF SIZE_OF XCACHE_OF WHAT_OF
 ALL_SCENARIOS=()
@@ -315,6 +319,7 @@ start_nginx() {
 
 # ---------------------------------------------------------------------------- origins
 pick_port MAIN_PORT
+pick_port MAIN2_PORT
 pick_port FB_PORT
 
 # Each scenario's fixture lives in its origin only (the fallback ones must be 404 on main).
@@ -333,12 +338,17 @@ fixture_of() { echo "$WORK/fixtures/${FROM_OF[$1]}${PATH_OF[$1]}"; }
 start_nginx "$WORK/origin-main" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
   NAME=main ROOT="$WORK/fixtures/main" PORT="$MAIN_PORT"
 MAIN_PID=$LAST_PID
+# A second peer of main (the pass2 scenario): the same fixtures on another server.
+start_nginx "$WORK/origin-main2" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
+  NAME=main2 ROOT="$WORK/fixtures/main" PORT="$MAIN2_PORT"
+MAIN2_PID=$LAST_PID
 start_nginx "$WORK/origin-fallback" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
   NAME=fallback ROOT="$WORK/fixtures/fallback" PORT="$FB_PORT"
 FB_PID=$LAST_PID
 wait_accept "origin main" "$MAIN_PORT" "$MAIN_PID" "$WORK/origin-main/error.log"
+wait_accept "origin main2" "$MAIN2_PORT" "$MAIN2_PID" "$WORK/origin-main2/error.log"
 wait_accept "origin fallback" "$FB_PORT" "$FB_PID" "$WORK/origin-fallback/error.log"
-LOGS=("$WORK/origin-main/error.log" "$WORK/origin-fallback/error.log")
+LOGS=("$WORK/origin-main/error.log" "$WORK/origin-main2/error.log" "$WORK/origin-fallback/error.log")
 
 # ---------------------------------------------------------------------------- proxies
 # The proxies run one profile at a time: when the next scenario needs another profile, the
@@ -375,7 +385,7 @@ start_proxies() { # PROFILE
     nginx)
       start_nginx "$dir" "$tpl" "$PROXY_CPUS" \
         THREADS="$THREADS" PORT="${PORT_OF[$p]}" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" \
-        MAIN404="$MAIN404_CONF"
+        MAIN2_PORT="$MAIN2_PORT" MAIN404="$MAIN404_CONF"
       PID_OF[$p]=$LAST_PID
       LOGS+=("$dir/error.log")
       ;;
@@ -389,6 +399,7 @@ start_proxies() { # PROFILE
       fi
       render "$tpl" "$dir/gen.yaml" DIR="$dir" THREADS="$THREADS" PORT="${PORT_OF[$p]}" \
         METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk" \
+        MAIN2_PORT="$MAIN2_PORT" \
         CACHE_MEMORY="$CACHE_MEMORY" \
         ROOT="$ROOT" BODIES="$([ "$PLUGIN_BODIES" = 1 ] && echo true || echo false)"
       "$CASCADE_BIN" check -c "$dir/gen.yaml" >"$dir/check.log" 2>&1 ||
@@ -447,7 +458,9 @@ verify() {
   code=$("$CURL" -sS -m 10 "${extra[@]}" -o "$body" -D "$hdr" -w '%{http_code}' "$url") || die "$proxy: GET $url failed"
   from=$(header X-Served-From "$hdr")
   LAST_XCACHE=$(header X-Cache "$hdr")
-  if [ "$code" != 200 ] || ! cmp -s "$body" "$(fixture_of "$sc")" || [ "$from" != "${FROM_OF[$sc]}" ] ||
+  # An origin of several peers says which one answered: `main/a`.
+  if [ "$code" != 200 ] || ! cmp -s "$body" "$(fixture_of "$sc")" ||
+    { [ "$from" != "${FROM_OF[$sc]}" ] && [[ "$from" != "${FROM_OF[$sc]}"/* ]]; } ||
     { [ -n "$want_xc" ] && [ "$LAST_XCACHE" != "$want_xc" ]; }; then
     log "$proxy: GET $url gave status $code, $(wc -c <"$body") bytes, X-Served-From '$from', X-Cache '$LAST_XCACHE'; headers:"
     cat "$hdr" >&2
@@ -706,6 +719,34 @@ for sc in $SCENARIOS; do
   plugin_rows+=("$row")
   lines+=("$line")
 done
+balancer_rows=()
+for sc in $SCENARIOS; do
+  base=${BALANCER_BASE_OF[$sc]:-}
+  [ -n "$base" ] && [ "${MED[$sc,cascade,rps]:-}" != - ] && [ -n "${MED[$sc,cascade,rps]:-}" ] || continue
+  if [ -z "${MED[$base,cascade,rps]:-}" ] || [ "${MED[$base,cascade,rps]}" = - ]; then
+    balancer_rows+=("$(printf '  %-9s vs %s: not measured (add %s to SCENARIOS)' "$sc" "$base" "$base")")
+    continue
+  fi
+  pr=$(ratio "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}")
+  cost=$(awk -v r="$pr" 'BEGIN { printf "%.1f", (1 - r) * 100 }')
+  met=$(awk -v r="$pr" -v m="$BALANCER_MAX_COST" 'BEGIN { print (1 - r <= m + 0 ? "met" : "NOT met") }')
+  row=$(printf '  %-9s vs %-6s req/s %.0f vs %.0f = %s (cost %s%%, target <= %.0f%%: %s)' "$sc" "$base" \
+    "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}" "$pr" "$cost" \
+    "$(awk -v m="$BALANCER_MAX_COST" 'BEGIN { print m * 100 }')" "$met")
+  line="BENCH balancer_cost scenario=$sc base=$base rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$BALANCER_MAX_COST" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
+  if [ "$CPU" = 1 ]; then
+    row+=", CPU ${MED[$sc,cascade,cpu]} vs ${MED[$base,cascade,cpu]} us/req"
+    line+=" cpu_us_per_req=${MED[$sc,cascade,cpu]} base_cpu_us_per_req=${MED[$base,cascade,cpu]}"
+  fi
+  balancer_rows+=("$row")
+  lines+=("$line")
+done
+if [ ${#balancer_rows[@]} -gt 0 ]; then
+  echo
+  echo "balancer cost (issue 13), cascade with two peers / cascade with one (same run):"
+  printf '%s\n' "${balancer_rows[@]}"
+fi
+
 if [ ${#plugin_rows[@]} -gt 0 ]; then
   echo
   echo "plugin chain cost (issue 4), cascade with the plugins / cascade without (same run):"
