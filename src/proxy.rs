@@ -154,6 +154,7 @@ pub fn error_kind(e: &Error) -> &'static str {
         ConnectionClosed | ReadError | WriteError => "reset",
         InvalidHTTPHeader | H1Error | H2Error | InvalidH2 | H2Downgrade => "protocol",
         e if *e == TOTAL_TIMEOUT => "timeout",
+        HTTPStatus(503) => "no_peer",
         _ => "other",
     }
 }

@@ -1466,6 +1466,81 @@ routes:
     }
 
     #[test]
+    fn peers_are_validated_with_their_line() {
+        let errs = load_err(
+            "listen: [{addr: 127.0.0.1:1}]
+origins:
+  a:
+    url: \"http://h/b\"
+    peers: [{url: \"http://h/b\"}]
+  b:
+    peers:
+      - {url: \"http://h:1/b\", name: x, weight: 0}
+      - {url: \"http://h:2/b\", name: y, weight: 0}
+  c:
+    peers:
+      - {url: \"http://h:1/b\", name: x}
+      - {url: \"http://h:2/b\", name: x}
+  d:
+    url: \"http://h/b\"
+    balance: fastest
+  e:
+    url: \"http://h/b\"
+    health: {path: /hc, method: HEAD, expected_body: OK}
+  f:
+    url: \"http://h/b\"
+    retry_on: [connect, 404]
+  g:
+    url: \"http://h/b\"
+    health: {path: /hc, expected_codes: [\"2xy\"]}
+groups: {}
+",
+        );
+        let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.field.as_str())).collect();
+        for want in [
+            (3, "origins.a"),
+            (7, "origins.b.peers"),
+            (13, "origins.c.peers[1].name"),
+            (16, "origins.d.balance"),
+            (19, "origins.e.health.method"),
+            (22, "origins.f.retry_on[1]"),
+            (25, "origins.g.health.expected_codes[0]"),
+        ] {
+            assert!(got.contains(&want), "missing {want:?} in {got:?}");
+        }
+        let c = load_ok(
+            "listen: [{addr: 127.0.0.1:1}]
+origins:
+  m:
+    peers:
+      - {url: \"http://127.0.0.1:1/b\", name: a, weight: 3}
+      - {url: \"http://127.0.0.1:2/b\", priority: 2, s3: {access_key_env: AK, secret_key_env: SK}}
+    balance: hash
+    health: {path: \"/hc?x=1\", expected_codes: [\"2xx\", 304], expected_body: ok}
+    retry_on: [timeout, 5xx]
+groups: {g: {main: m, failover: false}}
+routes: [{group: g}]
+",
+        );
+        let m = &c.origins[0];
+        assert_eq!(m.peers().len(), 2);
+        assert_eq!(
+            m.peers()[1].name,
+            "127.0.0.1:2",
+            "named by host:port by default"
+        );
+        assert!(m.peers()[1].s3.is_some() && m.peers()[0].s3.is_none());
+        let h = m.health.as_ref().unwrap();
+        assert_eq!(
+            (h.target.as_str(), h.expected.clone()),
+            ("/hc?x=1", vec![(200, 299), (304, 304)])
+        );
+        assert!(!m.retry_on.connect && m.retry_on.timeout && m.retry_on.status(599));
+        assert!(!c.groups[0].failover);
+        assert!(c.groups[0].signed, "one signed peer makes the group signed");
+    }
+
+    #[test]
     fn signed_origins_must_name_their_bucket() {
         for (host, virt) in [
             ("media.s3.us-east-1.amazonaws.com", true),
