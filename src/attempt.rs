@@ -12,8 +12,9 @@
 //!  replay()  ─► the 404 (fallback_on) replay: step + 1, not a retry, not a failure
 //! ```
 //!
-//! A write is retried on another peer only after a connect failure (no body byte sent), and
-//! never reaches a fallback (`fallback::Plan` has one step for writes).
+//! A write is retried on another peer only after a connect failure (no body byte sent) when
+//! no earlier attempt of it had a connection (a reused one that broke may have taken the
+//! body), and never reaches a fallback (`fallback::Plan` has one step for writes).
 
 use crate::config::GroupConfig;
 use crate::fallback::{Plan, Role};
@@ -82,6 +83,9 @@ pub struct Attempts {
     counted: bool,
     /// Steps moved on because main could not answer.
     pub failovers: u8,
+    /// An attempt failed on a connection that was open (a reused one, see
+    /// [`Attempts::stale_connection`]): a write's body may have been sent.
+    sent: bool,
 }
 
 /// What the request allows: reads may fail over and retry on any `retry_on` failure; writes
@@ -171,8 +175,9 @@ impl Attempts {
             Failure::Timeout => origin.retry_on.timeout,
             Failure::Status => true,
         };
-        // A write's body may have been sent unless the connection never opened.
-        let allowed = rules.read || f == Failure::Connect;
+        // A write's body may have been sent unless the connection never opened, this attempt's
+        // or an earlier one's (a stale connection retried on the same peer).
+        let allowed = rules.read || (f == Failure::Connect && !self.sent);
         if retryable
             && allowed
             && self.retries < origin.retries
@@ -196,6 +201,7 @@ impl Attempts {
     /// A pooled connection turned out dead before any answer: the same peer again (it is
     /// not the peer's failure; Pingora's own rule for reused connections).
     pub fn stale_connection(&mut self) {
+        self.sent = true;
         if let Some(c) = self.current {
             if c.peer < 64 {
                 self.tried &= !(1 << c.peer);
@@ -343,6 +349,16 @@ mod tests {
             !a.failed(Failure::Connect, &origins, w, "/k"),
             "no fallback for writes"
         );
+        // A reused connection broke (the body may be sent) and the next attempt cannot
+        // connect: the write stops there; a read goes on.
+        let origins = [origin("main", 3, 2), origin("fb", 1, 0)];
+        for (r, again) in [(w, false), (rules(&g, true), true)] {
+            let mut a = Attempts::default();
+            a.next(&origins, r, "/k").unwrap();
+            a.stale_connection();
+            a.next(&origins, r, "/k").unwrap();
+            assert_eq!(a.failed(Failure::Connect, &origins, r, "/k"), again);
+        }
     }
 
     #[test]
