@@ -217,7 +217,26 @@ impl ServerHandle {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind test server");
+        ServerHandle::spawn_on(name, SocketAddr::from(([127, 0, 0, 1], 0)), svc)
+    }
+
+    /// A server listening on `addr` (port 0: any free port). Binding the address of a server
+    /// that was just dropped works: std sets `SO_REUSEADDR`, so its connections in TIME_WAIT
+    /// do not hold the port.
+    fn spawn_on<S, B>(name: &str, addr: SocketAddr, svc: S) -> ServerHandle
+    where
+        S: hyper::service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let listener =
+            TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind test server on {addr}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -543,7 +562,18 @@ impl HttpOrigin {
         HttpOrigin::start_with(true)
     }
 
+    /// An origin listening on `addr`: a peer restarted where it was (after its
+    /// [`HttpOrigin`] was dropped), or on another loopback address (`127.0.0.2:PORT`; all of
+    /// 127/8 is loopback).
+    pub fn start_on(addr: SocketAddr) -> HttpOrigin {
+        HttpOrigin::start_at(false, addr)
+    }
+
     fn start_with(normalize: bool) -> HttpOrigin {
+        HttpOrigin::start_at(normalize, SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    fn start_at(normalize: bool, addr: SocketAddr) -> HttpOrigin {
         let stats = Arc::new(Stats::default());
         let script = Arc::new(Mutex::new(Script {
             replies: HashMap::new(),
@@ -608,7 +638,7 @@ impl HttpOrigin {
                 Ok::<_, std::convert::Infallible>(resp)
             }
         });
-        let server = ServerHandle::spawn("http-origin", svc);
+        let server = ServerHandle::spawn_on("http-origin", addr, svc);
         HttpOrigin {
             addr: server.addr,
             stats,
@@ -807,6 +837,8 @@ pub struct CascadeBuilder {
     server: String,
     env: Vec<(String, String)>,
     ready_timeout: Duration,
+    /// Run in a private mount namespace with this file bind-mounted on `/etc/hosts`.
+    hosts: Option<PathBuf>,
 }
 
 impl CascadeBuilder {
@@ -819,6 +851,15 @@ impl CascadeBuilder {
     /// Add `key: value` to the `server:` section the harness writes.
     pub fn server(mut self, key: &str, value: &str) -> Self {
         self.server.push_str(&format!("  {key}: {value}\n"));
+        self
+    }
+
+    /// Run cascade in a private mount namespace where `hosts` is bind-mounted on `/etc/hosts`
+    /// (`unshare --mount`; needs root). The file can be rewritten in place (same inode:
+    /// truncate and write, see [`rewrite_in_place`]) while cascade runs, to change what its
+    /// host names resolve to.
+    pub fn hosts_file(mut self, hosts: &Path) -> Self {
+        self.hosts = Some(hosts.to_path_buf());
         self
     }
 
@@ -847,7 +888,20 @@ impl CascadeBuilder {
         std::fs::write(&config_path, &config).unwrap();
         let stderr_path = dir.path().join("stderr.log");
         let stdout_path = dir.path().join("stdout.log");
-        let mut cmd = Command::new(cascade_bin());
+        let mut cmd = match &self.hosts {
+            None => Command::new(cascade_bin()),
+            Some(hosts) => {
+                // unshare execs sh, which execs cascade: the child's pid stays cascade's.
+                let mut c = Command::new("unshare");
+                c.arg("--mount")
+                    .arg("sh")
+                    .arg("-c")
+                    .arg(r#"mount --bind "$CASCADE_TEST_HOSTS" /etc/hosts && exec "$0" "$@""#)
+                    .arg(cascade_bin())
+                    .env("CASCADE_TEST_HOSTS", hosts);
+                c
+            }
+        };
         cmd.arg("run")
             .arg("-c")
             .arg(&config_path)
@@ -895,6 +949,7 @@ impl Cascade {
             server: String::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            hosts: None,
         }
     }
 
@@ -1169,6 +1224,18 @@ pub fn file_checksum(path: &Path) -> std::io::Result<Checksum> {
         }
     }
     Ok(c)
+}
+
+/// Replace a file's content keeping its inode (truncate, then write): a bind mount of it
+/// (see [`CascadeBuilder::hosts_file`]) sees the new content.
+pub fn rewrite_in_place(path: &Path, content: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(content.as_bytes()).unwrap();
+    f.sync_all().unwrap();
 }
 
 /// Poll `f` every 50 ms until it returns true or `timeout` passes; returns the last result.
