@@ -166,7 +166,7 @@ impl Attempts {
 
     /// The attempt in flight failed with `f`. `true`: try again (another peer of the same
     /// origin, or the next step), `false`: this failure is the answer.
-    pub fn failed(&mut self, f: Failure, origins: &[Origin], rules: Rules, key: &str) -> bool {
+    pub fn failed(&mut self, f: Failure, origins: &[Origin], rules: Rules) -> bool {
         let Some(c) = self.current else { return false };
         let origin = &origins[c.origin];
         origin.report(c.peer, f.outcome());
@@ -181,7 +181,7 @@ impl Attempts {
         if retryable
             && allowed
             && self.retries < origin.retries
-            && origin.pick(key, self.tried).is_some()
+            && origin.can_pick(self.tried)
             && origin.budget.try_retry(upstream::budget::second())
         {
             self.retries += 1;
@@ -200,9 +200,11 @@ impl Attempts {
 
     /// A pooled connection turned out dead before any answer: the same peer again (it is
     /// not the peer's failure; Pingora's own rule for reused connections).
-    pub fn stale_connection(&mut self) {
+    pub fn stale_connection(&mut self, origins: &[Origin]) {
         self.sent = true;
         if let Some(c) = self.current {
+            // Counted (outcome `error`), but not held against the peer.
+            origins[c.origin].peers[c.peer].metrics.outcomes[Outcome::Error as usize].inc();
             if c.peer < 64 {
                 self.tried &= !(1 << c.peer);
             }
@@ -313,7 +315,7 @@ mod tests {
             }
             assert!(!seen.contains(&c.peer), "peer {} twice", c.peer);
             seen.push(c.peer);
-            assert!(a.failed(Failure::Connect, &origins, r, "/k"));
+            assert!(a.failed(Failure::Connect, &origins, r));
         }
         assert_eq!(
             seen.len(),
@@ -322,7 +324,7 @@ mod tests {
         );
         assert_eq!(a.failovers, 1);
         // The fallback fails too: the end.
-        assert!(!a.failed(Failure::Connect, &origins, r, "/k"));
+        assert!(!a.failed(Failure::Connect, &origins, r));
         a.end(&origins);
         assert!(origins
             .iter()
@@ -337,16 +339,16 @@ mod tests {
         let mut a = Attempts::default();
         a.next(&origins, w, "/k").unwrap();
         assert!(
-            !a.failed(Failure::Timeout, &origins, w, "/k"),
+            !a.failed(Failure::Timeout, &origins, w),
             "the body may be sent"
         );
         let mut a = Attempts::default();
         let first = a.next(&origins, w, "/k").unwrap();
-        assert!(a.failed(Failure::Connect, &origins, w, "/k"));
+        assert!(a.failed(Failure::Connect, &origins, w));
         let second = a.next(&origins, w, "/k").unwrap();
         assert_ne!(first.peer, second.peer);
         assert!(
-            !a.failed(Failure::Connect, &origins, w, "/k"),
+            !a.failed(Failure::Connect, &origins, w),
             "no fallback for writes"
         );
         // A reused connection broke (the body may be sent) and the next attempt cannot
@@ -355,9 +357,9 @@ mod tests {
         for (r, again) in [(w, false), (rules(&g, true), true)] {
             let mut a = Attempts::default();
             a.next(&origins, r, "/k").unwrap();
-            a.stale_connection();
+            a.stale_connection(&origins);
             a.next(&origins, r, "/k").unwrap();
-            assert_eq!(a.failed(Failure::Connect, &origins, r, "/k"), again);
+            assert_eq!(a.failed(Failure::Connect, &origins, r), again);
         }
     }
 

@@ -233,8 +233,9 @@ async fn respond_local_with(
     if let Some(secs) = r.retry_after {
         resp.insert_header(http::header::RETRY_AFTER, secs)?;
     }
-    if matches!(r.status, 400 | 413 | 431) {
-        // A malformed or oversized request: never read another on this connection.
+    if matches!(r.status, 400 | 413 | 431) || session.get_keepalive().is_none() {
+        // A malformed or oversized request, or an error Pingora will not reuse the
+        // connection after: never read another on this connection, and say so.
         session.set_keepalive(None);
         resp.insert_header(http::header::CONNECTION, "close")?;
     } else {
@@ -389,8 +390,7 @@ impl Cascade {
         let Some(rules) = self.rules(ctx, method) else {
             return false;
         };
-        let key = &ctx.req.as_ref().expect("admitted").key;
-        ctx.attempts.failed(f, &self.state.origins, rules, key)
+        ctx.attempts.failed(f, &self.state.origins, rules)
     }
 
     fn take_fill_ticket(&self, ctx: &mut Ctx) {
@@ -950,7 +950,7 @@ impl ProxyHttp for Cascade {
         } else if stale {
             // Pingora's rule: a pooled connection the peer had closed; the same peer again,
             // not the peer's failure.
-            ctx.attempts.stale_connection();
+            ctx.attempts.stale_connection(&self.state.origins);
             true
         } else {
             let f = match e.etype() {
@@ -989,6 +989,9 @@ impl ProxyHttp for Cascade {
         }
         let code = error_status(e);
         if code > 0 && session.response_written().is_none() {
+            // Pingora does not reuse a client connection after a proxy error: say so, or a
+            // client would send its next request on a connection about to close.
+            session.set_keepalive(None);
             let origin = self
                 .origin_for(ctx, &session.req_header().method)
                 .map_or("-".to_string(), |(o, _)| o.name.clone());

@@ -521,6 +521,29 @@ async fn origin_down_is_502() {
     assert!(t.elapsed() < Duration::from_secs(10));
 }
 
+#[test]
+fn an_error_answer_says_the_connection_closes() {
+    // Pingora never reuses a client connection after a proxy error: the answer must say so,
+    // or a keep-alive client would send its next request into a closing socket.
+    let closed = free_port();
+    let cascade = Cascade::start(&config(
+        &[plain_origin(
+            "down",
+            &format!("http://127.0.0.1:{closed}/bucket"),
+        )],
+        "{main: down}",
+    ));
+    let r = raw_request(
+        cascade.addr,
+        b"GET /x.txt HTTP/1.1\r\nHost: h\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.status, 502);
+    let head = r.head.to_ascii_lowercase();
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!head.contains("keep-alive"), "{head}");
+}
+
 #[tokio::test]
 async fn slow_origin_is_504_with_origin_timeouts() {
     let o = HttpOrigin::start();

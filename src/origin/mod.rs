@@ -436,11 +436,22 @@ impl Origin {
         )
     }
 
-    /// Every peer is down (active monitor) or drained: nothing to try.
-    pub fn all_down(&self) -> bool {
+    /// Would [`Origin::pick`] find a peer outside `tried`? (Without moving the balancer.)
+    pub fn can_pick(&self, tried: u64) -> bool {
+        let now = upstream::now_ms();
+        let fresh = |i: usize| i >= 64 || tried & (1 << i) == 0;
+        let usable = |p: &Peer| p.weight > 0 && p.state.usable(now);
+        if self.peers.iter().any(usable) {
+            return self
+                .peers
+                .iter()
+                .enumerate()
+                .any(|(i, p)| fresh(i) && usable(p));
+        }
         self.peers
             .iter()
-            .all(|p| !p.state.is_up() || p.state.is_draining())
+            .enumerate()
+            .any(|(i, p)| fresh(i) && p.weight > 0 && p.state.is_up() && !p.state.is_draining())
     }
 
     /// Usable peers other than `except`: may passive detection eject `except`?
@@ -458,7 +469,8 @@ impl Origin {
     }
 
     /// How an attempt on peer `i` ended: counted, and passive detection updated (a
-    /// connect error, a timeout or a `retry_on` status is a failure; an answer a success).
+    /// connect error, a reset, a timeout or a `retry_on` status is a failure; an answer a
+    /// success).
     /// Returns the ejection's cooldown when this failure ejected the peer.
     pub fn report(&self, i: usize, outcome: Outcome) -> Option<Duration> {
         let peer = &self.peers[i];
@@ -468,8 +480,9 @@ impl Origin {
                 peer.state.success();
                 None
             }
-            Outcome::Error => None,
-            Outcome::Status | Outcome::Connect | Outcome::Timeout => {
+            // A reset after connecting counts too (Envoy's gateway failures): a peer that
+            // accepts and drops connections is as sick as one that refuses them.
+            Outcome::Status | Outcome::Connect | Outcome::Timeout | Outcome::Error => {
                 let now = upstream::now_ms();
                 match peer
                     .state
