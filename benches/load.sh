@@ -696,51 +696,42 @@ if [ ${#targets[@]} -gt 0 ]; then
   done
 fi
 
-plugin_rows=()
-for sc in $SCENARIOS; do
-  base=${PLUGIN_BASE_OF[$sc]:-}
-  [ -n "$base" ] && [ "${MED[$sc,cascade,rps]}" != - ] || continue
-  if [ -z "${MED[$base,cascade,rps]:-}" ] || [ "${MED[$base,cascade,rps]}" = - ]; then
-    plugin_rows+=("$(printf '  %-9s vs %s: not measured (add %s to SCENARIOS)' "$sc" "$base" "$base")")
-    continue
-  fi
-  pr=$(ratio "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}")
-  cost=$(awk -v r="$pr" 'BEGIN { printf "%.1f", (1 - r) * 100 }')
-  met=$(awk -v r="$pr" -v m="$PLUGIN_MAX_COST" 'BEGIN { print (1 - r <= m + 0 ? "met" : "NOT met") }')
-  row=$(printf '  %-9s vs %-6s req/s %.0f vs %.0f = %s (cost %s%%, target <= %.0f%%: %s)' "$sc" "$base" \
-    "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}" "$pr" "$cost" \
-    "$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }')" "$met")
-  line="BENCH plugin_cost scenario=$sc base=$base plugin_bodies=$PLUGIN_BODIES rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$PLUGIN_MAX_COST" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
-  if [ "$CPU" = 1 ]; then
-    d=$(awk -v a="${MED[$sc,cascade,cpu]}" -v b="${MED[$base,cascade,cpu]}" 'BEGIN { printf "%.1f", a - b }')
-    row+=", CPU ${MED[$sc,cascade,cpu]} vs ${MED[$base,cascade,cpu]} us/req: plugins add $d us/req"
-    line+=" cpu_us_per_req=${MED[$sc,cascade,cpu]} base_cpu_us_per_req=${MED[$base,cascade,cpu]} plugin_cpu_us_per_req=$d"
-  fi
-  plugin_rows+=("$row")
-  lines+=("$line")
-done
-balancer_rows=()
-for sc in $SCENARIOS; do
-  base=${BALANCER_BASE_OF[$sc]:-}
-  [ -n "$base" ] && [ "${MED[$sc,cascade,rps]:-}" != - ] && [ -n "${MED[$sc,cascade,rps]:-}" ] || continue
-  if [ -z "${MED[$base,cascade,rps]:-}" ] || [ "${MED[$base,cascade,rps]}" = - ]; then
-    balancer_rows+=("$(printf '  %-9s vs %s: not measured (add %s to SCENARIOS)' "$sc" "$base" "$base")")
-    continue
-  fi
-  pr=$(ratio "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}")
-  cost=$(awk -v r="$pr" 'BEGIN { printf "%.1f", (1 - r) * 100 }')
-  met=$(awk -v r="$pr" -v m="$BALANCER_MAX_COST" 'BEGIN { print (1 - r <= m + 0 ? "met" : "NOT met") }')
-  row=$(printf '  %-9s vs %-6s req/s %.0f vs %.0f = %s (cost %s%%, target <= %.0f%%: %s)' "$sc" "$base" \
-    "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}" "$pr" "$cost" \
-    "$(awk -v m="$BALANCER_MAX_COST" 'BEGIN { print m * 100 }')" "$met")
-  line="BENCH balancer_cost scenario=$sc base=$base rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$BALANCER_MAX_COST" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
-  if [ "$CPU" = 1 ]; then
-    row+=", CPU ${MED[$sc,cascade,cpu]} vs ${MED[$base,cascade,cpu]} us/req"
-    line+=" cpu_us_per_req=${MED[$sc,cascade,cpu]} base_cpu_us_per_req=${MED[$base,cascade,cpu]}"
-  fi
-  balancer_rows+=("$row")
-  lines+=("$line")
-done
+# cost_rows KIND BASE_ARRAY MAX_COST WHAT: cascade alone, a scenario against the one it adds
+# something to (same run): req/s ratio, cost, target, and the CPU it adds. Fills ROWS and
+# appends BENCH lines (KIND_cost) to `lines`.
+cost_rows() {
+  local kind=$1 max=$3 what=$4 sc base pr cost met row line d
+  local -n base_of=$2
+  ROWS=()
+  for sc in $SCENARIOS; do
+    base=${base_of[$sc]:-}
+    [ -n "$base" ] && [ -n "${MED[$sc,cascade,rps]:-}" ] && [ "${MED[$sc,cascade,rps]}" != - ] || continue
+    if [ -z "${MED[$base,cascade,rps]:-}" ] || [ "${MED[$base,cascade,rps]}" = - ]; then
+      ROWS+=("$(printf '  %-9s vs %s: not measured (add %s to SCENARIOS)' "$sc" "$base" "$base")")
+      continue
+    fi
+    pr=$(ratio "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}")
+    cost=$(awk -v r="$pr" 'BEGIN { printf "%.1f", (1 - r) * 100 }')
+    met=$(awk -v r="$pr" -v m="$max" 'BEGIN { print (1 - r <= m + 0 ? "met" : "NOT met") }')
+    row=$(printf '  %-9s vs %-6s req/s %.0f vs %.0f = %s (cost %s%%, target <= %.0f%%: %s)' "$sc" "$base" \
+      "${MED[$sc,cascade,rps]}" "${MED[$base,cascade,rps]}" "$pr" "$cost" \
+      "$(awk -v m="$max" 'BEGIN { print m * 100 }')" "$met")
+    line="BENCH ${kind}_cost scenario=$sc base=$base rps=${MED[$sc,cascade,rps]} base_rps=${MED[$base,cascade,rps]} rps_ratio=$pr cost_pct=$cost target_max_pct=$(awk -v m="$max" 'BEGIN { print m * 100 }') target_met=$([ "$met" = met ] && echo yes || echo no)"
+    if [ "$kind" = plugin ]; then line+=" plugin_bodies=$PLUGIN_BODIES"; fi
+    if [ "$CPU" = 1 ]; then
+      d=$(awk -v a="${MED[$sc,cascade,cpu]}" -v b="${MED[$base,cascade,cpu]}" 'BEGIN { printf "%.1f", a - b }')
+      row+=", CPU ${MED[$sc,cascade,cpu]} vs ${MED[$base,cascade,cpu]} us/req: $what add $d us/req"
+      line+=" cpu_us_per_req=${MED[$sc,cascade,cpu]} base_cpu_us_per_req=${MED[$base,cascade,cpu]} ${kind}_cpu_us_per_req=$d"
+    fi
+    ROWS+=("$row")
+    lines+=("$line")
+  done
+}
+
+cost_rows plugin PLUGIN_BASE_OF "$PLUGIN_MAX_COST" plugins
+plugin_rows=("${ROWS[@]}")
+cost_rows balancer BALANCER_BASE_OF "$BALANCER_MAX_COST" "the peers"
+balancer_rows=("${ROWS[@]}")
 if [ ${#balancer_rows[@]} -gt 0 ]; then
   echo
   echo "balancer cost (issue 13), cascade with two peers / cascade with one (same run):"
