@@ -1,6 +1,8 @@
 //! Per-request cost of the trust boundary, in process: what every request now pays before
 //! routing (header limits, the canonical target), admission with its final checks (unsigned
-//! and signed groups), the S3 header allowlist and the cache key. Pure functions, warm.
+//! and signed groups), the S3 header allowlist and the cache key. Pure functions, warm. Also
+//! the attempt walk over an origin's peers (`attempt::Attempts`: pick, in-flight accounting,
+//! outcome), for one peer and for two (the balancer's own cost).
 //!
 //! ```sh
 //! cargo bench --bench boundary                 # release profile
@@ -66,7 +68,11 @@ fn main() {
 origins:
   web: {url: \"http://127.0.0.1:9/prefix\"}
   s3: {url: \"http://127.0.0.1:9/bucket\", s3: {access_key_env: AK, secret_key_env: SK}}
-groups: {plain: {main: web}, signed: {main: s3}}
+  two:
+    peers:
+      - {url: \"http://127.0.0.1:9/a\", name: a}
+      - {url: \"http://127.0.0.1:10/a\", name: b}
+groups: {plain: {main: web}, signed: {main: s3}, two: {main: two}}
 routes:
   - {name: media, host: media.example.com, path: /img, strip_prefix: true, group: plain}
   - {name: up, path: /up, strip_prefix: true, group: signed}
@@ -137,7 +143,25 @@ routes:
             None,
         ));
     });
-    let origin = &state.origins[1].peers[0];
+    for (name, group) in [
+        ("attempt walk, one peer", "plain"),
+        ("attempt walk, two peers (round robin)", "two"),
+    ] {
+        let g = state.groups.iter().find(|g| g.name == group).unwrap();
+        let rules = cascade::attempt::Rules {
+            plan: cascade::fallback::Plan::new(g, &http::Method::GET),
+            group: g,
+            read: true,
+        };
+        time(name, || {
+            let mut a = cascade::attempt::Attempts::default();
+            black_box(a.next(&state.origins, rules, "/img/a.jpg")).unwrap();
+            a.answered(&state.origins);
+            a.end(&state.origins);
+        });
+    }
+    let origin = &state.origins.iter().find(|o| o.name == "s3").unwrap().peers[0];
+    assert!(origin.is_signed());
     let fwd = cascade::origin::Forward { credentials: true };
     time("signed rewrite (allowlist + SigV4), for scale", || {
         let mut r = put.clone();
