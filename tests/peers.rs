@@ -1226,7 +1226,15 @@ async fn drain_enable_and_status_match_what_the_peers_saw() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let ix = names.iter().position(|n| *n == busy).unwrap();
-    assert_eq!(peers[ix].stats.last().unwrap().uri, "/slow");
+    // In flight from the moment the peer is chosen; the request reaches it a moment later.
+    assert!(
+        eventually(Duration::from_secs(5), || peers[ix]
+            .stats
+            .last()
+            .is_some_and(|r| r.uri == "/slow"))
+        .await,
+        "the slow request went to another peer than the one it was in flight on"
+    );
     assert_eq!(
         metric(
             &c,
