@@ -149,7 +149,7 @@ routes:
     ] {
         let g = state.groups.iter().find(|g| g.name == group).unwrap();
         let rules = cascade::attempt::Rules {
-            plan: cascade::fallback::Plan::new(g, &http::Method::GET),
+            plan: cascade::fallback::Plan::new(g, &http::Method::GET, None),
             group: g,
             read: true,
         };

@@ -12,6 +12,7 @@
 //! GET  /status                                 groups, origins and peers (JSON), cache, plugins
 //! POST /origins/<origin>/peers/<peer>/drain    no new requests to the peer (in-flight finish)
 //! POST /origins/<origin>/peers/<peer>/enable   back in rotation
+//! POST /buckets/<group>/reconcile              list the set's members, rebuild its books
 //! GET  /readyz                                 200 once every monitored peer had a check
 //! GET  /healthz                                200 while the process serves
 //! ```
@@ -174,6 +175,28 @@ impl AdminApp {
 }
 
 impl AdminApp {
+    /// `POST /buckets/<group>/reconcile`: lists every member of the group's bucket set and
+    /// rebuilds its usage and location index; answers with what it found.
+    async fn bucket_action(&self, method: &Method, path: &str) -> (u16, String) {
+        let rest = path.trim_start_matches("/buckets/");
+        let Some((group, "reconcile")) = rest.split_once('/') else {
+            return (404, "try POST /buckets/<group>/reconcile\n".into());
+        };
+        if method != Method::POST {
+            return (405, "use POST /buckets/<group>/reconcile\n".into());
+        }
+        let Some(ix) = self.state.groups.iter().position(|g| g.name == group) else {
+            return (404, format!("no group `{group}`\n"));
+        };
+        let Some(set) = self.state.sets.get(ix) else {
+            return (404, format!("group `{group}` has no bucket set\n"));
+        };
+        match set.reconcile(&self.state.origins).await {
+            Ok(v) => (200, format!("{v}\n")),
+            Err(e) => (502, format!("reconcile failed: {e}\n")),
+        }
+    }
+
     /// `POST /origins/<origin>/peers/<peer>/drain|enable`: the runbook's manual failover.
     fn peer_action(&self, method: &Method, rest: &str) -> (u16, String) {
         let parts: Vec<&str> = rest.split('/').collect();
@@ -231,10 +254,12 @@ impl AdminApp {
         let groups: Vec<Value> = st
             .groups
             .iter()
-            .map(|g| {
+            .enumerate()
+            .map(|(gi, g)| {
                 json!({
                     "name": g.name,
                     "main": st.origins[g.main].name,
+                    "bucket_set": st.sets.get(gi).map(|s| s.status()),
                     "fallbacks": g.fallbacks.iter().map(|&f| st.origins[f].name.clone()).collect::<Vec<_>>(),
                     "failover": g.failover,
                     "read_only": g.read_only,
@@ -293,6 +318,7 @@ impl AdminApp {
         let plugins = st.plugins.as_ref().map(|rt| rt.plugin_names());
         let doc = json!({
             "ready": upstream::monitor::ready(),
+            "redis": st.sets.link.as_ref().map(|l| json!({"up": l.is_up()})),
             "groups": groups,
             "origins": origins,
             "cache": cache,
@@ -317,6 +343,10 @@ impl ServeHttp for AdminApp {
             && authorized(auth, &self.token)
         {
             self.reload_plugins().await
+        } else if req.uri.path().starts_with("/buckets/") && authorized(auth, &self.token) {
+            let path = req.uri.path().to_string();
+            let method = req.method.clone();
+            self.bucket_action(&method, &path).await
         } else {
             self.handle(&req.method, req.uri.path(), auth)
         };

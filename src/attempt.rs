@@ -294,7 +294,7 @@ mod tests {
             http::Method::PUT
         };
         Rules {
-            plan: Plan::new(g, &m),
+            plan: Plan::new(g, &m, None),
             group: g,
             read,
         }

@@ -13,6 +13,7 @@ pub mod admit;
 pub mod attempt;
 pub mod background;
 pub mod boundary;
+pub mod buckets;
 pub mod cache;
 pub mod config;
 pub mod fallback;
@@ -77,6 +78,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         header_limits: cfg.server.header_limits,
         cache: None,
         plugins: None,
+        sets: Arc::new(buckets::Sets::build(cfg)),
     })
 }
 
@@ -114,6 +116,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         plugin::start_ticks(rt, state.origins.clone());
     }
     upstream::monitor::start(state.origins.clone());
+    buckets::start(state.sets.clone(), state.origins.clone());
     let state = Arc::new(state);
     // Replays are retries: allow one per fallback, plus Pingora's reused-connection retries.
     conf.max_retries = state.max_attempts() + 2;

@@ -56,6 +56,15 @@ pub struct Metrics {
     pub health_checks: IntCounterVec,
     pub retries: IntCounterVec,
     pub failovers: IntCounterVec,
+    pub bucket_used_bytes: IntGaugeVec,
+    pub bucket_capacity_bytes: IntGaugeVec,
+    pub bucket_objects: IntGaugeVec,
+    pub bucket_reserved_bytes: IntGaugeVec,
+    pub uploads: IntCounterVec,
+    pub upload_bytes: IntCounterVec,
+    pub bucket_cooldowns: IntCounterVec,
+    pub redis_up: IntGauge,
+    pub redis_errors: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -324,7 +333,6 @@ impl Metrics {
             cache_objects.with_label_values(&[tier]);
         }
         Metrics {
-            registry,
             requests,
             fallback_replays,
             upstream_errors,
@@ -361,7 +369,130 @@ impl Metrics {
             health_checks,
             retries,
             failovers,
+            bucket_used_bytes: register_int_gauge_vec_with_registry!(
+                "cascade_bucket_used_bytes",
+                "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",
+                &["group", "bucket"],
+                registry
+            )
+            .expect("metric"),
+            bucket_capacity_bytes: register_int_gauge_vec_with_registry!(
+                "cascade_bucket_capacity_bytes",
+                "A bucket set member's configured capacity, by group and bucket.",
+                &["group", "bucket"],
+                registry
+            )
+            .expect("metric"),
+            bucket_objects: register_int_gauge_vec_with_registry!(
+                "cascade_bucket_objects",
+                "Objects stored in a bucket set's member, by group and bucket.",
+                &["group", "bucket"],
+                registry
+            )
+            .expect("metric"),
+            bucket_reserved_bytes: register_int_gauge_vec_with_registry!(
+                "cascade_bucket_reserved_bytes",
+                "Bytes reserved by uploads in progress on a bucket set's member, by group and bucket.",
+                &["group", "bucket"],
+                registry
+            )
+            .expect("metric"),
+            uploads: register_int_counter_vec_with_registry!(
+                "cascade_uploads_total",
+                "Writes through a bucket set by group, bucket and outcome (ok, failed, rejected, full).",
+                &["group", "bucket", "outcome"],
+                registry
+            )
+            .expect("metric"),
+            upload_bytes: register_int_counter_vec_with_registry!(
+                "cascade_upload_bytes_total",
+                "Bytes of completed uploads through a bucket set, by group and bucket.",
+                &["group", "bucket"],
+                registry
+            )
+            .expect("metric"),
+            bucket_cooldowns: register_int_counter_vec_with_registry!(
+                "cascade_bucket_cooldowns_total",
+                "Times a bucket set's member was put in cooldown after consecutive upload failures.",
+                &["group", "bucket"],
+                registry
+            )
+            .expect("metric"),
+            redis_up: register_int_gauge_with_registry!(
+                "cascade_redis_up",
+                "1 when the last Redis call succeeded, 0 when Redis is unreachable (absent without `redis:`).",
+                registry
+            )
+            .expect("metric"),
+            redis_errors: register_int_counter_vec_with_registry!(
+                "cascade_redis_errors_total",
+                "Redis calls that failed or timed out, by operation.",
+                &["op"],
+                registry
+            )
+            .expect("metric"),
+            registry,
         }
+    }
+
+    /// The name of every metric family cascade exports, with or without samples yet (the
+    /// alert rules and the dashboard may refer to these only).
+    pub fn family_names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let all: [&dyn Collector; 45] = [
+            &self.requests,
+            &self.fallback_replays,
+            &self.upstream_errors,
+            &self.request_duration,
+            &self.upstream_duration,
+            &self.cache_requests,
+            &self.cache_evictions,
+            &self.cache_bytes,
+            &self.cache_objects,
+            &self.cache_fill_errors,
+            &self.cache_fill_memory,
+            &self.cache_fills_discarded,
+            &self.cache_lock_waits,
+            &self.cache_served_bytes,
+            &self.cache_purges,
+            &self.plugin_counter,
+            &self.plugin_gauge,
+            &self.plugin_histogram,
+            &self.plugin_duration,
+            &self.plugin_traps,
+            &self.plugin_instances,
+            &self.plugin_pool_slots,
+            &self.plugin_pool_full,
+            &self.plugin_lost,
+            &self.plugin_failures,
+            &self.plugin_http_calls,
+            &self.plugin_http_call_duration,
+            &self.plugin_queue_dropped,
+            &self.plugin_limit_hits,
+            &self.peer_up,
+            &self.peer_requests,
+            &self.peer_ejections,
+            &self.peer_in_flight,
+            &self.health_checks,
+            &self.retries,
+            &self.failovers,
+            &self.bucket_used_bytes,
+            &self.bucket_capacity_bytes,
+            &self.bucket_objects,
+            &self.bucket_reserved_bytes,
+            &self.uploads,
+            &self.upload_bytes,
+            &self.bucket_cooldowns,
+            &self.redis_up,
+            &self.redis_errors,
+        ];
+        let mut names: Vec<String> = all
+            .iter()
+            .flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn render(&self) -> Vec<u8> {

@@ -25,6 +25,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, RangeType, Session};
 use crate::admit::{self, Admission, LocalResponse, RequestFacts};
 use crate::attempt::{Attempts, Current, Failure, Rules};
 use crate::boundary;
+use crate::buckets;
 use crate::cache::{self, slice, Cache};
 use crate::config::{CacheFallback, GroupConfig};
 use crate::fallback::{Plan, Role};
@@ -48,6 +49,8 @@ pub struct State {
     pub cache: Option<&'static Cache>,
     /// Wasm plugins (`None`: the config has none).
     pub plugins: Option<Arc<plugin::Runtime>>,
+    /// Bucket sets, by group.
+    pub sets: Arc<buckets::Sets>,
 }
 
 impl State {
@@ -57,7 +60,12 @@ impl State {
         self.groups
             .iter()
             .map(|g| {
-                std::iter::once(g.main)
+                let mains: Vec<usize> = match &g.set {
+                    Some(s) => s.members.iter().map(|m| m.origin).collect(),
+                    None => vec![g.main],
+                };
+                mains
+                    .into_iter()
                     .chain(g.fallbacks.iter().copied())
                     .map(|o| 1 + self.origins[o].retries as usize)
                     .sum::<usize>()
@@ -107,13 +115,19 @@ pub struct Ctx {
     /// The response header as the plugins left it, for their body callbacks' properties
     /// (kept only when a plugin of the chain takes bodies).
     plugin_resp: Option<ResponseHeader>,
+    /// A request through a bucket set: its members and its write's bookkeeping.
+    set: Option<buckets::SetCtx>,
 }
 
 impl Ctx {
+    fn mains(&self) -> Option<crate::fallback::Mains> {
+        self.set.as_ref().map(|s| s.order)
+    }
+
     fn plan<'a>(&self, state: &'a State, method: &http::Method) -> Option<Plan<'a>> {
         self.req
             .as_ref()
-            .map(|r| Plan::new(&state.groups[r.group], method))
+            .map(|r| Plan::new(&state.groups[r.group], method, self.mains()))
     }
 }
 
@@ -181,6 +195,21 @@ pub fn error_status(e: &Error) -> u16 {
             _ => 500,
         },
     }
+}
+
+/// The error is the origin's doing (it could not be reached, timed out, broke the
+/// connection), not the client's or cascade's.
+fn member_failure(e: &Error) -> bool {
+    !matches!(e.etype(), ErrorType::HTTPStatus(_))
+        && (e.esource() == &ErrorSource::Upstream
+            || matches!(
+                e.etype(),
+                ErrorType::ConnectTimedout
+                    | ErrorType::ConnectRefused
+                    | ErrorType::ConnectNoRoute
+                    | ErrorType::ConnectError
+                    | ErrorType::TLSHandshakeFailure
+            ))
 }
 
 fn group_name<'a>(state: &'a State, req: &admit::Admitted) -> &'a str {
@@ -364,6 +393,57 @@ impl Cascade {
         done.map_err(Answer::Local)
     }
 
+    /// A request through a bucket set: which members it goes to and, for a write, its
+    /// reservation (`buckets`). `Err`: answered here.
+    async fn plan_set(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> std::result::Result<(), LocalResponse> {
+        let Some(req) = ctx.req.as_ref() else {
+            return Ok(());
+        };
+        let Some(set) = self.state.sets.get(req.group) else {
+            return Ok(());
+        };
+        // Neither Content-Length nor chunked (HTTP/1.1), or END_STREAM on the headers (h2):
+        // the body is empty, its size known.
+        let empty = session.is_body_empty();
+        let h = session.req_header();
+        let length = h
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .or(empty.then_some(0));
+        // An aws-chunked body (the only streaming payload cascade forwards) is larger than
+        // its object: the object's size is declared apart.
+        let decoded = h
+            .headers
+            .get("x-amz-content-sha256")
+            .is_some_and(|v| v.as_bytes().starts_with(b"STREAMING-"))
+            .then(|| h.headers.get("x-amz-decoded-content-length"))
+            .flatten()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let route = &self.state.router.routes()[req.route];
+        let mut sc = set
+            .prepare(
+                &self.state.origins,
+                &h.method,
+                &req.key,
+                req.query.as_deref(),
+                length,
+                route,
+            )
+            .await?;
+        if let Some(d) = decoded {
+            sc.object_size(d);
+        }
+        ctx.set = Some(sc);
+        Ok(())
+    }
+
     /// The origin of the attempt in flight (else of the plan's current step).
     fn origin_for(&self, ctx: &Ctx, method: &http::Method) -> Option<(&Origin, Role)> {
         if let Some(c) = ctx.attempts.current {
@@ -378,7 +458,7 @@ impl Cascade {
         let req = ctx.req.as_ref()?;
         let group = &self.state.groups[req.group];
         Some(Rules {
-            plan: Plan::new(group, method),
+            plan: Plan::new(group, method, ctx.mains()),
             group,
             read: matches!(*method, http::Method::GET | http::Method::HEAD),
         })
@@ -452,11 +532,16 @@ impl ProxyHttp for Cascade {
             fill_ticket: None,
             plugins: None,
             plugin_resp: None,
+            set: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        match self.admit(session, ctx).await {
+        let admitted = match self.admit(session, ctx).await {
+            Ok(()) => self.plan_set(session, ctx).await.map_err(Answer::Local),
+            Err(a) => Err(a),
+        };
+        match admitted {
             Ok(()) => Ok(false),
             Err(Answer::Local(r)) => {
                 respond_local(session, &r).await?;
@@ -479,6 +564,12 @@ impl ProxyHttp for Cascade {
         if let Some(ex) = ctx.plugins.as_mut().filter(|ex| ex.wants_bodies()) {
             ex.body(false, session.req_header(), None, body, end_of_stream)
                 .map_err(|(status, m)| Error::explain(ErrorType::HTTPStatus(status), m))?;
+        }
+        if let (Some(b), true) = (body.as_ref(), ctx.set.is_some()) {
+            if ctx.req.as_ref().is_some_and(|r| r.upload_limit.is_none()) {
+                // A set's write counts its body for the books.
+                ctx.body_bytes += b.len() as u64;
+            }
         }
         if let (Some(b), Some(limit)) =
             (body.as_ref(), ctx.req.as_ref().and_then(|r| r.upload_limit))
@@ -587,6 +678,22 @@ impl ProxyHttp for Cascade {
             }
         } else {
             ctx.attempts.answered(&self.state.origins);
+        }
+        if let (Some(sc), Some(req)) = (ctx.set.as_mut(), ctx.req.as_ref()) {
+            let set = self.state.sets.get(req.group).expect("a set's request");
+            if sc.is_write() {
+                if let Some(retry_after) = set
+                    .answered(sc, status, &req.key, ctx.body_bytes, &self.state.origins)
+                    .await
+                {
+                    // The member failed the upload: the client retries, and the retry is
+                    // placed on another member.
+                    resp.set_status(503)?;
+                    resp.insert_header(http::header::RETRY_AFTER, retry_after.to_string())?;
+                }
+            } else if role == Role::Main && (resp.status.is_success() || status == 304) {
+                set.read_served(sc, c.origin, &req.key);
+            }
         }
         ctx.served = Some(c);
         resp.insert_header(SERVED_FROM, origin.peers[c.peer].label.as_str())?;
@@ -987,7 +1094,24 @@ impl ProxyHttp for Cascade {
         if e.esource() == &ErrorSource::Upstream {
             self.count_error(ctx, &session.req_header().method.clone(), e);
         }
-        let code = error_status(e);
+        let mut code = error_status(e);
+        if let (Some(sc), Some(req), true) = (
+            ctx.set.as_mut(),
+            ctx.req.as_ref(),
+            // Only the member's failures count against it (not a 413, not a client that
+            // went away): the rest give the reservation back in `logging`.
+            member_failure(e),
+        ) {
+            if let Some(set) = self.state.sets.get(req.group) {
+                if let Some(r) = set.failed(sc, e.etype().as_str()).await {
+                    // A write the member failed (connect error, timeout): 503, retry.
+                    if session.response_written().is_none() && code != 413 {
+                        code = 503;
+                        ctx.no_peer = Some(r);
+                    }
+                }
+            }
+        }
         if code > 0 && session.response_written().is_none() {
             // Pingora does not reuse a client connection after a proxy error: say so, or a
             // client would send its next request on a connection about to close.
@@ -996,6 +1120,9 @@ impl ProxyHttp for Cascade {
                 .origin_for(ctx, &session.req_header().method)
                 .map_or("-".to_string(), |(o, _)| o.name.clone());
             let body = match code {
+                503 if ctx.set.as_ref().is_some_and(|s| s.failed.is_some()) => format!(
+                    "cascade: bucket `{origin}` failed the upload; retry (it goes to another bucket of the set)\n"
+                ),
                 503 if ctx.no_peer.is_some() => format!(
                     "cascade: no peer of origin `{origin}` can answer now (down, drained or ejected)\n"
                 ),
@@ -1027,6 +1154,11 @@ impl ProxyHttp for Cascade {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let (Some(sc), Some(req)) = (ctx.set.as_mut(), ctx.req.as_ref()) {
+            if let Some(set) = self.state.sets.get(req.group) {
+                set.finish(sc).await;
+            }
+        }
         if let Some(mut ex) = ctx.plugins.take() {
             ex.log(session.req_header(), session.response_written());
         }

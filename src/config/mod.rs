@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 
 pub use plugins::PluginConfig;
 pub use schema::{
-    Balance, CacheFallback, OnError, Passive, Timeouts, DEFAULT_PLUGIN_INSTANCES,
-    MAX_PLUGIN_INSTANCES,
+    Balance, CacheFallback, OnError, Passive, Placement, RedisOnError, SetCooldown, Timeouts,
+    DEFAULT_PLUGIN_INSTANCES, MAX_PLUGIN_INSTANCES,
 };
 pub use validate::{
-    AdminConfig, Config, GroupConfig, HealthConfig, HostMatch, OriginConfig, OriginKind,
-    PeerConfig, RetryOn, RouteCache, RouteConfig, S3Signing,
+    AdminConfig, BucketSetConfig, Config, GroupConfig, HealthConfig, HostMatch, MemberConfig,
+    OriginConfig, OriginKind, PeerConfig, RedisConfig, RetryOn, RouteCache, RouteConfig, S3Signing,
+    MAX_MEMBERS,
 };
 
 /// One configuration error, located in the source file.

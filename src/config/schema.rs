@@ -33,6 +33,119 @@ pub struct RawConfig {
     pub admin: Option<AdminSection>,
     #[serde(default)]
     pub plugins: BTreeMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    pub redis: Option<RedisSection>,
+}
+
+/// `redis:` — where bucket sets keep their shared state (usage, reservations, locations).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSection {
+    /// The environment variable holding the URL (`redis://host:6379/0`, `rediss://` for TLS):
+    /// it may carry a password, so it is never written in the config.
+    pub url_env: String,
+    #[serde(default = "d_redis_prefix")]
+    pub key_prefix: String,
+    /// Every Redis call is abandoned after this long.
+    #[serde(default = "d_redis_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub on_error: RedisOnError,
+}
+
+fn d_redis_prefix() -> String {
+    "cascade:".into()
+}
+fn d_redis_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+
+/// What writes do while Redis is unreachable.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisOnError {
+    /// Go on with this instance's view; the changes are replayed to Redis when it returns.
+    #[default]
+    Local,
+    /// Refuse uploads with 503 until Redis answers again.
+    Deny,
+}
+
+/// `groups.<name>.buckets`: a bucket set in place of `main:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBucketSet {
+    #[serde(default)]
+    pub strategy: Placement,
+    pub members: Vec<RawMember>,
+    #[serde(default)]
+    pub cooldown: SetCooldown,
+    /// Rebuild usage and the location index from the members' listings this often
+    /// (default: only at start without state, and on the admin API's request).
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub reconcile_every: Option<Duration>,
+}
+
+/// How a bucket set places a new object.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Placement {
+    /// The member with the lowest `priority` number that has room.
+    #[default]
+    Priority,
+    /// The member with the lowest usage percentage.
+    LeastUsed,
+    /// Weighted round robin over the members with room.
+    Weighted,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMember {
+    pub origin: String,
+    #[serde(deserialize_with = "de_size")]
+    pub capacity: u64,
+    #[serde(default = "d_one")]
+    pub priority: u32,
+    #[serde(default = "d_one")]
+    pub weight: u32,
+}
+
+fn d_one() -> u32 {
+    1
+}
+
+/// A bucket set member's cooldown: `failures` consecutive failed uploads take it out of
+/// placement for `step × failures`, at most `max`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetCooldown {
+    #[serde(default = "d_set_failures")]
+    pub failures: u32,
+    #[serde(default = "d_set_step", deserialize_with = "de_duration")]
+    pub step: Duration,
+    #[serde(default = "d_set_max", deserialize_with = "de_duration")]
+    pub max: Duration,
+}
+
+impl Default for SetCooldown {
+    fn default() -> Self {
+        SetCooldown {
+            failures: d_set_failures(),
+            step: d_set_step(),
+            max: d_set_max(),
+        }
+    }
+}
+
+fn d_set_failures() -> u32 {
+    3
+}
+fn d_set_step() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+fn d_set_max() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 
 /// One entry of `plugins:` — a proxy-wasm module and how to run it.
@@ -695,7 +808,11 @@ pub enum CacheFallback {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawGroup {
-    pub main: String,
+    /// The main origin; or `buckets:` for a bucket set.
+    #[serde(default)]
+    pub main: Option<String>,
+    #[serde(default)]
+    pub buckets: Option<RawBucketSet>,
     #[serde(default)]
     pub fallbacks: Vec<String>,
     #[serde(default = "default_fallback_on")]
@@ -739,6 +856,10 @@ pub struct RawRoute {
     /// Largest accepted request body (PUT/POST); larger ones get 413 before any byte is read.
     #[serde(default, deserialize_with = "de_opt_size")]
     pub max_upload_size: Option<u64>,
+    /// Uploads through a bucket set must say their size (411 without `Content-Length`);
+    /// otherwise one without it reserves `max_upload_size`.
+    #[serde(default)]
+    pub require_content_length: bool,
     #[serde(default)]
     pub cache: Option<RawRouteCache>,
     /// Ordered plugin chain (names from `plugins:`).

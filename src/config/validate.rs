@@ -31,6 +31,52 @@ pub struct Config {
     pub plugins: Vec<super::plugins::PluginConfig>,
     /// `server.plugin_cache`, resolved against the config's directory.
     pub plugin_cache: Option<PathBuf>,
+    /// Where bucket sets share their state (`None`: each instance keeps its own).
+    pub redis: Option<RedisConfig>,
+}
+
+/// `redis:` with the URL read from the environment (redacted in Debug: it may hold a
+/// password).
+#[derive(Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: std::time::Duration,
+    pub on_error: RedisOnError,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &"<redacted>")
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("on_error", &self.on_error)
+            .finish()
+    }
+}
+
+/// A bucket set: the members hold different objects; writes are placed by `strategy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketSetConfig {
+    pub strategy: Placement,
+    pub members: Vec<MemberConfig>,
+    pub cooldown: SetCooldown,
+    pub reconcile_every: Option<std::time::Duration>,
+}
+
+/// Most members of one bucket set (a request's plan holds them inline).
+pub const MAX_MEMBERS: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberConfig {
+    /// The origin's index and name (the member's name in metrics, `/status` and
+    /// `X-Served-From`).
+    pub origin: usize,
+    pub name: String,
+    pub capacity: u64,
+    pub priority: u32,
+    pub weight: u32,
 }
 
 /// The admin API: its address and the bearer token (from the environment; redacted in Debug).
@@ -189,6 +235,9 @@ pub struct GroupConfig {
     pub forward_headers: Vec<String>,
     /// Reads go on to the fallbacks when main cannot answer.
     pub failover: bool,
+    /// A bucket set in place of one main origin (`main` is then its first member by
+    /// priority, for what needs one origin).
+    pub set: Option<BucketSetConfig>,
     /// A client's `Cookie` reaches an origin that may answer by it (an unsigned HTTP main, or
     /// fallback with `forward_credentials`): requests with cookies are not cached unless the
     /// route says `cache_cookies` (signed origins never get the cookie; dir origins ignore it).
@@ -214,6 +263,7 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
     pub group: usize,
     pub max_upload_size: Option<u64>,
+    pub require_content_length: bool,
     pub cache: RouteCache,
     /// The ordered plugin chain (indices into `Config::plugins`).
     pub plugins: Vec<usize>,
@@ -225,7 +275,7 @@ pub struct RouteConfig {
 
 const TOP_LEVEL: &[&str] = &[
     "server", "listen", "metrics", "timeouts", "origins", "groups", "routes", "cache", "admin",
-    "plugins",
+    "plugins", "redis",
 ];
 
 pub(super) struct Ctx<'a> {
@@ -428,6 +478,8 @@ pub(super) fn load(
         }
     });
     let cache_declared = sections.get("cache").is_some_and(|v| !v.is_null());
+    let redis_section: Option<RedisSection> = section("redis").and_then(|v| cx.de("redis", &v));
+    let redis = redis_section.and_then(|r| redis_config(&mut cx, r, env));
 
     // Origins.
     let raw_origins: BTreeMap<String, Value> = section("origins")
@@ -535,6 +587,7 @@ pub(super) fn load(
         admin,
         plugins,
         plugin_cache,
+        redis,
     })
 }
 
@@ -1131,12 +1184,41 @@ fn group(
             }
         }
     };
-    let main = resolve(cx, &locate::join(path, "main"), &raw.main);
+    let (main, set) = match (&raw.main, &raw.buckets) {
+        (Some(m), None) => (resolve(cx, &locate::join(path, "main"), m), None),
+        (None, Some(b)) => {
+            match bucket_set(cx, &locate::join(path, "buckets"), b, &resolve, origins) {
+                Some(set) => (Some(set.members[0].origin), Some(set)),
+                None => {
+                    ok.set(false);
+                    (None, None)
+                }
+            }
+        }
+        (Some(_), Some(_)) => {
+            cx.err(
+                &locate::join(path, "buckets"),
+                "a group has either `main:` or `buckets:`, not both",
+            );
+            return None;
+        }
+        (None, None) => {
+            cx.err(
+                path,
+                "missing field `main` (or `buckets:` for a bucket set)",
+            );
+            return None;
+        }
+    };
+    let mains: Vec<usize> = match &set {
+        Some(s) => s.members.iter().map(|m| m.origin).collect(),
+        None => main.into_iter().collect(),
+    };
     let mut fallbacks = Vec::new();
     let mut seen = HashSet::new();
     for (i, f) in raw.fallbacks.iter().enumerate() {
         let field = locate::index(&locate::join(path, "fallbacks"), i);
-        if *f == raw.main {
+        if raw.main.as_ref() == Some(f) {
             cx.err(
                 &field,
                 format!("`{f}` is the main origin; a fallback must be another origin"),
@@ -1150,6 +1232,16 @@ fn group(
             continue;
         }
         if let Some(ix) = resolve(cx, &field, f) {
+            if set.is_some() && mains.contains(&ix) {
+                cx.err(
+                    &field,
+                    format!(
+                        "`{f}` is a member of the bucket set; a fallback must be another origin"
+                    ),
+                );
+                ok.set(false);
+                continue;
+            }
             fallbacks.push(ix);
         }
     }
@@ -1170,27 +1262,176 @@ fn group(
         ok.set(false);
     }
     let main = main?;
+    let write_origins = || mains.iter().copied();
     ok.get().then(|| GroupConfig {
         name: name.to_string(),
         main,
         fallback_on: raw.fallback_on,
         skip_fallback: raw.skip_fallback,
         cache_fallback: raw.cache_fallback,
-        read_only: raw.read_only || origins[main].read_only,
+        read_only: raw.read_only || write_origins().any(|o| origins[o].read_only),
         forward_credentials: raw.forward_credentials,
-        signed: std::iter::once(main)
+        signed: write_origins()
             .chain(fallbacks.iter().copied())
             .any(|o| origins[o].is_signed()),
         cookies_reach_origin: {
             let plain = |o: usize| origins[o].is_plain_http();
-            plain(main) || (raw.forward_credentials && fallbacks.iter().any(|&f| plain(f)))
+            write_origins().any(plain)
+                || (raw.forward_credentials && fallbacks.iter().any(|&f| plain(f)))
         },
-        forward_headers: std::iter::once(main)
+        forward_headers: write_origins()
             .chain(fallbacks.iter().copied())
             .flat_map(|o| origins[o].forward_headers().cloned())
             .collect(),
         failover: raw.failover,
+        set,
         fallbacks,
+    })
+}
+
+/// `groups.<g>.buckets`: members name distinct, writable origins with a capacity.
+fn bucket_set(
+    cx: &mut Ctx,
+    path: &str,
+    raw: &RawBucketSet,
+    resolve: &dyn Fn(&mut Ctx, &str, &str) -> Option<usize>,
+    origins: &[OriginConfig],
+) -> Option<BucketSetConfig> {
+    let mut ok = true;
+    let members_path = locate::join(path, "members");
+    if raw.members.is_empty() {
+        cx.err(&members_path, "a bucket set needs at least one member");
+        return None;
+    }
+    if raw.members.len() > MAX_MEMBERS {
+        cx.err(
+            &members_path,
+            format!(
+                "{} members; a bucket set has at most {MAX_MEMBERS}",
+                raw.members.len()
+            ),
+        );
+        return None;
+    }
+    let mut members = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, m) in raw.members.iter().enumerate() {
+        let field = locate::index(&members_path, i);
+        if !seen.insert(m.origin.clone()) {
+            cx.err(
+                &locate::join(&field, "origin"),
+                format!("`{}` is a member twice", m.origin),
+            );
+            ok = false;
+            continue;
+        }
+        let Some(ix) = resolve(cx, &locate::join(&field, "origin"), &m.origin) else {
+            ok = false;
+            continue;
+        };
+        if origins[ix].read_only {
+            cx.err(
+                &locate::join(&field, "origin"),
+                format!(
+                    "origin `{}` is read-only; a bucket set's members take uploads",
+                    m.origin
+                ),
+            );
+            ok = false;
+        }
+        if m.capacity == 0 {
+            cx.err(
+                &locate::join(&field, "capacity"),
+                "must be greater than zero",
+            );
+            ok = false;
+        }
+        members.push(MemberConfig {
+            origin: ix,
+            name: m.origin.clone(),
+            capacity: m.capacity,
+            priority: m.priority,
+            weight: m.weight,
+        });
+    }
+    if raw.strategy == Placement::Weighted && raw.members.iter().all(|m| m.weight == 0) {
+        cx.err(
+            &locate::join(path, "strategy"),
+            "`weighted` with every member's weight 0: no upload could be placed",
+        );
+        ok = false;
+    }
+    let c = raw.cooldown;
+    if c.failures == 0 {
+        cx.err(
+            &locate::join(&locate::join(path, "cooldown"), "failures"),
+            "must be at least 1",
+        );
+        ok = false;
+    }
+    if c.max < c.step {
+        cx.err(
+            &locate::join(&locate::join(path, "cooldown"), "max"),
+            format!("{:?} is shorter than `step` ({:?})", c.max, c.step),
+        );
+        ok = false;
+    }
+    if raw
+        .reconcile_every
+        .is_some_and(|d| d < std::time::Duration::from_secs(1))
+    {
+        cx.err(
+            &locate::join(path, "reconcile_every"),
+            "must be at least 1s",
+        );
+        ok = false;
+    }
+    if !ok {
+        return None;
+    }
+    // Stable by priority: `main` (and the order of `priority`) is the first by priority.
+    members.sort_by_key(|m| m.priority);
+    Some(BucketSetConfig {
+        strategy: raw.strategy,
+        members,
+        cooldown: c,
+        reconcile_every: raw.reconcile_every,
+    })
+}
+
+fn redis_config(
+    cx: &mut Ctx,
+    r: RedisSection,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<RedisConfig> {
+    let mut ok = true;
+    if r.timeout.is_zero() || r.timeout > std::time::Duration::from_secs(10) {
+        cx.err("redis.timeout", "must be between 1ms and 10s");
+        ok = false;
+    }
+    let url = match env(&r.url_env) {
+        Some(u) if u.starts_with("redis://") || u.starts_with("rediss://") => Some(u),
+        Some(_) => {
+            cx.err(
+                "redis.url_env",
+                format!("${} must hold a redis:// or rediss:// URL", r.url_env),
+            );
+            None
+        }
+        None => {
+            cx.err(
+                "redis.url_env",
+                format!("environment variable ${} is not set", r.url_env),
+            );
+            None
+        }
+    };
+    let url = url?;
+    ok.then_some(RedisConfig {
+        url,
+        key_prefix: r.key_prefix,
+        timeout: r.timeout,
+        on_error: r.on_error,
     })
 }
 
@@ -1327,6 +1568,7 @@ fn route(
         strip_prefix: raw.strip_prefix,
         group,
         max_upload_size: raw.max_upload_size,
+        require_content_length: raw.require_content_length,
         plugins: Vec::new(),
         keys: raw.keys,
         s3_allow,

@@ -1310,3 +1310,166 @@ pub fn unix_now() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------------
+
+/// A real `redis-server` child on a loopback port of its own, without persistence (`--save ''
+/// --appendonly no`): a restart comes back empty, as a Redis that lost its data. Killed on
+/// drop.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Start on a free port and wait (bounded) until it answers `PING`.
+    pub fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        // The port was free a moment ago; another process may have taken it since.
+        for _ in 0..5 {
+            match r.spawn() {
+                Ok(()) => return r,
+                Err(e) if e.contains("Address already in use") => r.port = free_port(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("redis-server found no free port");
+    }
+
+    /// Start on `self.port`; `Err` with its log if it exits.
+    fn spawn(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "redis is running");
+        let log_path = self.dir.path().join("redis.log");
+        let log = File::create(&log_path).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn redis-server (is it installed? scripts/deps.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!(
+                    "redis-server on port {} exited early ({status}):\n{}",
+                    self.port,
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                ));
+            }
+            if self.try_cmd(&["PING"]).is_some_and(|r| r == "+PONG") {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:PORT/0`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Kill the server (SIGKILL): connections are reset, the port refuses.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start again on the same port (empty: nothing is persisted). Retried for a while if
+    /// something else holds the port meanwhile (an outgoing connection's ephemeral port).
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut last = String::new();
+        for _ in 0..20 {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if e.contains("Address already in use") => last = e,
+                Err(e) => panic!("{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("redis-server could not have its port back: {last}");
+    }
+
+    /// Freeze the server (SIGSTOP): it keeps its data and its port, and answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// One command; the reply in RESP, trimmed (`+OK`, `:3`, `$5\r\nhello`, `*2\r\n...`).
+    pub fn cmd(&self, args: &[&str]) -> String {
+        self.try_cmd(args)
+            .unwrap_or_else(|| panic!("redis on port {} did not answer {args:?}", self.port))
+    }
+
+    fn try_cmd(&self, args: &[&str]) -> Option<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).ok()?;
+        // Replies here are small: read what arrives until a short pause after the first byte.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            match s.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    s.set_read_timeout(Some(Duration::from_millis(50))).ok()?;
+                }
+                Err(_) => break,
+            }
+        }
+        (!buf.is_empty()).then(|| String::from_utf8_lossy(&buf).trim_end().to_string())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A paused server would not die of SIGTERM; SIGKILL works either way.
+            self.kill();
+        }
+    }
+}
