@@ -5,11 +5,10 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use pingora_core::connectors::http::Connector;
-use pingora_http::RequestHeader;
 
-use crate::origin::{Forward, Origin};
+use crate::origin::fetch::{fetch, Fetched, Own};
+use crate::origin::Origin;
 
 /// One connector (and connection pool) for every member request.
 static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
@@ -17,82 +16,37 @@ static CONNECTOR: LazyLock<Connector> = LazyLock::new(|| Connector::new(None));
 /// A listing page larger than this is refused (S3 pages are 1,000 keys, well under 1 MiB).
 const MAX_PAGE: usize = 16 << 20;
 
-/// What one request got back.
-struct Answer {
-    status: u16,
-    length: Option<u64>,
-    body: BytesMut,
-}
-
 async fn request(
     origin: &Origin,
     method: http::Method,
     key: &str,
     query: Option<&str>,
-    read_body: bool,
-) -> Result<Answer, String> {
+    limit: usize,
+) -> Result<Fetched, String> {
     let peer_ix = origin
         .pick(key, 0)
         .ok_or_else(|| format!("origin `{}` has no usable peer", origin.name))?;
-    let peer = &origin.peers[peer_ix];
-    let mut req = RequestHeader::build(method, b"/", Some(4)).map_err(|e| e.to_string())?;
-    req.insert_header(http::header::USER_AGENT, "cascade-bucket-set")
-        .map_err(|e| e.to_string())?;
-    peer.rewrite(&mut req, key, query, Forward { credentials: false })?;
-    let target = peer.http_peer();
-    let (mut s, _) = CONNECTOR
-        .get_http_session(&*target)
-        .await
-        .map_err(|e| format!("connect: {}", e.etype().as_str()))?;
-    s.write_request_header(Box::new(req))
-        .await
-        .map_err(|e| format!("write: {}", e.etype().as_str()))?;
-    s.finish_request_body()
-        .await
-        .map_err(|e| format!("write: {}", e.etype().as_str()))?;
-    let (status, length) = loop {
-        s.read_response_header()
-            .await
-            .map_err(|e| format!("read: {}", e.etype().as_str()))?;
-        let h = s.response_header().ok_or("no answer")?;
-        if !h.status.is_informational() {
-            let len = h
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok());
-            break (h.status.as_u16(), len);
-        }
-    };
-    let mut body = BytesMut::new();
-    if read_body {
-        while let Some(chunk) = s
-            .read_response_body()
-            .await
-            .map_err(|e| format!("read: {}", e.etype().as_str()))?
-        {
-            if body.len() + chunk.len() > MAX_PAGE {
-                return Err("answer too large".into());
-            }
-            body.extend_from_slice(&chunk);
-        }
-    }
-    Ok(Answer {
-        status,
-        length,
-        body,
-    })
+    fetch(
+        &CONNECTOR,
+        &origin.peers[peer_ix],
+        Own {
+            method,
+            key,
+            query,
+            agent: "cascade-bucket-set",
+            limit,
+            pool: true,
+        },
+    )
+    .await
 }
 
 /// Is `key` on this member? `Ok(Some(size))`: yes; `Ok(None)`: no (404, or 403 as S3 answers
 /// without ListBucket); `Err`: the member could not say.
 pub async fn head(origin: &Origin, key: &str, timeout: Duration) -> Result<Option<u64>, String> {
-    let a = tokio::time::timeout(
-        timeout,
-        request(origin, http::Method::HEAD, key, None, false),
-    )
-    .await
-    .map_err(|_| format!("timeout after {timeout:?}"))??;
+    let a = tokio::time::timeout(timeout, request(origin, http::Method::HEAD, key, None, 0))
+        .await
+        .map_err(|_| format!("timeout after {timeout:?}"))??;
     match a.status {
         200..=299 => Ok(Some(a.length.unwrap_or(0))),
         403 | 404 => Ok(None),
@@ -116,7 +70,7 @@ pub async fn list(origin: &Origin, timeout: Duration) -> Result<Vec<(String, u64
         }
         let a = tokio::time::timeout(
             timeout,
-            request(origin, http::Method::GET, "/", Some(&query), true),
+            request(origin, http::Method::GET, "/", Some(&query), MAX_PAGE),
         )
         .await
         .map_err(|_| format!("listing timed out after {timeout:?}"))??;
@@ -126,6 +80,9 @@ pub async fn list(origin: &Origin, timeout: Duration) -> Result<Vec<(String, u64
                 a.status,
                 String::from_utf8_lossy(&a.body[..a.body.len().min(300)])
             ));
+        }
+        if a.truncated {
+            return Err(format!("a listing page over {MAX_PAGE} bytes"));
         }
         let page = parse_page(&a.body)?;
         out.extend(page.objects);

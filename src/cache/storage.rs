@@ -1030,7 +1030,7 @@ mod tests {
 
     /// Waits (bounded) for the unlinks handed to the blocking pool.
     async fn settle(dir: &Path, want_files: usize) -> usize {
-        for _ in 0..200 {
+        for _ in 0..1000 {
             if files(dir) == want_files {
                 break;
             }

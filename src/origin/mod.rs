@@ -9,6 +9,7 @@
 //! inherits the previous peer's Host or signature.
 
 pub mod dir;
+pub mod fetch;
 pub mod sign;
 
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::BytesMut;
 use pingora_core::connectors::http::Connector;
-use pingora_http::RequestHeader;
 
 use super::state::{now_ms, CheckResult};
 use crate::config::HealthConfig;
 use crate::metrics::METRICS;
-use crate::origin::{Forward, Origin, Peer};
+use crate::origin::fetch::{fetch, Own};
+use crate::origin::{Origin, Peer};
 
 /// Monitored peers that have not had their first check yet.
 static PENDING: AtomicUsize = AtomicUsize::new(0);
@@ -140,35 +139,29 @@ pub async fn check(connector: &Connector, peer: &Peer, h: &HealthConfig) -> Chec
 }
 
 async fn probe(connector: &Connector, peer: &Peer, h: &HealthConfig) -> Result<(), String> {
-    let mut req =
-        RequestHeader::build(h.method.clone(), b"/", Some(4)).map_err(|e| e.to_string())?;
-    req.insert_header(http::header::USER_AGENT, "cascade-health-check")
-        .map_err(|e| e.to_string())?;
     let (key, query) = match h.target.split_once('?') {
         Some((k, q)) => (k, Some(q)),
         None => (h.target.as_str(), None),
     };
-    peer.rewrite(&mut req, key, query, Forward { credentials: false })?;
-    let target = peer.http_peer();
-    let (mut s, _) = connector
-        .get_http_session(&*target)
-        .await
-        .map_err(|e| format!("connect: {}", e.etype().as_str()))?;
-    s.write_request_header(Box::new(req))
-        .await
-        .map_err(|e| format!("write: {}", e.etype().as_str()))?;
-    s.finish_request_body()
-        .await
-        .map_err(|e| format!("write: {}", e.etype().as_str()))?;
-    let status = loop {
-        s.read_response_header()
-            .await
-            .map_err(|e| format!("read: {}", e.etype().as_str()))?;
-        let st = s.response_header().ok_or("no answer")?.status;
-        if !st.is_informational() {
-            break st.as_u16();
-        }
+    let limit = if h.expected_body.is_some() {
+        MAX_CHECK_BODY
+    } else {
+        0
     };
+    let a = fetch(
+        connector,
+        peer,
+        Own {
+            method: h.method.clone(),
+            key,
+            query,
+            agent: "cascade-health-check",
+            limit,
+            pool: false,
+        },
+    )
+    .await?;
+    let status = a.status;
     if !h
         .expected
         .iter()
@@ -177,18 +170,7 @@ async fn probe(connector: &Connector, peer: &Peer, h: &HealthConfig) -> Result<(
         return Err(format!("status {status}"));
     }
     if let Some(want) = &h.expected_body {
-        let mut body = BytesMut::new();
-        while body.len() < MAX_CHECK_BODY {
-            match s
-                .read_response_body()
-                .await
-                .map_err(|e| format!("read: {}", e.etype().as_str()))?
-            {
-                Some(chunk) => body.extend_from_slice(&chunk),
-                None => break,
-            }
-        }
-        let hay = String::from_utf8_lossy(&body).to_ascii_lowercase();
+        let hay = String::from_utf8_lossy(&a.body).to_ascii_lowercase();
         if !hay.contains(&want.to_ascii_lowercase()) {
             return Err(format!("status {status}, body without {want:?}"));
         }
