@@ -566,6 +566,21 @@ async fn run(
         }
         let mut p = phase(&client, &cascade, name, op, "k", n, budget.min(left), body).await;
         p.redis_calls = stats.as_mut().map(Resp::commandstats);
+        let slow = |s: &Series| {
+            s.lat
+                .iter()
+                .filter(|d| **d > Duration::from_millis(30))
+                .count()
+        };
+        let (sd, ss) = (slow(&p.direct), slow(&p.set));
+        if sd + ss > 0 {
+            notes.push(format!(
+                "{}: over 30 ms: direct {sd} of {}, set {ss} of {}",
+                op.name(),
+                p.direct.lat.len(),
+                p.set.lat.len()
+            ));
+        }
         phases.push(p);
     }
     // What cascade itself counted.
@@ -600,9 +615,13 @@ async fn run(
     ));
     if redis.is_some() {
         let errs = metric_sum(&m, "cascade_redis_errors_total", &[]).unwrap_or(0.0);
+        let by_op: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("cascade_redis_errors_total{"))
+            .collect();
         let up = metric_sum(&m, "cascade_redis_up", &[]).unwrap_or(0.0);
         notes.push(format!(
-            "cascade_redis_errors_total {errs} (a Redis call over `redis.timeout`, 50 ms by default, marks Redis down and the set goes on with local books until the next 1 s probe), cascade_redis_up {up}"
+            "cascade_redis_errors_total {errs} {by_op:?} (a Redis call over `redis.timeout`, 50 ms by default, marks Redis down: until the next 1 s probe the set goes on with this instance's books, so those uploads skip Redis), cascade_redis_up {up}"
         ));
     }
     let warn = cascade

@@ -131,8 +131,10 @@ struct Books {
     usage: HashMap<String, Usage>,
     reservations: HashMap<String, Held>,
     index: HashMap<String, Loc>,
-    /// Ids already applied, with when they may be forgotten.
-    done: HashMap<String, u64>,
+    /// Ids already applied, and the same in the order they may be forgotten (one TTL for
+    /// all: insertion order is expiry order), so forgetting costs O(1) per id.
+    done: std::collections::HashSet<String>,
+    done_order: std::collections::VecDeque<(u64, String)>,
     /// A reconcile has filled the index.
     complete: bool,
 }
@@ -140,8 +142,8 @@ struct Books {
 /// How long an applied id is remembered (a retried recording arrives within this; the
 /// process's own recordings are never retried later than the request's end).
 const DONE_TTL_MS: u64 = 3600 * 1000;
-/// Applied ids kept before the expired ones are swept.
-const DONE_SWEEP: usize = 100_000;
+/// At most this many applied ids are kept (the oldest go first beyond it).
+const DONE_MAX: usize = 1_000_000;
 
 /// The books in this process: exact for one instance; a fleet without Redis has one set of
 /// books per instance.
@@ -370,13 +372,17 @@ impl LocalLedger {
 
 fn first_time(b: &mut Books, id: &str) -> bool {
     let now = now_ms();
-    if b.done.contains_key(id) {
+    while let Some((until, _)) = b.done_order.front() {
+        if *until > now && b.done_order.len() < DONE_MAX {
+            break;
+        }
+        let (_, old) = b.done_order.pop_front().expect("front");
+        b.done.remove(&old);
+    }
+    if !b.done.insert(id.to_string()) {
         return false;
     }
-    if b.done.len() >= DONE_SWEEP {
-        b.done.retain(|_, until| *until > now);
-    }
-    b.done.insert(id.to_string(), now + DONE_TTL_MS);
+    b.done_order.push_back((now + DONE_TTL_MS, id.to_string()));
     true
 }
 
@@ -559,6 +565,19 @@ mod tests {
         assert_eq!(l.usage_now()["a"].reserved, 0);
         assert_eq!(l.reserve_now(reserve("mpu", 1, &c, false)), Some(0));
         assert_eq!(l.usage_now()["a"].reserved, 1);
+    }
+
+    #[test]
+    fn applied_ids_are_bounded_and_forgetting_them_is_cheap() {
+        let mut b = Books::default();
+        assert!(first_time(&mut b, "x"));
+        assert!(!first_time(&mut b, "x"), "applied once");
+        for i in 0..DONE_MAX {
+            assert!(first_time(&mut b, &i.to_string()));
+        }
+        assert_eq!(b.done.len(), DONE_MAX);
+        assert_eq!(b.done_order.len(), DONE_MAX);
+        assert!(first_time(&mut b, "x"), "the oldest id went first");
     }
 
     #[test]

@@ -222,7 +222,9 @@ impl RedisLink {
 
     fn set_up(&self, up: bool) {
         if self.up.swap(up, Relaxed) != up {
-            if up {
+            if up && self.generation.load(Relaxed) == 0 {
+                log::info!("redis: connected");
+            } else if up {
                 log::warn!("redis: reachable again");
             } else {
                 log::warn!("redis: unreachable; bucket sets go on with this instance's books");

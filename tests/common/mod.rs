@@ -255,6 +255,9 @@ impl ServerHandle {
                             _ = &mut rx => break,
                             accepted = listener.accept() => {
                                 let Ok((stream, _)) = accepted else { continue };
+                                // hyper writes a header and a body in two sends: without
+                                // NODELAY, Nagle and delayed ACKs hold the body ~40 ms.
+                                let _ = stream.set_nodelay(true);
                                 let svc = svc.clone();
                                 tokio::spawn(async move {
                                     // More headers than hyper's 100: plugin header floods
