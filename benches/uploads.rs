@@ -430,6 +430,10 @@ fn origin_yaml(name: &str, url: &str, env: &str) -> String {
 }
 
 fn config(s1: &S3Server, s2: &S3Server, redis: bool) -> String {
+    config_with_prefix(s1, s2, redis.then_some("bench:"))
+}
+
+fn config_with_prefix(s1: &S3Server, s2: &S3Server, redis: Option<&str>) -> String {
     let mut y = String::from("origins:\n");
     y.push_str(&origin_yaml("m1", &s1.bucket_url("one"), "M1"));
     y.push_str(&origin_yaml("m2", &s2.bucket_url("two"), "M2"));
@@ -446,10 +450,77 @@ fn config(s1: &S3Server, s2: &S3Server, redis: bool) -> String {
          \x20 - {path: /direct, strip_prefix: true, group: direct}\n\
          \x20 - {path: /set, strip_prefix: true, group: set}\n",
     );
-    if redis {
-        y.push_str("redis: {url_env: UPLOADS_REDIS_URL, key_prefix: \"bench:\"}\n");
+    if let Some(prefix) = redis {
+        y.push_str(&format!(
+            "redis: {{url_env: UPLOADS_REDIS_URL, key_prefix: \"{prefix}\", timeout: 2s}}\n"
+        ));
     }
     y
+}
+
+/// What a reconcile costs: `n` objects written straight into m2's bucket directory (s3s-fs
+/// keeps objects as plain files), then a fresh cascade reconciles at start — with local books,
+/// then with Redis books under a prefix Redis has no books for. Returns (books, keys listed,
+/// ms in all, ms rebuilding the books) from cascade's own log line: the rest is the listing,
+/// which measures the test S3 server more than cascade (s3s-fs walks the whole directory for
+/// every page).
+async fn reconcile_cost(
+    s1: &S3Server,
+    s2: &S3Server,
+    redis: &RedisServer,
+    n: usize,
+) -> Vec<(&'static str, u64, u64, u64)> {
+    let dir = s2.root().join("two").join("rc");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..n {
+        std::fs::write(dir.join(format!("{i:07}.bin")), b"0123456789").unwrap();
+    }
+    let mut out = Vec::new();
+    for (books, prefix) in [("local", None), ("redis", Some("rc:"))] {
+        let mut b = Cascade::builder(&config_with_prefix(s1, s2, prefix))
+            .test_credentials("M1_AK", "M1_SK")
+            .test_credentials("M2_AK", "M2_SK");
+        if prefix.is_some() {
+            b = b.env("UPLOADS_REDIS_URL", &redis.url());
+        }
+        let c = b.start();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let line = loop {
+            let err = c.stderr();
+            if let Some(l) = err
+                .lines()
+                .find(|l| l.contains("bucket set `set`: reconciled in"))
+            {
+                break l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reconcile within 60 s: {}",
+                c.stderr_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let ms: u64 = line
+            .split("reconciled in ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        // "… (\"m1\": 3200 objects, … bytes; \"m2\": 50000 objects, … bytes)"
+        let keys: u64 = line
+            .split(" objects")
+            .filter_map(|r| r.rsplit(' ').next())
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum();
+        let books_ms: u64 = line
+            .split("books ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        out.push((books, keys, ms, books_ms));
+    }
+    out
 }
 
 /// Waits (bounded) until the set has its books: the start-up reconcile is done and, with
@@ -697,14 +768,27 @@ fn main() {
     let body = pattern_chunk(0, OBJECT);
     let ping = ping_p50_us(redis.port, 500);
 
-    let runs = rt.block_on(async {
+    let (runs, reconciles) = rt.block_on(async {
         let a = run("redis", &s1, &s2, Some(&redis), &body, deadline).await;
         let b = run("local", &s1, &s2, None, &body, deadline).await;
-        vec![a, b]
+        let r = reconcile_cost(&s1, &s2, &redis, knob("UPLOADS_RECONCILE_KEYS", 50_000)).await;
+        (vec![a, b], r)
     });
     let ledger = [(1_000, 1_000), (99_000, 1_000), (100_000, 500)]
         .map(|(applied, probes)| (applied, local_commit_cost(applied, probes)));
     drop(redis);
+    println!();
+    println!("## Reconcile (ListObjectsV2 of every member, books rebuilt), at start");
+    println!();
+    println!("| books | keys listed | ms in all | of which listing (s3s-fs) | of which rebuilding the books | books ms per 1,000 keys |");
+    println!("|---|---|---|---|---|---|");
+    for (books, keys, ms, books_ms) in &reconciles {
+        let per_k = *books_ms as f64 * 1000.0 / (*keys).max(1) as f64;
+        println!(
+            "| {books} | {keys} | {ms} | {} | {books_ms} | {per_k:.2} |",
+            ms - books_ms
+        );
+    }
 
     println!();
     println!(

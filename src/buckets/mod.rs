@@ -673,14 +673,32 @@ impl BucketSet {
                 })
             })
             .collect();
+        let listed = t0.elapsed().as_millis() as u64;
         self.ledger.replace(listings).await;
         self.refresh_gauges();
         let ms = t0.elapsed().as_millis() as u64;
+        let found: Vec<String> = summary
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}: {} objects, {} bytes",
+                    m["member"], m["objects"], m["bytes"]
+                )
+            })
+            .collect();
         log::info!(
-            "bucket set `{}`: reconciled in {ms} ms: {summary:?}",
-            self.group
+            "bucket set `{}`: reconciled in {ms} ms ({}); listing {listed} ms, books {} ms",
+            self.group,
+            found.join("; "),
+            ms - listed
         );
-        Ok(serde_json::json!({"group": self.group, "members": summary, "ms": ms}))
+        Ok(serde_json::json!({
+            "group": self.group,
+            "members": summary,
+            "ms": ms,
+            "listing_ms": listed,
+            "books_ms": ms - listed,
+        }))
     }
 
     pub fn refresh_gauges(&self) {
