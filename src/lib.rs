@@ -150,7 +150,12 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     );
     // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes
     // out in one send instead of two (Pingora flushes a sized body when it is complete).
-    let buffers = L4BufferSettings::default().write(cfg.server.write_buffer as usize);
+    // No read buffer by default: Pingora's 64 KiB one is held by every connection for its
+    // whole life, idle keep-alives included (`server.read_buffer`).
+    let buffers = L4BufferSettings::new(
+        cfg.server.read_buffer as usize,
+        cfg.server.write_buffer as usize,
+    );
     for addr in &cfg.listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }

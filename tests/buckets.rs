@@ -1205,6 +1205,16 @@ async fn clients_cannot_choose_a_member_or_hold_room_and_must_say_their_size() {
     assert_eq!(r.status(), 411);
     assert!(r.text().await.unwrap().starts_with("cascade:"));
     assert_eq!(puts(), before, "refused before any member");
+    // A multipart part is an upload too: no Content-Length on a strict route is 411, not a
+    // part that reserves nothing (and so fits any full member).
+    let r = http
+        .put(p.c.url("/strict/x?partNumber=1&uploadId=u1"))
+        .body(chunked("/strict/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 411, "a chunked part on a strict route");
+    assert_eq!(puts(), before, "refused before any member");
     let r = http
         .put(p.c.url("/strict/y"))
         .body(body("/strict/y", 10))

@@ -117,6 +117,8 @@ pub trait Ledger: Send + Sync {
     fn shared(&self) -> bool {
         false
     }
+    /// The books know the members' usage: a new object may be placed.
+    fn ready(&self) -> bool;
 }
 
 #[derive(Debug, Clone)]
@@ -448,6 +450,10 @@ impl Ledger for LocalLedger {
         self.replace_now(&listings)
     }
     async fn complete(&self) -> bool {
+        self.complete_now()
+    }
+    fn ready(&self) -> bool {
+        // Local books start empty: the start-up reconcile fills them.
         self.complete_now()
     }
 }

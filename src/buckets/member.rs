@@ -110,11 +110,22 @@ pub fn parse_page(xml: &[u8]) -> Result<Page, String> {
     let mut key: Option<String> = None;
     let mut size: Option<u64> = None;
     let mut buf = Vec::new();
+    let mut root_seen = false;
     loop {
         match r.read_event_into(&mut buf) {
             Err(e) => return Err(format!("listing is not XML: {e}")),
             Ok(Event::Eof) => break,
-            Ok(Event::Start(e)) => path.push(e.local_name().as_ref().to_vec()),
+            Ok(Event::Start(e)) => {
+                if path.is_empty() {
+                    // Anything else (an object that happens to be XML, an error document)
+                    // must never read as "this member is empty".
+                    if e.local_name().as_ref() != b"ListBucketResult" {
+                        return Err("the answer is not a ListBucketResult".into());
+                    }
+                    root_seen = true;
+                }
+                path.push(e.local_name().as_ref().to_vec());
+            }
             Ok(Event::End(e)) => {
                 if e.local_name().as_ref() == b"Contents" {
                     match (key.take(), size.take()) {
@@ -178,6 +189,9 @@ pub fn parse_page(xml: &[u8]) -> Result<Page, String> {
         }
         buf.clear();
     }
+    if !root_seen {
+        return Err("the answer is not a ListBucketResult".into());
+    }
     Ok(page)
 }
 
@@ -210,5 +224,10 @@ mod tests {
         assert!(parse_page(b"<ListBucketResult><Contents><Key>x</Key></Contents>").is_err());
         assert!(parse_page(b"<ListBucketResult><Contents><Key>x</Key><Size>-1</Size></Contents></ListBucketResult>").is_err());
         assert!(parse_page(b"<a><b></a>").is_err());
+        assert!(parse_page(b"<Error><Code>AccessDenied</Code></Error>").is_err());
+        assert!(
+            parse_page(b"").is_err(),
+            "an empty answer is not an empty member"
+        );
     }
 }

@@ -47,6 +47,8 @@ const MULTIPART_TTL: Duration = Duration::from_secs(24 * 3600);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// One ListObjectsV2 page during a reconcile.
 const LIST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The longest a new object's placement waits for the books (start-up reconcile).
+const BOOKS_WAIT: Duration = Duration::from_secs(5);
 /// A failed reconcile is tried again after this long.
 const RECONCILE_RETRY: Duration = Duration::from_secs(10);
 
@@ -278,14 +280,20 @@ impl BucketSet {
 
     /// Where `key` is, for a write: the shared books, else (when they cannot say) the
     /// members themselves, asked at once.
-    async fn find(&self, key: &str, origins: &[Origin]) -> Option<(usize, Option<u64>)> {
+    /// `Err`: a member could not say whether it holds the key (placing the write anyway
+    /// could make a second copy, a DELETE could miss the object).
+    async fn find(
+        &self,
+        key: &str,
+        origins: &[Origin],
+    ) -> Result<Option<(usize, Option<u64>)>, LocalResponse> {
         if let Some(loc) = self.ledger.locate(key, true).await {
             if let Some(i) = self.member_ix(&loc.member) {
-                return Some((i, loc.size));
+                return Ok(Some((i, loc.size)));
             }
         }
         if self.ledger.complete().await {
-            return None;
+            return Ok(None);
         }
         let heads = self
             .cfg
@@ -293,22 +301,78 @@ impl BucketSet {
             .iter()
             .map(|m| member::head(&origins[m.origin], key, HEAD_TIMEOUT));
         let found = futures::future::join_all(heads).await;
+        let mut unknown = None;
         for (i, r) in found.into_iter().enumerate() {
             match r {
                 Ok(Some(_)) => {
                     // Not counted in the books (they did not know it): the commit counts it.
                     self.ledger.remember(key, &self.cfg.members[i].name).await;
-                    return Some((i, None));
+                    return Ok(Some((i, None)));
                 }
                 Ok(None) => {}
-                Err(e) => log::debug!(
-                    "bucket set `{}`: member `{}` cannot say whether it holds a key: {e}",
-                    self.group,
-                    self.cfg.members[i].name
-                ),
+                Err(e) => {
+                    log::debug!(
+                        "bucket set `{}`: member `{}` cannot say whether it holds a key: {e}",
+                        self.group,
+                        self.cfg.members[i].name
+                    );
+                    unknown = Some(i);
+                }
             }
         }
-        None
+        match unknown {
+            Some(i) => Err(LocalResponse {
+                retry_after: Some(1),
+                ..LocalResponse::new(
+                    503,
+                    format!(
+                        "cascade: bucket `{}` cannot say now whether it holds this key; retry later\n",
+                        self.cfg.members[i].name
+                    ),
+                )
+            }),
+            None => Ok(None),
+        }
+    }
+
+    /// The size an upload reserves: its `Content-Length`, else the route's
+    /// `max_upload_size`, else (or when the route requires a length) 411.
+    fn upload_size(size: Option<u64>, route: &RouteConfig) -> Result<u64, LocalResponse> {
+        match size {
+            Some(s) => Ok(s),
+            None if route.require_content_length => Err(LocalResponse::new(
+                411,
+                "cascade: uploads through this route must say their Content-Length\n",
+            )),
+            None => route.max_upload_size.ok_or_else(|| {
+                LocalResponse::new(
+                    411,
+                    "cascade: an upload to a bucket set needs a Content-Length (or the route's max_upload_size to reserve)\n",
+                )
+            }),
+        }
+    }
+
+    /// New objects are placed only on books that know the members' usage (local books:
+    /// after the start-up reconcile; Redis: once read): waits for them a little, else 503.
+    async fn books_ready(&self) -> Result<(), LocalResponse> {
+        let deadline = Instant::now() + BOOKS_WAIT;
+        while !self.ledger.ready() {
+            if Instant::now() >= deadline {
+                return Err(LocalResponse {
+                    retry_after: Some(5),
+                    ..LocalResponse::new(
+                        503,
+                        format!(
+                            "cascade: bucket set `{}` does not know its buckets' usage yet (reconcile running, or Redis unreachable since start); retry later\n",
+                            self.group
+                        ),
+                    )
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
     }
 
     /// Plans a request through the set: the members its attempts go to, and for a write the
@@ -338,28 +402,11 @@ impl BucketSet {
                 failed: None,
             });
         }
-        let found = self.find(key, origins).await;
+        let found = self.find(key, origins).await?;
         let size = content_length;
         let (member, id, reserve): (Option<usize>, String, Option<u64>) = match &op {
             Op::Put => {
-                let size = match size {
-                    Some(s) => s,
-                    None if route.require_content_length => {
-                        return Err(LocalResponse::new(
-                            411,
-                            "cascade: uploads through this route must say their Content-Length\n",
-                        ))
-                    }
-                    None => match route.max_upload_size {
-                        Some(max) => max,
-                        None => {
-                            return Err(LocalResponse::new(
-                                411,
-                                "cascade: an upload to a bucket set needs a Content-Length (or the route's max_upload_size to reserve)\n",
-                            ))
-                        }
-                    },
-                };
+                let size = Self::upload_size(size, route)?;
                 // An overwrite needs room only for what it adds.
                 let counted = found.and_then(|(_, s)| s).unwrap_or(0);
                 (
@@ -373,7 +420,7 @@ impl BucketSet {
             Op::Part(upload) => (
                 Some(found.map_or(0, |(i, _)| i)),
                 format!("mpu:{upload}"),
-                Some(size.unwrap_or(0)),
+                Some(Self::upload_size(size, route)?),
             ),
             Op::Complete(upload) | Op::Abort(upload) => (
                 Some(found.map_or(0, |(i, _)| i)),
@@ -417,7 +464,10 @@ impl BucketSet {
                 }
                 vec![i]
             }
-            None => self.candidates(origins),
+            None => {
+                self.books_ready().await?;
+                self.candidates(origins)
+            }
         };
         if candidates.is_empty() {
             return Err(LocalResponse {
@@ -823,8 +873,11 @@ pub fn start(sets: Arc<Sets>, origins: Arc<[Origin]>) {
     crate::background::spawn("bucket-sets", "bucket sets' books", move || async move {
         // When each set last tried a reconcile, and whether it has books yet (local books
         // start empty: a reconcile fills them; Redis says itself whether it has them).
+        // A reconcile runs as a task of its own (a listing takes minutes on a big bucket):
+        // the probe, the journal's replay and the gauges go on every second meanwhile.
         let mut tried: HashMap<usize, Instant> = HashMap::new();
-        let mut done: HashMap<usize, Instant> = HashMap::new();
+        let done: Arc<Mutex<HashMap<usize, Instant>>> = Arc::default();
+        let mut running: HashMap<usize, tokio::task::JoinHandle<()>> = HashMap::new();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -834,27 +887,35 @@ pub fn start(sets: Arc<Sets>, origins: Arc<[Origin]>) {
             }
             for (g, set) in sets.by_group.iter().enumerate() {
                 let Some(set) = set else { continue };
+                let last = done.lock().get(&g).copied();
                 let mut due = match &set.redis {
                     Some(r) => r.tick().await && sets.link.as_ref().is_some_and(|l| l.is_up()),
-                    None => !done.contains_key(&g),
+                    None => last.is_none(),
                 };
-                if let (Some(every), Some(at)) = (set.cfg.reconcile_every, done.get(&g)) {
+                if let (Some(every), Some(at)) = (set.cfg.reconcile_every, last) {
                     due |= at.elapsed() >= every;
                 }
                 // A failed reconcile is tried again after a while, not every second.
-                let throttled = tried.get(&g).is_some_and(|t| {
-                    t.elapsed() < RECONCILE_RETRY && done.get(&g).is_none_or(|d| d < t)
-                });
-                if due && !throttled {
+                let throttled = tried
+                    .get(&g)
+                    .is_some_and(|t| t.elapsed() < RECONCILE_RETRY && last.is_none_or(|d| d < *t));
+                let busy = running.get(&g).is_some_and(|h| !h.is_finished());
+                if due && !throttled && !busy {
                     tried.insert(g, Instant::now());
-                    match set.reconcile(&origins).await {
-                        Ok(_) => {
-                            done.insert(g, Instant::now());
-                        }
-                        Err(e) => {
-                            log::warn!("bucket set `{}`: reconcile failed: {e}", set.group)
-                        }
-                    }
+                    let (set, origins, done) = (set.clone(), origins.clone(), done.clone());
+                    running.insert(
+                        g,
+                        tokio::spawn(async move {
+                            match set.reconcile(&origins).await {
+                                Ok(_) => {
+                                    done.lock().insert(g, Instant::now());
+                                }
+                                Err(e) => {
+                                    log::warn!("bucket set `{}`: reconcile failed: {e}", set.group)
+                                }
+                            }
+                        }),
+                    );
                 }
                 set.refresh_gauges();
             }

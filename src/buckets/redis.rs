@@ -37,7 +37,7 @@ const MAX_JOURNAL: usize = 100_000;
 /// Index entries this instance caches.
 const MIRROR_KEYS: usize = 100_000;
 /// How long an applied id is remembered.
-const DONE_TTL_S: u64 = 24 * 3600;
+const DONE_TTL_S: u64 = 3600;
 
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -346,10 +346,6 @@ enum Change {
         id: String,
         size: u64,
     },
-    Remember {
-        key: String,
-        member: String,
-    },
     Failure {
         member: String,
     },
@@ -368,6 +364,8 @@ pub struct RedisLedger {
     journal: Mutex<VecDeque<Change>>,
     /// The journal overflowed: only a reconcile can make the books right.
     pub lost: AtomicBool,
+    /// The mirror holds the usage read from Redis at least once.
+    snapshot: AtomicBool,
 }
 
 impl RedisLedger {
@@ -384,6 +382,7 @@ impl RedisLedger {
             mirror: LocalLedger::mirror(MIRROR_KEYS),
             journal: Mutex::new(VecDeque::new()),
             lost: AtomicBool::new(false),
+            snapshot: AtomicBool::new(false),
         }
     }
 
@@ -407,7 +406,6 @@ impl RedisLedger {
             Change::Delete { id, key } => self.delete_shared(id, key).await.is_some(),
             Change::Release { id } => self.release_shared(id).await.is_some(),
             Change::Shrink { id, size } => self.shrink_shared(id, *size).await.is_some(),
-            Change::Remember { key, member } => self.remember_shared(key, member).await.is_some(),
             Change::Failure { member } => self.failure_shared(member).await.is_some(),
         }
     }
@@ -570,6 +568,7 @@ impl RedisLedger {
             );
         }
         self.mirror.set_complete(complete);
+        self.snapshot.store(true, Relaxed);
         !complete || self.lost.swap(false, Relaxed)
     }
 }
@@ -687,12 +686,9 @@ impl Ledger for RedisLedger {
                 size: None,
             },
         );
-        if self.remember_shared(key, member).await.is_none() {
-            self.journal(Change::Remember {
-                key: key.into(),
-                member: member.into(),
-            });
-        }
+        // A hint, not journalled: replayed after a newer commit it would undo it, and the
+        // next read (or reconcile) learns the location again.
+        let _ = self.remember_shared(key, member).await;
     }
 
     async fn failure(&self, member: &str) {
@@ -811,5 +807,11 @@ impl Ledger for RedisLedger {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn ready(&self) -> bool {
+        // Usage read from Redis once (then kept up by the mirror while Redis is away), or
+        // books this instance rebuilt itself.
+        self.snapshot.load(Relaxed) || self.mirror.complete_now()
     }
 }

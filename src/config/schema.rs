@@ -419,9 +419,16 @@ pub struct ServerSection {
     /// out in one send (Pingora's default, 1460 bytes, sends a 4 KiB hit in two). Larger
     /// writes bypass it; a body of known length that trickles in is held until this many
     /// bytes or its end (chunked bodies are flushed per chunk). Memory: up to this much per
-    /// connection, beside Pingora's 64 KiB read buffer. 0 turns buffering off.
+    /// connection. 0 turns buffering off.
     #[serde(default = "default_write_buffer", deserialize_with = "de_size")]
     pub write_buffer: u64,
+    /// Read buffer of each client connection, held for the connection's whole life, idle
+    /// or not. 0 (the default): none — Pingora reads a request header straight into its
+    /// own header buffer and a body into per-read buffers, so an idle keep-alive costs a
+    /// few KiB instead of Pingora's default 64 KiB. A buffer only helps clients that
+    /// pipeline many small requests.
+    #[serde(default, deserialize_with = "de_size")]
+    pub read_buffer: u64,
     /// Bounds on a client's request header (over them: 431).
     #[serde(default)]
     pub header_limits: HeaderLimits,
@@ -474,6 +481,7 @@ impl Default for ServerSection {
             plugin_cache: None,
             plugin_instances: default_plugin_instances(),
             write_buffer: default_write_buffer(),
+            read_buffer: 0,
             header_limits: HeaderLimits::default(),
         }
     }

@@ -393,6 +393,16 @@ pub(super) fn load(
             ),
         );
     }
+    if server.read_buffer > super::schema::MAX_WRITE_BUFFER {
+        cx.err(
+            "server.read_buffer",
+            format!(
+                "{} bytes; at most {} (it is held per connection)",
+                server.read_buffer,
+                super::schema::MAX_WRITE_BUFFER
+            ),
+        );
+    }
     if server.write_buffer > super::schema::MAX_WRITE_BUFFER {
         cx.err(
             "server.write_buffer",
