@@ -442,6 +442,41 @@ async fn weighted_placement_follows_the_weights() {
 // Reservations under concurrency
 // ---------------------------------------------------------------------------------------------
 
+/// Uploads of one new key that race (an SDK's retry, two writers) never make two copies:
+/// the first to claim the key decides its member, with local books and with Redis's.
+#[tokio::test]
+async fn racing_uploads_of_one_new_key_land_on_one_member() {
+    let redis = Redis::start();
+    for shared in [false, true] {
+        let ms = members(&["a", "b", "c"]);
+        let p = start(
+            &config(
+                &ms,
+                "weighted",
+                &[
+                    ("a", 1 << 20, 1, 1),
+                    ("b", 1 << 20, 2, 1),
+                    ("c", 1 << 20, 3, 1),
+                ],
+                "",
+            ),
+            shared.then_some(&redis),
+        );
+        p.wait_reconciles(1).await;
+        for k in 0..10 {
+            let key = format!("/same-{shared}-{k}");
+            let statuses: Vec<u16> = futures::future::join_all(
+                (0..6).map(|_| async { p.put(&key, body(&key, 100)).await.0 }),
+            )
+            .await;
+            assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+            // `holder` panics when several members hold the key.
+            assert!(holder(&ms, &key).is_some(), "{key} stored nowhere");
+        }
+        p.assert_books_match_disk(&ms).await;
+    }
+}
+
 /// 50 uploads at once against `a` with room for 10 and `b` with room for 30.
 async fn fifty_racing_uploads(with_redis: bool) {
     let redis = with_redis.then(Redis::start);

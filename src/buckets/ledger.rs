@@ -104,6 +104,12 @@ pub trait Ledger: Send + Sync {
     async fn locate(&self, key: &str, shared: bool) -> Option<Loc>;
     /// A read found `key` on `member`: remember where it is (not counted in usage).
     async fn remember(&self, key: &str, member: &str);
+    /// A new object's upload is placed on `member`: puts the key in the index (not
+    /// counted) unless the index already names a member, which it returns (atomic: of
+    /// racing uploads of one new key, the first decides where it goes).
+    async fn claim(&self, key: &str, member: &str) -> Option<String>;
+    /// The claiming upload failed: the key leaves the index if it is still that claim.
+    async fn unclaim(&self, key: &str, member: &str);
     /// An upload failed on `member`.
     async fn failure(&self, member: &str);
     /// Every member's books as this instance knows them (never waits).
@@ -299,6 +305,32 @@ impl LocalLedger {
         }
     }
 
+    pub fn claim_now(&self, key: &str, member: &str) -> Option<String> {
+        let mut b = self.books.lock();
+        if let Some(l) = b.index.get(key) {
+            return Some(l.member.clone());
+        }
+        self.insert(
+            &mut b,
+            key,
+            Loc {
+                member: member.to_string(),
+                size: None,
+            },
+        );
+        None
+    }
+
+    pub fn unclaim_now(&self, key: &str, member: &str) {
+        let mut b = self.books.lock();
+        if b.index
+            .get(key)
+            .is_some_and(|l| l.member == member && l.size.is_none())
+        {
+            b.index.remove(key);
+        }
+    }
+
     pub fn failure_now(&self, member: &str) {
         self.books
             .lock()
@@ -443,6 +475,12 @@ impl Ledger for LocalLedger {
     async fn failure(&self, member: &str) {
         self.failure_now(member)
     }
+    async fn claim(&self, key: &str, member: &str) -> Option<String> {
+        self.claim_now(key, member)
+    }
+    async fn unclaim(&self, key: &str, member: &str) {
+        self.unclaim_now(key, member)
+    }
     fn usage(&self) -> HashMap<String, Usage> {
         self.usage_now()
     }
@@ -584,6 +622,26 @@ mod tests {
         assert_eq!(b.done.len(), DONE_MAX);
         assert_eq!(b.done_order.len(), DONE_MAX);
         assert!(first_time(&mut b, "x"), "the oldest id went first");
+    }
+
+    #[test]
+    fn the_first_claim_of_a_new_key_decides_its_member() {
+        let l = LocalLedger::new();
+        assert_eq!(l.claim_now("/k", "a"), None);
+        assert_eq!(l.claim_now("/k", "b").as_deref(), Some("a"));
+        l.unclaim_now("/k", "b");
+        assert_eq!(l.locate_now("/k").unwrap().member, "a", "not b's claim");
+        l.unclaim_now("/k", "a");
+        assert_eq!(l.locate_now("/k"), None);
+        // A committed object is never unclaimed.
+        l.commit_now(Commit {
+            id: "c",
+            member: "a",
+            key: "/k",
+            size: 3,
+        });
+        l.unclaim_now("/k", "a");
+        assert_eq!(l.locate_now("/k").unwrap().size, Some(3));
     }
 
     #[test]

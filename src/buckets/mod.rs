@@ -134,6 +134,8 @@ struct Write {
     /// A reservation is held and not yet settled.
     holding: bool,
     settled: bool,
+    /// This upload put the key in the index (a new object): a failure takes it out again.
+    claim: Option<String>,
 }
 
 /// A request's bucket-set state (one field of the proxy's `Ctx`).
@@ -443,6 +445,7 @@ impl BucketSet {
                     object: None,
                     holding: false,
                     settled: false,
+                    claim: None,
                 }),
                 failed: None,
             });
@@ -506,6 +509,23 @@ impl BucketSet {
         match got {
             Ok(Some(ix)) => {
                 let m = candidates[ix];
+                let mut claim = None;
+                if member.is_none() && matches!(op, Op::Put | Op::Initiate) {
+                    // One copy per key, even for uploads of a new key that race: the first
+                    // to claim the key in the index decides its member; the others follow.
+                    match self.ledger.claim(key, &self.cfg.members[m].name).await {
+                        None => claim = Some(key.to_string()),
+                        Some(holder) if holder == self.cfg.members[m].name => {}
+                        Some(_) => {
+                            self.ledger.release(&id).await;
+                            // The key is in the index now: placed as an overwrite there.
+                            return Box::pin(
+                                self.prepare(origins, method, key, query, content_length, route),
+                            )
+                            .await;
+                        }
+                    }
+                }
                 Ok(SetCtx {
                     order: self.one(m),
                     located: Some(m),
@@ -517,6 +537,7 @@ impl BucketSet {
                         object: None,
                         holding: true,
                         settled: false,
+                        claim,
                     }),
                     failed: None,
                 })
@@ -673,6 +694,11 @@ impl BucketSet {
     /// upload completes or is aborted). Without this, parts of uploads that do not exist
     /// (refused by the member) or abandoned mid-body would hold room for a day.
     async fn give_back(&self, w: &Write) {
+        if let Some(key) = &w.claim {
+            self.ledger
+                .unclaim(key, &self.cfg.members[w.member].name)
+                .await;
+        }
         if !w.holding {
             return;
         }

@@ -195,6 +195,31 @@ return 1
     )
 });
 
+/// KEYS: idx. ARGV: key, member. The first upload of a new key claims it for its member;
+/// returns the member the index already names, if any.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then return string.match(old, '^(.*)|') end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|-')
+return false
+"#,
+    )
+});
+
+/// KEYS: idx. ARGV: key, member. A failed claiming upload: the claim goes if unchanged.
+static UNCLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] .. '|-' then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"#,
+    )
+});
+
 /// The connection to Redis, shared by every set.
 pub struct RedisLink {
     pub cfg: RedisConfig,
@@ -689,6 +714,52 @@ impl Ledger for RedisLedger {
         // A hint, not journalled: replayed after a newer commit it would undo it, and the
         // next read (or reconcile) learns the location again.
         let _ = self.remember_shared(key, member).await;
+    }
+
+    async fn claim(&self, key: &str, member: &str) -> Option<String> {
+        let got = self
+            .link
+            .call("claim", |mut c| async move {
+                CLAIM
+                    .key(&self.idx)
+                    .arg(key)
+                    .arg(member)
+                    .invoke_async::<Option<String>>(&mut c)
+                    .await
+            })
+            .await;
+        match got {
+            Some(holder) => {
+                if holder.is_none() {
+                    self.mirror.remember_now(
+                        key,
+                        Loc {
+                            member: member.into(),
+                            size: None,
+                        },
+                    );
+                }
+                holder
+            }
+            // Redis away: this instance's view decides (the commit is journalled).
+            None => self.mirror.claim_now(key, member),
+        }
+    }
+
+    async fn unclaim(&self, key: &str, member: &str) {
+        self.mirror.unclaim_now(key, member);
+        // Not journalled: a stale claim only sends the key's next write to that member.
+        let _ = self
+            .link
+            .call("unclaim", |mut c| async move {
+                UNCLAIM
+                    .key(&self.idx)
+                    .arg(key)
+                    .arg(member)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
     }
 
     async fn failure(&self, member: &str) {
