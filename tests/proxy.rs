@@ -790,7 +790,9 @@ async fn metrics_count_traffic() {
             &[("origin", "down")],
         )
         .unwrap_or(0.0);
-        if (reqs - req_before >= 4.0 && replays >= 2.0 && errors >= 1.0)
+        // The duration is observed a moment after the request is counted.
+        let timed = metric_sum(&text, "cascade_request_duration_seconds_count", &[]).unwrap_or(0.0);
+        if (reqs - req_before >= 4.0 && replays >= 2.0 && errors >= 1.0 && timed >= 4.0)
             || Instant::now() > deadline
         {
             break text;

@@ -125,6 +125,11 @@ pub trait Ledger: Send + Sync {
     }
     /// The books know the members' usage: a new object may be placed.
     fn ready(&self) -> bool;
+    /// A reconcile starts listing the members (changes from now on are applied again on
+    /// its findings).
+    fn begin_reconcile(&self) {}
+    /// The reconcile failed before its findings.
+    fn abort_reconcile(&self) {}
 }
 
 #[derive(Debug, Clone)]
@@ -145,7 +150,13 @@ struct Books {
     done_order: std::collections::VecDeque<(u64, String)>,
     /// A reconcile has filled the index.
     complete: bool,
+    /// While a reconcile lists the members: the commits and deletes made meanwhile (key,
+    /// `Some((member, size))` or `None` for a delete), applied again on its findings.
+    during: Option<Vec<Landed>>,
 }
+
+/// A change made while a reconcile lists: the key, and its member and size (`None`: deleted).
+type Landed = (String, Option<(String, u64)>);
 
 /// How long an applied id is remembered (a retried recording arrives within this; the
 /// process's own recordings are never retried later than the request's end).
@@ -264,6 +275,9 @@ impl LocalLedger {
         u.used += c.size;
         u.objects += 1;
         u.uploads += 1;
+        if let Some(d) = b.during.as_mut() {
+            d.push((c.key.to_string(), Some((c.member.to_string(), c.size))));
+        }
         self.insert(
             &mut b,
             c.key,
@@ -283,7 +297,21 @@ impl LocalLedger {
         if let Some(old) = b.index.remove(key) {
             uncount(&mut b, &old);
         }
+        if let Some(d) = b.during.as_mut() {
+            d.push((key.to_string(), None));
+        }
         true
+    }
+
+    /// A reconcile starts listing: changes from now on are kept to be applied again on
+    /// its findings (a listing may have missed them).
+    pub fn begin_reconcile_now(&self) {
+        self.books.lock().during = Some(Vec::new());
+    }
+
+    /// The reconcile failed: nothing to apply again.
+    pub fn abort_reconcile_now(&self) {
+        self.books.lock().during = None;
     }
 
     pub fn locate_now(&self, key: &str) -> Option<Loc> {
@@ -381,6 +409,24 @@ impl LocalLedger {
                 }
             }
             b.usage.insert(l.member.clone(), u);
+        }
+        // What landed while the members were listed: the listing may predate it.
+        for (key, change) in b.during.take().unwrap_or_default() {
+            if let Some(old) = b.index.remove(&key) {
+                uncount(&mut b, &old);
+            }
+            if let Some((member, size)) = change {
+                let u = b.usage.entry(member.clone()).or_default();
+                u.used += size;
+                u.objects += 1;
+                b.index.insert(
+                    key,
+                    Loc {
+                        member,
+                        size: Some(size),
+                    },
+                );
+            }
         }
         b.complete = true;
     }
@@ -493,6 +539,12 @@ impl Ledger for LocalLedger {
     fn ready(&self) -> bool {
         // Local books start empty: the start-up reconcile fills them.
         self.complete_now()
+    }
+    fn begin_reconcile(&self) {
+        self.begin_reconcile_now()
+    }
+    fn abort_reconcile(&self) {
+        self.abort_reconcile_now()
     }
 }
 
@@ -622,6 +674,40 @@ mod tests {
         assert_eq!(b.done.len(), DONE_MAX);
         assert_eq!(b.done_order.len(), DONE_MAX);
         assert!(first_time(&mut b, "x"), "the oldest id went first");
+    }
+
+    #[test]
+    fn changes_made_while_a_reconcile_lists_are_not_lost() {
+        let l = LocalLedger::new();
+        l.begin_reconcile_now();
+        // Landed after the listing of `a` was taken: the listing does not have them.
+        l.commit_now(Commit {
+            id: "c1",
+            member: "a",
+            key: "/new",
+            size: 5,
+        });
+        l.commit_now(Commit {
+            id: "c0",
+            member: "a",
+            key: "/old",
+            size: 1,
+        });
+        l.delete_now("d1", "/old");
+        l.replace_now(&[Listing {
+            member: "a".into(),
+            objects: vec![("/old".into(), 7), ("/x".into(), 3)],
+        }]);
+        let u = l.usage_now();
+        assert_eq!((u["a"].used, u["a"].objects), (8, 2), "/x and /new");
+        assert_eq!(l.locate_now("/new").unwrap().size, Some(5));
+        assert_eq!(l.locate_now("/old"), None, "deleted meanwhile");
+        // The next reconcile starts clean.
+        l.replace_now(&[Listing {
+            member: "a".into(),
+            objects: vec![("/x".into(), 3)],
+        }]);
+        assert_eq!(l.usage_now()["a"].used, 3);
     }
 
     #[test]

@@ -729,11 +729,16 @@ impl BucketSet {
     pub async fn reconcile(&self, origins: &[Origin]) -> Result<serde_json::Value, String> {
         let _one = self.reconciling.lock().await;
         let t0 = Instant::now();
+        self.ledger.begin_reconcile();
         let mut listings = Vec::new();
         for m in &self.cfg.members {
-            let objects = member::list(&origins[m.origin], LIST_TIMEOUT)
-                .await
-                .map_err(|e| format!("member `{}`: {e}", m.name))?;
+            let objects = match member::list(&origins[m.origin], LIST_TIMEOUT).await {
+                Ok(o) => o,
+                Err(e) => {
+                    self.ledger.abort_reconcile();
+                    return Err(format!("member `{}`: {e}", m.name));
+                }
+            };
             listings.push(Listing {
                 member: m.name.clone(),
                 objects,

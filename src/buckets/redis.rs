@@ -411,6 +411,12 @@ impl RedisLedger {
         }
     }
 
+    /// Changes wait behind the journal until it is replayed: applied in the order they
+    /// happened, a commit made while Redis was away cannot revive a key deleted since.
+    fn backlog(&self) -> bool {
+        !self.journal.lock().is_empty()
+    }
+
     fn journal(&self, c: Change) {
         let mut j = self.journal.lock();
         if j.len() >= MAX_JOURNAL {
@@ -626,14 +632,14 @@ impl Ledger for RedisLedger {
 
     async fn release(&self, id: &str) {
         self.mirror.release_now(id);
-        if self.release_shared(id).await.is_none() {
+        if self.backlog() || self.release_shared(id).await.is_none() {
             self.journal(Change::Release { id: id.into() });
         }
     }
 
     async fn shrink(&self, id: &str, size: u64) {
         self.mirror.shrink_now(id, size);
-        if self.shrink_shared(id, size).await.is_none() {
+        if self.backlog() || self.shrink_shared(id, size).await.is_none() {
             self.journal(Change::Shrink {
                 id: id.into(),
                 size,
@@ -647,10 +653,11 @@ impl Ledger for RedisLedger {
         // that goes away leaves no blind spot (a member filled in the last second would
         // otherwise look emptier than it is, and be overfilled).
         self.mirror.commit_now(c);
-        if self
-            .commit_shared(c.id, c.member, c.key, c.size)
-            .await
-            .is_none()
+        if self.backlog()
+            || self
+                .commit_shared(c.id, c.member, c.key, c.size)
+                .await
+                .is_none()
         {
             self.journal(Change::Commit {
                 id: c.id.into(),
@@ -663,7 +670,7 @@ impl Ledger for RedisLedger {
 
     async fn delete(&self, id: &str, key: &str) {
         self.mirror.delete_now(id, key);
-        if self.delete_shared(id, key).await.is_none() {
+        if self.backlog() || self.delete_shared(id, key).await.is_none() {
             self.journal(Change::Delete {
                 id: id.into(),
                 key: key.into(),
@@ -878,6 +885,16 @@ impl Ledger for RedisLedger {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn begin_reconcile(&self) {
+        // This instance's view keeps what lands meanwhile; Redis's own rebuild does not
+        // (see README: a change during a reconcile may wait for the next one there).
+        self.mirror.begin_reconcile_now()
+    }
+
+    fn abort_reconcile(&self) {
+        self.mirror.abort_reconcile_now()
     }
 
     fn ready(&self) -> bool {
