@@ -238,6 +238,8 @@ pub struct PluginInfo {
     pub limits: Limits,
     /// The tick period the plugin asked for (`proxy_set_tick_period_milliseconds`; 0: none).
     pub tick_ms: std::sync::atomic::AtomicU32,
+    /// A tick faulted: this plugin version ticks no more, whatever a new instance asks.
+    pub ticks_stopped: std::sync::atomic::AtomicBool,
 }
 
 /// Which callback is running: decides what may be read and written.
@@ -944,10 +946,15 @@ pub fn linker(engine: &Engine, module: &Module) -> wasmtime::Result<Linker<Host>
         "env",
         "proxy_set_tick_period_milliseconds",
         |c: C<'_>, ms: i32| -> i32 {
-            c.data()
-                .info
-                .tick_ms
-                .store(ms as u32, std::sync::atomic::Ordering::Relaxed);
+            let info = &c.data().info;
+            // A new instance (configured after a faulted tick) must not start them again.
+            if !info
+                .ticks_stopped
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                info.tick_ms
+                    .store(ms as u32, std::sync::atomic::Ordering::Relaxed);
+            }
             status::OK
         },
     )?;

@@ -504,6 +504,7 @@ impl Plugin {
                     shared_value: cfg.shared_value as usize,
                 },
                 tick_ms: Default::default(),
+                ticks_stopped: Default::default(),
             }),
             on_error: cfg.on_error,
             bodies: cfg.bodies

@@ -188,6 +188,10 @@ fn stop(plugin: &Plugin, f: &super::Fault) {
     plugin.record_fault("tick", f);
     plugin
         .info
+        .ticks_stopped
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    plugin
+        .info
         .tick_ms
         .store(0, std::sync::atomic::Ordering::Relaxed);
     log::error!(
