@@ -1306,50 +1306,6 @@ async fn aws_chunked_uploads_count_the_object_not_its_framing() {
 // Config errors
 // ---------------------------------------------------------------------------------------------
 
-/// `cascade check -c FILE`: (exit code, stderr, path).
-fn check(yaml: &str) -> (i32, String, std::path::PathBuf, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cascade.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(cascade_bin())
-        .arg("check")
-        .arg("-c")
-        .arg(&path)
-        .env_remove("CASCADE_TEST_UNSET_REDIS_URL")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        path,
-        dir,
-    )
-}
-
-/// `check` fails with `FILE:LINE:COL: FIELD...: ...` on the line marked `# <-`, mentioning
-/// every one of `words`.
-fn assert_located(yaml: &str, field: &str, words: &[&str]) {
-    let (code, stderr, path, _dir) = check(yaml);
-    let line = yaml
-        .lines()
-        .position(|l| l.trim_end().ends_with("# <-"))
-        .expect("a `# <-` marker")
-        + 1;
-    let prefix = format!("{}:{line}:", path.display());
-    let hit = stderr.lines().any(|l| {
-        l.strip_prefix(&prefix).is_some_and(|rest| {
-            let rest = rest.split_once(':').map_or("", |(_col, r)| r).trim_start();
-            rest.starts_with(field) && words.iter().all(|w| l.contains(w))
-        })
-    });
-    assert!(
-        code == 1 && hit,
-        "want exit 1 and `{prefix}COL: {field}...` mentioning {words:?}; exit {code}\n\
-         --- config ---\n{yaml}\n--- stderr ---\n{stderr}"
-    );
-}
-
 const SET_BASE: &str = "\
 listen:
   - addr: 127.0.0.1:18080

@@ -1476,3 +1476,58 @@ impl Drop for Redis {
         }
     }
 }
+
+// ---- `cascade check`: config errors located in the file
+
+/// `cascade check -c FILE` on `yaml`: exit code and stderr, bounded to 20 s.
+pub fn check(yaml: &str) -> (i32, String, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cascade.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let err = dir.path().join("stderr");
+    let mut child = Command::new(cascade_bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code().unwrap_or(-1);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`cascade check` did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, std::fs::read_to_string(&err).unwrap(), path, dir)
+}
+
+/// `check` fails with `FILE:LINE:COL: FIELD...: ...` on the line marked `# <-`, mentioning
+/// every one of `words`.
+pub fn assert_located(yaml: &str, field: &str, words: &[&str]) {
+    let (code, stderr, path, _dir) = check(yaml);
+    let line = yaml
+        .lines()
+        .position(|l| l.trim_end().ends_with("# <-"))
+        .expect("a `# <-` marker")
+        + 1;
+    let prefix = format!("{}:{line}:", path.display());
+    let hit = stderr.lines().any(|l| {
+        l.strip_prefix(&prefix).is_some_and(|rest| {
+            let rest = rest.split_once(':').map_or("", |(_col, r)| r).trim_start();
+            rest.starts_with(field) && words.iter().all(|w| l.contains(w))
+        })
+    });
+    assert!(
+        code == 1 && hit,
+        "want exit 1 and `{prefix}COL: {field}...` mentioning {words:?}; exit {code}\n\
+         --- config ---\n{yaml}\n--- stderr ---\n{stderr}"
+    );
+}
