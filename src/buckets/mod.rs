@@ -587,16 +587,7 @@ impl BucketSet {
                 match &w.op {
                     Op::Put => {
                         let size = w.object.or(w.size).unwrap_or(body_bytes);
-                        self.ledger
-                            .commit(Commit {
-                                id: &w.id,
-                                member: name,
-                                key,
-                                size,
-                            })
-                            .await;
-                        m.m_ok.inc();
-                        m.m_bytes.inc_by(size);
+                        self.landed(w, key, size).await;
                     }
                     Op::Initiate => {
                         self.ledger.release(&w.id).await;
@@ -607,18 +598,7 @@ impl BucketSet {
                         // S3 may answer 200 and fail in the body: the object's size says.
                         let origin = &origins[self.cfg.members[w.member].origin];
                         match member::head(origin, key, HEAD_TIMEOUT).await {
-                            Ok(Some(size)) => {
-                                self.ledger
-                                    .commit(Commit {
-                                        id: &w.id,
-                                        member: name,
-                                        key,
-                                        size,
-                                    })
-                                    .await;
-                                m.m_ok.inc();
-                                m.m_bytes.inc_by(size);
-                            }
+                            Ok(Some(size)) => self.landed(w, key, size).await,
                             other => log::warn!(
                                 "bucket set `{}`: a completed multipart upload is not on `{name}` ({other:?}); its reservation lapses, a reconcile counts it",
                                 self.group
@@ -641,6 +621,22 @@ impl BucketSet {
                 None
             }
         }
+    }
+
+    /// An upload landed: `size` bytes of `key` on the write's member, in the books and the
+    /// member's metrics.
+    async fn landed(&self, w: &Write, key: &str, size: u64) {
+        self.ledger
+            .commit(Commit {
+                id: &w.id,
+                member: &self.cfg.members[w.member].name,
+                key,
+                size,
+            })
+            .await;
+        let m = &self.members[w.member];
+        m.m_ok.inc();
+        m.m_bytes.inc_by(size);
     }
 
     async fn upload_failed(&self, w: &mut Write, why: &str) -> u64 {
