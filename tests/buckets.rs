@@ -163,22 +163,7 @@ impl Proxy {
     }
 
     async fn status(&self) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match client()
-                .get(format!("{}/status", self.admin))
-                .bearer_auth(TOKEN)
-                .send()
-                .await
-            {
-                Ok(r) => {
-                    assert_eq!(r.status(), 200, "GET /status");
-                    return serde_json::from_str(&r.text().await.unwrap()).unwrap();
-                }
-                Err(e) => assert!(Instant::now() < deadline, "admin not answering: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        admin_status(&self.admin, TOKEN).await
     }
 
     /// Times the start-up (or admin) reconcile logged its result.

@@ -59,22 +59,7 @@ fn start_with_admin(yaml: &str) -> (Cascade, String) {
 
 /// `GET /status` with the token, waiting (bounded) for the admin listener.
 async fn status(admin: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match client()
-            .get(format!("{admin}/status"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-        {
-            Ok(r) => {
-                assert_eq!(r.status(), 200, "GET /status");
-                return serde_json::from_str(&r.text().await.unwrap()).unwrap();
-            }
-            Err(e) => assert!(Instant::now() < deadline, "admin not answering: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    admin_status(admin, TOKEN).await
 }
 
 /// A peer's object in a `/status` document.

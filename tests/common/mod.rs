@@ -1531,3 +1531,24 @@ pub fn assert_located(yaml: &str, field: &str, words: &[&str]) {
          --- config ---\n{yaml}\n--- stderr ---\n{stderr}"
     );
 }
+
+/// `GET /status` on the admin listener at `admin` with `token`, waiting (bounded) for the
+/// listener to answer.
+pub async fn admin_status(admin: &str, token: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client()
+            .get(format!("{admin}/status"))
+            .bearer_auth(token)
+            .send()
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.status(), 200, "GET /status");
+                return serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            }
+            Err(e) => assert!(Instant::now() < deadline, "admin not answering: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
