@@ -76,6 +76,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         origins: origins.into(),
         access_log: cfg.server.access_log,
         header_limits: cfg.server.header_limits,
+        keepalive_secs: cfg.server.keepalive_timeout.as_secs(),
         cache: None,
         plugins: None,
         sets: Arc::new(buckets::Sets::build(cfg)),

@@ -46,6 +46,8 @@ pub struct State {
     pub access_log: bool,
     /// Bounds on client request headers (431 over them).
     pub header_limits: crate::config::schema::HeaderLimits,
+    /// `server.keepalive_timeout` in seconds (0: no keep-alive).
+    pub keepalive_secs: u64,
     pub cache: Option<&'static Cache>,
     /// Wasm plugins (`None`: the config has none).
     pub plugins: Option<Arc<plugin::Runtime>>,
@@ -537,6 +539,9 @@ impl ProxyHttp for Cascade {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Pingora sets the client's own keep-alive wish when it reads the header: bound it.
+        let keepalive = boundary::keepalive(session.get_keepalive(), self.state.keepalive_secs);
+        session.set_keepalive(keepalive);
         let admitted = match self.admit(session, ctx).await {
             Ok(()) => self.plan_set(session, ctx).await.map_err(Answer::Local),
             Err(a) => Err(a),

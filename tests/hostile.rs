@@ -1129,3 +1129,129 @@ async fn hostile_ranges_and_origin_headers_cannot_break_slices() {
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), body.slice(1_000_000..1_000_010));
 }
+
+/// Reads one response (head + `Content-Length` body) from `s`; then whether the server closed
+/// the connection within `wait` (read returns 0) or kept it open (read times out).
+fn one_response_then_closed(s: &mut std::net::TcpStream, wait: Duration) -> (String, bool) {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head_end = loop {
+        let n = s.read(&mut chunk).expect("response");
+        assert!(n > 0, "closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    s.set_read_timeout(Some(wait)).unwrap();
+    let closed = match s.read(&mut chunk) {
+        Ok(0) => true,
+        Ok(n) => panic!("{n} unexpected bytes after the response"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => true,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => panic!("read: {e}"),
+    };
+    (head, closed)
+}
+
+/// An origin answering 200 "ok" behind cascade with `server.keepalive_timeout: timeout`.
+fn keepalive_fixture(timeout: &str) -> (HttpOrigin, Cascade) {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
+        origin.url("")
+    );
+    let c = Cascade::builder(&yaml)
+        .server("keepalive_timeout", timeout)
+        .start();
+    (origin, c)
+}
+
+#[tokio::test]
+async fn idle_keepalives_are_closed_after_keepalive_timeout_whatever_the_client_asks() {
+    use std::io::Write;
+    let (origin, c) = keepalive_fixture("1s");
+    for (what, req) in [
+        ("an HTTP/1.1 client", "GET /a HTTP/1.1\r\nHost: h\r\n\r\n"),
+        // Pingora alone would keep this one for an hour.
+        (
+            "a client asking for an hour",
+            "GET /a HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nKeep-Alive: timeout=3600\r\n\r\n",
+        ),
+    ] {
+        let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        // Still open well within the timeout: a second request on it is served.
+        let (head, closed) = one_response_then_closed(&mut s, Duration::from_millis(300));
+        assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
+        assert!(!closed, "{what}: closed before keepalive_timeout");
+        s.write_all(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        // Then idle: closed after ~1 s (bounded wait: 10 s).
+        let t0 = std::time::Instant::now();
+        let (head, closed) = one_response_then_closed(&mut s, Duration::from_secs(10));
+        assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
+        assert!(closed, "{what}: an idle keep-alive outlived keepalive_timeout by 10 s");
+        let idle = t0.elapsed();
+        assert!(
+            idle >= Duration::from_millis(900),
+            "{what}: closed after {idle:?}, before the 1 s timeout"
+        );
+    }
+    // A client that asks for less than the limit gets what it asked.
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(b"GET /a HTTP/1.0\r\nHost: h\r\n\r\n").unwrap();
+    let (_, closed) = one_response_then_closed(&mut s, Duration::from_secs(5));
+    assert!(
+        closed,
+        "HTTP/1.0 without keep-alive: closed after the response"
+    );
+    assert_eq!(origin.stats.total(), 5);
+}
+
+#[tokio::test]
+async fn keepalive_timeout_zero_closes_every_connection_after_its_response() {
+    use std::io::Write;
+    let (_origin, c) = keepalive_fixture("0");
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    let (head, closed) = one_response_then_closed(&mut s, Duration::from_secs(5));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "the response says it: {head}"
+    );
+    assert!(closed);
+}
+
+#[test]
+fn keepalive_timeout_must_be_whole_seconds() {
+    assert_located(
+        "listen: [{addr: 127.0.0.1:1}]\nserver:\n  keepalive_timeout: 1500ms # <-\norigins:\n  a: {url: \"http://127.0.0.1:9\"}\ngroups:\n  g: {main: a}\nroutes:\n  - {path: /, group: g}\n",
+        "server.keepalive_timeout",
+        &["whole seconds"],
+    );
+}

@@ -1,7 +1,8 @@
 //! The trust boundary: the one place where what a client sent becomes what cascade acts on.
 //!
 //! ```text
-//!  client request ──► limits   header size/count bounds           (431)
+//!  client request ──► keep-alive  bounded by server.keepalive_timeout, whatever the client asks
+//!                 ──► limits   header size/count bounds           (431)
 //!                 ──► target   canonical path (path.rs) + query    (400)
 //!                 ──► admit    route on the canonical path, route's key mode, methods, sizes
 //!                 ──► plugins  see the canonical `:path`; their edits are re-checked here
@@ -21,6 +22,19 @@ pub mod s3;
 use pingora_http::RequestHeader;
 
 use crate::config::schema::HeaderLimits;
+
+/// The keep-alive a client connection gets after this request, in Pingora's terms (`None`:
+/// close after the response; `Some(0)`: no idle limit; `Some(s)`: close after `s` idle
+/// seconds): what the client's request allows (`client`, from its HTTP version, `Connection`
+/// and `Keep-Alive` headers), bounded by `server.keepalive_timeout` (`limit_secs`; 0 = off).
+/// A client cannot ask for a longer idle wait than the limit, nor for an unlimited one.
+pub fn keepalive(client: Option<u64>, limit_secs: u64) -> Option<u64> {
+    match (client, limit_secs) {
+        (None, _) | (_, 0) => None,
+        (Some(0), l) => Some(l),
+        (Some(c), l) => Some(c.min(l)),
+    }
+}
 
 /// Why a request header is over the limits (431).
 pub fn check_header_limits(req: &RequestHeader, l: &HeaderLimits) -> Result<(), String> {
@@ -162,6 +176,21 @@ pub fn target_string(path: &str, query: Option<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn keepalive_is_bounded_by_the_limit() {
+        use super::keepalive;
+        // HTTP/1.1 default (Pingora: no idle limit) gets the configured one.
+        assert_eq!(keepalive(Some(0), 75), Some(75));
+        // A client asking for more gets the limit; for less, what it asked.
+        assert_eq!(keepalive(Some(1_000_000), 75), Some(75));
+        assert_eq!(keepalive(Some(5), 75), Some(5));
+        // `Connection: close` / HTTP/1.0 without keep-alive stays closed.
+        assert_eq!(keepalive(None, 75), None);
+        // 0 turns keep-alive off for everyone.
+        assert_eq!(keepalive(Some(0), 0), None);
+        assert_eq!(keepalive(Some(30), 0), None);
+    }
+
     use super::*;
 
     fn req(target: &str, headers: &[(&str, String)]) -> RequestHeader {

@@ -432,6 +432,12 @@ pub struct ServerSection {
     /// Bounds on a client's request header (over them: 431).
     #[serde(default)]
     pub header_limits: HeaderLimits,
+    /// How long a client connection may sit idle between two requests before cascade closes
+    /// it (nginx's `keepalive_timeout`, default 75 s). Pingora's own default keeps an idle
+    /// HTTP/1.1 connection forever, or as long as the client's `Keep-Alive: timeout=` asks;
+    /// an idle keep-alive holds ~34 KiB. Whole seconds; 0 = no keep-alive.
+    #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
+    pub keepalive_timeout: Duration,
 }
 
 /// `server.header_limits`: what a client's request header may hold. nginx allows 8 KiB per
@@ -483,6 +489,7 @@ impl Default for ServerSection {
             write_buffer: default_write_buffer(),
             read_buffer: 0,
             header_limits: HeaderLimits::default(),
+            keepalive_timeout: default_keepalive(),
         }
     }
 }
@@ -505,6 +512,10 @@ pub const MAX_PLUGIN_INSTANCES: u32 = 10_000;
 
 fn default_plugin_instances() -> u32 {
     DEFAULT_PLUGIN_INSTANCES
+}
+
+fn default_keepalive() -> Duration {
+    Duration::from_secs(75)
 }
 
 fn default_grace() -> Duration {

@@ -393,6 +393,15 @@ pub(super) fn load(
             ),
         );
     }
+    if server.keepalive_timeout.subsec_nanos() != 0 {
+        cx.err(
+            "server.keepalive_timeout",
+            format!(
+                "{:?} is not whole seconds (the idle timeout's resolution); 0 turns keep-alive off",
+                server.keepalive_timeout
+            ),
+        );
+    }
     if server.read_buffer > super::schema::MAX_WRITE_BUFFER {
         cx.err(
             "server.read_buffer",
