@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
-"""Memory per idle keep-alive connection: cascade vs nginx, same object, same run.
+"""Memory per client connection: cascade vs nginx, same object, same run.
 
-Starts cascade (a directory origin, no cache) and nginx (serving the same directory
-itself), then for each: opens N client connections on 127.0.0.1, sends one keep-alive GET
-of a 4 KiB object on each, reads the answer, and leaves the connection open and idle.
-Reports the proxy's RSS (all its processes) before and after, per connection. Bounded: N
+Starts cascade (a directory origin) and nginx (serving the same directory itself), then for
+each: opens N client connections on 127.0.0.1 and sends one keep-alive GET on each. Reports
+the proxy's RSS (all its processes) before and after, per connection. Bounded: N
 connections, one request each, a 60 s deadline per proxy.
+
+SLOW selects what the clients do:
+- unset (idle keep-alives): a 4 KiB object, the answer read whole, then the connection left
+  open and idle. cascade has no cache.
+- SLOW=hit (slow downloads of a cached object): a 1 MiB object that cascade's memory cache
+  holds (filled by one request first); each client has a 4 KiB receive buffer, reads the
+  header and the first 8 KiB of the body, then stops reading, so the proxy holds the rest of
+  the download. nginx sends the file.
+- SLOW=pass: the same slow downloads with no cache, so cascade streams the object from an
+  nginx origin over TCP while the client does not read.
 
     benches/idle.py                       # N=10000, release build of cascade
     N=2000 CASCADE_BIN=... benches/idle.py
     CASCADE_EXTRA='  read_buffer: 64KiB' benches/idle.py   # lines added under `server:`
+    N=2000 SLOW=hit benches/idle.py
 
 Needs nginx (scripts/deps.sh --bench) and a release build (cargo build --release).
 """
@@ -26,8 +36,18 @@ import time
 N = int(os.environ.get("N", "10000"))
 TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/cascade-target")
 CASCADE_BIN = os.environ.get("CASCADE_BIN", f"{TARGET}/release/cascade")
+# FLOOR=1 also measures the Pingora floor (benches/floor.rs, `cargo build --release --example
+# floor`): a bare ProxyHttp on cascade's Pingora settings. Both then use an nginx origin.
+FLOOR = os.environ.get("FLOOR", "0") == "1"
+FLOOR_BIN = os.environ.get("FLOOR_BIN", f"{TARGET}/release/examples/floor")
 NGINX = os.environ.get("NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
 EXTRA = os.environ.get("CASCADE_EXTRA", "")
+SLOW = os.environ.get("SLOW", "")
+if SLOW not in ("", "hit", "pass"):
+    raise SystemExit(f"SLOW must be hit or pass (got {SLOW!r})")
+OBJECT = "/obj-1m.bin" if SLOW else "/obj-4k.bin"
+# Slow clients stop reading after this much body.
+SLOW_READ = 8192
 DEADLINE_S = 60
 
 
@@ -84,6 +104,8 @@ def hold(port, n, path):
     pending = {}
     for i in range(n):
         s = socket.socket()
+        if SLOW:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.setblocking(False)
         try:
             s.connect(("127.0.0.1", port))
@@ -119,7 +141,7 @@ def drive(sel, pending, req):
                 (int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")),
                 None,
             )
-            if length is not None and len(body) >= length:
+            if length is not None and len(body) >= (min(length, SLOW_READ) if SLOW else length):
                 sel.unregister(s)
                 del pending[i]
         elif _:
@@ -136,11 +158,49 @@ def measure(name, pids_of, port, path):
     for s in socks:
         s.close()
     per = (after - before) / N
-    print(f"| {name} | {N} | {before / 1024:.1f} | {after / 1024:.1f} | {(after - before) / 1024:.1f} | {per:.1f} |")
+    print(f"| {name} | {N} | {before / 1024:.1f} | {after / 1024:.1f} | {(after - before) / 1024:.1f} | {per:.1f} |", flush=True)
     return per
 
 
+def measure_and_stop(name, proc, port):
+    """`measure` the proxy `proc` listening on `port`, then stop it."""
+    try:
+        wait_port(port)
+        return measure(name, lambda: family(proc.pid), port, OBJECT)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def start_nginx(work, name, root, port):
+    """nginx serving `root` on `port` (one worker), as the reference proxy or as an origin."""
+    conf = os.path.join(work, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"worker_processes 1;\nerror_log {work}/{name}-error.log;\npid {work}/{name}.pid;\n"
+            f"events {{ worker_connections {N + 256}; }}\n"
+            f"worker_rlimit_nofile {N + 1024};\n"
+            "http {\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n"
+            "  keepalive_timeout 300s;\n"
+            f"  client_body_temp_path {work}/{name}-b; proxy_temp_path {work}/{name}-p; fastcgi_temp_path {work}/{name}-f;\n"
+            f"  uwsgi_temp_path {work}/{name}-u; scgi_temp_path {work}/{name}-s;\n"
+            f"  server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n"
+        )
+    return subprocess.Popen([NGINX, "-c", conf, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+
+
 def main():
+    procs = []  # every server started, stopped on the way out whatever happens
+    try:
+        run(procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+
+
+def run(procs):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = N + 1024
     if soft < want:
@@ -150,58 +210,86 @@ def main():
     os.makedirs(root)
     with open(os.path.join(root, "obj-4k.bin"), "wb") as f:
         f.write(os.urandom(4096))
+    with open(os.path.join(root, "obj-1m.bin"), "wb") as f:
+        f.write(os.urandom(1 << 20))
     # nginx's workers (as nobody when started by root) read the same files.
     os.chmod(work, 0o755)
     os.chmod(root, 0o755)
     os.chmod(os.path.join(root, "obj-4k.bin"), 0o644)
+    os.chmod(os.path.join(root, "obj-1m.bin"), 0o644)
     results = {}
     # cascade: a directory origin, no cache, one worker thread (nginx: one worker).
+    # Slow downloads through cascade come from an nginx origin over TCP (what a bucket is);
+    # the idle case keeps the in-process directory origin (only 4 KiB crosses it).
+    origin, origin_port = None, None
+    if SLOW == "pass" or FLOOR:
+        origin_port = free_port()
+        origin = start_nginx(work, "origin", root, origin_port)
+        procs.append(origin)
+        wait_port(origin_port)
     port = free_port()
     metrics = free_port()
     cfg = os.path.join(work, "cascade.yaml")
     with open(cfg, "w") as f:
         f.write(
-            f"server:\n  threads: 1\n  access_log: false\n{EXTRA}\n"
+            # The same idle timeout as the nginx below (a large N takes a while to open).
+            f"server:\n  threads: 1\n  access_log: false\n  keepalive_timeout: 300s\n{EXTRA}\n"
             f"listen: [{{addr: 127.0.0.1:{port}}}]\n"
             f"metrics: {{addr: 127.0.0.1:{metrics}}}\n"
-            f"origins:\n  www: {{dir: {root}}}\n"
-            "groups:\n  g: {main: www}\n"
+            + ("cache: {memory: 64MiB, default_ttl: 1h}\n" if SLOW == "hit" else "")
+            + (f"origins:\n  www: {{url: http://127.0.0.1:{origin_port}}}\n" if origin_port
+               else f"origins:\n  www: {{dir: {root}}}\n")
+            + "groups:\n  g: {main: www}\n"
             "routes:\n  - {path: /, group: g}\n"
         )
     with open(os.path.join(work, "cascade.log"), "w") as log:
         c = subprocess.Popen([CASCADE_BIN, "run", "-c", cfg], stdout=log, stderr=log)
+    procs.append(c)
     try:
-        wait_port(port)
-        print(f"Idle keep-alive connections, one 4 KiB GET each, then idle (N={N}):\n")
+        try:
+            wait_port(port)
+        except SystemExit:
+            with open(os.path.join(work, "cascade.log")) as f:
+                sys.stderr.write(f.read()[-2000:])
+            raise
+        if SLOW == "hit":
+            fill = socket.create_connection(("127.0.0.1", port))
+            fill.sendall(f"GET {OBJECT} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            while fill.recv(1 << 16):
+                pass
+            fill.close()
+            time.sleep(0.5)  # the cache entry is written after the answer
+        what = {
+            "": "Idle keep-alive connections, one 4 KiB GET each, then idle",
+            "hit": "Slow downloads of a cached 1 MiB object (8 KiB read, then the client stops reading)",
+            "pass": "Slow downloads of a 1 MiB object, no cache (8 KiB read, then the client stops reading)",
+        }[SLOW]
+        print(f"{what} (N={N}):\n")
         print("| proxy | connections | RSS before MiB | RSS after MiB | delta MiB | KiB per connection |")
         print("|---|---|---|---|---|---|")
-        results["cascade"] = measure("cascade", lambda: family(c.pid), port, "/obj-4k.bin")
+        results["cascade"] = measure("cascade", lambda: family(c.pid), port, OBJECT)
     finally:
         c.terminate()
         c.wait(timeout=10)
+    if FLOOR:
+        port = free_port()
+        with open(os.path.join(work, "floor.log"), "w") as log:
+            fl = subprocess.Popen(
+                [FLOOR_BIN, str(port), "1", f"127.0.0.1:{origin_port}", f"127.0.0.1:{origin_port}"],
+                stdout=log, stderr=log,
+            )
+        procs.append(fl)
+        results["floor"] = measure_and_stop("floor", fl, port)
+    if origin:
+        origin.terminate()
+        origin.wait(timeout=10)
     # nginx serving the same directory (its cheapest case: no upstream connection either).
     port = free_port()
-    conf = os.path.join(work, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(
-            f"worker_processes 1;\nerror_log {work}/nginx-error.log;\npid {work}/nginx.pid;\n"
-            f"events {{ worker_connections {N + 256}; }}\n"
-            f"worker_rlimit_nofile {N + 1024};\n"
-            "http {\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n"
-            "  keepalive_timeout 300s;\n"
-            f"  client_body_temp_path {work}/nb; proxy_temp_path {work}/np; fastcgi_temp_path {work}/nf;\n"
-            f"  uwsgi_temp_path {work}/nu; scgi_temp_path {work}/ns;\n"
-            f"  server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n"
-        )
-    n = subprocess.Popen([NGINX, "-c", conf, "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port)
-        results["nginx"] = measure("nginx", lambda: family(n.pid), port, "/obj-4k.bin")
-    finally:
-        n.terminate()
-        n.wait(timeout=10)
+    n = start_nginx(work, "nginx", root, port)
+    procs.append(n)
+    results["nginx"] = measure_and_stop("nginx", n, port)
     if results.get("nginx"):
-        print(f"\ncascade/nginx memory per idle connection: {results['cascade'] / max(results['nginx'], 0.1):.1f}x")
+        print(f"\ncascade/nginx memory per connection: {results['cascade'] / max(results['nginx'], 0.1):.1f}x")
     shutil.rmtree(work, ignore_errors=True)
 
 

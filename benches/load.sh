@@ -17,11 +17,18 @@
 #                    per request); plughit64k and plughit1m, not in the default set, are
 #                    plughit on a 64 KiB and a 1 MiB object (compared with hit64k / hit1m);
 #                    plughit runs the Wasm plugins from plugins/dist, built if missing)
-#   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios)
+#   PROXIES="cascade nginx"   which proxies to run (one alone: no ratios); add `floor` for the
+#                    Pingora floor (benches/floor.rs: a bare ProxyHttp on cascade's Pingora
+#                    settings; plain profile only), reported as cascade's own cost above it
 #   CPU=0            1: also report proxy CPU time per request (from /proc/PID/stat)
+#   STRACE=0         1: after each scenario's first measured run, a separate 3 s run under
+#                    `strace -c -f` counts each proxy's system calls per request (not timed)
+#   PERF=0           1: likewise a 3 s run under `perf record -g` per proxy; the reports are
+#                    kept as perf-SCENARIO-PROXY.txt in the work directory (use with KEEP=1)
 #   PIN=0            1: pin the proxy to CPUs 0..THREADS-1 and wrk + origins to the others
 #   BUILD=1          0: skip `cargo build --release` (use CASCADE_BIN as it is)
 #   CASCADE_BIN      default $CARGO_TARGET_DIR/release/cascade
+#   CASCADE_SERVER   extra settings under cascade's `server:`, e.g. 'write_buffer: 0'
 #   CACHE_DISK=0     1: give cascade's cache a disk tier too (under the work directory)
 #   CACHE_MEMORY=256MiB   cascade's memory tier; objects above a quarter of it are served from
 #                    disk (CACHE_DISK=1 CACHE_MEMORY=1MiB: hit1m is a disk hit, hit4k a memory one)
@@ -49,11 +56,15 @@ CACHE_DISK=${CACHE_DISK:-0}
 CACHE_MEMORY=${CACHE_MEMORY:-256MiB}
 NGINX_MAIN404=${NGINX_MAIN404:-locked}
 PLUGIN_BODIES=${PLUGIN_BODIES:-0}
+STRACE=${STRACE:-0}
+PERF=${PERF:-0}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/cascade-target}"
 CASCADE_BIN=${CASCADE_BIN:-$CARGO_TARGET_DIR/release/cascade}
+CASCADE_SERVER=${CASCADE_SERVER:-}
+FLOOR_BIN=${FLOOR_BIN:-$CARGO_TARGET_DIR/release/examples/floor}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 WRK=${WRK:-$(command -v wrk || echo wrk)}
 CURL=${CURL:-$(command -v curl || echo curl)}
@@ -84,6 +95,7 @@ plughit64k plugins /hit-64k.bin main     65536    HIT  hit64k with the plughit p
 plughit1m plugins /hit-1m.bin    main      1048576  HIT  hit1m with the plughit plugins (cascade only)
 plugnoop  plugnoop /hit-4k.bin   main      4096     HIT  hit4k with three no-op SDK plugins: the ABI floor (cascade only)
 plugcall  plugcall /hit-4k.bin   main      4096     HIT  hit4k with ext-auth: one HTTP call per request to a local auth service (cascade only)
+pass1m    plain  /hit-1m.bin     main      1048576  -    no cache; a 1 MiB pass-through (main answers 200)
 pass2     peers  /main-4k.bin    main      4096     -    pass with main as two round-robin peers (nginx: an upstream of two servers)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
@@ -150,13 +162,13 @@ unlocked) MAIN404_CONF="proxy_cache_lock off;  # unlocked: main's 404 is not cac
 cached) MAIN404_CONF="proxy_cache_valid 200 1h; proxy_cache_valid 404 1m;  # cached: main's 404 too" ;;
 *) die "NGINX_MAIN404 must be locked, unlocked or cached (got '$NGINX_MAIN404')" ;;
 esac
-[ -n "${PROXIES// /}" ] || die "PROXIES is empty (known: cascade nginx)"
+[ -n "${PROXIES// /}" ] || die "PROXIES is empty (known: cascade nginx floor)"
 for p in $PROXIES; do
-  case $p in cascade | nginx) ;; *) die "unknown proxy '$p' in PROXIES (known: cascade nginx)" ;; esac
+  case $p in cascade | nginx | floor) ;; *) die "unknown proxy '$p' in PROXIES (known: cascade nginx floor)" ;; esac
 done
 # Canonical order, no duplicates: the report's columns are always cascade then nginx.
 RUN_PROXIES=()
-for p in cascade nginx; do
+for p in cascade nginx floor; do
   case " $PROXIES " in *" $p "*) RUN_PROXIES+=("$p") ;; esac
 done
 wants() { case " ${RUN_PROXIES[*]} " in *" $1 "*) return 0 ;; *) return 1 ;; esac }
@@ -224,6 +236,13 @@ trap 'exit 143' TERM
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # ---------------------------------------------------------------------------- build
+if wants floor; then
+  if [ "$BUILD" = 1 ]; then
+    log "building the Pingora floor (release example, benches/floor.rs)"
+    (cd "$ROOT" && cargo build --release --quiet --example floor) || die "cargo build --release --example floor failed"
+  fi
+  [ -x "$FLOOR_BIN" ] || die "no floor binary at $FLOOR_BIN (cargo build --release --example floor)"
+fi
 if wants cascade; then
   if [ "$BUILD" = 1 ]; then
     log "building cascade (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
@@ -361,6 +380,8 @@ template_of() { # PROXY PROFILE: the config template, or nothing if the proxy ha
   cascade,*) t="$BENCH/cascade-$2.yaml.template" ;;
   nginx,plain) t="$BENCH/nginx/proxy.conf.template" ;;
   nginx,*) t="$BENCH/nginx/proxy-$2.conf.template" ;;
+  floor,plain) t="$BENCH/floor.rs" ;; # no config: its arguments (the floor does pass and fallback only)
+  *) t="" ;;
   esac
   if [ -f "$t" ]; then echo "$t"; fi
 }
@@ -402,6 +423,10 @@ start_proxies() { # PROFILE
         MAIN2_PORT="$MAIN2_PORT" \
         CACHE_MEMORY="$CACHE_MEMORY" \
         ROOT="$ROOT" BODIES="$([ "$PLUGIN_BODIES" = 1 ] && echo true || echo false)"
+      if [ -n "$CASCADE_SERVER" ]; then
+        awk -v extra="$CASCADE_SERVER" '{ print } /^server:/ { n = split(extra, l, ";"); for (i = 1; i <= n; i++) print "  " l[i] }' \
+          "$dir/gen.yaml" >"$dir/gen.yaml.tmp" && mv "$dir/gen.yaml.tmp" "$dir/gen.yaml"
+      fi
       "$CASCADE_BIN" check -c "$dir/gen.yaml" >"$dir/check.log" 2>&1 ||
         {
           cat "$dir/check.log" >&2
@@ -413,6 +438,13 @@ start_proxies() { # PROFILE
       LOGS+=("$dir/cascade.log")
       CASCADE_DIRS+=("$dir")
       ;;
+    floor)
+      mkdir -p "$dir"
+      (pinned "$PROXY_CPUS" "$FLOOR_BIN" "${PORT_OF[$p]}" "$THREADS" "127.0.0.1:$MAIN_PORT" "127.0.0.1:$FB_PORT") >"$dir/floor.log" 2>&1 &
+      PID_OF[$p]=$!
+      PIDS+=("${PID_OF[$p]}")
+      LOGS+=("$dir/floor.log")
+      ;;
     esac
     DIR_OF[$p]=$dir
     ACTIVE+=("$p")
@@ -421,6 +453,7 @@ start_proxies() { # PROFILE
     case $p in
     nginx) wait_accept "nginx ($profile)" "${PORT_OF[$p]}" "${PID_OF[$p]}" "${DIR_OF[$p]}/error.log" ;;
     cascade) wait_accept "cascade ($profile)" "${PORT_OF[$p]}" "${PID_OF[$p]}" "${DIR_OF[$p]}/cascade.log" ;;
+    floor) wait_accept "floor ($profile)" "${PORT_OF[$p]}" "${PID_OF[$p]}" "${DIR_OF[$p]}/floor.log" ;;
     esac
   done
   if [ ${#ACTIVE[@]} -gt 0 ]; then log "profile $profile: ${ACTIVE[*]} running"; fi
@@ -546,6 +579,56 @@ run_wrk() { # PROXY SCENARIO DURATION OUTFILE
   WRK_PID=""
 }
 
+# count_syscalls PROXY SCENARIO: a separate 3 s wrk run with every thread of the proxy (and of
+# nginx's workers) under `strace -c -f`; SYS[scenario,proxy] = calls per request and the
+# five most frequent calls. strace slows the proxy down: the counts are per request, never timed.
+declare -A SYS
+count_syscalls() {
+  local proxy=$1 sc=$2 out="$WORK/strace-$2-$1.txt" wout="$WORK/wrk-strace-$2-$1.txt" pids=() args=() spid reqs i
+  command -v strace >/dev/null 2>&1 || die "STRACE=1 needs strace"
+  pids=("${PID_OF[$proxy]}")
+  if [ "$proxy" = nginx ]; then mapfile -t pids < <(pgrep -P "${PID_OF[$proxy]}"); fi
+  for i in "${pids[@]}"; do args+=(-p "$i"); done
+  strace -c -f -o "$out" "${args[@]}" 2>/dev/null &
+  spid=$!
+  sleep 1 # attached (strace has no ready signal; an attach takes milliseconds)
+  run_wrk "$proxy" "$sc" 3s "$wout"
+  kill -INT "$spid" 2>/dev/null || true
+  wait "$spid" 2>/dev/null || true
+  reqs=$(awk '/ requests in / { print $1 }' "$wout")
+  # strace -c's fixed columns: calls at 32-40, the syscall name from 52.
+  SYS[$sc,$proxy]=$(awk -v n="${reqs:-0}" 'NR > 2 && substr($0, 1, 3) != "---" {
+      name = substr($0, 52); calls = substr($0, 32, 9) + 0
+      if (name == "total") total = calls; else { c[name] = calls }
+    } END {
+      if (n == 0) { print "-"; exit }
+      printf "%.1f per request:", total / n
+      k = 0
+      while (k < 5) { best = ""; for (x in c) if (best == "" || c[x] > c[best]) best = x; if (best == "" || c[best] / n < 0.05) break
+        printf " %s %.2f", best, c[best] / n; delete c[best]; k++ }
+    }' "$out")
+  log "  $sc $proxy: system calls ${SYS[$sc,$proxy]}"
+}
+
+# profile PROXY SCENARIO: a separate 3 s wrk run under `perf record -g`; the flat profile
+# (self time by symbol) goes to perf-SCENARIO-PROXY.txt in the work directory.
+profile() {
+  local proxy=$1 sc=$2 data="$WORK/perf-$2-$1.data" pids
+  command -v perf >/dev/null 2>&1 || die "PERF=1 needs perf (linux-perf)"
+  pids=${PID_OF[$proxy]}
+  if [ "$proxy" = nginx ]; then pids=$(pgrep -P "${PID_OF[$proxy]}" | paste -sd,); fi
+  perf record -q -g -F 2000 -o "$data" -p "$pids" -- sleep 4 >/dev/null 2>&1 &
+  local ppid=$!
+  sleep 0.5
+  run_wrk "$proxy" "$sc" 3s "$WORK/wrk-perf-$2-$1.txt"
+  wait "$ppid" 2>/dev/null || true
+  perf report -q -i "$data" --no-children --sort symbol --percent-limit 0.5 2>/dev/null |
+    grep -v '^$' | grep -v '^ *|' | grep -v '^ *-' >"$WORK/perf-$2-$1.txt" || true
+  perf report -q -i "$data" --children --sort symbol --percent-limit 2 -g none 2>/dev/null |
+    grep -v '^$' >"$WORK/perf-$2-$1-children.txt" || true
+  log "  $sc $proxy: profile in $WORK/perf-$2-$1.txt"
+}
+
 # ---------------------------------------------------------------------------- measure
 declare -A R # R[scenario,proxy,metric] = space-separated values, one per round
 add() { R[$1]="${R[$1]:-}${R[$1]:+ }$2"; }
@@ -592,14 +675,31 @@ measure() { # PROXY SCENARIO ROUND
   add "$sc,$proxy,fconn" "$(awk -v a="$f0" -v b="$f1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.1f", (y[1] - x[1] - 1) * 1000 / n }')"
   add "$sc,$proxy,mreq" "$(awk -v a="$m0" -v b="$m1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.3f", (y[2] - x[2] - 1) / n }')"
   add "$sc,$proxy,freq" "$(awk -v a="$f0" -v b="$f1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.3f", (y[2] - x[2] - 1) / n }')"
+  if [ "$STRACE" = 1 ] && [ "$round" = 1 ]; then count_syscalls "$proxy" "$sc"; fi
+  if [ "$PERF" = 1 ] && [ "$round" = 1 ]; then profile "$proxy" "$sc"; fi
   log "  $sc round $round $proxy: $rps req/s, $(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 1048576 }') MiB/s, p99 $p99, $reqs requests, $errs errors"
 }
 
 # (`wrk -v` exits 1 after printing its version: `|| true` keeps set -e quiet.)
 versions="$("$NGINX" -v 2>&1 | sed 's/.*: //' || true), $("$WRK" -v 2>&1 | head -1 | awk '{ print $1, $2 }' || true)"
+if wants floor; then versions="pingora floor, $versions"; fi
 if wants cascade; then versions="cascade $("$CASCADE_BIN" --version 2>/dev/null | awk '{ print $NF }'), $versions"; fi
 log "$versions"
 log "THREADS=$THREADS CONNS=$CONNS WRK_THREADS=$WRK_THREADS DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS PIN=$PIN CPUs=$NCPU PROXIES='${RUN_PROXIES[*]}' CACHE_DISK=$CACHE_DISK CACHE_MEMORY=$CACHE_MEMORY NGINX_MAIN404=$NGINX_MAIN404 PLUGIN_BODIES=$PLUGIN_BODIES"
+# The loopback's own bandwidth (one iperf3 TCP stream, 3 s), the reference for the 1 MiB
+# scenarios' MiB/s (issue 15: a 1 MiB hit at >= 90% of it).
+LOOPBACK_BPS=""
+if [[ " $SCENARIOS " =~ \ (hit1m|pass1m|plughit1m)\  ]] && command -v iperf3 >/dev/null 2>&1; then
+  pick_port IPERF_PORT
+  (pinned "$PROXY_CPUS" iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT") >"$WORK/iperf3-server.log" 2>&1 &
+  IPERF_PID=$!
+  PIDS+=("$IPERF_PID")
+  wait_accept iperf3 "$IPERF_PORT" "$IPERF_PID" "$WORK/iperf3-server.log"
+  LOOPBACK_BPS=$(pinned "$LOAD_CPUS" iperf3 -c 127.0.0.1 -p "$IPERF_PORT" -t 3 -J 2>/dev/null |
+    awk -F': *' '/"bits_per_second"/ { v = $2 } END { gsub(/[^0-9.e+]/, "", v); if (v != "") printf "%.0f", v / 8 }')
+  stop_pids "$IPERF_PID"
+  log "loopback, one iperf3 TCP stream: $(awk -v b="${LOOPBACK_BPS:-0}" 'BEGIN { printf "%.0f", b / 1048576 }') MiB/s"
+fi
 for sc in $SCENARIOS; do
   if [ "${PROFILE_OF[$sc]}" != "$CUR_PROFILE" ]; then
     stop_proxies
@@ -650,7 +750,7 @@ declare -A MED # MED[scenario,proxy,metric] = the median over the rounds, or "-"
 c() { echo "${MED[$sc,cascade,$1]}"; } # of the current scenario $sc
 n() { echo "${MED[$sc,nginx,$1]}"; }
 for sc in $SCENARIOS; do
-  for p in cascade nginx; do
+  for p in cascade nginx floor; do
     for m in rps bps p99 cpu mconn fconn mreq freq; do MED[$sc,$p,$m]=$(median "${R[$sc,$p,$m]:-}"); done
   done
   row=$(printf '%-9s' "$sc")
@@ -679,6 +779,19 @@ for sc in $SCENARIOS; do
   fi
   lines+=("$line")
 done
+
+if [ -n "$LOOPBACK_BPS" ]; then
+  echo
+  echo "1 MiB objects against the loopback (one iperf3 TCP stream: $(mib "$LOOPBACK_BPS") MiB/s):"
+  for sc in $SCENARIOS; do
+    [ "${SIZE_OF[$sc]}" = 1048576 ] || continue
+    for p in "${RUN_PROXIES[@]}"; do
+      [ "${MED[$sc,$p,bps]:-}" != - ] && [ -n "${MED[$sc,$p,bps]:-}" ] || continue
+      printf '  %-9s %-8s %s MiB/s = %s of the loopback\n' "$sc" "$p" "$(mib "${MED[$sc,$p,bps]}")" "$(ratio "${MED[$sc,$p,bps]}" "$LOOPBACK_BPS")"
+      lines+=("BENCH loopback scenario=$sc proxy=$p bytes_per_s=${MED[$sc,$p,bps]} loopback_bytes_per_s=$LOOPBACK_BPS ratio=$(ratio "${MED[$sc,$p,bps]}" "$LOOPBACK_BPS")")
+    done
+  done
+fi
 
 targets=()
 for sc in $SCENARIOS; do [ -z "${TARGET_OF[$sc]:-}" ] || targets+=("$sc"); done
@@ -744,11 +857,47 @@ if [ ${#plugin_rows[@]} -gt 0 ]; then
   printf '%s\n' "${plugin_rows[@]}"
 fi
 
+# The Pingora floor (benches/floor.rs): what Pingora alone costs on cascade's settings, and
+# so what is cascade's own share of the CPU per request.
+floor_rows=()
+for sc in $SCENARIOS; do
+  [ "${MED[$sc,floor,rps]:-}" != - ] && [ -n "${MED[$sc,floor,rps]:-}" ] || continue
+  row=$(printf '  %-9s floor %.0f req/s: cascade/floor %s, floor/nginx %s' "$sc" "${MED[$sc,floor,rps]}" \
+    "$(ratio "${MED[$sc,cascade,rps]}" "${MED[$sc,floor,rps]}")" "$(ratio "${MED[$sc,floor,rps]}" "${MED[$sc,nginx,rps]}")")
+  line="BENCH floor scenario=$sc floor_rps=${MED[$sc,floor,rps]} cascade_floor_rps_ratio=$(ratio "${MED[$sc,cascade,rps]}" "${MED[$sc,floor,rps]}") floor_nginx_rps_ratio=$(ratio "${MED[$sc,floor,rps]}" "${MED[$sc,nginx,rps]}")"
+  if [ "$CPU" = 1 ]; then
+    own=$(awk -v a="${MED[$sc,cascade,cpu]}" -v b="${MED[$sc,floor,cpu]}" 'BEGIN { if (a == "-") print "-"; else printf "%.1f", a - b }')
+    row+=$(printf '; CPU floor %.1f us/r (floor/nginx %s), cascade %s us/r: cascade'"'"'s own share %s us/r' \
+      "${MED[$sc,floor,cpu]}" "$(ratio "${MED[$sc,floor,cpu]}" "${MED[$sc,nginx,cpu]}")" "${MED[$sc,cascade,cpu]}" "$own")
+    line+=" floor_cpu_us_per_req=${MED[$sc,floor,cpu]} floor_nginx_cpu_ratio=$(ratio "${MED[$sc,floor,cpu]}" "${MED[$sc,nginx,cpu]}") cascade_own_cpu_us_per_req=$own"
+  fi
+  floor_rows+=("$row")
+  lines+=("$line")
+done
+if [ ${#floor_rows[@]} -gt 0 ]; then
+  echo
+  echo "the Pingora floor (benches/floor.rs: a bare ProxyHttp on cascade's Pingora settings), same run:"
+  printf '%s\n' "${floor_rows[@]}"
+fi
+
+if [ "$STRACE" = 1 ]; then
+  echo
+  echo "system calls per request (strace -c -f over a separate 3 s run; all threads, nginx's workers):"
+  for sc in $SCENARIOS; do
+    for p in "${RUN_PROXIES[@]}"; do
+      [ -n "${SYS[$sc,$p]:-}" ] || continue
+      printf '  %-9s %-8s %s\n' "$sc" "$p" "${SYS[$sc,$p]}"
+      lines+=("BENCH syscalls scenario=$sc proxy=$p per_request=$(awk '{ print $1 }' <<<"${SYS[$sc,$p]}")")
+    done
+  done
+fi
+
 echo
 echo "per 1000 client requests: upstream connections opened, upstream requests made (main / fallback origin):"
 for sc in $SCENARIOS; do
   printf '  %-9s' "$sc"
-  for p in cascade nginx; do
+  for p in cascade nginx floor; do
+    [ "$p" != floor ] || [ "${MED[$sc,floor,mconn]}" != - ] || continue
     if [ "${MED[$sc,$p,mconn]}" = - ]; then
       printf '  %s -' "$p"
     else

@@ -13,9 +13,13 @@ command -v python3 >/dev/null 2>&1 || need+=(python3 python3-pip)
 if [ "${1:-}" = "--bench" ]; then
   command -v nginx >/dev/null 2>&1 || need+=(nginx)
   command -v wrk >/dev/null 2>&1 || need+=(wrk)
+  command -v strace >/dev/null 2>&1 || need+=(strace) # load.sh STRACE=1
 fi
 # Packages that come with a system daemon: only their binaries are used.
 daemons=()
+if [ "${1:-}" = "--bench" ]; then
+  command -v iperf3 >/dev/null 2>&1 || daemons+=(iperf3) # load.sh: the loopback reference
+fi
 command -v redis-server >/dev/null 2>&1 || daemons+=(redis-server)
 command -v promtool >/dev/null 2>&1 || daemons+=(prometheus)
 if [ ${#need[@]} -gt 0 ] || [ ${#daemons[@]} -gt 0 ]; then
