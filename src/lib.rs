@@ -16,6 +16,7 @@ pub mod boundary;
 pub mod buckets;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod fallback;
 pub mod metrics;
 pub mod origin;
@@ -142,12 +143,16 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         }
     }
 
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+    // The proxy app, behind the client read timeout Pingora's proxy does not set (conn.rs).
+    let app = pingora_proxy::http_proxy(
         &server.configuration,
         proxy::Cascade {
             state: state.clone(),
         },
-        "cascade proxy",
+    );
+    let mut proxy = Service::new(
+        "cascade proxy".to_string(),
+        conn::ClientTimeouts::new(app, cfg.server.client_body_timeout),
     );
     // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes
     // out in one send instead of two (Pingora flushes a sized body when it is complete).

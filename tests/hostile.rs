@@ -1255,3 +1255,71 @@ fn keepalive_timeout_must_be_whole_seconds() {
         &["whole seconds"],
     );
 }
+
+/// Everything `s` receives until the server closes it (bounded: `limit`), and when.
+fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> (String, Duration) {
+    use std::io::Read;
+    let t0 = std::time::Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("not closed within {limit:?} ({e}); got {got:?}"),
+        }
+    }
+    (String::from_utf8_lossy(&got).to_string(), t0.elapsed())
+}
+
+#[tokio::test]
+async fn an_upload_that_stalls_gets_408_after_client_body_timeout() {
+    use std::io::Write;
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
+        origin.url("")
+    );
+    let c = Cascade::builder(&yaml)
+        .server("client_body_timeout", "1s")
+        .start();
+    // Half the body, then silence: 408 after ~1 s (Pingora alone: never), and the origin
+    // never gets a whole body.
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(b"PUT /up HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n12345")
+        .unwrap();
+    let (got, after) = read_until_closed(&mut s, Duration::from_secs(10));
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(
+        after >= Duration::from_millis(900),
+        "cut off after {after:?}"
+    );
+    assert!(
+        origin.stats.request_bytes() < 10,
+        "a stalled upload reached the origin whole"
+    );
+    // A slow but steady upload is served: each piece comes within the timeout.
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(
+        b"PUT /steady HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    for b in b"0123456789".chunks(2) {
+        std::thread::sleep(Duration::from_millis(400));
+        s.write_all(b).unwrap();
+    }
+    let (got, _) = read_until_closed(&mut s, Duration::from_secs(10));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+#[test]
+fn client_body_timeout_must_not_be_zero() {
+    assert_located(
+        "listen: [{addr: 127.0.0.1:1}]\nserver:\n  client_body_timeout: 0s # <-\norigins:\n  a: {url: \"http://127.0.0.1:9\"}\ngroups:\n  g: {main: a}\nroutes:\n  - {path: /, group: g}\n",
+        "server.client_body_timeout",
+        &["more than 0"],
+    );
+}

@@ -438,6 +438,13 @@ pub struct ServerSection {
     /// an idle keep-alive holds ~34 KiB. Whole seconds; 0 = no keep-alive.
     #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
+    /// The longest cascade waits for a client's next bytes of a request body (nginx's
+    /// `client_body_timeout`, 60 s). Over it: 408 and the connection is closed. Pingora's own
+    /// default waits forever, so a stalled upload would hold its connection, its upstream
+    /// connection and (in a bucket set) its reservation. (Pingora itself closes a connection
+    /// whose first request header stalls for 60 s; between requests, `keepalive_timeout`.)
+    #[serde(default = "default_client_body", deserialize_with = "de_duration")]
+    pub client_body_timeout: Duration,
 }
 
 /// `server.header_limits`: what a client's request header may hold. nginx allows 8 KiB per
@@ -490,6 +497,7 @@ impl Default for ServerSection {
             read_buffer: 0,
             header_limits: HeaderLimits::default(),
             keepalive_timeout: default_keepalive(),
+            client_body_timeout: default_client_body(),
         }
     }
 }
@@ -512,6 +520,10 @@ pub const MAX_PLUGIN_INSTANCES: u32 = 10_000;
 
 fn default_plugin_instances() -> u32 {
     DEFAULT_PLUGIN_INSTANCES
+}
+
+fn default_client_body() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_keepalive() -> Duration {

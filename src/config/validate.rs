@@ -393,6 +393,12 @@ pub(super) fn load(
             ),
         );
     }
+    if server.client_body_timeout.is_zero() {
+        cx.err(
+            "server.client_body_timeout",
+            "must be more than 0: a client would be waited for forever".to_string(),
+        );
+    }
     if server.keepalive_timeout.subsec_nanos() != 0 {
         cx.err(
             "server.keepalive_timeout",
