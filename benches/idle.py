@@ -181,7 +181,7 @@ def start_nginx(work, name, root, port):
             f"events {{ worker_connections {N + 256}; }}\n"
             f"worker_rlimit_nofile {N + 1024};\n"
             "http {\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n"
-            "  keepalive_timeout 300s;\n"
+            "  keepalive_timeout 300s;\n  send_timeout 300s;\n"
             f"  client_body_temp_path {work}/{name}-b; proxy_temp_path {work}/{name}-p; fastcgi_temp_path {work}/{name}-f;\n"
             f"  uwsgi_temp_path {work}/{name}-u; scgi_temp_path {work}/{name}-s;\n"
             f"  server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n"

@@ -1,13 +1,20 @@
-//! Client connections: the bound on how long cascade waits for a client's request body,
-//! which Pingora's proxy leaves open.
+//! Client connections: how long cascade waits for the next bytes of a client's request
+//! body, set on every HTTP/1 session before the proxy sees it.
 //!
 //! Pingora bounds the wait for a request header (60 s between reads on a new connection; on
 //! a keep-alive, the idle timeout that `boundary::keepalive` sets from
-//! `server.keepalive_timeout`), but reads a request body with no timeout: an upload that
-//! stalls would hold its client connection, its upstream connection and, in a bucket set,
-//! its reservation for as long as the client likes. [`ClientTimeouts`] wraps the proxy app
-//! and gives every HTTP/1 session a read timeout (`server.client_body_timeout`) before the
-//! proxy sees it: a body read that waits longer fails, and the client gets 408.
+//! `server.keepalive_timeout`) and reads a request body with a fixed 60 s timeout per read,
+//! which its proxy offers no setting for. An upload that stalls holds its client connection,
+//! its upstream connection and, in a bucket set, its reservation until then; an edge taking
+//! uploads from slow uplinks may want more, one that wants reservations back sooner less.
+//! [`ClientTimeouts`] wraps the proxy app (Pingora's public `http_proxy` + `HttpServerApp`)
+//! and gives every session `server.client_body_timeout` (nginx's setting of that name): a
+//! body read that waits longer fails and the client gets 408. HTTP/2 sessions ignore it
+//! (Pingora's h2 has its own flow control); cascade does not offer h2c.
+//!
+//! Responses are written with no timeout at all (Pingora's `write_timeout` is unset, and
+//! the one it offers applies to a whole `write_all` of a body chunk, up to an object's size
+//! from the cache, so it would cut off slow but steady clients): see benches/README.md.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,4 +61,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for ClientTimeouts<
     async fn http_cleanup(&self) {
         self.inner.http_cleanup().await
     }
+
+    // `process_custom_session` keeps Pingora's default: it serves only `force_custom` or a
+    // custom ALPN, which cascade never configures.
 }

@@ -143,7 +143,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         }
     }
 
-    // The proxy app, behind the client read timeout Pingora's proxy does not set (conn.rs).
+    // The proxy app, behind the client body read timeout Pingora's proxy fixes at 60 s (conn.rs).
     let app = pingora_proxy::http_proxy(
         &server.configuration,
         proxy::Cascade {

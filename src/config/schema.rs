@@ -439,10 +439,11 @@ pub struct ServerSection {
     #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
     /// The longest cascade waits for a client's next bytes of a request body (nginx's
-    /// `client_body_timeout`, 60 s). Over it: 408 and the connection is closed. Pingora's own
-    /// default waits forever, so a stalled upload would hold its connection, its upstream
-    /// connection and (in a bucket set) its reservation. (Pingora itself closes a connection
-    /// whose first request header stalls for 60 s; between requests, `keepalive_timeout`.)
+    /// `client_body_timeout`; Pingora's fixed default, 60 s, made a setting). Over it: 408
+    /// and the connection is closed; until then a stalled upload holds its connection, its
+    /// upstream connection and (in a bucket set) its reservation. (Pingora closes a
+    /// connection whose first request header stalls for 60 s; between requests:
+    /// `keepalive_timeout`.)
     #[serde(default = "default_client_body", deserialize_with = "de_duration")]
     pub client_body_timeout: Duration,
 }
