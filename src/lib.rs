@@ -152,7 +152,12 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     );
     let mut proxy = Service::new(
         "cascade proxy".to_string(),
-        conn::ClientTimeouts::new(app, cfg.server.client_body_timeout),
+        conn::ClientTimeouts::new(
+            app,
+            cfg.server.client_body_timeout,
+            cfg.server.keepalive_timeout,
+            cfg.server.release_idle,
+        ),
     );
     // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes
     // out in one send instead of two (Pingora flushes a sized body when it is complete).

@@ -1179,6 +1179,11 @@ fn one_response_then_closed(s: &mut std::net::TcpStream, wait: Duration) -> (Str
 
 /// An origin answering 200 "ok" behind cascade with `server.keepalive_timeout: timeout`.
 fn keepalive_fixture(timeout: &str) -> (HttpOrigin, Cascade) {
+    keepalive_fixture_with(timeout, "true")
+}
+
+/// The same, with `server.release_idle: release`.
+fn keepalive_fixture_with(timeout: &str, release: &str) -> (HttpOrigin, Cascade) {
     let origin = HttpOrigin::start();
     origin.set_default(Reply::new(200, "ok"));
     let yaml = format!(
@@ -1187,14 +1192,22 @@ fn keepalive_fixture(timeout: &str) -> (HttpOrigin, Cascade) {
     );
     let c = Cascade::builder(&yaml)
         .server("keepalive_timeout", timeout)
+        .server("release_idle", release)
         .start();
     (origin, c)
 }
 
 #[tokio::test]
 async fn idle_keepalives_are_closed_after_keepalive_timeout_whatever_the_client_asks() {
+    // cascade's own wait between requests (`release_idle`, the default) and Pingora's.
+    for release in ["true", "false"] {
+        idle_keepalives_closed(release);
+    }
+}
+
+fn idle_keepalives_closed(release: &str) {
     use std::io::Write;
-    let (origin, c) = keepalive_fixture("1s");
+    let (origin, c) = keepalive_fixture_with("1s", release);
     for (what, req) in [
         ("an HTTP/1.1 client", "GET /a HTTP/1.1\r\nHost: h\r\n\r\n"),
         // Pingora alone would keep this one for an hour.
@@ -1207,9 +1220,14 @@ async fn idle_keepalives_are_closed_after_keepalive_timeout_whatever_the_client_
         s.write_all(req.as_bytes()).unwrap();
         // Still open well within the timeout: a second request on it is served.
         let (head, closed) = one_response_then_closed(&mut s, Duration::from_millis(300));
+        let what = format!("{what}, release_idle {release}");
         assert!(head.starts_with("HTTP/1.1 200"), "{what}: {head}");
         assert!(!closed, "{what}: closed before keepalive_timeout");
-        s.write_all(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        // The next request arrives in two pieces after a pause: the byte cascade waited
+        // for and the rest (nothing of it may be lost or waited for twice).
+        s.write_all(b"G").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(b"ET /b HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
         // Then idle: closed after ~1 s (bounded wait: 10 s).
         let t0 = std::time::Instant::now();
         let (head, closed) = one_response_then_closed(&mut s, Duration::from_secs(10));

@@ -446,6 +446,11 @@ pub struct ServerSection {
     /// `keepalive_timeout`.)
     #[serde(default = "default_client_body", deserialize_with = "de_duration")]
     pub client_body_timeout: Duration,
+    /// Between two requests of a keep-alive, free the request's state and wait for the next
+    /// request holding only the connection (`conn.rs`): ~18 KiB per idle keep-alive instead
+    /// of ~36, for one more read system call per keep-alive request. Off: Pingora's own wait.
+    #[serde(default = "default_true")]
+    pub release_idle: bool,
 }
 
 /// `server.header_limits`: what a client's request header may hold. nginx allows 8 KiB per
@@ -499,6 +504,7 @@ impl Default for ServerSection {
             header_limits: HeaderLimits::default(),
             keepalive_timeout: default_keepalive(),
             client_body_timeout: default_client_body(),
+            release_idle: true,
         }
     }
 }
