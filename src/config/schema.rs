@@ -435,7 +435,7 @@ pub struct ServerSection {
     /// How long a client connection may sit idle between two requests before cascade closes
     /// it (nginx's `keepalive_timeout`, default 75 s). Pingora's own default keeps an idle
     /// HTTP/1.1 connection forever, or as long as the client's `Keep-Alive: timeout=` asks;
-    /// an idle keep-alive holds ~34 KiB. Whole seconds; 0 = no keep-alive.
+    /// an idle keep-alive holds ~18 KiB (`release_idle`). Whole seconds; 0 = no keep-alive.
     #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
     /// The longest cascade waits for a client's next bytes of a request body (nginx's
