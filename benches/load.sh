@@ -579,6 +579,11 @@ run_wrk() { # PROXY SCENARIO DURATION OUTFILE
   WRK_PID=""
 }
 
+# working_pids PROXY: the processes doing a proxy's work, one per line (nginx: its workers).
+working_pids() {
+  if [ "$1" = nginx ]; then pgrep -P "${PID_OF[$1]}"; else echo "${PID_OF[$1]}"; fi
+}
+
 # count_syscalls PROXY SCENARIO: a separate 3 s wrk run with every thread of the proxy (and of
 # nginx's workers) under `strace -c -f`; SYS[scenario,proxy] = calls per request and the
 # five most frequent calls. strace slows the proxy down: the counts are per request, never timed.
@@ -586,8 +591,7 @@ declare -A SYS
 count_syscalls() {
   local proxy=$1 sc=$2 out="$WORK/strace-$2-$1.txt" wout="$WORK/wrk-strace-$2-$1.txt" pids=() args=() spid reqs i
   command -v strace >/dev/null 2>&1 || die "STRACE=1 needs strace"
-  pids=("${PID_OF[$proxy]}")
-  if [ "$proxy" = nginx ]; then mapfile -t pids < <(pgrep -P "${PID_OF[$proxy]}"); fi
+  mapfile -t pids < <(working_pids "$proxy")
   for i in "${pids[@]}"; do args+=(-p "$i"); done
   strace -c -f -o "$out" "${args[@]}" 2>/dev/null &
   spid=$!
@@ -615,8 +619,7 @@ count_syscalls() {
 profile() {
   local proxy=$1 sc=$2 data="$WORK/perf-$2-$1.data" pids
   command -v perf >/dev/null 2>&1 || die "PERF=1 needs perf (linux-perf)"
-  pids=${PID_OF[$proxy]}
-  if [ "$proxy" = nginx ]; then pids=$(pgrep -P "${PID_OF[$proxy]}" | paste -sd,); fi
+  pids=$(working_pids "$proxy" | paste -sd,)
   perf record -q -g -F 2000 -o "$data" -p "$pids" -- sleep 4 >/dev/null 2>&1 &
   local ppid=$!
   sleep 0.5

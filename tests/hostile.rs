@@ -962,15 +962,25 @@ async fn signed_url_parameters_reach_no_origin_and_share_one_entry() {
     assert_eq!(s3.stats.last().unwrap().uri, "/data/a.jpg");
 }
 
-#[tokio::test]
-async fn oversized_request_headers_get_431() {
+/// An origin answering 200 "ok" to everything, as the one route of a cascade with these
+/// `server:` settings.
+fn ok_behind_cascade(server: &[(&str, &str)]) -> (HttpOrigin, Cascade) {
     let origin = HttpOrigin::start();
     origin.set_default(Reply::new(200, "ok"));
     let yaml = format!(
         "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
         origin.url("")
     );
-    let c = Cascade::start(&yaml);
+    let c = server
+        .iter()
+        .fold(Cascade::builder(&yaml), |b, (k, v)| b.server(k, v))
+        .start();
+    (origin, c)
+}
+
+#[tokio::test]
+async fn oversized_request_headers_get_431() {
+    let (origin, c) = ok_behind_cascade(&[]);
     let big = "a".repeat(200 * 1024);
     let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
     let long_target = format!("/{}", "p".repeat(20 * 1024));
@@ -1177,26 +1187,6 @@ fn one_response_then_closed(s: &mut std::net::TcpStream, wait: Duration) -> (Str
     (head, closed)
 }
 
-/// An origin answering 200 "ok" behind cascade with `server.keepalive_timeout: timeout`.
-fn keepalive_fixture(timeout: &str) -> (HttpOrigin, Cascade) {
-    keepalive_fixture_with(timeout, "true")
-}
-
-/// The same, with `server.release_idle: release`.
-fn keepalive_fixture_with(timeout: &str, release: &str) -> (HttpOrigin, Cascade) {
-    let origin = HttpOrigin::start();
-    origin.set_default(Reply::new(200, "ok"));
-    let yaml = format!(
-        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
-        origin.url("")
-    );
-    let c = Cascade::builder(&yaml)
-        .server("keepalive_timeout", timeout)
-        .server("release_idle", release)
-        .start();
-    (origin, c)
-}
-
 #[tokio::test]
 async fn idle_keepalives_are_closed_after_keepalive_timeout_whatever_the_client_asks() {
     // cascade's own wait between requests (`release_idle`, the default) and Pingora's.
@@ -1207,7 +1197,7 @@ async fn idle_keepalives_are_closed_after_keepalive_timeout_whatever_the_client_
 
 fn idle_keepalives_closed(release: &str) {
     use std::io::Write;
-    let (origin, c) = keepalive_fixture_with("1s", release);
+    let (origin, c) = ok_behind_cascade(&[("keepalive_timeout", "1s"), ("release_idle", release)]);
     for (what, req) in [
         ("an HTTP/1.1 client", "GET /a HTTP/1.1\r\nHost: h\r\n\r\n"),
         // Pingora alone would keep this one for an hour.
@@ -1253,7 +1243,7 @@ fn idle_keepalives_closed(release: &str) {
 #[tokio::test]
 async fn keepalive_timeout_zero_closes_every_connection_after_its_response() {
     use std::io::Write;
-    let (_origin, c) = keepalive_fixture("0");
+    let (_origin, c) = ok_behind_cascade(&[("keepalive_timeout", "0")]);
     let mut s = std::net::TcpStream::connect(c.addr).unwrap();
     s.write_all(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
     let (head, closed) = one_response_then_closed(&mut s, Duration::from_secs(5));
@@ -1295,15 +1285,7 @@ fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> (String, D
 #[tokio::test]
 async fn an_upload_that_stalls_gets_408_after_client_body_timeout() {
     use std::io::Write;
-    let origin = HttpOrigin::start();
-    origin.set_default(Reply::new(200, "ok"));
-    let yaml = format!(
-        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
-        origin.url("")
-    );
-    let c = Cascade::builder(&yaml)
-        .server("client_body_timeout", "2s")
-        .start();
+    let (origin, c) = ok_behind_cascade(&[("client_body_timeout", "2s")]);
     // Half the body, then silence: 408 after ~2 s (Pingora's fixed default: 60 s, past this
     // test's 10 s bound), and the origin never gets a whole body.
     let mut s = std::net::TcpStream::connect(c.addr).unwrap();
