@@ -1241,6 +1241,64 @@ fn idle_keepalives_closed(release: &str) {
 }
 
 #[tokio::test]
+async fn keepalive_requests_after_the_idle_wait_arrive_whole() {
+    // `release_idle` reads the next request's first bytes itself and hands them to Pingora
+    // as the start of its header: nothing of them may be lost, repeated or taken for more.
+    for release in ["true", "false"] {
+        keepalive_requests_whole(release);
+    }
+}
+
+fn keepalive_requests_whole(release: &str) {
+    use std::io::Write;
+    let (origin, c) = ok_behind_cascade(&[("release_idle", release)]);
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    let mut expect_bytes = 0;
+    let mut served = |s: &mut std::net::TcpStream, what: &str, uri: &str, body: usize| {
+        let (head, closed) = one_response_then_closed(s, Duration::from_millis(50));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "{what}, release_idle {release}: {head}"
+        );
+        assert!(!closed, "{what}, release_idle {release}: closed");
+        expect_bytes += body as u64;
+        assert_eq!(origin.stats.last().unwrap().uri, uri, "{what}");
+        assert_eq!(
+            origin.stats.request_bytes(),
+            expect_bytes,
+            "{what}, release_idle {release}: the origin got another body"
+        );
+    };
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+    served(&mut s, "first request", "/a", 0);
+    // Header and a body larger than one first read, in one write.
+    let body = "b".repeat(5000);
+    s.write_all(
+        format!("PUT /up HTTP/1.1\r\nHost: h\r\nContent-Length: 5000\r\n\r\n{body}").as_bytes(),
+    )
+    .unwrap();
+    served(&mut s, "header and body in one write", "/up", 5000);
+    // A header longer than one first read: its end comes from the stream.
+    let long = "l".repeat(6000);
+    s.write_all(
+        format!("GET /long HTTP/1.1\r\nHost: h\r\nx-long: {long}\r\nx-after: tail\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    served(&mut s, "a 6 KB header", "/long", 0);
+    let seen = origin.stats.last().unwrap();
+    assert_eq!(seen.header("x-long").len(), 6000);
+    assert_eq!(seen.header("x-after"), "tail");
+    // Header with half the body, then the rest after a pause.
+    s.write_all(b"PUT /half HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n12345")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b"67890").unwrap();
+    served(&mut s, "a body finished after a pause", "/half", 10);
+    assert_eq!(origin.stats.total(), 4);
+}
+
+#[tokio::test]
 async fn keepalive_timeout_zero_closes_every_connection_after_its_response() {
     use std::io::Write;
     let (_origin, c) = ok_behind_cascade(&[("keepalive_timeout", "0")]);
