@@ -1,24 +1,30 @@
-//! Client connections: how long cascade waits for the next bytes of a client's request
-//! body, set on every HTTP/1 session before the proxy sees it.
+//! Client connections: the HTTP/1 connection loop, and how long cascade waits for a
+//! client's bytes at each point of it.
 //!
-//! Pingora bounds the wait for a request header (60 s between reads on a new connection; on
-//! a keep-alive, the idle timeout that `boundary::keepalive` sets from
-//! `server.keepalive_timeout`) and reads a request body with a fixed 60 s timeout per read,
-//! which its proxy offers no setting for. An upload that stalls holds its client connection,
-//! its upstream connection and, in a bucket set, its reservation until then; an edge taking
-//! uploads from slow uplinks may want more, one that wants reservations back sooner less.
-//! [`ClientTimeouts`] wraps the proxy app (Pingora's public `http_proxy` + `HttpServerApp`)
-//! and gives every session `server.client_body_timeout` (nginx's setting of that name): a
-//! body read that waits longer fails and the client gets 408. HTTP/2 sessions ignore it
-//! (Pingora's h2 has its own flow control); cascade does not offer h2c.
+//! Pingora's own loop (the `ServerApp` it implements for every `HttpServerApp`) builds a
+//! session per request and reads its header, with waits it fixes: 60 s per read of a new
+//! connection's first header, 60 s per read of a request body; between requests, the idle
+//! timeout (`boundary::keepalive` sets it from `server.keepalive_timeout`). While a
+//! keep-alive is idle it holds the next session (its header buffer is allocated before any
+//! byte arrives) and, for the connection's whole life, the loop's own future, sized for its
+//! HTTP/2 branch (8.6 KiB, benches/README.md).
 //!
-//! Between two requests of a keep-alive the wrapper also holds the connection itself
-//! (`server.release_idle`, on by default): it waits for the next request's first byte (up to
-//! `server.keepalive_timeout`, or until shutdown) before Pingora builds the next session, so
-//! an idle connection holds neither that session nor the proxy's request state: 18.4 KiB per
-//! idle keep-alive instead of 35.7 (benches/README.md). What that wait reads is handed to
-//! the next session as the start of its header, so it costs no extra system call: Pingora
-//! parses it before reading the stream again.
+//! [`ClientTimeouts`] is cascade's loop for HTTP/1 connections (Pingora's public
+//! `ServerApp`, `ServerSession` and `HttpPersistentSettings`; the proxy itself is
+//! Pingora's `http_proxy`, called once per request):
+//! - `server.client_header_timeout` (nginx's name; Pingora's fixed 60 s made a setting):
+//!   the wait for a new connection's first bytes, and for each later read of its header.
+//! - `server.client_body_timeout` (nginx's name; Pingora's fixed 60 s made a setting):
+//!   each read of a request body; over it the client gets 408.
+//! - `server.release_idle` (on by default): before each request the loop waits for its
+//!   first bytes itself (up to the header timeout on a new connection, `keepalive_timeout`
+//!   on a keep-alive, or until shutdown), holding only the connection and a future of a few
+//!   hundred bytes; only then is the session built. What that wait reads is handed to the
+//!   session as the start of its header, which Pingora parses before it reads the stream
+//!   again: no extra system call. Off: the session is built at once, as Pingora does.
+//!
+//! Connections that are not HTTP/1 (h2c, ALPN h2, custom protocols; cascade's listeners
+//! offer none of them today) go to Pingora's own loop, with the body timeout.
 //!
 //! Responses are written with no timeout at all (Pingora's `write_timeout` is unset, and
 //! the one it offers applies to a whole `write_all` of a body chunk, up to an object's size
@@ -32,67 +38,44 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
-use pingora_core::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
+use pingora_core::apps::{
+    HttpPersistentSettings, HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp,
+};
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::Stream;
+use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// A Pingora HTTP app (the proxy) whose client sessions get a read timeout.
-pub struct ClientTimeouts<A> {
-    inner: Arc<A>,
-    read: Duration,
+/// Client-side waits of the connection loop (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Waits {
+    /// `server.client_header_timeout`: a new connection's first bytes, and each read of a
+    /// header (whole seconds, at least 1: Pingora's keep-alive timer is in seconds).
+    pub header: Duration,
+    /// `server.client_body_timeout`: each read of a request body.
+    pub body: Duration,
     /// `server.keepalive_timeout`: the longest wait for a keep-alive's next request.
-    idle: Duration,
-    /// `server.release_idle`: wait for a keep-alive's next request here, holding no session.
-    release_idle: bool,
+    pub idle: Duration,
+    /// `server.release_idle`: wait for each request's first bytes before building its
+    /// session.
+    pub release_idle: bool,
 }
 
-impl<A> ClientTimeouts<A> {
-    pub fn new(inner: A, read: Duration, idle: Duration, release_idle: bool) -> Self {
-        ClientTimeouts {
-            inner: Arc::new(inner),
-            read,
-            idle,
-            release_idle,
-        }
-    }
+/// The proxy app as Pingora's loop sees it: every session gets the body read timeout.
+struct BodyTimeout<A> {
+    inner: Arc<A>,
+    read: Duration,
 }
 
 #[async_trait]
-impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for ClientTimeouts<A> {
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for BodyTimeout<A> {
     async fn process_new_http(
         self: &Arc<Self>,
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         session.set_read_timeout(Some(self.read));
-        let reused = self.inner.process_new_http(session, shutdown).await?;
-        if !self.release_idle {
-            return Some(reused);
-        }
-        // Keep-alive: wait for the next request here, holding only the connection. A client
-        // that asked for a shorter idle time than ours is waited for up to ours; its
-        // session's own header read then applies its value to what follows.
-        let (mut stream, settings) = reused.consume();
-        let Some(mut settings) = settings else {
-            // Pingora's proxy always returns its settings; without them there is nowhere to
-            // put what is read, so its own wait takes over.
-            return Some(ReusedHttpStream::new(stream, None));
-        };
-        let mut shutdown = shutdown.clone();
-        if *shutdown.borrow() {
-            return None;
-        }
-        let next_request = tokio::select! {
-            r = tokio::time::timeout(self.idle, first_bytes(&mut stream)) => r.ok().flatten(),
-            _ = shutdown.changed() => None,
-        };
-        // What arrived goes to the next session as its first header read, which Pingora
-        // parses before it reads the stream again (its pipelining entry point; cascade
-        // never enables pipelining, so no earlier prefix is there to overwrite).
-        settings.set_pipelined_prefix(next_request?);
-        Some(ReusedHttpStream::new(stream, Some(settings)))
+        self.inner.process_new_http(session, shutdown).await
     }
 
     fn h2_options(&self) -> Option<pingora_core::protocols::http::v2::server::H2Options> {
@@ -111,10 +94,115 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for ClientTimeouts<
     // custom ALPN, which cascade never configures.
 }
 
+/// A Pingora app (the proxy) behind cascade's HTTP/1 connection loop.
+pub struct ClientTimeouts<A> {
+    app: Arc<BodyTimeout<A>>,
+    waits: Waits,
+}
+
+impl<A> ClientTimeouts<A> {
+    pub fn new(inner: A, waits: Waits) -> Self {
+        ClientTimeouts {
+            app: Arc::new(BodyTimeout {
+                inner: Arc::new(inner),
+                read: waits.body,
+            }),
+            waits,
+        }
+    }
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientTimeouts<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let opts = self.app.server_options();
+        let not_h1 = opts.is_some_and(|o| o.h2c || o.force_custom)
+            || stream
+                .selected_alpn_proto()
+                .is_some_and(|p| !matches!(p, ALPN::H1));
+        if not_h1 {
+            // Pingora's loop (its future is boxed by `async_trait`: this one stays small).
+            return self.app.process_new(stream, shutdown).await;
+        }
+        self.serve_h1(stream, shutdown).await;
+        // Pingora's accept task closes the connection: it is never handed back.
+        None
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await
+    }
+}
+
+impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
+    /// One HTTP/1 connection, request after request, until it is not reusable, its client
+    /// goes quiet or the server shuts down. Between requests it holds only the stream and
+    /// the previous session's settings.
+    async fn serve_h1(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<()> {
+        let w = self.waits;
+        let mut watch = shutdown.clone();
+        // `None` before the first request; then what the previous session left.
+        let mut previous: Option<Option<HttpPersistentSettings>> = None;
+        loop {
+            let first = if w.release_idle {
+                let reused = previous.is_some();
+                if reused && *watch.borrow() {
+                    return None;
+                }
+                let wait = if reused { w.idle } else { w.header };
+                let read = tokio::select! {
+                    r = tokio::time::timeout(wait, first_bytes(&mut stream)) => r.ok().flatten(),
+                    _ = watch.changed() => None,
+                };
+                Some(read?)
+            } else {
+                None
+            };
+            let mut session = ServerSession::new_http1(stream);
+            match previous.take() {
+                None => {
+                    // A new connection: Pingora's per-read header timeout is its keep-alive
+                    // timer, whole seconds (lowered by `boundary::keepalive` once the
+                    // header is in); none once shutting down, so it is not reused.
+                    let secs = (!*shutdown.borrow()).then_some(w.header.as_secs().max(1));
+                    session.set_keepalive(secs);
+                    session.set_keepalive_reuses_remaining(
+                        self.app
+                            .server_options()
+                            .and_then(|o| o.keepalive_request_limit),
+                    );
+                }
+                Some(Some(settings)) => settings.apply_to_session(&mut session),
+                Some(None) => {}
+            }
+            if let Some(first) = first {
+                // Parsed before the stream is read again (Pingora's pipelining entry point;
+                // cascade never enables pipelining, so no other prefix is there).
+                session.set_pipelined_prefix(first);
+            }
+            let (next, settings) = self
+                .app
+                .process_new_http(session, shutdown)
+                .await?
+                .consume();
+            stream = next;
+            previous = Some(settings);
+        }
+    }
+}
+
 /// Pingora's first read of a request header: the size of the header buffer it allocates.
 const FIRST_READ: usize = 4096;
 
-/// Waits for a keep-alive's next request and returns what has arrived (up to [`FIRST_READ`]
+/// Waits for a request's first bytes and returns what has arrived (up to [`FIRST_READ`]
 /// bytes, as Pingora's own first header read would), or `None` when the client closes or
 /// the connection fails. The read buffer is on the stack for the length of one poll and
 /// only what arrived is copied to the heap, so the wait itself holds no buffer, and reading

@@ -143,7 +143,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         }
     }
 
-    // The proxy app, behind the client body read timeout Pingora's proxy fixes at 60 s (conn.rs).
+    // The proxy app, behind cascade's HTTP/1 connection loop and its client timeouts (conn.rs).
     let app = pingora_proxy::http_proxy(
         &server.configuration,
         proxy::Cascade {
@@ -154,9 +154,12 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         "cascade proxy".to_string(),
         conn::ClientTimeouts::new(
             app,
-            cfg.server.client_body_timeout,
-            cfg.server.keepalive_timeout,
-            cfg.server.release_idle,
+            conn::Waits {
+                header: cfg.server.client_header_timeout,
+                body: cfg.server.client_body_timeout,
+                idle: cfg.server.keepalive_timeout,
+                release_idle: cfg.server.release_idle,
+            },
         ),
     );
     // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes

@@ -1313,6 +1313,52 @@ async fn keepalive_timeout_zero_closes_every_connection_after_its_response() {
     assert!(closed);
 }
 
+#[tokio::test]
+async fn a_silent_or_stalled_new_connection_is_closed_after_client_header_timeout() {
+    use std::io::Write;
+    // Pingora alone waits 60 s per read (past this test's 10 s bound).
+    for release in ["true", "false"] {
+        let (origin, c) =
+            ok_behind_cascade(&[("client_header_timeout", "1s"), ("release_idle", release)]);
+        for (what, sent) in [
+            ("a connection that sends nothing", ""),
+            ("half a header", "GET /a HTTP/1.1\r\nHost: h\r\n"),
+        ] {
+            let what = format!("{what}, release_idle {release}");
+            let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+            s.write_all(sent.as_bytes()).unwrap();
+            let (got, after) = read_until_closed(&mut s, Duration::from_secs(10));
+            assert!(
+                after >= Duration::from_millis(900),
+                "{what}: closed after {after:?}, before the 1 s timeout"
+            );
+            assert!(!got.contains(" 200 "), "{what}: {got}");
+        }
+        // A client that takes a while (under the timeout) to send its request is served.
+        let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        s.write_all(b"GET /late HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        let (head, _) = one_response_then_closed(&mut s, Duration::from_millis(50));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "release_idle {release}: {head}"
+        );
+        assert_eq!(origin.stats.total(), 1, "release_idle {release}");
+    }
+}
+
+#[test]
+fn client_header_timeout_must_be_whole_seconds_and_more_than_0() {
+    for value in ["1500ms", "0"] {
+        assert_located(
+            &format!("listen: [{{addr: 127.0.0.1:1}}]\nserver:\n  client_header_timeout: {value} # <-\norigins:\n  a: {{url: \"http://127.0.0.1:9\"}}\ngroups:\n  g: {{main: a}}\nroutes:\n  - {{path: /, group: g}}\n"),
+            "server.client_header_timeout",
+            &["whole seconds", "at least 1"],
+        );
+    }
+}
+
 #[test]
 fn keepalive_timeout_must_be_whole_seconds() {
     assert_located(

@@ -435,21 +435,25 @@ pub struct ServerSection {
     /// How long a client connection may sit idle between two requests before cascade closes
     /// it (nginx's `keepalive_timeout`, default 75 s). Pingora's own default keeps an idle
     /// HTTP/1.1 connection forever, or as long as the client's `Keep-Alive: timeout=` asks;
-    /// an idle keep-alive holds ~18 KiB (`release_idle`). Whole seconds; 0 = no keep-alive.
+    /// an idle keep-alive holds ~14 KiB (`release_idle`). Whole seconds; 0 = no keep-alive.
     #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
     /// The longest cascade waits for a client's next bytes of a request body (nginx's
     /// `client_body_timeout`; Pingora's fixed default, 60 s, made a setting). Over it: 408
     /// and the connection is closed; until then a stalled upload holds its connection, its
-    /// upstream connection and (in a bucket set) its reservation. (Pingora closes a
-    /// connection whose first request header stalls for 60 s; between requests:
-    /// `keepalive_timeout`.)
+    /// upstream connection and (in a bucket set) its reservation.
     #[serde(default = "default_client_body", deserialize_with = "de_duration")]
     pub client_body_timeout: Duration,
-    /// Between two requests of a keep-alive, free the request's state and wait for the next
-    /// request holding only the connection (`conn.rs`): ~18 KiB per idle keep-alive instead
-    /// of ~36; what that wait reads starts the next request's header, so it costs no extra
-    /// system call. Off: Pingora's own wait.
+    /// The longest cascade waits for a new connection's first bytes, and for each later
+    /// read of a request header (nginx's `client_header_timeout`, default 60 s; Pingora's
+    /// fixed 60 s made a setting). Over it the connection is closed. Whole seconds, at least
+    /// 1. (Between two requests of a keep-alive: `keepalive_timeout`.)
+    #[serde(default = "default_client_header", deserialize_with = "de_duration")]
+    pub client_header_timeout: Duration,
+    /// Until a request's first bytes arrive (on a new connection and between two requests
+    /// of a keep-alive), hold only the connection, no session (`conn.rs`): ~14 KiB per idle
+    /// keep-alive instead of ~36; what that wait reads starts the request's header, so it
+    /// costs no extra system call. Off: the session is built at once, as Pingora does.
     #[serde(default = "default_true")]
     pub release_idle: bool,
 }
@@ -505,6 +509,7 @@ impl Default for ServerSection {
             header_limits: HeaderLimits::default(),
             keepalive_timeout: default_keepalive(),
             client_body_timeout: default_client_body(),
+            client_header_timeout: default_client_header(),
             release_idle: true,
         }
     }
@@ -528,6 +533,10 @@ pub const MAX_PLUGIN_INSTANCES: u32 = 10_000;
 
 fn default_plugin_instances() -> u32 {
     DEFAULT_PLUGIN_INSTANCES
+}
+
+fn default_client_header() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_client_body() -> Duration {

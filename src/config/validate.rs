@@ -399,6 +399,15 @@ pub(super) fn load(
             "must be more than 0: a client would be waited for forever".to_string(),
         );
     }
+    if server.client_header_timeout.subsec_nanos() != 0 || server.client_header_timeout.is_zero() {
+        cx.err(
+            "server.client_header_timeout",
+            format!(
+                "{:?}: must be whole seconds (the header timer's resolution), at least 1",
+                server.client_header_timeout
+            ),
+        );
+    }
     if server.keepalive_timeout.subsec_nanos() != 0 {
         cx.err(
             "server.keepalive_timeout",
