@@ -23,6 +23,10 @@
 //!   session as the start of its header, which Pingora parses before it reads the stream
 //!   again: no extra system call. Off: the session is built at once, as Pingora does.
 //!
+//! - `server.write_buffer`: each connection's stream is wrapped in a [`SendBuf`], a write
+//!   buffer held only while a response is written (the listener gets none from Pingora,
+//!   whose buffer would be held for the connection's life).
+//!
 //! Connections that are not HTTP/1 (h2c, ALPN h2, custom protocols; cascade's listeners
 //! offer none of them today) go to Pingora's own loop, with the body timeout.
 //!
@@ -46,9 +50,11 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// Client-side waits of the connection loop (see the module doc).
+use crate::sendbuf::SendBuf;
+
+/// What the connection loop gives each client connection (see the module doc).
 #[derive(Debug, Clone, Copy)]
-pub struct Waits {
+pub struct ClientSettings {
     /// `server.client_header_timeout`: a new connection's first bytes, and each read of a
     /// header (whole seconds, at least 1: Pingora's keep-alive timer is in seconds).
     pub header: Duration,
@@ -59,6 +65,9 @@ pub struct Waits {
     /// `server.release_idle`: wait for each request's first bytes before building its
     /// session.
     pub release_idle: bool,
+    /// `server.write_buffer`: the most bytes of a response gathered before a send, in a
+    /// buffer held only while a response is written (`sendbuf`); 0: none.
+    pub write_buffer: usize,
 }
 
 /// The proxy app as Pingora's loop sees it: every session gets the body read timeout.
@@ -97,17 +106,17 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for BodyTimeout<A> 
 /// A Pingora app (the proxy) behind cascade's HTTP/1 connection loop.
 pub struct ClientTimeouts<A> {
     app: Arc<BodyTimeout<A>>,
-    waits: Waits,
+    settings: ClientSettings,
 }
 
 impl<A> ClientTimeouts<A> {
-    pub fn new(inner: A, waits: Waits) -> Self {
+    pub fn new(inner: A, settings: ClientSettings) -> Self {
         ClientTimeouts {
             app: Arc::new(BodyTimeout {
                 inner: Arc::new(inner),
-                read: waits.body,
+                read: settings.body,
             }),
-            waits,
+            settings,
         }
     }
 }
@@ -116,9 +125,12 @@ impl<A> ClientTimeouts<A> {
 impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientTimeouts<A> {
     async fn process_new(
         self: &Arc<Self>,
-        stream: Stream,
+        mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        if self.settings.write_buffer > 0 {
+            stream = Box::new(SendBuf::new(stream, self.settings.write_buffer));
+        }
         let opts = self.app.server_options();
         let not_h1 = opts.is_some_and(|o| o.h2c || o.force_custom)
             || stream
@@ -147,7 +159,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<()> {
-        let w = self.waits;
+        let w = self.settings;
         let mut watch = shutdown.clone();
         // `None` before the first request; then what the previous session left.
         let mut previous: Option<Option<HttpPersistentSettings>> = None;
@@ -202,7 +214,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
 /// Pingora's first read of a request header: the size of the header buffer it allocates.
 const FIRST_READ: usize = 4096;
 
-/// Waits for a request's first bytes and returns what has arrived (up to [`FIRST_READ`]
+/// ClientSettings for a request's first bytes and returns what has arrived (up to [`FIRST_READ`]
 /// bytes, as Pingora's own first header read would), or `None` when the client closes or
 /// the connection fails. The read buffer is on the stack for the length of one poll and
 /// only what arrived is copied to the heap, so the wait itself holds no buffer, and reading

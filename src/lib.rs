@@ -24,6 +24,7 @@ pub mod owned;
 pub mod plugin;
 pub mod proxy;
 pub mod route;
+pub mod sendbuf;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -154,22 +155,20 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         "cascade proxy".to_string(),
         conn::ClientTimeouts::new(
             app,
-            conn::Waits {
+            conn::ClientSettings {
                 header: cfg.server.client_header_timeout,
                 body: cfg.server.client_body_timeout,
                 idle: cfg.server.keepalive_timeout,
                 release_idle: cfg.server.release_idle,
+                write_buffer: cfg.server.write_buffer as usize,
             },
         ),
     );
-    // A larger write buffer than Pingora's 1460 bytes: a small response (header + body) goes
-    // out in one send instead of two (Pingora flushes a sized body when it is complete).
-    // No read buffer by default: Pingora's 64 KiB one is held by every connection for its
-    // whole life, idle keep-alives included (`server.read_buffer`).
-    let buffers = L4BufferSettings::new(
-        cfg.server.read_buffer as usize,
-        cfg.server.write_buffer as usize,
-    );
+    // No write buffer from Pingora: it would be held by every connection for its whole life,
+    // idle keep-alives included; the connection loop gives each one `server.write_buffer`
+    // held only while a response is written (sendbuf.rs). No read buffer by default either:
+    // Pingora's 64 KiB one is held for the connection's life too (`server.read_buffer`).
+    let buffers = L4BufferSettings::new(cfg.server.read_buffer as usize, 0);
     for addr in &cfg.listen {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(buffers));
     }

@@ -416,10 +416,12 @@ pub struct ServerSection {
     #[serde(default = "default_plugin_instances")]
     pub plugin_instances: u32,
     /// Write buffer of each client connection: a response whose header and body fit goes
-    /// out in one send (Pingora's default, 1460 bytes, sends a 4 KiB hit in two). Larger
-    /// writes bypass it; a body of known length that trickles in is held until this many
-    /// bytes or its end (chunked bodies are flushed per chunk). Memory: up to this much per
-    /// connection. 0 turns buffering off.
+    /// out in one send (Pingora's default, 1460 bytes, sends a 4 KiB hit in two); a write
+    /// that does not fit goes out with what is gathered in one vectored send, and a large
+    /// one with nothing gathered bypasses it. A body of known length that trickles in is
+    /// held until this many bytes or its end (chunked bodies are flushed per chunk).
+    /// Memory: up to this much per connection while a response is written, none while idle
+    /// (`sendbuf.rs`). 0 turns buffering off.
     #[serde(default = "default_write_buffer", deserialize_with = "de_size")]
     pub write_buffer: u64,
     /// Read buffer of each client connection, held for the connection's whole life, idle
@@ -435,7 +437,7 @@ pub struct ServerSection {
     /// How long a client connection may sit idle between two requests before cascade closes
     /// it (nginx's `keepalive_timeout`, default 75 s). Pingora's own default keeps an idle
     /// HTTP/1.1 connection forever, or as long as the client's `Keep-Alive: timeout=` asks;
-    /// an idle keep-alive holds ~14 KiB (`release_idle`). Whole seconds; 0 = no keep-alive.
+    /// an idle keep-alive holds ~6 KiB (`release_idle`). Whole seconds; 0 = no keep-alive.
     #[serde(default = "default_keepalive", deserialize_with = "de_duration")]
     pub keepalive_timeout: Duration,
     /// The longest cascade waits for a client's next bytes of a request body (nginx's
@@ -451,8 +453,8 @@ pub struct ServerSection {
     #[serde(default = "default_client_header", deserialize_with = "de_duration")]
     pub client_header_timeout: Duration,
     /// Until a request's first bytes arrive (on a new connection and between two requests
-    /// of a keep-alive), hold only the connection, no session (`conn.rs`): ~14 KiB per idle
-    /// keep-alive instead of ~36; what that wait reads starts the request's header, so it
+    /// of a keep-alive), hold only the connection, no session (`conn.rs`): ~6 KiB per idle
+    /// keep-alive instead of ~24; what that wait reads starts the request's header, so it
     /// costs no extra system call. Off: the session is built at once, as Pingora does.
     #[serde(default = "default_true")]
     pub release_idle: bool,

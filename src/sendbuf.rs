@@ -1,0 +1,404 @@
+//! A client connection's write buffer, held only while a response is being written.
+//!
+//! Pingora gives every accepted connection a `BufWriter` of the listener's write-buffer size
+//! and keeps it for the connection's whole life, so every idle keep-alive holds it (8 KiB of
+//! cascade's ~14 KiB, benches/README.md); the buffer's size can only be set at accept
+//! (`L4BufferSettings`). cascade's listeners now get none, and the connection loop
+//! (`conn.rs`) wraps each client stream in a [`SendBuf`] of `server.write_buffer` bytes:
+//!
+//! - the buffer is allocated on a response's first small write and freed when the response
+//!   is flushed, so an idle connection holds none;
+//! - writes that fit are gathered, so a small response's header and body still go out in
+//!   one send;
+//! - a write that does not fit goes out together with what is gathered in one vectored
+//!   write (`writev`): a 64 KiB hit's header and body in one call, where a `BufWriter`
+//!   sends the header alone first;
+//! - a write at least as large as the buffer, with nothing gathered, goes straight to the
+//!   socket, uncopied.
+//!
+//! Everything else a Pingora stream answers (its id, digests, TLS, peeking) is the wrapped
+//! stream's.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::tls::{SslDigest, TlsRef};
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// A stream whose writes are gathered in a buffer that exists only between a response's
+/// first write and its flush.
+#[derive(Debug)]
+pub struct SendBuf<S: AsyncWrite + Unpin = Stream> {
+    inner: S,
+    /// Gathered bytes; no allocation while empty after a flush.
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl<S: AsyncWrite + Unpin> SendBuf<S> {
+    /// `cap`: the most bytes gathered before they are written (at least 1).
+    pub fn new(inner: S, cap: usize) -> Self {
+        SendBuf {
+            inner,
+            buf: Vec::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Bytes of buffer held now (0 once a response has been flushed).
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    fn gather(&mut self, data: &[u8]) {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(self.cap);
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Writes out everything gathered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.buf.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.buf.len() + data.len() <= this.cap {
+            this.gather(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        // It does not fit: what is gathered goes out first, with `data` in the same call.
+        while !this.buf.is_empty() {
+            let gathered = this.buf.len();
+            let n = ready!(Pin::new(&mut this.inner)
+                .poll_write_vectored(cx, &[IoSlice::new(&this.buf), IoSlice::new(data)]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n < gathered {
+                this.buf.drain(..n);
+                continue;
+            }
+            this.buf.clear();
+            if n > gathered {
+                return Poll::Ready(Ok(n - gathered));
+            }
+        }
+        if data.len() < this.cap {
+            this.gather(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        // The response is out: give the buffer back (the next one allocates its own).
+        this.buf = Vec::new();
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        this.buf = Vec::new();
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for SendBuf<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Drop for SendBuf<S> {
+    fn drop(&mut self) {
+        // Pingora's own stream tries one non-blocking flush when dropped; gathered bytes get
+        // the same chance here. (The wrapped stream is dropped after this, flushing its own.)
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = self.poll_drain(&mut cx);
+    }
+}
+
+#[async_trait]
+impl Shutdown for SendBuf<Stream> {
+    async fn shutdown(&mut self) {
+        let _ = AsyncWriteExt::flush(self).await;
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for SendBuf<Stream> {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for SendBuf<Stream> {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for SendBuf<Stream> {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for SendBuf<Stream> {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for SendBuf<Stream> {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for SendBuf<Stream> {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// What a [`Rec`] saw: each write call (vectored or not, bytes taken) and every byte.
+    #[derive(Default)]
+    struct Log {
+        calls: Vec<(&'static str, usize)>,
+        out: Vec<u8>,
+        flushes: usize,
+    }
+
+    /// A socket stand-in: takes at most `limit` bytes per call and, when `stall` is set,
+    /// answers every other call `Pending` (waking itself, as a socket that drains would).
+    struct Rec {
+        log: Arc<Mutex<Log>>,
+        limit: usize,
+        stall: bool,
+        stalled: bool,
+    }
+
+    impl Rec {
+        fn new(limit: usize, stall: bool) -> (Rec, Arc<Mutex<Log>>) {
+            let log = Arc::new(Mutex::new(Log::default()));
+            let rec = Rec {
+                log: log.clone(),
+                limit,
+                stall,
+                stalled: false,
+            };
+            (rec, log)
+        }
+
+        fn stall_now(&mut self, cx: &mut Context<'_>) -> bool {
+            if self.stall && !self.stalled {
+                self.stalled = true;
+                cx.waker().wake_by_ref();
+                return true;
+            }
+            self.stalled = false;
+            false
+        }
+    }
+
+    impl AsyncWrite for Rec {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.stall_now(cx) {
+                return Poll::Pending;
+            }
+            let n = data.len().min(this.limit);
+            let mut log = this.log.lock().unwrap();
+            log.out.extend_from_slice(&data[..n]);
+            log.calls.push(("write", n));
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.stall_now(cx) {
+                return Poll::Pending;
+            }
+            let mut left = this.limit;
+            let mut log = this.log.lock().unwrap();
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(left);
+                log.out.extend_from_slice(&b[..take]);
+                left -= take;
+                n += take;
+            }
+            log.calls.push(("writev", n));
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.log.lock().unwrap().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    #[tokio::test]
+    async fn a_small_response_is_one_send_and_the_buffer_is_freed_after_it() {
+        let (rec, log) = Rec::new(usize::MAX, false);
+        let mut s = SendBuf::new(rec, 8192);
+        assert_eq!(s.held(), 0, "nothing held before a response");
+        let (head, body) = (bytes(300, 1), bytes(3000, 2));
+        s.write_all(&head).await.unwrap();
+        s.write_all(&body).await.unwrap();
+        assert!(log.lock().unwrap().calls.is_empty(), "gathered, not sent");
+        assert_eq!(s.held(), 8192);
+        s.flush().await.unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.calls, [("write", 3300)]);
+        assert_eq!(log.out, [head, body].concat());
+        assert_eq!(log.flushes, 1);
+        assert_eq!(
+            s.held(),
+            0,
+            "the buffer is given back once the response is out"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_and_a_body_larger_than_the_buffer_go_out_in_one_vectored_write() {
+        let (rec, log) = Rec::new(usize::MAX, false);
+        let mut s = SendBuf::new(rec, 8192);
+        let (head, body) = (bytes(300, 3), bytes(65536, 4));
+        s.write_all(&head).await.unwrap();
+        s.write_all(&body).await.unwrap();
+        s.flush().await.unwrap();
+        let log = log.lock().unwrap();
+        assert_eq!(log.calls, [("writev", 65836)]);
+        assert_eq!(log.out, [head, body].concat());
+    }
+
+    #[tokio::test]
+    async fn a_large_write_with_nothing_gathered_goes_straight_through() {
+        let (rec, log) = Rec::new(usize::MAX, false);
+        let mut s = SendBuf::new(rec, 8192);
+        let body = bytes(1 << 20, 5);
+        s.write_all(&body).await.unwrap();
+        assert_eq!(s.held(), 0, "never copied into the buffer");
+        s.flush().await.unwrap();
+        assert_eq!(log.lock().unwrap().calls, [("write", 1 << 20)]);
+    }
+
+    #[tokio::test]
+    async fn short_and_stalled_writes_lose_and_repeat_nothing() {
+        // Every mix of sizes around the buffer's, against a socket that takes 1000 bytes at a
+        // time and stalls every other call: the bytes out are the bytes in, in order.
+        let mut seed = 0x2545_f491_u64;
+        let mut next = |m: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % m
+        };
+        for round in 0..50 {
+            let (rec, log) = Rec::new(1000, round % 2 == 0);
+            let mut s = SendBuf::new(rec, 4096);
+            let mut want = Vec::new();
+            for i in 0..40 {
+                let data = bytes(next(10_000) as usize, i);
+                s.write_all(&data).await.unwrap();
+                want.extend_from_slice(&data);
+                if next(4) == 0 {
+                    s.flush().await.unwrap();
+                }
+            }
+            s.flush().await.unwrap();
+            let log = log.lock().unwrap();
+            assert!(log.calls.iter().all(|(_, n)| *n > 0 && *n <= 1000));
+            assert!(log.out == want, "round {round}: the bytes out differ");
+        }
+    }
+
+    #[tokio::test]
+    async fn gathered_bytes_get_one_try_when_the_stream_is_dropped() {
+        let (rec, log) = Rec::new(usize::MAX, false);
+        let mut s = SendBuf::new(rec, 8192);
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
+        drop(s);
+        assert_eq!(log.lock().unwrap().out, b"HTTP/1.1 400 Bad Request\r\n\r\n");
+    }
+}
