@@ -13,7 +13,8 @@
 //! `ServerApp`, `ServerSession` and `HttpPersistentSettings`; the proxy itself is
 //! Pingora's `http_proxy`, called once per request):
 //! - `server.client_header_timeout` (nginx's name; Pingora's fixed 60 s made a setting):
-//!   the wait for a new connection's first bytes, and for each later read of its header.
+//!   the wait for a new connection's first bytes, and for each later read of a header
+//!   (with `release_idle`, a keep-alive's too once its first bytes are in).
 //! - `server.client_body_timeout` (nginx's name; Pingora's fixed 60 s made a setting):
 //!   each read of a request body; over it the client gets 408.
 //! - `server.release_idle` (on by default): before each request the loop waits for its
@@ -196,8 +197,15 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
                 Some(None) => {}
             }
             if let Some(first) = first {
-                // Parsed before the stream is read again (Pingora's pipelining entry point;
-                // cascade never enables pipelining, so no other prefix is there).
+                // The request has begun: the rest of its header gets the header timeout, not
+                // the idle one (`boundary::keepalive` sets that again once the header is in).
+                if session.get_keepalive().is_some() {
+                    session.set_keepalive(Some(w.header.as_secs().max(1)));
+                }
+                // Parsed before the stream is read again (Pingora's pipelining entry point).
+                // cascade never enables pipelining: with it, the previous session could carry
+                // a prefix of its own, which this would replace (tests/hostile.rs checks that
+                // pipelined requests still close the connection after the first response).
                 session.set_pipelined_prefix(first);
             }
             let (next, settings) = self
@@ -214,7 +222,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
 /// Pingora's first read of a request header: the size of the header buffer it allocates.
 const FIRST_READ: usize = 4096;
 
-/// ClientSettings for a request's first bytes and returns what has arrived (up to [`FIRST_READ`]
+/// Waits for a request's first bytes and returns what has arrived (up to [`FIRST_READ`]
 /// bytes, as Pingora's own first header read would), or `None` when the client closes or
 /// the connection fails. The read buffer is on the stack for the length of one poll and
 /// only what arrived is copied to the heap, so the wait itself holds no buffer, and reading

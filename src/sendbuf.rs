@@ -87,6 +87,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
         if this.buf.len() + data.len() <= this.cap {
             this.gather(data);
             return Poll::Ready(Ok(data.len()));

@@ -1345,6 +1345,46 @@ async fn a_silent_or_stalled_new_connection_is_closed_after_client_header_timeou
             "release_idle {release}: {head}"
         );
         assert_eq!(origin.stats.total(), 1, "release_idle {release}");
+        if release == "true" {
+            // On a keep-alive (idle timeout 75 s), a header begun and then stalled gets the
+            // header timeout too once its first bytes are in.
+            s.write_all(b"GET /b HTTP/1.1\r\nHost: h\r\n").unwrap();
+            let (got, after) = read_until_closed(&mut s, Duration::from_secs(10));
+            assert!(
+                after >= Duration::from_millis(900),
+                "closed after {after:?}"
+            );
+            assert!(!got.contains(" 200 "), "{got}");
+            assert_eq!(origin.stats.total(), 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_get_the_first_response_and_a_close() {
+    // cascade does not enable HTTP/1.1 pipelining (its connection loop relies on that):
+    // requests sent back to back without waiting get the first one answered, then the
+    // connection closed (the client retries the rest), never a hang or a mixed-up answer.
+    use std::io::Write;
+    for release in ["true", "false"] {
+        let (origin, c) = ok_behind_cascade(&[("release_idle", release)]);
+        let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+        s.write_all(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n").unwrap();
+        let (head, closed) = one_response_then_closed(&mut s, Duration::from_millis(50));
+        assert!(head.starts_with("HTTP/1.1 200") && !closed, "{head}");
+        s.write_all(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nGET /two HTTP/1.1\r\nHost: h\r\n\r\n")
+            .unwrap();
+        let (head, closed) = one_response_then_closed(&mut s, Duration::from_secs(5));
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "release_idle {release}: {head}"
+        );
+        assert!(
+            closed,
+            "release_idle {release}: still open after the first of two pipelined requests"
+        );
+        let uris: Vec<String> = origin.stats.requests().into_iter().map(|r| r.uri).collect();
+        assert_eq!(uris, ["/a", "/one"], "release_idle {release}");
     }
 }
 

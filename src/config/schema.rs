@@ -448,8 +448,9 @@ pub struct ServerSection {
     pub client_body_timeout: Duration,
     /// The longest cascade waits for a new connection's first bytes, and for each later
     /// read of a request header (nginx's `client_header_timeout`, default 60 s; Pingora's
-    /// fixed 60 s made a setting). Over it the connection is closed. Whole seconds, at least
-    /// 1. (Between two requests of a keep-alive: `keepalive_timeout`.)
+    /// fixed 60 s made a setting). Over it the connection is closed. Whole seconds, at
+    /// least one. (Between two requests of a keep-alive: `keepalive_timeout`; with
+    /// `release_idle` off, a keep-alive's header reads wait up to `keepalive_timeout` too.)
     #[serde(default = "default_client_header", deserialize_with = "de_duration")]
     pub client_header_timeout: Duration,
     /// Until a request's first bytes arrive (on a new connection and between two requests
