@@ -161,6 +161,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<()> {
         let w = self.settings;
+        // Pingora's header timer is the session's keep-alive value, in whole seconds.
+        let header_secs = w.header.as_secs().max(1);
         let mut watch = shutdown.clone();
         // `None` before the first request; then what the previous session left.
         let mut previous: Option<Option<HttpPersistentSettings>> = None;
@@ -185,7 +187,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
                     // A new connection: Pingora's per-read header timeout is its keep-alive
                     // timer, whole seconds (lowered by `boundary::keepalive` once the
                     // header is in); none once shutting down, so it is not reused.
-                    let secs = (!*shutdown.borrow()).then_some(w.header.as_secs().max(1));
+                    let secs = (!*shutdown.borrow()).then_some(header_secs);
                     session.set_keepalive(secs);
                     session.set_keepalive_reuses_remaining(
                         self.app
@@ -200,7 +202,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
                 // The request has begun: the rest of its header gets the header timeout, not
                 // the idle one (`boundary::keepalive` sets that again once the header is in).
                 if session.get_keepalive().is_some() {
-                    session.set_keepalive(Some(w.header.as_secs().max(1)));
+                    session.set_keepalive(Some(header_secs));
                 }
                 // Parsed before the stream is read again (Pingora's pipelining entry point).
                 // cascade never enables pipelining: with it, the previous session could carry

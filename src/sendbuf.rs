@@ -67,6 +67,14 @@ impl<S: AsyncWrite + Unpin> SendBuf<S> {
         self.buf.extend_from_slice(data);
     }
 
+    /// Writes out everything gathered, then gives the buffer back (the next response
+    /// allocates its own).
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        self.buf = Vec::new();
+        Poll::Ready(Ok(()))
+    }
+
     /// Writes out everything gathered.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.buf.is_empty() {
@@ -120,16 +128,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        // The response is out: give the buffer back (the next one allocates its own).
-        this.buf = Vec::new();
+        ready!(this.poll_release(cx))?;
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_drain(cx))?;
-        this.buf = Vec::new();
+        ready!(this.poll_release(cx))?;
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
