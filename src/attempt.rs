@@ -271,6 +271,7 @@ mod tests {
                 dns_refresh: Duration::from_secs(60),
             },
             None,
+            true,
         )
         .unwrap()
     }

@@ -70,7 +70,8 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
     let mut origins = Vec::with_capacity(cfg.origins.len());
     for (i, o) in cfg.origins.iter().enumerate() {
         let sock = matches!(o.kind, OriginKind::Dir { .. }).then(|| dir_socket(rt_dir, i));
-        origins.push(Origin::new(o, sock.as_deref())?);
+        let own_pool = cfg.server.upstream_pool == config::schema::UpstreamPool::Cascade;
+        origins.push(Origin::new(o, sock.as_deref(), own_pool)?);
     }
     Ok(proxy::State {
         router: route::Router::new(cfg.routes.clone()),

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub bucket_cooldowns: IntCounterVec,
     pub redis_up: IntGauge,
     pub redis_errors: IntCounterVec,
+    /// Plain-HTTP upstream connections through cascade's pool (`origin::pool`), by event:
+    /// `opened`, `reused` (taken from the pool), `kept` (an answer Pingora left, finished and
+    /// kept: a replayed 404's connection).
+    pub upstream_connections: [IntCounter; 3],
 }
 
 fn buckets() -> Vec<f64> {
@@ -327,6 +331,15 @@ impl Metrics {
             registry
         )
         .expect("metric");
+        let upstream_connections = register_int_counter_vec_with_registry!(
+            "cascade_upstream_connections_total",
+            "Connections to plain-HTTP origins through cascade's pool, by event: opened, reused (from the pool), kept (an answer Pingora let go of was finished and the connection kept, e.g. after a 404 replayed to a fallback).",
+            &["event"],
+            registry
+        )
+        .expect("metric");
+        let upstream_connections =
+            ["opened", "reused", "kept"].map(|e| upstream_connections.with_label_values(&[e]));
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -369,6 +382,7 @@ impl Metrics {
             health_checks,
             retries,
             failovers,
+            upstream_connections,
             bucket_used_bytes: register_int_gauge_vec_with_registry!(
                 "cascade_bucket_used_bytes",
                 "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",

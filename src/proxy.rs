@@ -119,6 +119,9 @@ pub struct Ctx {
     plugin_resp: Option<ResponseHeader>,
     /// A request through a bucket set: its members and its write's bookkeeping.
     set: Option<buckets::SetCtx>,
+    /// The attempt's upstream connection was a pooled one (Pingora's or cascade's own
+    /// pool, `origin::pool`): an error on it may be the origin having closed it.
+    conn_reused: bool,
 }
 
 impl Ctx {
@@ -535,6 +538,7 @@ impl ProxyHttp for Cascade {
             plugins: None,
             plugin_resp: None,
             set: None,
+            conn_reused: false,
         }
     }
 
@@ -593,6 +597,7 @@ impl ProxyHttp for Cascade {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.replay_pending = false;
         ctx.error_counted = false;
+        ctx.conn_reused = false;
         ctx.attempt_start = Some(Instant::now());
         let Some(rules) = self.rules(ctx, &session.req_header().method) else {
             return Error::e_explain(ErrorType::InternalError, "no origin for this attempt");
@@ -611,6 +616,20 @@ impl ProxyHttp for Cascade {
                 Err(e)
             }
         }
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Pingora sees a connection from cascade's pool as a new one.
+        ctx.conn_reused = crate::origin::pool::take_reused() || reused;
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -1052,7 +1071,7 @@ impl ProxyHttp for Cascade {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let replayable = method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
         let before_answer = session.response_written().is_none();
-        let stale = client_reused
+        let stale = (client_reused || ctx.conn_reused)
             && matches!(
                 e.etype(),
                 ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError

@@ -273,6 +273,20 @@ fn write_buffer_too_large_or_not_a_size() {
 }
 
 #[test]
+fn upstream_pool_is_cascade_or_pingora() {
+    let c = check(&format!("server:\n  upstream_pool: nginx  # <-\n{BASE}"));
+    c.assert_reports(
+        "# <-",
+        Some("server.upstream_pool"),
+        &["`cascade`", "`pingora`"],
+    );
+    for ok in ["cascade", "pingora"] {
+        let c = check(&format!("server:\n  upstream_pool: {ok}\n{BASE}"));
+        assert_eq!(c.code, 0, "{}", c.context());
+    }
+}
+
+#[test]
 fn wrong_type_in_origin() {
     let c = check(&BASE.replace("    read_only: true\n", "    read_only: maybe  # <-\n"));
     c.assert_reports("# <-", Some("origins.prod.read_only"), &[]);

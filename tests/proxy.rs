@@ -1195,3 +1195,255 @@ fn the_runtime_dir_is_private() {
     }
     assert!(!dirs[0].exists(), "removed at exit");
 }
+
+// ---------------------------------------------------------------------------------------------
+// cascade's upstream pool (`origin::pool`): main's connection outlives a replayed 404
+// ---------------------------------------------------------------------------------------------
+
+/// `n` sequential GETs of `path`: each must be the fallback's 200 `body`.
+async fn fallback_gets(cascade: &Cascade, path: &str, body: &str, n: usize) {
+    let c = client();
+    for i in 0..n {
+        let r = c.get(cascade.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(header(&r, "x-served-from-role"), "fallback", "request {i}");
+        assert_eq!(r.text().await.unwrap(), body, "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_404_keeps_mains_connection() {
+    for (pool, expected_conns) in [("cascade", 1), ("pingora", 20)] {
+        let main = HttpOrigin::start();
+        let fb = HttpOrigin::start();
+        main.set_default(Reply::new(404, "no such key, try elsewhere"));
+        fb.route("/b/obj", Reply::new(200, "from-fallback"));
+        let cascade = Cascade::builder(&config(
+            &[
+                plain_origin("main", &main.url("/b")),
+                plain_origin("fb", &fb.url("/b")),
+            ],
+            "{main: main, fallbacks: [fb]}",
+        ))
+        .server("upstream_pool", pool)
+        .start();
+        fallback_gets(&cascade, "/obj", "from-fallback", 20).await;
+        assert_eq!(main.stats.count("GET"), 20, "{pool}");
+        // cascade's pool: one connection to main for all 20; Pingora's: one per request.
+        assert_eq!(main.connections(), expected_conns, "upstream_pool: {pool}");
+        assert_eq!(fb.connections(), 1, "{pool}");
+        let m = cascade.metrics().await;
+        let kept = metric_sum(
+            &m,
+            "cascade_upstream_connections_total",
+            &[("event", "kept")],
+        );
+        if pool == "cascade" {
+            assert_eq!(kept, Some(20.0));
+        } else {
+            assert_eq!(kept.unwrap_or(0.0), 0.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_404_left_half_read_is_finished_then_kept() {
+    // Content-Length, the body's second half 50 ms later: Pingora has dropped the connection
+    // by then; the pool reads the rest and keeps it.
+    let main = HttpOrigin::start();
+    let fb = HttpOrigin::start();
+    main.set_default(Reply::new(404, "x".repeat(2000)).trickle(Duration::from_millis(50)));
+    fb.route("/b/obj", Reply::new(200, "from-fallback"));
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("fb", &fb.url("/b")),
+        ],
+        "{main: main, fallbacks: [fb]}",
+    ));
+    for _ in 0..3 {
+        fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(main.connections(), 1);
+
+    // Chunked, its last chunk and a trailer arriving in later reads.
+    let chunked = RawOrigin::start(|_| {
+        vec![
+            RawPart::Bytes(
+                b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nno".to_vec(),
+            ),
+            RawPart::Pause(Duration::from_millis(30)),
+            RawPart::Bytes(b"pe\r\n0\r\nX-Trailer: 1\r\n".to_vec()),
+            RawPart::Pause(Duration::from_millis(30)),
+            RawPart::Bytes(b"\r\n".to_vec()),
+        ]
+    });
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &chunked.url("/b")),
+            plain_origin("fb", &fb.url("/b")),
+        ],
+        "{main: main, fallbacks: [fb]}",
+    ));
+    for _ in 0..3 {
+        fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(chunked.heads().len(), 3);
+    assert_eq!(chunked.connections(), 1);
+}
+
+/// A raw main origin: `/b/real` answers 200 `real`; anything else gets `missing`.
+fn raw_main(missing: Vec<RawPart>) -> RawOrigin {
+    RawOrigin::start(move |head| {
+        if head.starts_with("GET /b/real ") {
+            vec![RawPart::Bytes(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal".to_vec(),
+            )]
+        } else {
+            missing.clone()
+        }
+    })
+}
+
+/// After a replayed 404 from `main`, `/real` must get main's own answer to it.
+async fn real_after_replay(main: &RawOrigin, pause: Duration) {
+    let fb = HttpOrigin::start();
+    fb.route("/b/missing", Reply::new(200, "from-fallback"));
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("fb", &fb.url("/b")),
+        ],
+        "{main: main, fallbacks: [fb]}",
+    ));
+    fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
+    tokio::time::sleep(pause).await;
+    for _ in 0..2 {
+        let r = client().get(cascade.url("/real")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-served-from"), "main");
+        assert_eq!(r.text().await.unwrap(), "real");
+    }
+}
+
+#[tokio::test]
+async fn bytes_after_a_404_never_answer_the_next_request() {
+    let smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON".to_vec();
+    let clean_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno".to_vec();
+    // A second answer in the same write as the 404: read with it, the connection is closed.
+    let mut both = clean_404.clone();
+    both.extend_from_slice(&smuggled);
+    let main = raw_main(vec![RawPart::Bytes(both)]);
+    real_after_replay(&main, Duration::from_millis(100)).await;
+    assert_eq!(
+        main.connections(),
+        2,
+        "the poisoned connection was not reused"
+    );
+
+    // The second answer 100 ms later, while the connection idles in the pool.
+    let main = raw_main(vec![
+        RawPart::Bytes(clean_404.clone()),
+        RawPart::Pause(Duration::from_millis(100)),
+        RawPart::Bytes(smuggled),
+    ]);
+    real_after_replay(&main, Duration::from_millis(400)).await;
+    assert_eq!(
+        main.connections(),
+        2,
+        "the poisoned connection was not reused"
+    );
+
+    // A close with no `Connection: close`: the next request gets a new connection, no 502.
+    let main = raw_main(vec![RawPart::Bytes(clean_404), RawPart::Close]);
+    real_after_replay(&main, Duration::from_millis(100)).await;
+    assert_eq!(main.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_404_whose_body_stalls_costs_its_connection_not_the_answer() {
+    // 10 of 100 body bytes, then nothing for 3 s (past the pool's 1 s drain bound).
+    let main = raw_main(vec![
+        RawPart::Bytes(b"HTTP/1.1 404 Not Found\r\nContent-Length: 100\r\n\r\n0123456789".to_vec()),
+        RawPart::Pause(Duration::from_secs(3)),
+        RawPart::Bytes(vec![b'x'; 90]),
+    ]);
+    let fb = HttpOrigin::start();
+    fb.route("/b/missing", Reply::new(200, "from-fallback"));
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("fb", &fb.url("/b")),
+        ],
+        "{main: main, fallbacks: [fb]}",
+    ));
+    let t0 = Instant::now();
+    fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
+    // While the pool waits for the rest, and after it gave up (1 s): a new connection, once.
+    for at in [0, 1500] {
+        tokio::time::sleep(Duration::from_millis(at).saturating_sub(t0.elapsed())).await;
+        let r = client().get(cascade.url("/real")).send().await.unwrap();
+        assert_eq!(r.text().await.unwrap(), "real");
+    }
+    assert_eq!(main.connections(), 2, "{:?}", main.heads());
+    // After the rest arrived (3 s): the stalled connection was closed at 1 s, not kept.
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(t0.elapsed())).await;
+    let r = client().get(cascade.url("/real")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "real");
+    let heads = main.heads();
+    assert_eq!(heads.len(), 4);
+    assert_eq!(
+        heads[3].0, 1,
+        "the last request went over the second connection: {heads:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_origin_closed_is_retried_not_failed() {
+    // Main closes its kept connection when the next request arrives on it (as an origin whose
+    // idle timeout fires at that moment): that is a stale pooled connection, retried on the
+    // same peer, not main failing (which would send the read on to the fallback).
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let main =
+        RawOrigin::start(
+            move |head| match n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                0 => vec![RawPart::Bytes(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno".to_vec(),
+                )],
+                1 => vec![RawPart::Close],
+                _ if head.starts_with("GET /b/real ") => vec![RawPart::Bytes(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal".to_vec(),
+                )],
+                _ => vec![RawPart::Bytes(
+                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
+                )],
+            },
+        );
+    let fb = HttpOrigin::start();
+    fb.route("/b/missing", Reply::new(200, "from-fallback"));
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("fb", &fb.url("/b")),
+        ],
+        "{main: main, fallbacks: [fb]}",
+    ));
+    fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
+    let r = client().get(cascade.url("/real")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-served-from"), "main");
+    assert_eq!(r.text().await.unwrap(), "real");
+    let heads = main.heads();
+    assert_eq!(
+        heads.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        [0, 0, 1],
+        "{heads:?}"
+    );
+    assert_eq!(
+        fb.stats.total(),
+        1,
+        "the read did not go on to the fallback"
+    );
+}

@@ -459,6 +459,23 @@ pub struct ServerSection {
     /// costs no extra system call. Off: the session is built at once, as Pingora does.
     #[serde(default = "default_true")]
     pub release_idle: bool,
+    /// Whose pool holds connections to plain-HTTP origins. `cascade` (the default,
+    /// `origin::pool`): also keeps a connection whose answer was left unfinished or
+    /// replayed (main's 404 before a fallback, a `retry_on` status, a client gone mid-way)
+    /// once its end is read (at most 64 KiB within 1 s), so a fallback request does not cost
+    /// a new connection to main. `pingora`: Pingora's pool, which closes those. TLS origins
+    /// always use Pingora's.
+    #[serde(default)]
+    pub upstream_pool: UpstreamPool,
+}
+
+/// `server.upstream_pool`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamPool {
+    #[default]
+    Cascade,
+    Pingora,
 }
 
 /// `server.header_limits`: what a client's request header may hold. nginx allows 8 KiB per
@@ -514,6 +531,7 @@ impl Default for ServerSection {
             client_body_timeout: default_client_body(),
             client_header_timeout: default_client_header(),
             release_idle: true,
+            upstream_pool: UpstreamPool::Cascade,
         }
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod fetch;
+pub mod pool;
 pub mod sign;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -76,6 +77,8 @@ pub struct Peer {
     tls_verify: bool,
     sni: String,
     timeouts: Timeouts,
+    /// Plain-HTTP connections go through cascade's pool (`server.upstream_pool`).
+    own_pool: bool,
     host_header: String,
     prefix: String,
     /// `scheme://authority`, what the signature covers besides the path.
@@ -152,11 +155,23 @@ impl std::fmt::Debug for Peer {
     }
 }
 
-fn template(addr: SocketAddr, tls: bool, sni: &str, verify: bool, t: &Timeouts) -> HttpPeer {
+fn template(
+    addr: SocketAddr,
+    tls: bool,
+    sni: &str,
+    verify: bool,
+    t: &Timeouts,
+    own_pool: bool,
+) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, tls, sni.to_string());
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
     options(&mut peer, t);
+    if own_pool && !tls {
+        // Plain HTTP: connections go through cascade's pool, which keeps the ones Pingora
+        // would close after a replayed answer (pool.rs). TLS keeps Pingora's.
+        peer.options.custom_l4 = Some(Arc::new(pool::Connector::new(POOL_IDLE)));
+    }
     peer
 }
 
@@ -169,7 +184,13 @@ fn options(peer: &mut HttpPeer, t: &Timeouts) {
 }
 
 impl Peer {
-    fn http(cfg: &PeerConfig, label: String, t: Timeouts, origin: &str) -> Result<Peer, String> {
+    fn http(
+        cfg: &PeerConfig,
+        label: String,
+        t: Timeouts,
+        origin: &str,
+        own_pool: bool,
+    ) -> Result<Peer, String> {
         let addrs: Vec<SocketAddr> = (cfg.host.as_str(), cfg.port)
             .to_socket_addrs()
             .map_err(|e| format!("origin `{origin}`: cannot resolve {}: {e}", cfg.host))?
@@ -189,6 +210,7 @@ impl Peer {
             tls_verify: cfg.tls_verify,
             sni: cfg.host.clone(),
             timeouts: t,
+            own_pool,
             host_header: cfg.host_header.clone(),
             prefix: cfg.prefix.clone(),
             url_base: format!("{scheme}://{}", cfg.host_header),
@@ -217,6 +239,7 @@ impl Peer {
             tls_verify: false,
             sni: String::new(),
             timeouts: t,
+            own_pool: false,
             host_header: "localhost".into(),
             prefix: String::new(),
             url_base: "http://localhost".into(),
@@ -232,7 +255,16 @@ impl Peer {
     pub fn set_addrs(&self, addrs: &[SocketAddr]) {
         let targets: Vec<HttpPeer> = addrs
             .iter()
-            .map(|a| template(*a, self.tls, &self.sni, self.tls_verify, &self.timeouts))
+            .map(|a| {
+                template(
+                    *a,
+                    self.tls,
+                    &self.sni,
+                    self.tls_verify,
+                    &self.timeouts,
+                    self.own_pool,
+                )
+            })
             .collect();
         *self.targets.write() = Arc::from(targets);
     }
@@ -360,7 +392,12 @@ impl Origin {
     /// Build the runtime origin. `dir_socket` is where the directory origin of this name
     /// listens (only for `dir` origins). Host names are resolved here (and again every
     /// `dns_refresh` by `upstream::monitor`).
-    pub fn new(cfg: &OriginConfig, dir_socket: Option<&Path>) -> Result<Origin, String> {
+    /// `own_pool`: plain-HTTP connections go through cascade's pool (`pool.rs`).
+    pub fn new(
+        cfg: &OriginConfig,
+        dir_socket: Option<&Path>,
+        own_pool: bool,
+    ) -> Result<Origin, String> {
         let t = cfg.timeouts;
         let peers = match &cfg.kind {
             OriginKind::Http { peers } => {
@@ -373,7 +410,7 @@ impl Origin {
                         } else {
                             cfg.name.clone()
                         };
-                        Peer::http(p, label, t, &cfg.name)
+                        Peer::http(p, label, t, &cfg.name, own_pool)
                     })
                     .collect::<Result<Vec<_>, _>>()?
             }
@@ -556,7 +593,7 @@ mod tests {
             retry_on: Default::default(),
             dns_refresh: Duration::from_secs(60),
         };
-        Origin::new(&cfg, None).unwrap()
+        Origin::new(&cfg, None, true).unwrap()
     }
 
     #[test]

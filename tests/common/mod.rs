@@ -200,6 +200,8 @@ impl<B: Body<Data = Bytes>> Body for CountingBody<B> {
 /// A hyper HTTP/1 server on its own thread and tokio runtime; stopped on drop.
 struct ServerHandle {
     addr: SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<AtomicU64>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -240,6 +242,8 @@ impl ServerHandle {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
         let thread = std::thread::Builder::new()
             .name(format!("test-{name}"))
             .spawn(move || {
@@ -255,6 +259,7 @@ impl ServerHandle {
                             _ = &mut rx => break,
                             accepted = listener.accept() => {
                                 let Ok((stream, _)) = accepted else { continue };
+                                count.fetch_add(1, Ordering::SeqCst);
                                 // hyper writes a header and a body in two sends: without
                                 // NODELAY, Nagle and delayed ACKs hold the body ~40 ms.
                                 let _ = stream.set_nodelay(true);
@@ -276,6 +281,7 @@ impl ServerHandle {
             .unwrap();
         ServerHandle {
             addr,
+            accepted,
             shutdown: Some(tx),
             thread: Some(thread),
         }
@@ -650,6 +656,11 @@ impl HttpOrigin {
         }
     }
 
+    /// TCP connections it has accepted.
+    pub fn connections(&self) -> u64 {
+        self._server.accepted.load(Ordering::SeqCst)
+    }
+
     /// Answer `path` (any method) with `reply`.
     pub fn route(&self, path: &str, reply: Reply) -> &Self {
         self.route_method("*", path, reply)
@@ -705,6 +716,130 @@ impl HttpOrigin {
 // ---------------------------------------------------------------------------------------------
 
 /// A loopback port that was free a moment ago and was not handed out before in this process.
+/// What a [`RawOrigin`] does in answer to a request head.
+#[derive(Debug, Clone)]
+pub enum RawPart {
+    /// Write these bytes as they are.
+    Bytes(Vec<u8>),
+    Pause(Duration),
+    /// Close the connection.
+    Close,
+}
+
+/// A TCP origin that answers each request head with scripted raw bytes: framing no HTTP
+/// library would send (a smuggled second answer, a stalled body, a close without notice).
+/// One thread per connection; stopped on drop.
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    heads: Arc<Mutex<Vec<(u64, String)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+type RawScript = dyn Fn(&str) -> Vec<RawPart> + Send + Sync;
+
+impl RawOrigin {
+    /// `answer` gets each request head (up to its blank line) and says what to send back.
+    pub fn start(answer: impl Fn(&str) -> Vec<RawPart> + Send + Sync + 'static) -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answer: Arc<RawScript> = Arc::new(answer);
+        let (count, log, halt) = (accepted.clone(), heads.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !halt.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let n = count.fetch_add(1, Ordering::SeqCst);
+                        let (answer, log, halt) = (answer.clone(), log.clone(), halt.clone());
+                        std::thread::spawn(move || raw_connection(n, conn, &*answer, &log, &halt));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        RawOrigin {
+            addr,
+            accepted,
+            heads,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Request heads received, in order, each with the number of its connection (0: the
+    /// first accepted).
+    pub fn heads(&self) -> Vec<(u64, String)> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("http://{}{prefix}", self.addr)
+    }
+}
+
+fn raw_connection(
+    n: u64,
+    mut conn: TcpStream,
+    answer: &RawScript,
+    log: &Mutex<Vec<(u64, String)>>,
+    halt: &std::sync::atomic::AtomicBool,
+) {
+    conn.set_nonblocking(false).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !halt.load(Ordering::SeqCst) && Instant::now() < deadline {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+        buf.drain(..end + 4);
+        log.lock().unwrap().push((n, head.clone()));
+        for part in answer(&head) {
+            match part {
+                RawPart::Bytes(b) => {
+                    if conn.write_all(&b).is_err() {
+                        return;
+                    }
+                }
+                RawPart::Pause(d) => std::thread::sleep(d),
+                RawPart::Close => return,
+            }
+        }
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap();
