@@ -51,7 +51,6 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use crate::origin::pool;
 use crate::sendbuf::SendBuf;
 
 /// What the connection loop gives each client connection (see the module doc).
@@ -140,10 +139,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientTimeouts<A> {
                 .is_some_and(|p| !matches!(p, ALPN::H1));
         if not_h1 {
             // Pingora's loop (its future is boxed by `async_trait`: this one stays small).
-            return pool::scope(self.app.process_new(stream, shutdown)).await;
+            return self.app.process_new(stream, shutdown).await;
         }
-        // The scope tells each request whether its upstream connection was a pooled one.
-        pool::scope(self.serve_h1(stream, shutdown)).await;
+        self.serve_h1(stream, shutdown).await;
         // Pingora's accept task closes the connection: it is never handed back.
         None
     }

@@ -122,6 +122,8 @@ pub struct Ctx {
     /// The attempt's upstream connection was a pooled one (Pingora's or cascade's own
     /// pool, `origin::pool`): an error on it may be the origin having closed it.
     conn_reused: bool,
+    /// Set by the attempt's connector when cascade's pool handed it a kept connection.
+    conn_from_pool: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Ctx {
@@ -539,6 +541,7 @@ impl ProxyHttp for Cascade {
             plugin_resp: None,
             set: None,
             conn_reused: false,
+            conn_from_pool: None,
         }
     }
 
@@ -604,7 +607,16 @@ impl ProxyHttp for Cascade {
         };
         let key = &ctx.req.as_ref().expect("admitted").key;
         match ctx.attempts.next(&self.state.origins, rules, key) {
-            Ok(c) => Ok(self.state.origins[c.origin].peers[c.peer].http_peer()),
+            Ok(c) => {
+                let read = matches!(
+                    session.req_header().method,
+                    http::Method::GET | http::Method::HEAD
+                );
+                let (peer, from_pool) =
+                    self.state.origins[c.origin].peers[c.peer].http_peer_for(read);
+                ctx.conn_from_pool = from_pool;
+                Ok(peer)
+            }
             Err(no) => {
                 // Every peer known down (or drained): answer at once, no connect attempts.
                 ctx.no_peer = Some(no.retry_after);
@@ -628,7 +640,11 @@ impl ProxyHttp for Cascade {
         ctx: &mut Ctx,
     ) -> Result<()> {
         // Pingora sees a connection from cascade's pool as a new one.
-        ctx.conn_reused = crate::origin::pool::take_reused() || reused;
+        ctx.conn_reused = reused
+            || ctx
+                .conn_from_pool
+                .as_ref()
+                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
         Ok(())
     }
 

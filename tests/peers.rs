@@ -858,9 +858,10 @@ async fn a_write_whose_peer_died_after_taking_its_body_is_not_sent_elsewhere() {
         )],
         "{main: media}",
     ));
-    // A pooled connection to `first`, which the PUT then reuses.
+    // A pooled connection to `first`, which the PUT then reuses (a write's: reads from a
+    // plain-HTTP origin have cascade's own pool, writes Pingora's).
     let cl = client();
-    let r = cl.get(c.url("/warm")).send().await.unwrap();
+    let r = cl.put(c.url("/warm")).body("").send().await.unwrap();
     assert_eq!(
         (r.status().as_u16(), r.text().await.unwrap()),
         (200, "warm".into())
@@ -879,7 +880,7 @@ async fn a_write_whose_peer_died_after_taking_its_body_is_not_sent_elsewhere() {
         eventually(Duration::from_secs(10), || p.stats.request_bytes() == len).await,
         "the PUT's body never reached the first peer"
     );
-    assert_eq!(p.stats.total(), 2, "the GET, then the PUT");
+    assert_eq!(p.stats.total(), 2, "the warm-up PUT, then the PUT");
     let dying = first.take().unwrap();
     tokio::task::spawn_blocking(move || drop(dying))
         .await

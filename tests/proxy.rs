@@ -1211,6 +1211,27 @@ async fn fallback_gets(cascade: &Cascade, path: &str, body: &str, n: usize) {
     }
 }
 
+/// Connections cascade's pool has kept so far (`cascade_upstream_connections_total`).
+async fn kept(cascade: &Cascade) -> f64 {
+    let m = cascade.metrics().await;
+    metric_sum(
+        &m,
+        "cascade_upstream_connections_total",
+        &[("event", "kept")],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Wait (bounded) until cascade's pool has kept `n` connections: a 404 body that arrives in
+/// a later read is finished in the background.
+async fn wait_kept(cascade: &Cascade, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kept(cascade).await < n {
+        assert!(Instant::now() < deadline, "the pool kept fewer than {n}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_replayed_404_keeps_mains_connection() {
     for (pool, expected_conns) in [("cascade", 1), ("pingora", 20)] {
@@ -1227,7 +1248,12 @@ async fn a_replayed_404_keeps_mains_connection() {
         ))
         .server("upstream_pool", pool)
         .start();
-        fallback_gets(&cascade, "/obj", "from-fallback", 20).await;
+        for i in 0..20 {
+            fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
+            if pool == "cascade" {
+                wait_kept(&cascade, f64::from(i + 1)).await;
+            }
+        }
         assert_eq!(main.stats.count("GET"), 20, "{pool}");
         // cascade's pool: one connection to main for all 20; Pingora's: one per request.
         assert_eq!(main.connections(), expected_conns, "upstream_pool: {pool}");
@@ -1261,9 +1287,9 @@ async fn a_404_left_half_read_is_finished_then_kept() {
         ],
         "{main: main, fallbacks: [fb]}",
     ));
-    for _ in 0..3 {
+    for i in 0..3 {
         fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_kept(&cascade, f64::from(i + 1)).await;
     }
     assert_eq!(main.connections(), 1);
 
@@ -1286,9 +1312,9 @@ async fn a_404_left_half_read_is_finished_then_kept() {
         ],
         "{main: main, fallbacks: [fb]}",
     ));
-    for _ in 0..3 {
+    for i in 0..3 {
         fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_kept(&cascade, f64::from(i + 1)).await;
     }
     assert_eq!(chunked.heads().len(), 3);
     assert_eq!(chunked.connections(), 1);

@@ -15,7 +15,7 @@ pub mod sign;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -85,7 +85,7 @@ pub struct Peer {
     url_base: String,
     signer: Option<Signer>,
     /// One connection target per resolved address (DNS refresh replaces them).
-    targets: RwLock<Arc<[HttpPeer]>>,
+    targets: RwLock<Arc<[Target]>>,
     next_target: AtomicUsize,
     pub state: PeerState,
     pub metrics: PeerMetrics,
@@ -155,24 +155,20 @@ impl std::fmt::Debug for Peer {
     }
 }
 
-fn template(
-    addr: SocketAddr,
-    tls: bool,
-    sni: &str,
-    verify: bool,
-    t: &Timeouts,
-    own_pool: bool,
-) -> HttpPeer {
+fn template(addr: SocketAddr, tls: bool, sni: &str, verify: bool, t: &Timeouts) -> HttpPeer {
     let mut peer = HttpPeer::new(addr, tls, sni.to_string());
     peer.options.verify_cert = verify;
     peer.options.verify_hostname = verify;
     options(&mut peer, t);
-    if own_pool && !tls {
-        // Plain HTTP: connections go through cascade's pool, which keeps the ones Pingora
-        // would close after a replayed answer (pool.rs). TLS keeps Pingora's.
-        peer.options.custom_l4 = Some(Arc::new(pool::Connector::new(POOL_IDLE)));
-    }
     peer
+}
+
+/// One connection target of a peer: a resolved address.
+struct Target {
+    /// What Pingora connects with (cascade's own fetches and writes use it as it is).
+    peer: HttpPeer,
+    /// Reads from a plain-HTTP peer: cascade's pool for this address (`pool.rs`).
+    pool: Option<pool::Connector>,
 }
 
 fn options(peer: &mut HttpPeer, t: &Timeouts) {
@@ -244,7 +240,10 @@ impl Peer {
             prefix: String::new(),
             url_base: "http://localhost".into(),
             signer: None,
-            targets: RwLock::new(Arc::from(vec![http])),
+            targets: RwLock::new(Arc::from(vec![Target {
+                peer: http,
+                pool: None,
+            }])),
             next_target: AtomicUsize::new(0),
             state: PeerState::default(),
             metrics: PeerMetrics::new(origin, origin),
@@ -253,17 +252,13 @@ impl Peer {
 
     /// The addresses connections go to (a DNS refresh replaces them).
     pub fn set_addrs(&self, addrs: &[SocketAddr]) {
-        let targets: Vec<HttpPeer> = addrs
+        let targets: Vec<Target> = addrs
             .iter()
-            .map(|a| {
-                template(
-                    *a,
-                    self.tls,
-                    &self.sni,
-                    self.tls_verify,
-                    &self.timeouts,
-                    self.own_pool,
-                )
+            .map(|a| Target {
+                peer: template(*a, self.tls, &self.sni, self.tls_verify, &self.timeouts),
+                // Plain HTTP: reads go through cascade's pool, which keeps the connections
+                // Pingora would close after a replayed answer. TLS keeps Pingora's.
+                pool: (self.own_pool && !self.tls).then(|| pool::Connector::new(POOL_IDLE)),
             })
             .collect();
         *self.targets.write() = Arc::from(targets);
@@ -275,7 +270,7 @@ impl Peer {
             .targets
             .read()
             .iter()
-            .filter_map(|t| t._address.as_inet().copied())
+            .filter_map(|t| t.peer._address.as_inet().copied())
             .collect();
         now.sort();
         if now == addrs {
@@ -302,15 +297,35 @@ impl Peer {
         self.targets
             .read()
             .iter()
-            .map(|t| t._address.to_string())
+            .map(|t| t.peer._address.to_string())
             .collect()
     }
 
-    /// A connection target for one attempt (round robin over the resolved addresses).
+    /// A connection target for one of cascade's own requests (round robin over the resolved
+    /// addresses): Pingora's connections and pool.
     pub fn http_peer(&self) -> Box<HttpPeer> {
         let targets = self.targets.read();
         let i = self.next_target.fetch_add(1, Relaxed) % targets.len().max(1);
-        Box::new(targets[i].clone())
+        Box::new(targets[i].peer.clone())
+    }
+
+    /// A connection target for a client request's attempt. A read (`read`: GET/HEAD) from a
+    /// plain-HTTP peer connects through cascade's pool (`pool.rs`); the flag returned is set
+    /// when the connection it gets is a kept one.
+    pub fn http_peer_for(&self, read: bool) -> (Box<HttpPeer>, Option<Arc<AtomicBool>>) {
+        let targets = self.targets.read();
+        let i = self.next_target.fetch_add(1, Relaxed) % targets.len().max(1);
+        let t = &targets[i];
+        let mut peer = Box::new(t.peer.clone());
+        let Some(pool) = t.pool.as_ref().filter(|_| read) else {
+            return (peer, None);
+        };
+        let reused = Arc::new(AtomicBool::new(false));
+        peer.options.custom_l4 = Some(Arc::new(pool.for_attempt(reused.clone())));
+        // Pingora pools a virtual socket only when cascade's pool could not follow its
+        // exchange (and could never reuse it): let it go at once.
+        peer.options.idle_timeout = Some(Duration::ZERO);
+        (peer, Some(reused))
     }
 
     pub fn is_signed(&self) -> bool {

@@ -1,38 +1,39 @@
-//! cascade's connection pool for plain-HTTP origins (`server.upstream_pool: cascade`): keeps
-//! the upstream connections Pingora would close, foremost main's connection after a 404 that
-//! is replayed to a fallback.
+//! cascade's connection pool for reads from plain-HTTP origins (`server.upstream_pool:
+//! cascade`): keeps the upstream connections Pingora would close, foremost main's
+//! connection after a 404 that is replayed to a fallback.
 //!
 //! Why it exists: cascade replays an answer (a fallback's 404, a `retry_on` status) by failing
 //! `upstream_response_filter`, Pingora's only public way to retry, and Pingora then drops the
 //! upstream connection although only a small error body was left on it: every fallback
 //! request paid a TCP connect and close to main (benches/README.md, "The fallback path").
-//! Here every plain-HTTP connection is a Pingora *virtual socket* (`PeerOptions::custom_l4`)
-//! over a `TcpStream` that follows the HTTP/1.1 framing of what goes through it
-//! ([`Tracker`]). When Pingora lets go of it (drops it, or is done with it after an answer),
-//! a connection whose exchange ended cleanly, or can be ended by reading at most
-//! [`DRAIN_BUDGET`] more bytes, goes to this pool, and the next connect to the same address
-//! takes it instead of dialling.
+//! Here the connection of a GET/HEAD attempt is a Pingora *virtual socket*
+//! (`PeerOptions::custom_l4`, set per attempt by `Peer::http_peer_for`) over a `TcpStream`
+//! that follows the HTTP/1.1 framing of what goes through it ([`Tracker`]). When Pingora
+//! lets go of it (drops it, or is done with it after an answer), a connection whose exchange
+//! ended cleanly, or can be ended by reading at most [`DRAIN_BUDGET`] more bytes, goes to
+//! this pool, and the next read's connect to the same address takes it instead of dialling.
+//! Pingora cannot reuse a virtual socket from its own pool (it matches pooled connections by
+//! file descriptor), so the socket declines Pingora's pooling check and this pool holds them
+//! all. Writes, TLS origins, health checks and cascade's own fetches keep Pingora's
+//! connections and pool, as before.
 //!
 //! Invariants:
 //! - A connection is kept only when the framing proves the exchange over: one `GET`/`HEAD`
 //!   head with no body went out, one HTTP/1.1 answer with a known end came back, nothing was
 //!   read past that end, nothing says `close`. Anything else (a body on the request, `1xx`,
 //!   read-to-close, both `Content-Length` and `Transfer-Encoding`, data on an idle
-//!   connection, EOF) closes it: a kept connection never hands one request's answer to the
-//!   next.
+//!   connection, EOF, an IO error) closes it: a kept connection never hands one request's
+//!   answer to the next.
 //! - Draining is bounded: [`DRAIN_BUDGET`] bytes within [`DRAIN_TIME`], at most
 //!   [`MAX_DRAINS`] at once; over any bound the connection is closed.
-//! - The pool is bounded ([`POOL_CAP`] per address, the origin's idle timeout), checks a
-//!   connection is still open before handing it out, and a sweeper closes the ones an origin
-//!   closed or that idled too long.
+//! - The pool is bounded ([`POOL_CAP`] per address, the origin's idle timeout or its
+//!   `Keep-Alive: timeout=`), checks with a real `recv(MSG_PEEK)` that a connection is open
+//!   and silent before handing it out, and a sweeper closes the ones an origin closed or that
+//!   idled too long.
 //! - A connection handed out from the pool counts as *reused* for cascade's retry rule (a
 //!   pooled connection the origin had closed is retried, not held against the peer): Pingora
-//!   sees a new connection, so [`connect`](Connector) tells the request through a task-local
-//!   ([`scope`], [`take_reused`]).
-//!
-//! TLS origins keep Pingora's own pool: a TLS session cannot outlive Pingora's stream.
+//!   sees a new connection, so the attempt's [`Connector`] sets a flag the attempt holds.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -70,26 +71,6 @@ const MAX_LINE: u32 = 4096;
 const KEEPALIVE_MARGIN: Duration = Duration::from_millis(500);
 
 static DRAINS: AtomicUsize = AtomicUsize::new(0);
-
-tokio::task_local! {
-    static REUSED: Cell<bool>;
-}
-
-/// Runs a connection's requests with a slot that tells each request whether the upstream
-/// connection [`Connector`] gave it came from the pool ([`take_reused`]).
-pub async fn scope<F: std::future::Future>(f: F) -> F::Output {
-    REUSED.scope(Cell::new(false), f).await
-}
-
-/// Whether the last connection handed out in this request's [`scope`] came from the pool
-/// (and clears it). `false` outside a scope.
-pub fn take_reused() -> bool {
-    REUSED.try_with(|c| c.replace(false)).unwrap_or(false)
-}
-
-fn set_reused(v: bool) {
-    let _ = REUSED.try_with(|c| c.set(v));
-}
 
 // ---------------------------------------------------------------------------------------
 // The framing tracker: pure, no IO.
@@ -557,11 +538,15 @@ struct Pool {
     sweeping: AtomicBool,
 }
 
-/// Is an idle connection still open with nothing to read? (A non-blocking read: data on an
-/// idle connection or EOF both mean it cannot be used.)
+/// Is an idle connection still open with nothing to read? Data on an idle connection (an
+/// answer nobody asked for) or EOF both mean it cannot be used. A real `recv(MSG_PEEK)`, not
+/// tokio's cached readiness, which may not have seen bytes the kernel already holds.
 fn still_open(tcp: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(tcp.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(
+        socket2::SockRef::from(tcp).peek(&mut b),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+    )
 }
 
 impl Pool {
@@ -625,10 +610,14 @@ async fn sweep(pool: Weak<Pool>) {
 }
 
 /// The connect of one origin address's connections (`PeerOptions::custom_l4`): a kept
-/// connection when the pool has one, a new one otherwise.
+/// connection when the pool has one, a new one otherwise. One per address holds the pool;
+/// each attempt gets its own ([`Connector::for_attempt`]), which says whether the connection
+/// it handed out came from the pool.
 #[derive(Debug, Clone)]
 pub struct Connector {
     pool: Arc<Pool>,
+    /// Set when the attempt's connection came from the pool.
+    reused: Option<Arc<AtomicBool>>,
 }
 
 impl Connector {
@@ -640,6 +629,22 @@ impl Connector {
                 max_idle,
                 sweeping: AtomicBool::new(false),
             }),
+            reused: None,
+        }
+    }
+
+    /// The connector of one attempt: this pool; `reused` tells the attempt whether its
+    /// connection was a kept one (Pingora sees every one as new).
+    pub fn for_attempt(&self, reused: Arc<AtomicBool>) -> Connector {
+        Connector {
+            pool: self.pool.clone(),
+            reused: Some(reused),
+        }
+    }
+
+    fn set_reused(&self, v: bool) {
+        if let Some(r) = &self.reused {
+            r.store(v, Ordering::Relaxed);
         }
     }
 
@@ -663,11 +668,11 @@ impl Connector {
 impl L4Connect for Connector {
     async fn connect(&self, addr: &SocketAddr) -> Result<Stream> {
         if let Some(tcp) = self.pool.checkout() {
-            set_reused(true);
+            self.set_reused(true);
             crate::metrics::METRICS.upstream_connections[1].inc();
             return Ok(self.stream(tcp, true));
         }
-        set_reused(false);
+        self.set_reused(false);
         let SocketAddr::Inet(inet) = addr else {
             return Error::e_explain(ErrorType::InternalError, "cascade's pool connects TCP only");
         };
@@ -712,12 +717,19 @@ impl AsyncRead for Conn {
         let Some(tcp) = this.tcp.as_mut() else {
             return Poll::Ready(Err(gone()));
         };
+        if buf.remaining() == 0 {
+            return Pin::new(tcp).poll_read(cx, buf);
+        }
         let before = buf.filled().len();
         let done = this.http.is_done();
         match Pin::new(tcp).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 this.http.on_read(&buf.filled()[before..]);
                 Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                this.http.poison();
+                Poll::Ready(Err(e))
             }
             Poll::Pending if done => {
                 // The exchange is over and Pingora is checking whether the connection can go to
@@ -745,8 +757,10 @@ impl AsyncWrite for Conn {
             return Poll::Ready(Err(gone()));
         };
         let r = Pin::new(tcp).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.http.on_write(&buf[..n]);
+        match &r {
+            Poll::Ready(Ok(n)) => this.http.on_write(&buf[..*n]),
+            Poll::Ready(Err(_)) => this.http.poison(),
+            Poll::Pending => {}
         }
         r
     }
@@ -1114,6 +1128,20 @@ mod tests {
         let _server_side = l.accept().await.unwrap();
         c.pool.put(tcp, Some(Duration::from_millis(20)));
         tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(c.pool.checkout().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_answer_nobody_asked_for_is_seen_before_the_runtime_sees_it() {
+        use std::io::Write;
+        // A std listener: the origin side writes without any runtime involved.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = Connector::new(Duration::from_secs(60));
+        let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut origin, _) = l.accept().unwrap();
+        c.pool.put(tcp, None);
+        // Bytes in the kernel's buffer, no await since: tokio's readiness has not seen them.
+        origin.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
         assert!(c.pool.checkout().is_none());
     }
 

@@ -715,7 +715,6 @@ impl HttpOrigin {
 // Ports, clients, raw HTTP
 // ---------------------------------------------------------------------------------------------
 
-/// A loopback port that was free a moment ago and was not handed out before in this process.
 /// What a [`RawOrigin`] does in answer to a request head.
 #[derive(Debug, Clone)]
 pub enum RawPart {
@@ -840,6 +839,7 @@ impl Drop for RawOrigin {
     }
 }
 
+/// A loopback port that was free a moment ago and was not handed out before in this process.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap();
