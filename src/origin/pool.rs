@@ -720,8 +720,18 @@ impl AsyncRead for Conn {
         if buf.remaining() == 0 {
             return Pin::new(tcp).poll_read(cx, buf);
         }
+        if this.http.is_done() {
+            // The exchange is over and Pingora is checking whether the connection can go to
+            // its own pool (`test_reusable_stream`, its only read after an answer): it cannot
+            // reuse a virtual socket (it matches pooled connections by file descriptor), so
+            // say no; the drop that follows keeps it here. No read: whatever the origin sends
+            // from now on is seen by the `recv(MSG_PEEK)` before the connection is handed out.
+            this.http.state = State::Parked;
+            return Poll::Ready(Err(std::io::Error::other(
+                "kept by cascade's upstream pool",
+            )));
+        }
         let before = buf.filled().len();
-        let done = this.http.is_done();
         match Pin::new(tcp).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 this.http.on_read(&buf.filled()[before..]);
@@ -731,17 +741,7 @@ impl AsyncRead for Conn {
                 this.http.poison();
                 Poll::Ready(Err(e))
             }
-            Poll::Pending if done => {
-                // The exchange is over and Pingora is checking whether the connection can go to
-                // its own pool (`test_reusable_stream`): it cannot reuse a virtual socket
-                // (it matches pooled connections by file descriptor), so say no; the drop
-                // that follows keeps it here.
-                this.http.state = State::Parked;
-                Poll::Ready(Err(std::io::Error::other(
-                    "kept by cascade's upstream pool",
-                )))
-            }
-            other => other,
+            Poll::Pending => Poll::Pending,
         }
     }
 }
