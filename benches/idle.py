@@ -27,6 +27,7 @@ import os
 import resource
 import selectors
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -191,6 +192,9 @@ def start_nginx(work, name, root, port):
 
 def main():
     procs = []  # every server started, stopped on the way out whatever happens
+    # SIGTERM/SIGHUP would end Python without running `finally`: make them exit through it.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda n, _f: sys.exit(128 + n))
     try:
         run(procs)
     finally:

@@ -542,11 +542,20 @@ struct Pool {
 /// answer nobody asked for) or EOF both mean it cannot be used. A real `recv(MSG_PEEK)`, not
 /// tokio's cached readiness, which may not have seen bytes the kernel already holds.
 fn still_open(tcp: &TcpStream) -> bool {
-    let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-    matches!(
-        socket2::SockRef::from(tcp).peek(&mut b),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-    )
+    let peek = || {
+        let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        socket2::SockRef::from(tcp).peek(&mut b)
+    };
+    let mut peeked = false;
+    // Through tokio when it believes the socket readable (as it does after the last answer's
+    // read): the peek's `WouldBlock` then clears that readiness, so the next answer's read
+    // waits for the poller instead of costing a `recv` that finds nothing.
+    let r = tcp.try_io(tokio::io::Interest::READABLE, || {
+        peeked = true;
+        peek()
+    });
+    let r = if peeked { r } else { peek() };
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 impl Pool {
