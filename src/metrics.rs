@@ -69,6 +69,8 @@ pub struct Metrics {
     /// `opened`, `reused` (taken from the pool), `kept` (an answer Pingora left, finished and
     /// kept: a replayed 404's connection).
     pub upstream_connections: [IntCounter; 3],
+    /// The family of `upstream_connections`.
+    pub upstream_connections_by_event: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -338,8 +340,9 @@ impl Metrics {
             registry
         )
         .expect("metric");
-        let upstream_connections =
-            ["opened", "reused", "kept"].map(|e| upstream_connections.with_label_values(&[e]));
+        let upstream_connections_by_event = upstream_connections;
+        let upstream_connections = ["opened", "reused", "kept"]
+            .map(|e| upstream_connections_by_event.with_label_values(&[e]));
         for tier in ["memory", "disk"] {
             cache_evictions.with_label_values(&[tier]);
             cache_bytes.with_label_values(&[tier]);
@@ -383,6 +386,7 @@ impl Metrics {
             retries,
             failovers,
             upstream_connections,
+            upstream_connections_by_event,
             bucket_used_bytes: register_int_gauge_vec_with_registry!(
                 "cascade_bucket_used_bytes",
                 "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",
@@ -453,7 +457,7 @@ impl Metrics {
     /// alert rules and the dashboard may refer to these only).
     pub fn family_names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let all: [&dyn Collector; 45] = [
+        let all: [&dyn Collector; 46] = [
             &self.requests,
             &self.fallback_replays,
             &self.upstream_errors,
@@ -499,6 +503,7 @@ impl Metrics {
             &self.bucket_cooldowns,
             &self.redis_up,
             &self.redis_errors,
+            &self.upstream_connections_by_event,
         ];
         let mut names: Vec<String> = all
             .iter()
