@@ -1473,3 +1473,61 @@ async fn a_kept_connection_the_origin_closed_is_retried_not_failed() {
         "the read did not go on to the fallback"
     );
 }
+
+#[tokio::test]
+async fn concurrent_reads_over_kept_connections_get_their_own_answers() {
+    // Main holds m0..m19 and answers 404 (its body in two parts, 5 ms apart: some are finished
+    // by the pool in the background) for f0..f19, which only the fallback holds. 8 clients
+    // read a mix at once; every answer must be the one for its own key.
+    let main = HttpOrigin::start();
+    let fb = HttpOrigin::start();
+    main.set_default(Reply::new(404, "x".repeat(300)).trickle(Duration::from_millis(5)));
+    for i in 0..20 {
+        main.route(&format!("/b/m{i}"), Reply::new(200, format!("main-{i}")));
+        fb.route(
+            &format!("/b/f{i}"),
+            Reply::new(200, format!("fallback-{i}")),
+        );
+    }
+    let cascade = Cascade::start(&config(
+        &[
+            plain_origin("main", &main.url("/b")),
+            plain_origin("fb", &fb.url("/b")),
+        ],
+        "{main: main, fallbacks: [fb]}",
+    ));
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let base = cascade.url("");
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for n in 0..40u32 {
+                let i = (t * 7 + n * 3) % 20;
+                let (path, want) = if (t + n) % 3 == 0 {
+                    (format!("m{i}"), format!("main-{i}"))
+                } else {
+                    (format!("f{i}"), format!("fallback-{i}"))
+                };
+                let r = c.get(format!("{base}/{path}")).send().await.unwrap();
+                assert_eq!(r.status(), 200, "/{path}");
+                assert_eq!(r.text().await.unwrap(), want, "/{path}");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The connections were kept and reused, not one per fallback read.
+    let m = cascade.metrics().await;
+    let reused = metric_sum(
+        &m,
+        "cascade_upstream_connections_total",
+        &[("event", "reused")],
+    );
+    assert!(reused.unwrap_or(0.0) > 100.0, "{reused:?}");
+    assert!(
+        main.connections() < 100,
+        "{} connections to main",
+        main.connections()
+    );
+}
