@@ -2,7 +2,8 @@
 //! routing (header limits, the canonical target), admission with its final checks (unsigned
 //! and signed groups), the S3 header allowlist and the cache key. Pure functions, warm. Also
 //! the attempt walk over an origin's peers (`attempt::Attempts`: pick, in-flight accounting,
-//! outcome), for one peer and for two (the balancer's own cost).
+//! outcome), for one peer and for two (the balancer's own cost). And the upstream pool's
+//! framing tracker (`origin::pool::Tracker`) over one read's exchange.
 //!
 //! ```sh
 //! cargo bench --bench boundary                 # release profile
@@ -174,5 +175,29 @@ routes:
             )
             .unwrap();
         black_box(r);
+    });
+
+    // The upstream pool follows every read's exchange: the request head as Pingora writes it,
+    // the answer as Pingora reads it (nginx's head; a 4 KiB body over two reads).
+    let get = b"GET /bucket/video/seg-00042.ts HTTP/1.1\r\nhost: media.example.com\r\nuser-agent: Mozilla/5.0\r\naccept: */*\r\naccept-encoding: gzip\r\n\r\n";
+    let head_404 = b"HTTP/1.1 404 Not Found\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 22:00:00 GMT\r\nContent-Type: text/html\r\nContent-Length: 153\r\nConnection: keep-alive\r\n\r\n";
+    let mut answer_404 = head_404.to_vec();
+    answer_404.extend_from_slice(&[b'x'; 153]);
+    time("upstream pool tracker: GET + 404 (one read)", || {
+        let mut t = cascade::origin::pool::Tracker::default();
+        t.on_write(black_box(get));
+        t.on_read(black_box(&answer_404));
+        assert!(t.is_done());
+    });
+    let head_200 = b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 22:00:00 GMT\r\nContent-Type: video/mp2t\r\nContent-Length: 4096\r\nLast-Modified: Sat, 05 Dec 2026 21:00:00 GMT\r\nConnection: keep-alive\r\nETag: \"6751f1a0-1000\"\r\nAccept-Ranges: bytes\r\n\r\n";
+    let mut answer_200 = head_200.to_vec();
+    answer_200.extend_from_slice(&[b'y'; 4096]);
+    let (first, rest) = answer_200.split_at(4096);
+    time("upstream pool tracker: GET + 200 4 KiB (two reads)", || {
+        let mut t = cascade::origin::pool::Tracker::default();
+        t.on_write(black_box(get));
+        t.on_read(black_box(first));
+        t.on_read(black_box(rest));
+        assert!(t.is_done());
     });
 }

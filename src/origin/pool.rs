@@ -35,6 +35,7 @@
 //!   sees a new connection, so the attempt's [`Connector`] sets a flag the attempt holds.
 
 use std::collections::VecDeque;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -67,6 +68,8 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const MAX_HEAD: usize = 64 * 1024;
 /// Longest chunk-size line or trailer section followed.
 const MAX_LINE: u32 = 4096;
+/// Header fields a head may have to be followed (more: the connection is closed after it).
+const MAX_FIELDS: usize = 128;
 /// An origin's `Keep-Alive: timeout=N` is used as N less this (its clock starts first).
 const KEEPALIVE_MARGIN: Duration = Duration::from_millis(500);
 
@@ -249,9 +252,15 @@ impl Tracker {
         }
         let head = std::mem::take(&mut self.head);
         let whole: &[u8] = if copied { &head } else { bytes };
-        let mut fields = [httparse::EMPTY_HEADER; 128];
-        let mut resp = httparse::Response::new(&mut fields);
-        match resp.parse(whole) {
+        // Uninitialised: a head's parse must not start with a 4 KiB memset.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+        let mut resp = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut resp,
+            whole,
+            &mut fields,
+        );
+        match parsed {
             Ok(httparse::Status::Complete(n)) => {
                 let Some(state) = body_state(&resp, head_method, &mut self.idle_hint) else {
                     return self.poison();
@@ -312,9 +321,9 @@ enum Parsed {
 
 /// Is `whole` one bodiless HTTP/1.1 GET/HEAD head that leaves the connection open?
 fn parse_request(whole: &[u8]) -> Parsed {
-    let mut fields = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut fields);
-    match req.parse(whole) {
+    let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(whole, &mut fields) {
         // Bytes after the head: a request body, or a second request.
         Ok(httparse::Status::Complete(n)) if n == whole.len() => {}
         Ok(httparse::Status::Partial) => return Parsed::Partial,
