@@ -119,10 +119,9 @@ pub struct Ctx {
     plugin_resp: Option<ResponseHeader>,
     /// A request through a bucket set: its members and its write's bookkeeping.
     set: Option<buckets::SetCtx>,
-    /// The attempt's upstream connection was a pooled one (Pingora's or cascade's own
-    /// pool, `origin::pool`): an error on it may be the origin having closed it.
-    conn_reused: bool,
-    /// Set by the attempt's connector when cascade's pool handed it a kept connection.
+    /// Set by the attempt's connector when cascade's pool (`origin::pool`) handed it a kept
+    /// connection, which Pingora sees as new: an error on it may be the origin having closed
+    /// it, as on one from Pingora's pool.
     conn_from_pool: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -540,7 +539,6 @@ impl ProxyHttp for Cascade {
             plugins: None,
             plugin_resp: None,
             set: None,
-            conn_reused: false,
             conn_from_pool: None,
         }
     }
@@ -600,7 +598,7 @@ impl ProxyHttp for Cascade {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.replay_pending = false;
         ctx.error_counted = false;
-        ctx.conn_reused = false;
+        ctx.conn_from_pool = None;
         ctx.attempt_start = Some(Instant::now());
         let Some(rules) = self.rules(ctx, &session.req_header().method) else {
             return Error::e_explain(ErrorType::InternalError, "no origin for this attempt");
@@ -628,24 +626,6 @@ impl ProxyHttp for Cascade {
                 Err(e)
             }
         }
-    }
-
-    async fn connected_to_upstream(
-        &self,
-        _session: &mut Session,
-        reused: bool,
-        _peer: &HttpPeer,
-        _fd: std::os::unix::io::RawFd,
-        _digest: Option<&pingora_core::protocols::Digest>,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        // Pingora sees a connection from cascade's pool as a new one.
-        ctx.conn_reused = reused
-            || ctx
-                .conn_from_pool
-                .as_ref()
-                .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
-        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -1087,7 +1067,11 @@ impl ProxyHttp for Cascade {
         let mut e = e.more_context(format!("Peer: {peer}"));
         let replayable = method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
         let before_answer = session.response_written().is_none();
-        let stale = (client_reused || ctx.conn_reused)
+        let from_pool = ctx
+            .conn_from_pool
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed));
+        let stale = (client_reused || from_pool)
             && matches!(
                 e.etype(),
                 ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError

@@ -304,9 +304,7 @@ impl Peer {
     /// A connection target for one of cascade's own requests (round robin over the resolved
     /// addresses): Pingora's connections and pool.
     pub fn http_peer(&self) -> Box<HttpPeer> {
-        let targets = self.targets.read();
-        let i = self.next_target.fetch_add(1, Relaxed) % targets.len().max(1);
-        Box::new(targets[i].peer.clone())
+        self.http_peer_for(false).0
     }
 
     /// A connection target for a client request's attempt. A read (`read`: GET/HEAD) from a
