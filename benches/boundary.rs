@@ -184,7 +184,7 @@ routes:
     let mut answer_404 = head_404.to_vec();
     answer_404.extend_from_slice(&[b'x'; 153]);
     time("upstream pool tracker: GET + 404 (one read)", || {
-        let mut t = cascade::origin::pool::Tracker::default();
+        let mut t = cascade::origin::framing::Tracker::default();
         t.on_write(black_box(get));
         t.on_read(black_box(&answer_404));
         assert!(t.is_done());
@@ -194,7 +194,7 @@ routes:
     answer_200.extend_from_slice(&[b'y'; 4096]);
     let (first, rest) = answer_200.split_at(4096);
     time("upstream pool tracker: GET + 200 4 KiB (two reads)", || {
-        let mut t = cascade::origin::pool::Tracker::default();
+        let mut t = cascade::origin::framing::Tracker::default();
         t.on_write(black_box(get));
         t.on_read(black_box(first));
         t.on_read(black_box(rest));

@@ -1200,6 +1200,14 @@ fn the_runtime_dir_is_private() {
 // cascade's upstream pool (`origin::pool`): main's connection outlives a replayed 404
 // ---------------------------------------------------------------------------------------------
 
+/// One group: origin `main` at `main_url`, its fallback `fb` at `fb_url`.
+fn main_and_fallback(main_url: &str, fb_url: &str) -> String {
+    config(
+        &[plain_origin("main", main_url), plain_origin("fb", fb_url)],
+        "{main: main, fallbacks: [fb]}",
+    )
+}
+
 /// `n` sequential GETs of `path`: each must be the fallback's 200 `body`.
 async fn fallback_gets(cascade: &Cascade, path: &str, body: &str, n: usize) {
     let c = client();
@@ -1239,15 +1247,9 @@ async fn a_replayed_404_keeps_mains_connection() {
         let fb = HttpOrigin::start();
         main.set_default(Reply::new(404, "no such key, try elsewhere"));
         fb.route("/b/obj", Reply::new(200, "from-fallback"));
-        let cascade = Cascade::builder(&config(
-            &[
-                plain_origin("main", &main.url("/b")),
-                plain_origin("fb", &fb.url("/b")),
-            ],
-            "{main: main, fallbacks: [fb]}",
-        ))
-        .server("upstream_pool", pool)
-        .start();
+        let cascade = Cascade::builder(&main_and_fallback(&main.url("/b"), &fb.url("/b")))
+            .server("upstream_pool", pool)
+            .start();
         for i in 0..20 {
             fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
             if pool == "cascade" {
@@ -1280,13 +1282,7 @@ async fn a_404_left_half_read_is_finished_then_kept() {
     let fb = HttpOrigin::start();
     main.set_default(Reply::new(404, "x".repeat(2000)).trickle(Duration::from_millis(50)));
     fb.route("/b/obj", Reply::new(200, "from-fallback"));
-    let cascade = Cascade::start(&config(
-        &[
-            plain_origin("main", &main.url("/b")),
-            plain_origin("fb", &fb.url("/b")),
-        ],
-        "{main: main, fallbacks: [fb]}",
-    ));
+    let cascade = Cascade::start(&main_and_fallback(&main.url("/b"), &fb.url("/b")));
     for i in 0..3 {
         fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
         wait_kept(&cascade, f64::from(i + 1)).await;
@@ -1305,13 +1301,7 @@ async fn a_404_left_half_read_is_finished_then_kept() {
             RawPart::Bytes(b"\r\n".to_vec()),
         ]
     });
-    let cascade = Cascade::start(&config(
-        &[
-            plain_origin("main", &chunked.url("/b")),
-            plain_origin("fb", &fb.url("/b")),
-        ],
-        "{main: main, fallbacks: [fb]}",
-    ));
+    let cascade = Cascade::start(&main_and_fallback(&chunked.url("/b"), &fb.url("/b")));
     for i in 0..3 {
         fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
         wait_kept(&cascade, f64::from(i + 1)).await;
@@ -1337,13 +1327,7 @@ fn raw_main(missing: Vec<RawPart>) -> RawOrigin {
 async fn real_after_replay(main: &RawOrigin, pause: Duration) {
     let fb = HttpOrigin::start();
     fb.route("/b/missing", Reply::new(200, "from-fallback"));
-    let cascade = Cascade::start(&config(
-        &[
-            plain_origin("main", &main.url("/b")),
-            plain_origin("fb", &fb.url("/b")),
-        ],
-        "{main: main, fallbacks: [fb]}",
-    ));
+    let cascade = Cascade::start(&main_and_fallback(&main.url("/b"), &fb.url("/b")));
     fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
     tokio::time::sleep(pause).await;
     for _ in 0..2 {
@@ -1398,13 +1382,7 @@ async fn a_404_whose_body_stalls_costs_its_connection_not_the_answer() {
     ]);
     let fb = HttpOrigin::start();
     fb.route("/b/missing", Reply::new(200, "from-fallback"));
-    let cascade = Cascade::start(&config(
-        &[
-            plain_origin("main", &main.url("/b")),
-            plain_origin("fb", &fb.url("/b")),
-        ],
-        "{main: main, fallbacks: [fb]}",
-    ));
+    let cascade = Cascade::start(&main_and_fallback(&main.url("/b"), &fb.url("/b")));
     let t0 = Instant::now();
     fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
     // While the pool waits for the rest, and after it gave up (1 s): a new connection, once.
@@ -1449,13 +1427,7 @@ async fn a_kept_connection_the_origin_closed_is_retried_not_failed() {
         );
     let fb = HttpOrigin::start();
     fb.route("/b/missing", Reply::new(200, "from-fallback"));
-    let cascade = Cascade::start(&config(
-        &[
-            plain_origin("main", &main.url("/b")),
-            plain_origin("fb", &fb.url("/b")),
-        ],
-        "{main: main, fallbacks: [fb]}",
-    ));
+    let cascade = Cascade::start(&main_and_fallback(&main.url("/b"), &fb.url("/b")));
     fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
     let r = client().get(cascade.url("/real")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -1489,13 +1461,7 @@ async fn concurrent_reads_over_kept_connections_get_their_own_answers() {
             Reply::new(200, format!("fallback-{i}")),
         );
     }
-    let cascade = Cascade::start(&config(
-        &[
-            plain_origin("main", &main.url("/b")),
-            plain_origin("fb", &fb.url("/b")),
-        ],
-        "{main: main, fallbacks: [fb]}",
-    ));
+    let cascade = Cascade::start(&main_and_fallback(&main.url("/b"), &fb.url("/b")));
     let mut tasks = Vec::new();
     for t in 0..8u32 {
         let base = cascade.url("");

@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod fetch;
+pub mod framing;
 pub mod pool;
 pub mod sign;
 
