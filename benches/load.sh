@@ -97,6 +97,8 @@ plugnoop  plugnoop /hit-4k.bin   main      4096     HIT  hit4k with three no-op 
 plugcall  plugcall /hit-4k.bin   main      4096     HIT  hit4k with ext-auth: one HTTP call per request to a local auth service (cascade only)
 pass1m    plain  /hit-1m.bin     main      1048576  -    no cache; a 1 MiB pass-through (main answers 200)
 pass2     peers  /main-4k.bin    main      4096     -    pass with main as two round-robin peers (nginx: an upstream of two servers)
+passtls   tls    /main-4k.bin    main      4096     -    pass over https to main (both origins https, certificates not checked by either proxy)
+fallbacktls tls  /fb-4k.bin      fallback  4096     -    fallback with both origins over https: main answers 404, replayed to the fallback
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
@@ -340,6 +342,19 @@ start_nginx() {
 pick_port MAIN_PORT
 pick_port MAIN2_PORT
 pick_port FB_PORT
+# Each origin also listens with TLS (the tls profile): a self-signed certificate for 127.0.0.1.
+pick_port MAIN_TLS_PORT
+pick_port MAIN2_TLS_PORT
+pick_port FB_TLS_PORT
+mkdir -p "$WORK/tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+  -keyout "$WORK/tls/key.pem" -out "$WORK/tls/cert.pem" >"$WORK/tls/openssl.log" 2>&1 ||
+  {
+    cat "$WORK/tls/openssl.log" >&2
+    die "openssl could not make the origins' certificate"
+  }
+ORIGIN_TLS=(CERT="$WORK/tls/cert.pem" KEY="$WORK/tls/key.pem")
 
 # Each scenario's fixture lives in its origin only (the fallback ones must be 404 on main).
 for sc in $SCENARIOS; do
@@ -355,14 +370,14 @@ mkdir -p "$WORK/fixtures/main" "$WORK/fixtures/fallback"
 fixture_of() { echo "$WORK/fixtures/${FROM_OF[$1]}${PATH_OF[$1]}"; }
 
 start_nginx "$WORK/origin-main" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
-  NAME=main ROOT="$WORK/fixtures/main" PORT="$MAIN_PORT"
+  NAME=main ROOT="$WORK/fixtures/main" PORT="$MAIN_PORT" TLS_PORT="$MAIN_TLS_PORT" "${ORIGIN_TLS[@]}"
 MAIN_PID=$LAST_PID
 # A second peer of main (the pass2 scenario): the same fixtures on another server.
 start_nginx "$WORK/origin-main2" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
-  NAME=main2 ROOT="$WORK/fixtures/main" PORT="$MAIN2_PORT"
+  NAME=main2 ROOT="$WORK/fixtures/main" PORT="$MAIN2_PORT" TLS_PORT="$MAIN2_TLS_PORT" "${ORIGIN_TLS[@]}"
 MAIN2_PID=$LAST_PID
 start_nginx "$WORK/origin-fallback" "$BENCH/nginx/origin.conf.template" "$LOAD_CPUS" \
-  NAME=fallback ROOT="$WORK/fixtures/fallback" PORT="$FB_PORT"
+  NAME=fallback ROOT="$WORK/fixtures/fallback" PORT="$FB_PORT" TLS_PORT="$FB_TLS_PORT" "${ORIGIN_TLS[@]}"
 FB_PID=$LAST_PID
 wait_accept "origin main" "$MAIN_PORT" "$MAIN_PID" "$WORK/origin-main/error.log"
 wait_accept "origin main2" "$MAIN2_PORT" "$MAIN2_PID" "$WORK/origin-main2/error.log"
@@ -406,7 +421,8 @@ start_proxies() { # PROFILE
     nginx)
       start_nginx "$dir" "$tpl" "$PROXY_CPUS" \
         THREADS="$THREADS" PORT="${PORT_OF[$p]}" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" \
-        MAIN2_PORT="$MAIN2_PORT" MAIN404="$MAIN404_CONF"
+        MAIN2_PORT="$MAIN2_PORT" MAIN404="$MAIN404_CONF" \
+        MAIN_TLS_PORT="$MAIN_TLS_PORT" FB_TLS_PORT="$FB_TLS_PORT"
       PID_OF[$p]=$LAST_PID
       LOGS+=("$dir/error.log")
       ;;
@@ -421,6 +437,7 @@ start_proxies() { # PROFILE
       render "$tpl" "$dir/gen.yaml" DIR="$dir" THREADS="$THREADS" PORT="${PORT_OF[$p]}" \
         METRICS_PORT="$METRICS_PORT" MAIN_PORT="$MAIN_PORT" FB_PORT="$FB_PORT" CACHE_DISK="$disk" \
         MAIN2_PORT="$MAIN2_PORT" \
+        MAIN_TLS_PORT="$MAIN_TLS_PORT" FB_TLS_PORT="$FB_TLS_PORT" \
         CACHE_MEMORY="$CACHE_MEMORY" \
         ROOT="$ROOT" BODIES="$([ "$PLUGIN_BODIES" = 1 ] && echo true || echo false)"
       if [ -n "$CASCADE_SERVER" ]; then

@@ -858,8 +858,8 @@ async fn a_write_whose_peer_died_after_taking_its_body_is_not_sent_elsewhere() {
         )],
         "{main: media}",
     ));
-    // A pooled connection to `first`, which the PUT then reuses (a write's: reads from a
-    // plain-HTTP origin have cascade's own pool, writes Pingora's).
+    // A pooled connection to `first`, which the PUT then reuses (a write's: reads have
+    // cascade's own pool, writes Pingora's).
     let cl = client();
     let r = cl.put(c.url("/warm")).body("").send().await.unwrap();
     assert_eq!(

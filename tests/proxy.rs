@@ -1446,6 +1446,120 @@ async fn a_kept_connection_the_origin_closed_is_retried_not_failed() {
     );
 }
 
+/// cascade with an https main (`main.test`, behind `front`, checked against a trust store
+/// holding only `front`'s certificate) and a plain fallback at `fb_url`; `pool`:
+/// `server.upstream_pool`. The directory holds the trust store and the hosts file.
+fn tls_main(front: &TlsFront, fb_url: &str, pool: &str) -> (Cascade, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 main.test\n").unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &front.cert_pem).unwrap();
+    let main_url = front.url("main.test", "/b");
+    let yaml = if fb_url.is_empty() {
+        config(&[plain_origin("main", &main_url)], "{main: main}")
+    } else {
+        main_and_fallback(&main_url, fb_url)
+    };
+    let cascade = Cascade::builder(&yaml)
+        .hosts_file(&hosts)
+        .env("SSL_CERT_FILE", &ca.to_string_lossy())
+        .server("upstream_pool", pool)
+        .start();
+    (cascade, dir)
+}
+
+#[tokio::test]
+async fn an_https_main_keeps_its_tls_session_through_replayed_404s() {
+    // S3, R2 and GCS are https: a replayed 404 must not cost a TLS handshake to main.
+    for (pool, expected) in [("cascade", 1), ("pingora", 20)] {
+        let main = HttpOrigin::start();
+        main.set_default(Reply::new(404, "no such key, try elsewhere"));
+        main.route("/b/real", Reply::new(200, "real"));
+        let front = TlsFront::start(main.addr, "main.test");
+        let fb = HttpOrigin::start();
+        fb.route("/b/obj", Reply::new(200, "from-fallback"));
+        let (cascade, _dir) = tls_main(&front, &fb.url("/b"), pool);
+        for i in 0..20 {
+            fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
+            if pool == "cascade" {
+                wait_kept(&cascade, f64::from(i + 1)).await;
+            }
+        }
+        assert_eq!(main.stats.count("GET"), 20, "{pool}");
+        assert_eq!(front.handshakes(), expected, "upstream_pool: {pool}");
+        // Main's own answers still come over the same session.
+        let r = client().get(cascade.url("/real")).send().await.unwrap();
+        assert_eq!(header(&r, "x-served-from"), "main");
+        assert_eq!(r.text().await.unwrap(), "real");
+        if pool == "cascade" {
+            assert_eq!(front.handshakes(), 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_https_origin_whose_certificate_names_another_host_is_refused() {
+    // The kept sessions are set up by Pingora's connector with the origin's checks: a
+    // certificate for `other.test` on `main.test` never gets a request, with either pool.
+    for pool in ["cascade", "pingora"] {
+        let main = HttpOrigin::start();
+        main.set_default(Reply::new(200, "must not be served"));
+        let front = TlsFront::start(main.addr, "other.test");
+        let (cascade, _dir) = tls_main(&front, "", pool);
+        let r = client().get(cascade.url("/obj")).send().await.unwrap();
+        assert_eq!(r.status(), 502, "upstream_pool: {pool}");
+        assert_ne!(r.text().await.unwrap(), "must not be served");
+        assert_eq!(main.stats.total(), 0, "upstream_pool: {pool}");
+        assert_eq!(front.handshakes(), 0, "upstream_pool: {pool}");
+    }
+}
+
+#[tokio::test]
+async fn bytes_after_a_404_over_tls_never_answer_the_next_request() {
+    let smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON".to_vec();
+    // A 404 of exactly 4096 bytes (Pingora's first read of an answer) and a second answer in
+    // the same write, so in the same TLS record: Pingora reads exactly the 404 and the rest
+    // waits inside openssl, where no `recv(MSG_PEEK)` sees it.
+    let head = |n: usize| format!("HTTP/1.1 404 Not Found\r\nContent-Length: {n:04}\r\n\r\n");
+    let body_len = 4096 - head(0).len();
+    let mut exact = head(body_len).into_bytes();
+    exact.resize(4096, b'x');
+    let mut both = exact.clone();
+    both.extend_from_slice(&smuggled);
+    let clean_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno".to_vec();
+    for (what, missing) in [
+        ("same record", vec![RawPart::Bytes(both)]),
+        (
+            "a record 100 ms later",
+            vec![
+                RawPart::Bytes(clean_404.clone()),
+                RawPart::Pause(Duration::from_millis(100)),
+                RawPart::Bytes(smuggled.clone()),
+            ],
+        ),
+        (
+            "close_notify",
+            vec![RawPart::Bytes(clean_404), RawPart::Close],
+        ),
+    ] {
+        let main = raw_main(missing);
+        let front = TlsFront::start(main.addr, "main.test");
+        let fb = HttpOrigin::start();
+        fb.route("/b/missing", Reply::new(200, "from-fallback"));
+        let (cascade, _dir) = tls_main(&front, &fb.url("/b"), "cascade");
+        fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for _ in 0..2 {
+            let r = client().get(cascade.url("/real")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{what}");
+            assert_eq!(header(&r, "x-served-from"), "main", "{what}");
+            assert_eq!(r.text().await.unwrap(), "real", "{what}");
+        }
+        assert_eq!(front.handshakes(), 2, "{what}: the session was not reused");
+    }
+}
+
 #[tokio::test]
 async fn concurrent_reads_over_kept_connections_get_their_own_answers() {
     // Main holds m0..m19 and answers 404 (its body in two parts, 5 ms apart: some are finished

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use parking_lot::RwLock;
-use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::upstreams::peer::{HttpPeer, Scheme};
 use pingora_http::RequestHeader;
 
 use crate::config::{
@@ -168,7 +168,7 @@ fn template(addr: SocketAddr, tls: bool, sni: &str, verify: bool, t: &Timeouts) 
 struct Target {
     /// What Pingora connects with (cascade's own fetches and writes use it as it is).
     peer: HttpPeer,
-    /// Reads from a plain-HTTP peer: cascade's pool for this address (`pool.rs`).
+    /// Reads: cascade's pool for this address (`pool.rs`).
     pool: Option<pool::Connector>,
 }
 
@@ -255,11 +255,14 @@ impl Peer {
     pub fn set_addrs(&self, addrs: &[SocketAddr]) {
         let targets: Vec<Target> = addrs
             .iter()
-            .map(|a| Target {
-                peer: template(*a, self.tls, &self.sni, self.tls_verify, &self.timeouts),
-                // Plain HTTP: reads go through cascade's pool, which keeps the connections
-                // Pingora would close after a replayed answer. TLS keeps Pingora's.
-                pool: (self.own_pool && !self.tls).then(|| pool::Connector::new(POOL_IDLE)),
+            .map(|a| {
+                let peer = template(*a, self.tls, &self.sni, self.tls_verify, &self.timeouts);
+                // Reads go through cascade's pool, which keeps the connections Pingora would
+                // close after a replayed answer; for https it sets TLS up with this peer.
+                let pool = self
+                    .own_pool
+                    .then(|| pool::Connector::new(POOL_IDLE, self.tls.then(|| peer.clone())));
+                Target { peer, pool }
             })
             .collect();
         *self.targets.write() = Arc::from(targets);
@@ -308,9 +311,9 @@ impl Peer {
         self.http_peer_for(false).0
     }
 
-    /// A connection target for a client request's attempt. A read (`read`: GET/HEAD) from a
-    /// plain-HTTP peer connects through cascade's pool (`pool.rs`); the flag returned is set
-    /// when the connection it gets is a kept one.
+    /// A connection target for a client request's attempt. A read (`read`: GET/HEAD)
+    /// connects through cascade's pool (`pool.rs`); the flag returned is set when the
+    /// connection it gets is a kept one.
     pub fn http_peer_for(&self, read: bool) -> (Box<HttpPeer>, Option<Arc<AtomicBool>>) {
         let targets = self.targets.read();
         let i = self.next_target.fetch_add(1, Relaxed) % targets.len().max(1);
@@ -321,6 +324,11 @@ impl Peer {
         };
         let reused = Arc::new(AtomicBool::new(false));
         peer.options.custom_l4 = Some(Arc::new(pool.for_attempt(reused.clone())));
+        if pool.is_tls() {
+            // The pool's connection is already a TLS session (Pingora's, for the https
+            // peer): Pingora speaks plain HTTP over it.
+            peer.scheme = Scheme::HTTP;
+        }
         // Pingora pools a virtual socket only when cascade's pool could not follow its
         // exchange (and could never reuse it): let it go at once.
         peer.options.idle_timeout = Some(Duration::ZERO);
@@ -406,7 +414,7 @@ impl Origin {
     /// Build the runtime origin. `dir_socket` is where the directory origin of this name
     /// listens (only for `dir` origins). Host names are resolved here (and again every
     /// `dns_refresh` by `upstream::monitor`).
-    /// `own_pool`: plain-HTTP connections go through cascade's pool (`pool.rs`).
+    /// `own_pool`: reads' connections go through cascade's pool (`pool.rs`).
     pub fn new(
         cfg: &OriginConfig,
         dir_socket: Option<&Path>,

@@ -1,21 +1,22 @@
-//! cascade's connection pool for reads from plain-HTTP origins (`server.upstream_pool:
-//! cascade`): keeps the upstream connections Pingora would close, foremost main's
-//! connection after a 404 that is replayed to a fallback.
+//! cascade's connection pool for reads (GET/HEAD) from HTTP and HTTPS origins
+//! (`server.upstream_pool: cascade`): keeps the upstream connections Pingora would close,
+//! foremost main's connection after a 404 that is replayed to a fallback.
 //!
 //! Why it exists: cascade replays an answer (a fallback's 404, a `retry_on` status) by failing
 //! `upstream_response_filter`, Pingora's only public way to retry, and Pingora then drops the
 //! upstream connection although only a small error body was left on it: every fallback
 //! request paid a TCP connect and close to main (benches/README.md, "The fallback path").
 //! Here the connection of a GET/HEAD attempt is a Pingora *virtual socket*
-//! (`PeerOptions::custom_l4`, set per attempt by `Peer::http_peer_for`) over a `TcpStream`
-//! that follows the HTTP/1.1 framing of what goes through it ([`Tracker`], `framing.rs`). When Pingora
+//! (`PeerOptions::custom_l4`, set per attempt by `Peer::http_peer_for`) over a [`Link`] (a
+//! `TcpStream`, or for an https origin a TLS session Pingora's own connector set up, so
+//! Pingora sees plain HTTP) that follows the HTTP/1.1 framing of the plaintext going through
+//! it ([`Tracker`], `framing.rs`). When Pingora
 //! lets go of it (drops it, or is done with it after an answer), a connection whose exchange
 //! ended cleanly, or can be ended by reading at most [`DRAIN_BUDGET`] more bytes, goes to
 //! this pool, and the next read's connect to the same address takes it instead of dialling.
 //! Pingora cannot reuse a virtual socket from its own pool (it matches pooled connections by
 //! file descriptor), so the socket declines Pingora's pooling check and this pool holds them
-//! all. Writes, TLS origins, health checks and cascade's own fetches keep Pingora's
-//! connections and pool, as before.
+//! all. Writes, health checks and cascade's own fetches keep Pingora's connections and pool.
 //!
 //! Invariants:
 //! - A connection is kept only when the framing proves the exchange over: one `GET`/`HEAD`
@@ -28,8 +29,12 @@
 //!   [`MAX_DRAINS`] at once; over any bound the connection is closed.
 //! - The pool is bounded ([`POOL_CAP`] per address, the origin's idle timeout or its
 //!   `Keep-Alive: timeout=`), checks with a real `recv(MSG_PEEK)` that a connection is open
-//!   and silent before handing it out, and a sweeper closes the ones an origin closed or that
-//!   idled too long.
+//!   and silent before handing it out (for TLS also that openssl holds no unread plaintext:
+//!   a record after the answer, even a `close_notify` or a late session ticket, closes it),
+//!   and a sweeper closes the ones an origin closed or that idled too long.
+//! - TLS is Pingora's: the session is set up by Pingora's `TransportConnector` for the
+//!   origin's real (https) peer, with its certificate and host name checks and SNI, and a
+//!   kept session is handed out only to the same target of the same origin config.
 //! - A connection handed out from the pool counts as *reused* for cascade's retry rule (a
 //!   pooled connection the origin had closed is retried, not held against the peer): Pingora
 //!   sees a new connection, so the attempt's [`Connector`] sets a flag the attempt holds.
@@ -43,11 +48,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora_core::connectors::L4Connect;
+use pingora_core::connectors::{L4Connect, TransportConnector};
 use pingora_core::protocols::l4::ext::{connect as tcp_connect, set_tcp_keepalive};
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
 use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
+use pingora_core::protocols::Stream as TlsStream;
+use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -72,16 +79,55 @@ static DRAINS: AtomicUsize = AtomicUsize::new(0);
 #[derive(Debug)]
 struct Pool {
     /// Oldest first, each with the instant it stops being handed out.
-    idle: Mutex<VecDeque<(Instant, TcpStream)>>,
+    idle: Mutex<VecDeque<(Instant, Link)>>,
     /// The longest a connection idles here (the origin's pool idle timeout).
     max_idle: Duration,
     sweeping: AtomicBool,
 }
 
-/// Is an idle connection still open with nothing to read? Data on an idle connection (an
-/// answer nobody asked for) or EOF both mean it cannot be used. A real `recv(MSG_PEEK)`, not
-/// tokio's cached readiness, which may not have seen bytes the kernel already holds.
-fn still_open(tcp: &TcpStream) -> bool {
+/// An origin connection under the framing: plain TCP, or a TLS session over TCP (Pingora's
+/// stream from its `TransportConnector`: no read buffer below openssl, so what openssl has
+/// not read is still in the kernel).
+pub(crate) enum Link {
+    Tcp(TcpStream),
+    Tls(TlsStream),
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Link::Tcp(t) => t.fmt(f),
+            Link::Tls(t) => t.fmt(f),
+        }
+    }
+}
+
+impl Link {
+    /// Is an idle connection still open with nothing to read? Data on an idle connection
+    /// (an answer nobody asked for) or EOF both mean it cannot be used. For TLS, any record
+    /// at all (data, an alert, a late ticket) closes it too, and so does plaintext openssl
+    /// decrypted that nobody read.
+    fn still_open(&self) -> bool {
+        match self {
+            Link::Tcp(tcp) => tcp_silent(tcp),
+            Link::Tls(s) => {
+                if s.get_ssl().is_some_and(|ssl| ssl.pending() > 0) {
+                    return false;
+                }
+                // SAFETY: the descriptor is the session's socket, open while `s` lives,
+                // borrowed for this call only.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(s.id()) };
+                let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                let r = socket2::SockRef::from(&fd).peek(&mut b);
+                matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// A real `recv(MSG_PEEK)`, not tokio's cached readiness, which may not have seen bytes the
+/// kernel already holds: `true` when the connection is open and nothing is waiting.
+fn tcp_silent(tcp: &TcpStream) -> bool {
     let peek = || {
         let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         socket2::SockRef::from(tcp).peek(&mut b)
@@ -98,27 +144,67 @@ fn still_open(tcp: &TcpStream) -> bool {
     matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
+impl AsyncRead for Link {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+            Link::Tls(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Link {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Link::Tcp(t) => Pin::new(t).poll_write(cx, buf),
+            Link::Tls(t) => Pin::new(t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Tcp(t) => Pin::new(t).poll_flush(cx),
+            Link::Tls(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Link::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+            Link::Tls(t) => Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
 impl Pool {
     /// The most recently kept connection that is still usable (a warm one; older ones
     /// expire).
-    fn checkout(&self) -> Option<TcpStream> {
+    fn checkout(&self) -> Option<Link> {
         loop {
-            let (until, tcp) = self.idle.lock().pop_back()?;
-            if Instant::now() < until && still_open(&tcp) {
-                return Some(tcp);
+            let (until, link) = self.idle.lock().pop_back()?;
+            if Instant::now() < until && link.still_open() {
+                return Some(link);
             }
         }
     }
 
     /// `hint`: how long the origin said it keeps it (`Keep-Alive: timeout=`).
-    fn put(self: &Arc<Self>, tcp: TcpStream, hint: Option<Duration>) {
+    fn put(self: &Arc<Self>, link: Link, hint: Option<Duration>) {
         let keep = hint.map_or(self.max_idle, |h| h.min(self.max_idle));
         {
             let mut idle = self.idle.lock();
             if idle.len() >= POOL_CAP {
                 idle.pop_front();
             }
-            idle.push_back((Instant::now() + keep, tcp));
+            idle.push_back((Instant::now() + keep, link));
         }
         if !self.sweeping.swap(true, Ordering::AcqRel) {
             match tokio::runtime::Handle::try_current() {
@@ -135,7 +221,7 @@ impl Pool {
     fn sweep(&self) -> bool {
         let mut idle = self.idle.lock();
         let now = Instant::now();
-        idle.retain(|(until, tcp)| now < *until && still_open(tcp));
+        idle.retain(|(until, link)| now < *until && link.still_open());
         !idle.is_empty()
     }
 
@@ -165,21 +251,39 @@ async fn sweep(pool: Weak<Pool>) {
 #[derive(Debug, Clone)]
 pub struct Connector {
     pool: Arc<Pool>,
+    /// An https origin: the real peer (TLS, SNI, certificate checks) Pingora's connector sets
+    /// new sessions up for; the attempt's peer says plain HTTP, so Pingora adds no TLS.
+    tls: Option<Arc<HttpPeer>>,
     /// Set when the attempt's connection came from the pool.
     reused: Option<Arc<AtomicBool>>,
 }
 
+/// Pingora's connector for the TLS sessions of https origins' kept connections: built as
+/// the proxy's own is (no `ca_file`: the system's trust store), used only through
+/// `new_stream`, so its own pool stays empty.
+fn tls_connector() -> &'static TransportConnector {
+    static TLS: std::sync::OnceLock<TransportConnector> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| TransportConnector::new(None))
+}
+
 impl Connector {
-    /// `max_idle`: the longest a connection is kept idle.
-    pub fn new(max_idle: Duration) -> Connector {
+    /// `max_idle`: the longest a connection is kept idle; `tls`: the origin's https peer for
+    /// this address (`None`: plain HTTP).
+    pub fn new(max_idle: Duration, tls: Option<HttpPeer>) -> Connector {
         Connector {
             pool: Arc::new(Pool {
                 idle: Mutex::new(VecDeque::new()),
                 max_idle,
                 sweeping: AtomicBool::new(false),
             }),
+            tls: tls.map(Arc::new),
             reused: None,
         }
+    }
+
+    /// Does it set TLS sessions up (the attempt's peer must then say plain HTTP)?
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The connector of one attempt: this pool; `reused` tells the attempt whether its
@@ -187,6 +291,7 @@ impl Connector {
     pub fn for_attempt(&self, reused: Arc<AtomicBool>) -> Connector {
         Connector {
             pool: self.pool.clone(),
+            tls: self.tls.clone(),
             reused: Some(reused),
         }
     }
@@ -202,9 +307,9 @@ impl Connector {
         self.pool.len()
     }
 
-    fn stream(&self, tcp: TcpStream, nodelay: bool) -> Stream {
+    fn stream(&self, link: Link, nodelay: bool) -> Stream {
         let conn = Conn {
-            tcp: Some(tcp),
+            link: Some(link),
             http: Tracker::default(),
             pool: Arc::downgrade(&self.pool),
             nodelay: AtomicBool::new(nodelay),
@@ -216,28 +321,40 @@ impl Connector {
 #[async_trait]
 impl L4Connect for Connector {
     async fn connect(&self, addr: &SocketAddr) -> Result<Stream> {
-        if let Some(tcp) = self.pool.checkout() {
+        if let Some(link) = self.pool.checkout() {
             self.set_reused(true);
             crate::metrics::METRICS.upstream_connections[1].inc();
-            return Ok(self.stream(tcp, true));
+            return Ok(self.stream(link, true));
         }
         self.set_reused(false);
-        let SocketAddr::Inet(inet) = addr else {
-            return Error::e_explain(ErrorType::InternalError, "cascade's pool connects TCP only");
+        let link = match &self.tls {
+            // Pingora's TCP connect and TLS handshake for the real peer (same address), with
+            // its timeouts, TCP options and certificate checks; errors keep their type.
+            Some(peer) => Link::Tls(tls_connector().new_stream(&**peer).await?),
+            None => {
+                let SocketAddr::Inet(inet) = addr else {
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "cascade's pool connects TCP only",
+                    );
+                };
+                Link::Tcp(tcp_connect(inet, None).await?)
+            }
         };
-        let tcp = tcp_connect(inet, None).await?;
         crate::metrics::METRICS.upstream_connections[0].inc();
-        Ok(self.stream(tcp, false))
+        // Pingora's TLS connect has set its TCP options already.
+        let nodelay = matches!(link, Link::Tls(_));
+        Ok(self.stream(link, nodelay))
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // The connection Pingora holds.
 
-/// A TCP connection to an origin as Pingora sees it (a virtual socket), following its
+/// An origin connection as Pingora sees it (a virtual socket, plain HTTP), following its
 /// exchanges; when Pingora lets go of it, it goes back to its pool if it can.
 struct Conn {
-    tcp: Option<TcpStream>,
+    link: Option<Link>,
     http: Tracker,
     pool: Weak<Pool>,
     nodelay: AtomicBool,
@@ -246,7 +363,7 @@ struct Conn {
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("tcp", &self.tcp)
+            .field("link", &self.link)
             .field("http", &self.http)
             .finish()
     }
@@ -263,11 +380,11 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let Some(tcp) = this.tcp.as_mut() else {
+        let Some(link) = this.link.as_mut() else {
             return Poll::Ready(Err(gone()));
         };
         if buf.remaining() == 0 {
-            return Pin::new(tcp).poll_read(cx, buf);
+            return Pin::new(link).poll_read(cx, buf);
         }
         if this.http.is_done() {
             // The exchange is over and Pingora is checking whether the connection can go to
@@ -281,7 +398,7 @@ impl AsyncRead for Conn {
             )));
         }
         let before = buf.filled().len();
-        match Pin::new(tcp).poll_read(cx, buf) {
+        match Pin::new(link).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 this.http.on_read(&buf.filled()[before..]);
                 Poll::Ready(Ok(()))
@@ -302,10 +419,10 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let Some(tcp) = this.tcp.as_mut() else {
+        let Some(link) = this.link.as_mut() else {
             return Poll::Ready(Err(gone()));
         };
-        let r = Pin::new(tcp).poll_write(cx, buf);
+        let r = Pin::new(link).poll_write(cx, buf);
         match &r {
             Poll::Ready(Ok(n)) => this.http.on_write(&buf[..*n]),
             Poll::Ready(Err(_)) => this.http.poison(),
@@ -315,8 +432,8 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut().tcp.as_mut() {
-            Some(tcp) => Pin::new(tcp).poll_flush(cx),
+        match self.get_mut().link.as_mut() {
+            Some(link) => Pin::new(link).poll_flush(cx),
             None => Poll::Ready(Ok(())),
         }
     }
@@ -324,8 +441,8 @@ impl AsyncWrite for Conn {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         this.http.poison();
-        match this.tcp.as_mut() {
-            Some(tcp) => Pin::new(tcp).poll_shutdown(cx),
+        match this.link.as_mut() {
+            Some(link) => Pin::new(link).poll_shutdown(cx),
             None => Poll::Ready(Ok(())),
         }
     }
@@ -333,7 +450,8 @@ impl AsyncWrite for Conn {
 
 impl VirtualSocket for Conn {
     fn set_socket_option(&self, opt: VirtualSockOpt) -> std::io::Result<()> {
-        let Some(tcp) = self.tcp.as_ref() else {
+        // TLS sessions come with the peer's TCP options set by Pingora's connector.
+        let Some(Link::Tcp(tcp)) = self.link.as_ref() else {
             return Ok(());
         };
         match opt {
@@ -353,7 +471,7 @@ impl VirtualSocket for Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        let Some(tcp) = self.tcp.take() else { return };
+        let Some(link) = self.link.take() else { return };
         let Some(pool) = self.pool.upgrade() else {
             return;
         };
@@ -364,7 +482,7 @@ impl Drop for Conn {
                     // Pingora dropped a connection whose answer was over (a replayed 404).
                     m.upstream_connections[2].inc();
                 }
-                pool.put(tcp, self.http.idle_hint());
+                pool.put(link, self.http.idle_hint());
             }
             Verdict::Drain => {
                 let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -376,7 +494,7 @@ impl Drop for Conn {
                 }
                 let http = std::mem::take(&mut self.http);
                 rt.spawn(async move {
-                    let kept = tokio::time::timeout(DRAIN_TIME, drain(tcp, http))
+                    let kept = tokio::time::timeout(DRAIN_TIME, drain(link, http))
                         .await
                         .ok()
                         .flatten();
@@ -385,9 +503,9 @@ impl Drop for Conn {
                         "upstream answer drained: connection kept: {}",
                         kept.is_some()
                     );
-                    if let Some((tcp, hint)) = kept {
+                    if let Some((link, hint)) = kept {
                         crate::metrics::METRICS.upstream_connections[2].inc();
-                        pool.put(tcp, hint);
+                        pool.put(link, hint);
                     }
                 });
             }
@@ -398,19 +516,19 @@ impl Drop for Conn {
 
 /// Reads the rest of an answer (at most [`DRAIN_BUDGET`] bytes); the connection when the
 /// answer ended cleanly.
-async fn drain(mut tcp: TcpStream, mut http: Tracker) -> Option<(TcpStream, Option<Duration>)> {
+async fn drain(mut link: Link, mut http: Tracker) -> Option<(Link, Option<Duration>)> {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0u8; 8192];
     let mut read = 0u64;
     while !http.is_done() {
-        let n = tcp.read(&mut buf).await.ok()?;
+        let n = link.read(&mut buf).await.ok()?;
         read += n as u64;
         http.on_read(&buf[..n]);
         if http.is_unsafe() || read > DRAIN_BUDGET {
             return None;
         }
     }
-    Some((tcp, http.idle_hint()))
+    Some((link, http.idle_hint()))
 }
 
 #[cfg(test)]
@@ -421,27 +539,28 @@ mod tests {
     async fn the_pool_hands_out_only_open_connections_and_forgets_old_ones() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = Connector::new(Duration::from_secs(60));
+        let c = Connector::new(Duration::from_secs(60), None);
         let a = TcpStream::connect(addr).await.unwrap();
         let (sa, _) = l.accept().await.unwrap();
         let b = TcpStream::connect(addr).await.unwrap();
         let (_sb, _) = l.accept().await.unwrap();
-        c.pool.put(a, None);
-        c.pool.put(b, None);
+        c.pool.put(Link::Tcp(a), None);
+        c.pool.put(Link::Tcp(b), None);
         // The origin closes `a`: only `b` may come back.
         drop(sa);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(c.pool.checkout().is_some());
         assert!(c.pool.checkout().is_none());
         // An idle timeout of 0, or an origin's shorter one: nothing is handed out.
-        let c = Connector::new(Duration::ZERO);
-        c.pool.put(TcpStream::connect(addr).await.unwrap(), None);
+        let c = Connector::new(Duration::ZERO, None);
+        c.pool
+            .put(Link::Tcp(TcpStream::connect(addr).await.unwrap()), None);
         assert!(c.pool.checkout().is_none());
         assert_eq!(c.idle(), 0);
-        let c = Connector::new(Duration::from_secs(60));
+        let c = Connector::new(Duration::from_secs(60), None);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let _server_side = l.accept().await.unwrap();
-        c.pool.put(tcp, Some(Duration::from_millis(20)));
+        c.pool.put(Link::Tcp(tcp), Some(Duration::from_millis(20)));
         tokio::time::sleep(Duration::from_millis(40)).await;
         assert!(c.pool.checkout().is_none());
     }
@@ -451,10 +570,10 @@ mod tests {
         use std::io::Write;
         // A std listener: the origin side writes without any runtime involved.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = Connector::new(Duration::from_secs(60));
+        let c = Connector::new(Duration::from_secs(60), None);
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (mut origin, _) = l.accept().unwrap();
-        c.pool.put(tcp, None);
+        c.pool.put(Link::Tcp(tcp), None);
         // Bytes in the kernel's buffer, no await since: tokio's readiness has not seen them.
         origin.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
         assert!(c.pool.checkout().is_none());
@@ -464,10 +583,11 @@ mod tests {
     async fn the_pool_is_bounded() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = Connector::new(Duration::from_secs(60));
+        let c = Connector::new(Duration::from_secs(60), None);
         let mut keep = Vec::new();
         for _ in 0..POOL_CAP + 5 {
-            c.pool.put(TcpStream::connect(addr).await.unwrap(), None);
+            c.pool
+                .put(Link::Tcp(TcpStream::connect(addr).await.unwrap()), None);
             keep.push(l.accept().await.unwrap());
         }
         assert_eq!(c.idle(), POOL_CAP);

@@ -839,6 +839,145 @@ impl Drop for RawOrigin {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// TLS in front of an origin
+// ---------------------------------------------------------------------------------------------
+
+/// An https origin: a TLS terminator (openssl, a fresh self-signed certificate for `name`)
+/// in front of a plain test origin at `backend`, each TLS connection forwarded over its own
+/// TCP connection to it. Counts TLS handshakes; one runtime thread; stopped on drop.
+pub struct TlsFront {
+    pub addr: SocketAddr,
+    /// The certificate (PEM): a trust store holding only it (`SSL_CERT_FILE`) trusts `name`.
+    pub cert_pem: Vec<u8>,
+    handshakes: Arc<AtomicU64>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A self-signed certificate for DNS name `name` and IP 127.0.0.1, valid for a day.
+fn self_signed(
+    name: &str,
+) -> (
+    openssl::x509::X509,
+    openssl::pkey::PKey<openssl::pkey::Private>,
+) {
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::hash::MessageDigest;
+    use openssl::nid::Nid;
+    use openssl::pkey::PKey;
+    use openssl::x509::extension::SubjectAlternativeName;
+    use openssl::x509::{X509Builder, X509NameBuilder};
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
+    let mut subject = X509NameBuilder::new().unwrap();
+    subject.append_entry_by_text("CN", name).unwrap();
+    let subject = subject.build();
+    let mut b = X509Builder::new().unwrap();
+    b.set_version(2).unwrap();
+    let serial = BigNum::from_u32(SEQ.fetch_add(1, Ordering::SeqCst) as u32).unwrap();
+    b.set_serial_number(&serial.to_asn1_integer().unwrap())
+        .unwrap();
+    b.set_subject_name(&subject).unwrap();
+    b.set_issuer_name(&subject).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    let san = SubjectAlternativeName::new()
+        .dns(name)
+        .ip("127.0.0.1")
+        .build(&b.x509v3_context(None, None))
+        .unwrap();
+    b.append_extension(san).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    (b.build(), key)
+}
+
+impl TlsFront {
+    /// TLS on a free 127.0.0.1 port for the origin at `backend`, with a certificate for `name`.
+    pub fn start(backend: SocketAddr, name: &str) -> TlsFront {
+        use openssl::ssl::{Ssl, SslAcceptor, SslMethod};
+        let (cert, key) = self_signed(name);
+        let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        acceptor.set_private_key(&key).unwrap();
+        acceptor.set_certificate(&cert).unwrap();
+        let acceptor = acceptor.build();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handshakes = Arc::new(AtomicU64::new(0));
+        let count = handshakes.clone();
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        accepted = listener.accept() => {
+                            let Ok((tcp, _)) = accepted else { continue };
+                            let _ = tcp.set_nodelay(true);
+                            let ssl = Ssl::new(acceptor.context()).unwrap();
+                            let count = count.clone();
+                            tokio::spawn(async move {
+                                let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+                                if Pin::new(&mut tls).accept().await.is_err() {
+                                    return;
+                                }
+                                count.fetch_add(1, Ordering::SeqCst);
+                                let Ok(mut back) = tokio::net::TcpStream::connect(backend).await
+                                else {
+                                    return;
+                                };
+                                let _ = back.set_nodelay(true);
+                                let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                            });
+                        }
+                    }
+                }
+            });
+            rt.shutdown_timeout(Duration::from_secs(1));
+        });
+        TlsFront {
+            addr,
+            cert_pem: cert.to_pem().unwrap(),
+            handshakes,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// TLS handshakes completed (= TLS connections a client made).
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes.load(Ordering::SeqCst)
+    }
+
+    /// `https://HOST:PORT{prefix}`: `host` must resolve to 127.0.0.1 for cascade.
+    pub fn url(&self, host: &str, prefix: &str) -> String {
+        format!("https://{host}:{}{prefix}", self.addr.port())
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A loopback port that was free a moment ago and was not handed out before in this process.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
