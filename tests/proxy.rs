@@ -1310,6 +1310,26 @@ async fn a_404_left_half_read_is_finished_then_kept() {
     assert_eq!(chunked.connections(), 1);
 }
 
+#[tokio::test]
+async fn a_404_read_ahead_past_pingoras_first_read_is_ended_and_kept() {
+    // A 404 of 6000 bytes in one write: cascade's pool reads it whole, hands Pingora 4 KiB
+    // (its first read) and the rest from what it read ahead; the answer ends, the connection
+    // is kept (it fails when read-ahead bytes are lost).
+    let mut answer = b"HTTP/1.1 404 Not Found\r\nContent-Length: 6000\r\n\r\n".to_vec();
+    answer.resize(answer.len() + 6000, b'x');
+    let main = raw_main(vec![RawPart::Bytes(answer)]);
+    let fb = HttpOrigin::start();
+    fb.route("/b/missing", Reply::new(200, "from-fallback"));
+    let cascade = Cascade::start(&main_and_fallback(&main.url("/b"), &fb.url("/b")));
+    for i in 0..3 {
+        fallback_gets(&cascade, "/missing", "from-fallback", 1).await;
+        wait_kept(&cascade, f64::from(i + 1)).await;
+    }
+    let r = client().get(cascade.url("/real")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "real");
+    assert_eq!(main.connections(), 1, "{:?}", main.heads());
+}
+
 /// A raw main origin: `/b/real` answers 200 `real`; anything else gets `missing`.
 fn raw_main(missing: Vec<RawPart>) -> RawOrigin {
     RawOrigin::start(move |head| {
@@ -1338,14 +1358,36 @@ async fn real_after_replay(main: &RawOrigin, pause: Duration) {
     }
 }
 
+/// A second answer nobody asked for, sent after a 404.
+const SMUGGLED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON";
+
+/// A 404 of exactly 4096 bytes (Pingora's first read of an answer) with [`SMUGGLED`] in the
+/// same write: Pingora is handed exactly the 404 and the rest waits below it (read ahead by
+/// cascade's pool, or inside openssl).
+fn exact_404_then_smuggled() -> Vec<u8> {
+    let head = |n: usize| format!("HTTP/1.1 404 Not Found\r\nContent-Length: {n:04}\r\n\r\n");
+    let mut both = head(4096 - head(0).len()).into_bytes();
+    both.resize(4096, b'x');
+    both.extend_from_slice(SMUGGLED);
+    both
+}
+
 #[tokio::test]
 async fn bytes_after_a_404_never_answer_the_next_request() {
-    let smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON".to_vec();
+    let smuggled = SMUGGLED.to_vec();
     let clean_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno".to_vec();
     // A second answer in the same write as the 404: read with it, the connection is closed.
     let mut both = clean_404.clone();
     both.extend_from_slice(&smuggled);
     let main = raw_main(vec![RawPart::Bytes(both)]);
+    real_after_replay(&main, Duration::from_millis(100)).await;
+    assert_eq!(
+        main.connections(),
+        2,
+        "the poisoned connection was not reused"
+    );
+    // The same past Pingora's first read: the second answer is read ahead, never handed on.
+    let main = raw_main(vec![RawPart::Bytes(exact_404_then_smuggled())]);
     real_after_replay(&main, Duration::from_millis(100)).await;
     assert_eq!(
         main.connections(),
@@ -1450,11 +1492,21 @@ async fn a_kept_connection_the_origin_closed_is_retried_not_failed() {
 /// holding only `front`'s certificate) and a plain fallback at `fb_url`; `pool`:
 /// `server.upstream_pool`. The directory holds the trust store and the hosts file.
 fn tls_main(front: &TlsFront, fb_url: &str, pool: &str) -> (Cascade, tempfile::TempDir) {
+    tls_main_trusting(front, &front.cert_pem, fb_url, pool)
+}
+
+/// [`tls_main`] with a trust store holding only `trust` (PEM).
+fn tls_main_trusting(
+    front: &TlsFront,
+    trust: &[u8],
+    fb_url: &str,
+    pool: &str,
+) -> (Cascade, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 main.test\n").unwrap();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &front.cert_pem).unwrap();
+    std::fs::write(&ca, trust).unwrap();
     let main_url = front.url("main.test", "/b");
     let yaml = if fb_url.is_empty() {
         config(&[plain_origin("main", &main_url)], "{main: main}")
@@ -1499,34 +1551,44 @@ async fn an_https_main_keeps_its_tls_session_through_replayed_404s() {
 }
 
 #[tokio::test]
-async fn an_https_origin_whose_certificate_names_another_host_is_refused() {
+async fn an_https_origin_whose_certificate_is_wrong_is_refused() {
     // The kept sessions are set up by Pingora's connector with the origin's checks: a
-    // certificate for `other.test` on `main.test` never gets a request, with either pool.
+    // certificate for another name, or one nobody trusts, never gets a request, with either
+    // pool, and counts as a TLS failure.
+    let stranger = TlsFront::start(HttpOrigin::start().addr, "main.test");
     for pool in ["cascade", "pingora"] {
-        let main = HttpOrigin::start();
-        main.set_default(Reply::new(200, "must not be served"));
-        let front = TlsFront::start(main.addr, "other.test");
-        let (cascade, _dir) = tls_main(&front, "", pool);
-        let r = client().get(cascade.url("/obj")).send().await.unwrap();
-        assert_eq!(r.status(), 502, "upstream_pool: {pool}");
-        assert_ne!(r.text().await.unwrap(), "must not be served");
-        assert_eq!(main.stats.total(), 0, "upstream_pool: {pool}");
-        assert_eq!(front.handshakes(), 0, "upstream_pool: {pool}");
+        for (what, name, trust_stranger) in [
+            ("another host's", "other.test", false),
+            ("an untrusted", "main.test", true),
+        ] {
+            let main = HttpOrigin::start();
+            main.set_default(Reply::new(200, "must not be served"));
+            let front = TlsFront::start(main.addr, name);
+            let trust = if trust_stranger {
+                &stranger.cert_pem
+            } else {
+                &front.cert_pem
+            };
+            let (cascade, _dir) = tls_main_trusting(&front, trust, "", pool);
+            let r = client().get(cascade.url("/obj")).send().await.unwrap();
+            let ctx = format!("{what} certificate, upstream_pool: {pool}");
+            assert_eq!(r.status(), 502, "{ctx}");
+            assert_ne!(r.text().await.unwrap(), "must not be served", "{ctx}");
+            assert_eq!(main.stats.total(), 0, "{ctx}");
+            assert_eq!(front.handshakes(), 0, "{ctx}");
+            let m = cascade.metrics().await;
+            let tls = metric_sum(&m, "cascade_upstream_errors_total", &[("kind", "tls")]);
+            assert!(tls.unwrap_or(0.0) >= 1.0, "{ctx}: counted as a TLS failure");
+        }
     }
 }
 
 #[tokio::test]
 async fn bytes_after_a_404_over_tls_never_answer_the_next_request() {
-    let smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON".to_vec();
-    // A 404 of exactly 4096 bytes (Pingora's first read of an answer) and a second answer in
-    // the same write, so in the same TLS record: Pingora reads exactly the 404 and the rest
+    let smuggled = SMUGGLED.to_vec();
+    // In the same TLS record as a 4096-byte 404: Pingora reads exactly the 404 and the rest
     // waits inside openssl, where no `recv(MSG_PEEK)` sees it.
-    let head = |n: usize| format!("HTTP/1.1 404 Not Found\r\nContent-Length: {n:04}\r\n\r\n");
-    let body_len = 4096 - head(0).len();
-    let mut exact = head(body_len).into_bytes();
-    exact.resize(4096, b'x');
-    let mut both = exact.clone();
-    both.extend_from_slice(&smuggled);
+    let both = exact_404_then_smuggled();
     let clean_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno".to_vec();
     for (what, missing) in [
         ("same record", vec![RawPart::Bytes(both)]),

@@ -180,6 +180,10 @@ fn options(peer: &mut HttpPeer, t: &Timeouts) {
     peer.options.idle_timeout = Some(POOL_IDLE);
 }
 
+/// The `group_key` of reads' peers (cascade's pool): never matches a pooled connection of
+/// Pingora's.
+const POOL_GROUP: u64 = u64::from_be_bytes(*b"cascpool");
+
 impl Peer {
     fn http(
         cfg: &PeerConfig,
@@ -324,6 +328,10 @@ impl Peer {
         };
         let reused = Arc::new(AtomicBool::new(false));
         peer.options.custom_l4 = Some(Arc::new(pool.for_attempt(reused.clone())));
+        // Pingora looks in its own pool before it connects, by a hash that does not cover
+        // `custom_l4`: a group of its own keeps a read from taking a connection Pingora pooled
+        // for a write (or, for https below, a plain one to the same address).
+        peer.group_key = POOL_GROUP;
         if pool.is_tls() {
             // The pool's connection is already a TLS session (Pingora's, for the https
             // peer): Pingora speaks plain HTTP over it.

@@ -17,6 +17,8 @@
 //! Pingora cannot reuse a virtual socket from its own pool (it matches pooled connections by
 //! file descriptor), so the socket declines Pingora's pooling check and this pool holds them
 //! all. Writes, health checks and cascade's own fetches keep Pingora's connections and pool.
+//! Since the socket sits under every read anyway, it also reads ahead of Pingora's small
+//! first read of an answer ([`READ_AHEAD`]): a 4 KiB object costs one `recv`, not two.
 //!
 //! Invariants:
 //! - A connection is kept only when the framing proves the exchange over: one `GET`/`HEAD`
@@ -24,17 +26,21 @@
 //!   read past that end, nothing says `close`. Anything else (a body on the request, `1xx`,
 //!   read-to-close, both `Content-Length` and `Transfer-Encoding`, data on an idle
 //!   connection, EOF, an IO error) closes it: a kept connection never hands one request's
-//!   answer to the next.
+//!   answer to the next. Bytes read ahead count as read: past the answer's end they close
+//!   the connection too.
 //! - Draining is bounded: [`DRAIN_BUDGET`] bytes within [`DRAIN_TIME`], at most
 //!   [`MAX_DRAINS`] at once; over any bound the connection is closed.
 //! - The pool is bounded ([`POOL_CAP`] per address, the origin's idle timeout or its
 //!   `Keep-Alive: timeout=`), checks with a real `recv(MSG_PEEK)` that a connection is open
-//!   and silent before handing it out (for TLS also that openssl holds no unread plaintext:
-//!   a record after the answer, even a `close_notify` or a late session ticket, closes it),
+//!   and silent before handing it out (for TLS also that openssl holds no unread bytes: a
+//!   record after the answer, even a `close_notify` or a late session ticket, closes it),
 //!   and a sweeper closes the ones an origin closed or that idled too long.
-//! - TLS is Pingora's: the session is set up by Pingora's `TransportConnector` for the
-//!   origin's real (https) peer, with its certificate and host name checks and SNI, and a
-//!   kept session is handed out only to the same target of the same origin config.
+//! - TLS is Pingora's: the session is set up by Pingora's `TransportConnector` (built from
+//!   the server's configuration, as the proxy's own: [`init_tls`]) for the origin's real
+//!   (https) peer, with its certificate and host name checks and SNI, and a kept session is
+//!   handed out only to the same target of the same origin config. Reads' peers carry a
+//!   `group_key` of their own, so Pingora never hands them a connection from its pool (a
+//!   write's, or a plain one to the same address).
 //! - A connection handed out from the pool counts as *reused* for cascade's retry rule (a
 //!   pooled connection the origin had closed is retried, not held against the peer): Pingora
 //!   sees a new connection, so the attempt's [`Connector`] sets a flag the attempt holds.
@@ -48,12 +54,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use pingora_core::connectors::{L4Connect, TransportConnector};
+use pingora_core::connectors::{ConnectorOptions, L4Connect, TransportConnector};
 use pingora_core::protocols::l4::ext::{connect as tcp_connect, set_tcp_keepalive};
 use pingora_core::protocols::l4::socket::SocketAddr;
 use pingora_core::protocols::l4::stream::Stream;
 use pingora_core::protocols::l4::virt::{VirtualSockOpt, VirtualSocket, VirtualSocketStream};
 use pingora_core::protocols::Stream as TlsStream;
+use pingora_core::server::configuration::ServerConf;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -111,18 +118,38 @@ impl Link {
         match self {
             Link::Tcp(tcp) => tcp_silent(tcp),
             Link::Tls(s) => {
-                if s.get_ssl().is_some_and(|ssl| ssl.pending() > 0) {
+                if s.get_ssl().is_some_and(holds_bytes) {
                     return false;
                 }
-                // SAFETY: the descriptor is the session's socket, open while `s` lives,
-                // borrowed for this call only.
-                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(s.id()) };
+                let raw = s.id();
+                if raw < 0 {
+                    return false; // not a socket (cannot happen: the session is over TCP)
+                }
+                // SAFETY: `raw` is the session's TCP socket (Pingora's L4 stream under the
+                // TLS stream), open while `s` lives, borrowed for this call only.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
                 let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
                 let r = socket2::SockRef::from(&fd).peek(&mut b);
                 matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
             }
         }
     }
+}
+
+unsafe extern "C" {
+    /// OpenSSL ≥ 1.1.0 (not bound by openssl-sys): whether `ssl` holds bytes nobody has read,
+    /// decrypted or not yet processed (a record read ahead).
+    fn SSL_has_pending(ssl: *const pingora_core::tls::ssl_sys::SSL) -> std::ffi::c_int;
+}
+
+/// Does openssl hold bytes of the connection nobody has read? `pending` counts decrypted
+/// plaintext; `SSL_has_pending` also records read but not processed, which openssl keeps
+/// only with read-ahead on (Pingora never turns it on: belt and braces).
+fn holds_bytes(ssl: &pingora_core::tls::ssl::SslRef) -> bool {
+    use foreign_types::ForeignTypeRef;
+    // SAFETY: `ssl.as_ptr()` is a valid `SSL` for the duration of the call, which only reads
+    // the state of its buffers.
+    ssl.pending() > 0 || unsafe { SSL_has_pending(ssl.as_ptr()) } != 0
 }
 
 /// A real `recv(MSG_PEEK)`, not tokio's cached readiness, which may not have seen bytes the
@@ -258,11 +285,19 @@ pub struct Connector {
     reused: Option<Arc<AtomicBool>>,
 }
 
-/// Pingora's connector for the TLS sessions of https origins' kept connections: built as
-/// the proxy's own is (no `ca_file`: the system's trust store), used only through
-/// `new_stream`, so its own pool stays empty.
+/// Pingora's connector for the TLS sessions of https origins' kept connections, used only
+/// through `new_stream` (its own pool stays empty).
+static TLS: std::sync::OnceLock<TransportConnector> = std::sync::OnceLock::new();
+
+/// Build the TLS connector from the server's configuration, as Pingora builds the proxy's
+/// own (`ConnectorOptions::from_server_conf`: trust store, bind addresses, key log), so
+/// reads and writes see the same TLS settings; and at start, since loading a trust store
+/// blocks.
+pub fn init_tls(conf: &ServerConf) {
+    TLS.get_or_init(|| TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))));
+}
+
 fn tls_connector() -> &'static TransportConnector {
-    static TLS: std::sync::OnceLock<TransportConnector> = std::sync::OnceLock::new();
     TLS.get_or_init(|| TransportConnector::new(None))
 }
 
@@ -311,6 +346,7 @@ impl Connector {
         let conn = Conn {
             link: Some(link),
             http: Tracker::default(),
+            ahead: Ahead::default(),
             pool: Arc::downgrade(&self.pool),
             nodelay: AtomicBool::new(nodelay),
         };
@@ -356,8 +392,44 @@ impl L4Connect for Connector {
 struct Conn {
     link: Option<Link>,
     http: Tracker,
+    /// Bytes read ahead of a small read of Pingora's ([`READ_AHEAD`]) that it has not been
+    /// handed yet; empty (and unallocated) almost always.
+    ahead: Ahead,
     pool: Weak<Pool>,
     nodelay: AtomicBool,
+}
+
+/// A read of Pingora's into less room than this (its first read of an answer's head has
+/// 4 KiB) reads up to this much from the socket and keeps the rest for its next read: a
+/// 4 KiB object's answer (head and body, ~4.3 KiB) then costs one `recv` instead of two.
+/// Plain TCP only (openssl reads a TLS record whole anyway).
+pub const READ_AHEAD: usize = 16 * 1024;
+
+/// Bytes read from the origin, not yet handed to Pingora.
+#[derive(Debug, Default)]
+struct Ahead {
+    bytes: Vec<u8>,
+    at: usize,
+}
+
+impl Ahead {
+    fn is_empty(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
+    /// Up to `room` of the bytes, in order; the buffer is freed once all are taken.
+    fn take(&mut self, room: usize) -> &[u8] {
+        let n = (self.bytes.len() - self.at).min(room);
+        let start = self.at;
+        self.at += n;
+        &self.bytes[start..start + n]
+    }
+
+    fn free_if_empty(&mut self) {
+        if self.is_empty() && self.bytes.capacity() > 0 {
+            *self = Ahead::default();
+        }
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -392,10 +464,48 @@ impl AsyncRead for Conn {
             // reuse a virtual socket (it matches pooled connections by file descriptor), so
             // say no; the drop that follows keeps it here. No read: whatever the origin sends
             // from now on is seen by the `recv(MSG_PEEK)` before the connection is handed out.
-            this.http.park();
+            // Bytes read ahead past the answer's end are an answer nobody asked for.
+            if this.ahead.is_empty() {
+                this.http.park();
+            } else {
+                this.http.poison();
+            }
             return Poll::Ready(Err(std::io::Error::other(
                 "kept by cascade's upstream pool",
             )));
+        }
+        if !this.ahead.is_empty() {
+            let bytes = this.ahead.take(buf.remaining());
+            buf.put_slice(bytes);
+            this.http.on_read(bytes);
+            this.ahead.free_if_empty();
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() < READ_AHEAD {
+            if let Link::Tcp(tcp) = link {
+                let mut room = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
+                let mut got = ReadBuf::uninit(&mut room);
+                return match Pin::new(tcp).poll_read(cx, &mut got) {
+                    Poll::Ready(Ok(())) => {
+                        let got = got.filled();
+                        let n = got.len().min(buf.remaining());
+                        buf.put_slice(&got[..n]);
+                        this.http.on_read(&got[..n]);
+                        if n < got.len() {
+                            this.ahead = Ahead {
+                                bytes: got[n..].to_vec(),
+                                at: 0,
+                            };
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.http.poison();
+                        Poll::Ready(Err(e))
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
         }
         let before = buf.filled().len();
         match Pin::new(link).poll_read(cx, buf) {
@@ -475,6 +585,12 @@ impl Drop for Conn {
         let Some(pool) = self.pool.upgrade() else {
             return;
         };
+        // What was read ahead belongs to the answer (it may end it) or is past its end (the
+        // framing then says close).
+        if !self.ahead.is_empty() {
+            let rest = std::mem::take(&mut self.ahead);
+            self.http.on_read(&rest.bytes[rest.at..]);
+        }
         let m = &crate::metrics::METRICS;
         match self.http.verdict() {
             Verdict::Keep => {
@@ -577,6 +693,68 @@ mod tests {
         // Bytes in the kernel's buffer, no await since: tokio's readiness has not seen them.
         origin.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
         assert!(c.pool.checkout().is_none());
+    }
+
+    /// A TLS server on 127.0.0.1 (a throwaway self-signed certificate) that sends `first` as
+    /// one record, then `later` when told to.
+    async fn tls_server(
+        first: &'static [u8],
+        later: &'static [u8],
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+        use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, ssl, x509};
+        use tokio::io::AsyncWriteExt;
+        let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+        let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+        let mut cert = x509::X509Builder::new().unwrap();
+        cert.set_pubkey(&key).unwrap();
+        cert.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        cert.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        cert.sign(&key, MessageDigest::sha256()).unwrap();
+        let mut acceptor =
+            ssl::SslAcceptor::mozilla_intermediate_v5(ssl::SslMethod::tls()).unwrap();
+        acceptor.set_private_key(&key).unwrap();
+        acceptor.set_certificate(&cert.build()).unwrap();
+        let acceptor = acceptor.build();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let ssl = ssl::Ssl::new(acceptor.context()).unwrap();
+            let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+            Pin::new(&mut tls).accept().await.unwrap();
+            tls.write_all(first).await.unwrap();
+            let _ = wait.await;
+            tls.write_all(later).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        (addr, go)
+    }
+
+    #[tokio::test]
+    async fn a_tls_session_is_open_only_with_nothing_left_in_openssl_or_the_kernel() {
+        use tokio::io::AsyncReadExt;
+        let (addr, go) = tls_server(b"AAAABBBB", b"C").await;
+        let mut peer = HttpPeer::new(addr, true, "localhost".into());
+        peer.options.verify_cert = false;
+        peer.options.verify_hostname = false;
+        let mut link = Link::Tls(tls_connector().new_stream(&peer).await.unwrap());
+        let mut b = [0u8; 4];
+        // Half of one record read: the other half is decrypted, inside openssl.
+        link.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"AAAA");
+        assert!(!link.still_open(), "plaintext left inside openssl");
+        link.read_exact(&mut b).await.unwrap();
+        assert!(link.still_open(), "all read, nothing in the kernel");
+        // A record nobody asked for, in the kernel only.
+        go.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while link.still_open() {
+            assert!(Instant::now() < deadline, "the record never showed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]

@@ -848,7 +848,7 @@ impl Drop for RawOrigin {
 /// TCP connection to it. Counts TLS handshakes; one runtime thread; stopped on drop.
 pub struct TlsFront {
     pub addr: SocketAddr,
-    /// The certificate (PEM): a trust store holding only it (`SSL_CERT_FILE`) trusts `name`.
+    /// The certificate (PEM): a trust store of it (`SSL_CERT_FILE`) makes `name` trusted.
     pub cert_pem: Vec<u8>,
     handshakes: Arc<AtomicU64>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
