@@ -456,7 +456,7 @@ impl AsyncRead for Conn {
             return Poll::Ready(Err(gone()));
         };
         if buf.remaining() == 0 {
-            return Pin::new(link).poll_read(cx, buf);
+            return Poll::Ready(Ok(()));
         }
         if this.http.is_done() {
             // The exchange is over and Pingora is checking whether the connection can go to
@@ -483,28 +483,7 @@ impl AsyncRead for Conn {
         }
         if buf.remaining() < READ_AHEAD {
             if let Link::Tcp(tcp) = link {
-                let mut room = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
-                let mut got = ReadBuf::uninit(&mut room);
-                return match Pin::new(tcp).poll_read(cx, &mut got) {
-                    Poll::Ready(Ok(())) => {
-                        let got = got.filled();
-                        let n = got.len().min(buf.remaining());
-                        buf.put_slice(&got[..n]);
-                        this.http.on_read(&got[..n]);
-                        if n < got.len() {
-                            this.ahead = Ahead {
-                                bytes: got[n..].to_vec(),
-                                at: 0,
-                            };
-                        }
-                        Poll::Ready(Ok(()))
-                    }
-                    Poll::Ready(Err(e)) => {
-                        this.http.poison();
-                        Poll::Ready(Err(e))
-                    }
-                    Poll::Pending => Poll::Pending,
-                };
+                return read_ahead(tcp, cx, buf, &mut this.http, &mut this.ahead);
             }
         }
         let before = buf.filled().len();
@@ -522,6 +501,41 @@ impl AsyncRead for Conn {
     }
 }
 
+/// Pingora's read into `buf` (less than [`READ_AHEAD`] of room) through a [`READ_AHEAD`]
+/// read of the socket; what does not fit goes to `ahead`. Not inlined: the 16 KiB frame (and
+/// its stack probes) is paid only by the reads that use it.
+#[inline(never)]
+fn read_ahead(
+    tcp: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+    http: &mut Tracker,
+    ahead: &mut Ahead,
+) -> Poll<std::io::Result<()>> {
+    let mut room = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
+    let mut got = ReadBuf::uninit(&mut room);
+    match Pin::new(tcp).poll_read(cx, &mut got) {
+        Poll::Ready(Ok(())) => {
+            let got = got.filled();
+            let n = got.len().min(buf.remaining());
+            buf.put_slice(&got[..n]);
+            http.on_read(&got[..n]);
+            if n < got.len() {
+                *ahead = Ahead {
+                    bytes: got[n..].to_vec(),
+                    at: 0,
+                };
+            }
+            Poll::Ready(Ok(()))
+        }
+        Poll::Ready(Err(e)) => {
+            http.poison();
+            Poll::Ready(Err(e))
+        }
+        Poll::Pending => Poll::Pending,
+    }
+}
+
 impl AsyncWrite for Conn {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -532,6 +546,14 @@ impl AsyncWrite for Conn {
         let Some(link) = this.link.as_mut() else {
             return Poll::Ready(Err(gone()));
         };
+        if !this.ahead.is_empty() {
+            // A request while bytes of the last answer wait unread: they would become this
+            // one's answer. Pingora never does this (it does not reuse a virtual socket).
+            this.http.poison();
+            return Poll::Ready(Err(std::io::Error::other(
+                "an answer is still unread on this connection",
+            )));
+        }
         let r = Pin::new(link).poll_write(cx, buf);
         match &r {
             Poll::Ready(Ok(n)) => this.http.on_write(&buf[..*n]),
@@ -755,6 +777,42 @@ mod tests {
             assert!(Instant::now() < deadline, "the record never showed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_small_read_reads_ahead_and_hands_the_rest_on_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = Connector::new(Duration::from_secs(60), None);
+        let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut origin, _) = l.accept().await.unwrap();
+        let mut conn = Conn {
+            link: Some(Link::Tcp(tcp)),
+            http: Tracker::default(),
+            ahead: Ahead::default(),
+            pool: Arc::downgrade(&c.pool),
+            nodelay: AtomicBool::new(false),
+        };
+        conn.write_all(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n".to_vec();
+        answer.extend((0..5000u32).map(|i| (i % 251) as u8));
+        origin.write_all(&answer).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Pingora's first read: 4 KiB of room; the rest is read with it and kept.
+        let mut first = vec![0u8; 4096];
+        conn.read_exact(&mut first).await.unwrap();
+        assert!(!conn.ahead.is_empty(), "read ahead");
+        // A request now would get the rest as its answer: refused, the connection poisoned.
+        assert!(conn.write_all(b"GET /b HTTP/1.1\r\n\r\n").await.is_err());
+        let mut rest = vec![0u8; answer.len() - 4096];
+        conn.read_exact(&mut rest).await.unwrap();
+        first.extend_from_slice(&rest);
+        assert_eq!(first, answer, "every byte, in order");
+        assert!(conn.ahead.is_empty() && conn.ahead.bytes.capacity() == 0);
+        drop(conn);
+        assert_eq!(c.idle(), 0, "poisoned by the early request: not kept");
     }
 
     #[tokio::test]
