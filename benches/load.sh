@@ -99,6 +99,7 @@ pass1m    plain  /hit-1m.bin     main      1048576  -    no cache; a 1 MiB pass-
 pass2     peers  /main-4k.bin    main      4096     -    pass with main as two round-robin peers (nginx: an upstream of two servers)
 passtls   tls    /main-4k.bin    main      4096     -    pass over https to main (both origins https, certificates not checked by either proxy)
 fallbacktls tls  /fb-4k.bin      fallback  4096     -    fallback with both origins over https: main answers 404, replayed to the fallback
+pass1mtls tls    /hit-1m.bin     main      1048576  -    pass1m over https (a 1 MiB pass-through from an https main)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")

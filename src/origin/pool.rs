@@ -18,7 +18,8 @@
 //! file descriptor), so the socket declines Pingora's pooling check and this pool holds them
 //! all. Writes, health checks and cascade's own fetches keep Pingora's connections and pool.
 //! Since the socket sits under every read anyway, it also reads ahead of Pingora's small
-//! first read of an answer ([`READ_AHEAD`]): a 4 KiB object costs one `recv`, not two.
+//! first read of an answer ([`READ_AHEAD`]): a 4 KiB object costs one `recv`, not two. TLS
+//! sessions get openssl's own read-ahead (one `recv` per record, not a header and a body).
 //!
 //! Invariants:
 //! - A connection is kept only when the framing proves the exchange over: one `GET`/`HEAD`
@@ -136,15 +137,28 @@ impl Link {
     }
 }
 
+// Two OpenSSL (≥ 1.1.0) calls openssl-sys does not bind.
 unsafe extern "C" {
-    /// OpenSSL ≥ 1.1.0 (not bound by openssl-sys): whether `ssl` holds bytes nobody has read,
-    /// decrypted or not yet processed (a record read ahead).
+    /// Whether `ssl` holds bytes nobody has read, decrypted or not yet processed (records
+    /// read ahead).
     fn SSL_has_pending(ssl: *const pingora_core::tls::ssl_sys::SSL) -> std::ffi::c_int;
+    /// Let `ssl` read whatever the kernel has (up to its record buffer) instead of each
+    /// record's 5-byte header and then its body: half the `recv`s per record.
+    fn SSL_set_read_ahead(ssl: *mut pingora_core::tls::ssl_sys::SSL, yes: std::ffi::c_int);
+}
+
+/// Read-ahead on for a session cascade's pool owns: one `recv` per TLS record (or fewer),
+/// not two. What it reads past an answer stays inside openssl, where [`holds_bytes`] sees it.
+fn read_ahead_on(ssl: &pingora_core::tls::ssl::SslRef) {
+    use foreign_types::ForeignTypeRef;
+    // SAFETY: a valid `SSL` (an opaque, interior-mutable type behind `SslRef`) of a session
+    // no one else uses yet; the call sets one flag of it.
+    unsafe { SSL_set_read_ahead(ssl.as_ptr(), 1) }
 }
 
 /// Does openssl hold bytes of the connection nobody has read? `pending` counts decrypted
-/// plaintext; `SSL_has_pending` also records read but not processed, which openssl keeps
-/// only with read-ahead on (Pingora never turns it on: belt and braces).
+/// plaintext of the current record; `SSL_has_pending` also records read ahead but not yet
+/// processed (the pool turns read-ahead on: [`read_ahead_on`]).
 fn holds_bytes(ssl: &pingora_core::tls::ssl::SslRef) -> bool {
     use foreign_types::ForeignTypeRef;
     // SAFETY: `ssl.as_ptr()` is a valid `SSL` for the duration of the call, which only reads
@@ -366,7 +380,13 @@ impl L4Connect for Connector {
         let link = match &self.tls {
             // Pingora's TCP connect and TLS handshake for the real peer (same address), with
             // its timeouts, TCP options and certificate checks; errors keep their type.
-            Some(peer) => Link::Tls(tls_connector().new_stream(&**peer).await?),
+            Some(peer) => {
+                let tls = tls_connector().new_stream(&**peer).await?;
+                if let Some(ssl) = tls.get_ssl() {
+                    read_ahead_on(ssl);
+                }
+                Link::Tls(tls)
+            }
             None => {
                 let SocketAddr::Inet(inet) = addr else {
                     return Error::e_explain(
@@ -717,10 +737,10 @@ mod tests {
         assert!(c.pool.checkout().is_none());
     }
 
-    /// A TLS server on 127.0.0.1 (a throwaway self-signed certificate) that sends `first` as
-    /// one record, then `later` when told to.
+    /// A TLS server on 127.0.0.1 (a throwaway self-signed certificate) that sends each of
+    /// `first` as one record, then `later` when told to.
     async fn tls_server(
-        first: &'static [u8],
+        first: &'static [&'static [u8]],
         later: &'static [u8],
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
         use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, ssl, x509};
@@ -747,7 +767,9 @@ mod tests {
             let ssl = ssl::Ssl::new(acceptor.context()).unwrap();
             let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
             Pin::new(&mut tls).accept().await.unwrap();
-            tls.write_all(first).await.unwrap();
+            for record in first {
+                tls.write_all(record).await.unwrap();
+            }
             let _ = wait.await;
             tls.write_all(later).await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -758,11 +780,13 @@ mod tests {
     #[tokio::test]
     async fn a_tls_session_is_open_only_with_nothing_left_in_openssl_or_the_kernel() {
         use tokio::io::AsyncReadExt;
-        let (addr, go) = tls_server(b"AAAABBBB", b"C").await;
+        let (addr, go) = tls_server(&[b"AAAABBBB"], b"C").await;
         let mut peer = HttpPeer::new(addr, true, "localhost".into());
         peer.options.verify_cert = false;
         peer.options.verify_hostname = false;
-        let mut link = Link::Tls(tls_connector().new_stream(&peer).await.unwrap());
+        let tls = tls_connector().new_stream(&peer).await.unwrap();
+        read_ahead_on(tls.get_ssl().unwrap());
+        let mut link = Link::Tls(tls);
         let mut b = [0u8; 4];
         // Half of one record read: the other half is decrypted, inside openssl.
         link.read_exact(&mut b).await.unwrap();
@@ -777,6 +801,25 @@ mod tests {
             assert!(Instant::now() < deadline, "the record never showed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+
+        // Two records in the kernel at once: reading the first reads both (read-ahead), so
+        // the second waits inside openssl, undecrypted, where neither `pending` nor a peek
+        // sees it.
+        let (addr, _go) = tls_server(&[b"AAAA", b"BBBB"], b"").await;
+        let peer = HttpPeer::new(addr, true, "localhost".into());
+        let mut peer = peer;
+        peer.options.verify_cert = false;
+        peer.options.verify_hostname = false;
+        let tls = tls_connector().new_stream(&peer).await.unwrap();
+        read_ahead_on(tls.get_ssl().unwrap());
+        let mut link = Link::Tls(tls);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        link.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"AAAA");
+        assert!(!link.still_open(), "a record read ahead, inside openssl");
+        link.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"BBBB");
+        assert!(link.still_open());
     }
 
     #[tokio::test]
