@@ -1240,6 +1240,17 @@ async fn wait_kept(cascade: &Cascade, n: f64) {
     }
 }
 
+/// `n` fallback reads of `/obj` (the fallback's `from-fallback`); with cascade's pool
+/// (`pool`), each waited for until main's connection is kept.
+async fn kept_fallback_reads(cascade: &Cascade, pool: &str, n: u32) {
+    for i in 0..n {
+        fallback_gets(cascade, "/obj", "from-fallback", 1).await;
+        if pool == "cascade" {
+            wait_kept(cascade, f64::from(i + 1)).await;
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_replayed_404_keeps_mains_connection() {
     for (pool, expected_conns) in [("cascade", 1), ("pingora", 20)] {
@@ -1250,12 +1261,7 @@ async fn a_replayed_404_keeps_mains_connection() {
         let cascade = Cascade::builder(&main_and_fallback(&main.url("/b"), &fb.url("/b")))
             .server("upstream_pool", pool)
             .start();
-        for i in 0..20 {
-            fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
-            if pool == "cascade" {
-                wait_kept(&cascade, f64::from(i + 1)).await;
-            }
-        }
+        kept_fallback_reads(&cascade, pool, 20).await;
         assert_eq!(main.stats.count("GET"), 20, "{pool}");
         // cascade's pool: one connection to main for all 20; Pingora's: one per request.
         assert_eq!(main.connections(), expected_conns, "upstream_pool: {pool}");
@@ -1532,12 +1538,7 @@ async fn an_https_main_keeps_its_tls_session_through_replayed_404s() {
         let fb = HttpOrigin::start();
         fb.route("/b/obj", Reply::new(200, "from-fallback"));
         let (cascade, _dir) = tls_main(&front, &fb.url("/b"), pool);
-        for i in 0..20 {
-            fallback_gets(&cascade, "/obj", "from-fallback", 1).await;
-            if pool == "cascade" {
-                wait_kept(&cascade, f64::from(i + 1)).await;
-            }
-        }
+        kept_fallback_reads(&cascade, pool, 20).await;
         assert_eq!(main.stats.count("GET"), 20, "{pool}");
         assert_eq!(front.handshakes(), expected, "upstream_pool: {pool}");
         // Main's own answers still come over the same session.

@@ -777,16 +777,21 @@ mod tests {
         (addr, go)
     }
 
-    #[tokio::test]
-    async fn a_tls_session_is_open_only_with_nothing_left_in_openssl_or_the_kernel() {
-        use tokio::io::AsyncReadExt;
-        let (addr, go) = tls_server(&[b"AAAABBBB"], b"C").await;
+    /// A session to `addr` as the pool makes them (certificate unchecked: a throwaway one).
+    async fn tls_link(addr: std::net::SocketAddr) -> Link {
         let mut peer = HttpPeer::new(addr, true, "localhost".into());
         peer.options.verify_cert = false;
         peer.options.verify_hostname = false;
         let tls = tls_connector().new_stream(&peer).await.unwrap();
         read_ahead_on(tls.get_ssl().unwrap());
-        let mut link = Link::Tls(tls);
+        Link::Tls(tls)
+    }
+
+    #[tokio::test]
+    async fn a_tls_session_is_open_only_with_nothing_left_in_openssl_or_the_kernel() {
+        use tokio::io::AsyncReadExt;
+        let (addr, go) = tls_server(&[b"AAAABBBB"], b"C").await;
+        let mut link = tls_link(addr).await;
         let mut b = [0u8; 4];
         // Half of one record read: the other half is decrypted, inside openssl.
         link.read_exact(&mut b).await.unwrap();
@@ -806,13 +811,7 @@ mod tests {
         // the second waits inside openssl, undecrypted, where neither `pending` nor a peek
         // sees it.
         let (addr, _go) = tls_server(&[b"AAAA", b"BBBB"], b"").await;
-        let peer = HttpPeer::new(addr, true, "localhost".into());
-        let mut peer = peer;
-        peer.options.verify_cert = false;
-        peer.options.verify_hostname = false;
-        let tls = tls_connector().new_stream(&peer).await.unwrap();
-        read_ahead_on(tls.get_ssl().unwrap());
-        let mut link = Link::Tls(tls);
+        let mut link = tls_link(addr).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         link.read_exact(&mut b).await.unwrap();
         assert_eq!(&b, b"AAAA");

@@ -239,6 +239,26 @@ impl ServerHandle {
     {
         let listener =
             TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind test server on {addr}: {e}"));
+        ServerHandle::accept_loop(name, listener, move |stream| {
+            let svc = svc.clone();
+            async move {
+                // More headers than hyper's 100: plugin header floods reach the origin up to
+                // cascade's bound (256).
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .max_headers(512)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            }
+        })
+    }
+
+    /// Accept on `listener` in a tokio runtime on its own thread until dropped; each
+    /// connection (NODELAY set) is served by `serve` in a task of its own.
+    fn accept_loop<F, Fut>(name: &str, listener: TcpListener, serve: F) -> ServerHandle
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
@@ -263,15 +283,7 @@ impl ServerHandle {
                                 // hyper writes a header and a body in two sends: without
                                 // NODELAY, Nagle and delayed ACKs hold the body ~40 ms.
                                 let _ = stream.set_nodelay(true);
-                                let svc = svc.clone();
-                                tokio::spawn(async move {
-                                    // More headers than hyper's 100: plugin header floods
-                                    // reach the origin up to cascade's bound (256).
-                                    let _ = hyper::server::conn::http1::Builder::new()
-                                        .max_headers(512)
-                                        .serve_connection(TokioIo::new(stream), svc)
-                                        .await;
-                                });
+                                tokio::spawn(serve(stream));
                             }
                         }
                     }
@@ -851,8 +863,7 @@ pub struct TlsFront {
     /// The certificate (PEM): a trust store of it (`SSL_CERT_FILE`) makes `name` trusted.
     pub cert_pem: Vec<u8>,
     handshakes: Arc<AtomicU64>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: ServerHandle,
 }
 
 /// A self-signed certificate for DNS name `name` and IP 127.0.0.1, valid for a day.
@@ -906,53 +917,30 @@ impl TlsFront {
         acceptor.set_private_key(&key).unwrap();
         acceptor.set_certificate(&cert).unwrap();
         let acceptor = acceptor.build();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let handshakes = Arc::new(AtomicU64::new(0));
         let count = handshakes.clone();
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut rx => break,
-                        accepted = listener.accept() => {
-                            let Ok((tcp, _)) = accepted else { continue };
-                            let _ = tcp.set_nodelay(true);
-                            let ssl = Ssl::new(acceptor.context()).unwrap();
-                            let count = count.clone();
-                            tokio::spawn(async move {
-                                let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
-                                if Pin::new(&mut tls).accept().await.is_err() {
-                                    return;
-                                }
-                                count.fetch_add(1, Ordering::SeqCst);
-                                let Ok(mut back) = tokio::net::TcpStream::connect(backend).await
-                                else {
-                                    return;
-                                };
-                                let _ = back.set_nodelay(true);
-                                let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
-                            });
-                        }
-                    }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = ServerHandle::accept_loop("tls-front", listener, move |tcp| {
+            let ssl = Ssl::new(acceptor.context()).unwrap();
+            let count = count.clone();
+            async move {
+                let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+                if Pin::new(&mut tls).accept().await.is_err() {
+                    return;
                 }
-            });
-            rt.shutdown_timeout(Duration::from_secs(1));
+                count.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut back) = tokio::net::TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = back.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+            }
         });
         TlsFront {
-            addr,
+            addr: server.addr,
             cert_pem: cert.to_pem().unwrap(),
             handshakes,
-            shutdown: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -964,17 +952,6 @@ impl TlsFront {
     /// `https://HOST:PORT{prefix}`: `host` must resolve to 127.0.0.1 for cascade.
     pub fn url(&self, host: &str, prefix: &str) -> String {
         format!("https://{host}:{}{prefix}", self.addr.port())
-    }
-}
-
-impl Drop for TlsFront {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
