@@ -124,7 +124,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     let state = Arc::new(state);
     // Replays are retries: allow one per fallback, plus Pingora's reused-connection retries.
     conf.max_retries = state.max_attempts() + 2;
-    // The TLS sessions of https reads' kept connections: the same connector options as the
+    // The TLS sessions of https attempts' kept connections: the same connector options as the
     // proxy's own (trust store, bind addresses, key log), built now rather than in a request.
     origin::pool::init_tls(&conf);
 

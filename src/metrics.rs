@@ -65,7 +65,8 @@ pub struct Metrics {
     pub bucket_cooldowns: IntCounterVec,
     pub redis_up: IntGauge,
     pub redis_errors: IntCounterVec,
-    /// Connections of reads (http and https origins) through cascade's pool (`origin::pool`), by event:
+    /// Connections of attempts (reads and writes, http and https origins) through cascade's
+    /// pool (`origin::pool`), by event:
     /// `opened`, `reused` (taken from the pool), `kept` (an answer Pingora left, finished and
     /// kept: a replayed 404's connection).
     pub upstream_connections: [IntCounter; 3],
@@ -335,7 +336,7 @@ impl Metrics {
         .expect("metric");
         let upstream_connections = register_int_counter_vec_with_registry!(
             "cascade_upstream_connections_total",
-            "Connections of reads (http and https origins) through cascade's pool, by event: opened, reused (from the pool), kept (an answer Pingora let go of was finished and the connection kept, e.g. after a 404 replayed to a fallback).",
+            "Connections of client requests' attempts (reads and writes, http and https origins) through cascade's pool, by event: opened, reused (from the pool), kept (an answer Pingora let go of was finished and the connection kept, e.g. after a 404 replayed to a fallback).",
             &["event"],
             registry
         )

@@ -606,12 +606,7 @@ impl ProxyHttp for Cascade {
         let key = &ctx.req.as_ref().expect("admitted").key;
         match ctx.attempts.next(&self.state.origins, rules, key) {
             Ok(c) => {
-                let read = matches!(
-                    session.req_header().method,
-                    http::Method::GET | http::Method::HEAD
-                );
-                let (peer, from_pool) =
-                    self.state.origins[c.origin].peers[c.peer].http_peer_for(read);
+                let (peer, from_pool) = self.state.origins[c.origin].peers[c.peer].attempt_peer();
                 ctx.conn_from_pool = from_pool;
                 Ok(peer)
             }

@@ -1551,6 +1551,188 @@ async fn an_https_main_keeps_its_tls_session_through_replayed_404s() {
     }
 }
 
+/// A request written whole on a new connection; the first final (non-`1xx`) answer.
+fn raw_final(addr: std::net::SocketAddr, request: &[u8]) -> RawResponse {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
+            let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+            if (100..200).contains(&status) {
+                buf.drain(..end + 4);
+                continue;
+            }
+            let len: usize = head
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buf.len() < end + 4 + len {
+                let n = s.read(&mut chunk).unwrap();
+                assert!(n > 0, "closed mid-answer: {head}");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            return RawResponse {
+                status,
+                head,
+                body: buf[end + 4..end + 4 + len].to_vec(),
+            };
+        }
+        let n = s.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "closed before an answer: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn uploads_keep_their_connection_whatever_their_body_framing() {
+    // Content-Length bodies, chunked bodies (length unknown) and `Expect: 100-continue`:
+    // each upload's connection carries the next, with either pool.
+    for pool in ["cascade", "pingora"] {
+        let main = HttpOrigin::start();
+        main.route_method("PUT", "/b/up", Reply::new(200, ""));
+        let yaml = config(&[plain_origin("main", &main.url("/b"))], "{main: main}");
+        let cascade = Cascade::builder(&yaml)
+            .server("upstream_pool", pool)
+            .start();
+        let c = client();
+        let mut sent = 0u64;
+        for i in 0..8u8 {
+            let body = vec![i; 100 << 10];
+            sent += body.len() as u64;
+            let r = c.put(cascade.url("/up")).body(body).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{pool}: length {i}");
+        }
+        for i in 0..4 {
+            let r = c
+                .put(cascade.url("/up"))
+                .body(reqwest::Body::wrap_stream(pattern_stream(
+                    300 << 10,
+                    64 << 10,
+                )))
+                .send()
+                .await
+                .unwrap();
+            sent += 300 << 10;
+            assert_eq!(r.status(), 200, "{pool}: chunked {i}");
+        }
+        for i in 0..3 {
+            let body = vec![b'e'; 4096];
+            let mut req = format!(
+                "PUT /up HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
+            sent += body.len() as u64;
+            let r = raw_final(cascade.addr, &req);
+            assert_eq!(r.status, 200, "{pool}: expect {i}: {}", r.head);
+        }
+        assert_eq!(main.stats.count("PUT"), 15, "{pool}");
+        assert_eq!(main.stats.request_bytes(), sent, "{pool}");
+        assert_eq!(main.connections(), 1, "upstream_pool: {pool}");
+        if pool == "cascade" {
+            let m = cascade.metrics().await;
+            let reused = metric_sum(
+                &m,
+                "cascade_upstream_connections_total",
+                &[("event", "reused")],
+            );
+            assert_eq!(reused, Some(14.0));
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_upload_refused_never_lends_its_connection_to_the_next() {
+    // S3 refuses a part of an unknown upload (or a denied PUT) with an answer before it reads
+    // the body, then closes the connection, with no `Connection: close`: the close comes
+    // after the answer, when the next upload may already be on the connection, and a body
+    // over Pingora's retry buffer cannot be replayed. Here the close comes 300 ms after the
+    // answer; "early" answers before reading the body, "late" after reading it.
+    let origin = RawOrigin::start(|head| {
+        let len: usize = head
+            .to_ascii_lowercase()
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let refusal = |code: &str| {
+            format!("HTTP/1.1 {code} Refused\r\nContent-Length: 7\r\n\r\nrefused").into_bytes()
+        };
+        if head.contains("/early") {
+            vec![
+                RawPart::Bytes(refusal("404")),
+                RawPart::Pause(Duration::from_millis(300)),
+                RawPart::Close,
+            ]
+        } else if head.contains("/late") {
+            vec![
+                RawPart::Drain(len),
+                RawPart::Bytes(refusal("403")),
+                RawPart::Pause(Duration::from_millis(300)),
+                RawPart::Close,
+            ]
+        } else {
+            vec![
+                RawPart::Drain(len),
+                RawPart::Bytes(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec()),
+            ]
+        }
+    });
+    let yaml = config(&[plain_origin("main", &origin.url(""))], "{main: main}");
+    let cascade = Cascade::start(&yaml);
+    let c = client();
+    for refused in ["/early", "/late"] {
+        for i in 0..3 {
+            // The refused upload's body fits the kernel's buffers: from cascade's side it
+            // is all sent before (early) or after (late) the answer.
+            let r = c
+                .put(cascade.url(refused))
+                .body(vec![b'r'; 32 << 10])
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_client_error(),
+                "{refused} {i}: {}",
+                r.status()
+            );
+            // At once: the next upload (256 KiB, past what Pingora can replay) must get a
+            // connection of its own.
+            let r = c
+                .put(cascade.url("/ok"))
+                .body(vec![b'o'; 256 << 10])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "the upload after {refused} {i}");
+            assert_eq!(r.text().await.unwrap(), "ok");
+        }
+    }
+    // No request followed a refusal on its connection; the good uploads' are kept (a
+    // refused upload may take one).
+    let heads = origin.heads();
+    for (i, (conn, head)) in heads.iter().enumerate() {
+        if head.contains("/early") || head.contains("/late") {
+            assert!(
+                heads[i + 1..].iter().all(|(c, _)| c != conn),
+                "connection {conn} carried a request after a refusal: {heads:?}"
+            );
+        }
+    }
+    assert_eq!(heads.len(), 12);
+    assert!(origin.connections() <= 7, "{}", origin.connections());
+}
+
 #[tokio::test]
 async fn an_https_origin_whose_certificate_is_wrong_is_refused() {
     // The kept sessions are set up by Pingora's connector with the origin's checks: a

@@ -459,12 +459,15 @@ pub struct ServerSection {
     /// costs no extra system call. Off: the session is built at once, as Pingora does.
     #[serde(default = "default_true")]
     pub release_idle: bool,
-    /// Whose pool holds the connections of reads (GET/HEAD) from HTTP and HTTPS origins.
+    /// Whose pool holds the connections of client requests (reads and writes) to HTTP and
+    /// HTTPS origins.
     /// `cascade` (the default, `origin::pool`): also keeps a connection whose answer was left
     /// unfinished or replayed (main's 404 before a fallback, a `retry_on` status, a client
     /// gone mid-way) once its end is read (at most 64 KiB within 1 s), so a fallback request
     /// does not cost a new connection (and for https a TLS handshake) to main. `pingora`:
-    /// Pingora's pool, which closes those. Writes always use Pingora's.
+    /// Pingora's pool, which closes those. cascade's also closes an upload's connection
+    /// that the origin refused (it may be closing it unread), where Pingora's hands it to
+    /// the next upload.
     #[serde(default)]
     pub upstream_pool: UpstreamPool,
 }

@@ -1,9 +1,20 @@
 //! Where an HTTP/1.1 exchange on one upstream connection stands, from the bytes written and
 //! read (pure, no IO): what `pool` needs to know whether a connection Pingora let go of can
-//! carry another request. One bodiless GET/HEAD head out, one HTTP/1.1 answer with a known
-//! end in (`Content-Length`, chunked, or none by method/status: RFC 9112 §6.3), nothing past
-//! that end, no `close`: anything else, or anything over a bound, and the connection is
-//! marked never to be kept.
+//! carry another request. One request head out with its body, if any, framed by
+//! `Content-Length` or chunked and written whole *before* any final answer byte came back;
+//! then one HTTP/1.1 answer with a known end in (`Content-Length`, chunked, or none by
+//! method/status: RFC 9112 §6.3), after any number of interim (`1xx`, not `101`) answers;
+//! nothing past that end, no `close`. Anything else, or anything over a bound, and the
+//! connection is marked never to be kept.
+//!
+//! An upload (a request with a body) is kept only after a `2xx` that came once its body was
+//! out. An origin that refuses an upload (S3's `NoSuchUpload`, `AccessDenied`,
+//! `EntityTooLarge`) often answers before it reads the body and then closes the connection
+//! with the body unread and without saying `close`; the body being written says only that
+//! the kernel took it, so the close can come after the answer, while the next request is
+//! already on the connection, and a request with a body cannot be replayed. nginx keeps a
+//! connection only when the body was sent before the answer (`request_body_sent`); cascade
+//! also closes after a refusal.
 
 use std::mem::MaybeUninit;
 use std::time::Duration;
@@ -29,6 +40,8 @@ pub struct Tracker {
     /// How long the origin said it keeps the connection open when idle (the last answer's
     /// `Keep-Alive: timeout=`), less a margin.
     idle_hint: Option<Duration>,
+    /// The current request has a body.
+    upload: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +49,17 @@ enum State {
     /// Between exchanges (a fresh connection, or one taken from the pool).
     #[default]
     Idle,
-    /// A request head is being written (`true`: its method is HEAD).
+    /// A request head is being written (`complete`: it is out, with its body if it has
+    /// one; `head_method`: its method is HEAD).
     Request {
         head_method: bool,
         complete: bool,
     },
+    /// The request head is out; its body is being written.
+    Upload(Body),
+    /// An answer head came in while the body is still going out: an interim one
+    /// (`100 Continue`) lets the body go on, a final one means the connection is not kept.
+    Interim(Body),
     /// The answer's head is being read.
     Answer {
         head_method: bool,
@@ -54,6 +73,13 @@ enum State {
     Parked,
     /// Never kept.
     Unsafe,
+}
+
+/// What is left of a request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    Length(u64),
+    Chunked(Chunk),
 }
 
 /// Where a chunked body stands.
@@ -152,6 +178,7 @@ impl Tracker {
             State::Idle | State::Done | State::Parked => {
                 self.head.clear();
                 self.idle_hint = None;
+                self.upload = false;
                 self.state = State::Request {
                     head_method: false,
                     complete: false,
@@ -161,7 +188,8 @@ impl Tracker {
             State::Request {
                 complete: false, ..
             } => self.request_bytes(bytes),
-            // A body after a GET/HEAD head, or a write while an answer is coming.
+            State::Upload(_) => self.upload_bytes(bytes),
+            // Bytes past the request's end, or a write while an answer is coming.
             _ => self.poison(),
         }
     }
@@ -177,16 +205,74 @@ impl Tracker {
         let head = std::mem::take(&mut self.head);
         let whole: &[u8] = if copied { &head } else { bytes };
         match parse_request(whole) {
-            Parsed::Complete(head_method) => {
-                self.state = State::Request {
-                    head_method,
-                    complete: true,
-                };
+            Parsed::Complete {
+                head_method,
+                len,
+                body,
+            } => {
+                let rest = &whole[len..];
+                match body {
+                    None if rest.is_empty() => {
+                        self.state = State::Request {
+                            head_method,
+                            complete: true,
+                        }
+                    }
+                    // A second request after a bodiless one.
+                    None => self.poison(),
+                    Some(b) => {
+                        self.upload = true;
+                        self.state = State::Upload(b);
+                        if !rest.is_empty() {
+                            self.upload_bytes(rest);
+                        }
+                    }
+                }
             }
             Parsed::Partial if whole.len() <= MAX_HEAD => {
                 self.head = if copied { head } else { bytes.to_vec() };
             }
             Parsed::Partial | Parsed::Refused => self.poison(),
+        }
+    }
+
+    /// Request body bytes that went out.
+    fn upload_bytes(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let State::Upload(body) = self.state else {
+                // Bytes past the body's end.
+                return self.poison();
+            };
+            match body {
+                Body::Length(left) => {
+                    let n = bytes.len() as u64;
+                    if n > left {
+                        return self.poison();
+                    }
+                    self.state = if n == left {
+                        State::Request {
+                            head_method: false,
+                            complete: true,
+                        }
+                    } else {
+                        State::Upload(Body::Length(left - n))
+                    };
+                    return;
+                }
+                Body::Chunked(c) => match chunk_step(c, bytes) {
+                    Some((next, used)) => {
+                        bytes = &bytes[used..];
+                        self.state = match next {
+                            State::Chunked(c) => State::Upload(Body::Chunked(c)),
+                            _ => State::Request {
+                                head_method: false,
+                                complete: true,
+                            },
+                        };
+                    }
+                    None => return self.poison(),
+                },
+            }
         }
     }
 
@@ -204,7 +290,12 @@ impl Tracker {
                 self.state = State::Answer { head_method };
                 self.answer_bytes(bytes);
             }
-            State::Answer { .. } => self.answer_bytes(bytes),
+            State::Upload(body) => {
+                self.head.clear();
+                self.state = State::Interim(body);
+                self.answer_bytes(bytes);
+            }
+            State::Answer { .. } | State::Interim(_) => self.answer_bytes(bytes),
             State::Length(_) | State::Chunked(_) => self.body_bytes(bytes),
             // An answer before the request was out, or data on an idle connection.
             _ => self.poison(),
@@ -212,9 +303,6 @@ impl Tracker {
     }
 
     fn answer_bytes(&mut self, bytes: &[u8]) {
-        let State::Answer { head_method } = self.state else {
-            return self.poison();
-        };
         let copied = !self.head.is_empty();
         if copied {
             if self.head.len() + bytes.len() > MAX_HEAD {
@@ -223,33 +311,69 @@ impl Tracker {
             self.head.extend_from_slice(bytes);
         }
         let head = std::mem::take(&mut self.head);
-        let whole: &[u8] = if copied { &head } else { bytes };
-        // Uninitialised: a head's parse must not start with a 4 KiB memset.
-        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
-        let mut resp = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut resp,
-            whole,
-            &mut fields,
-        );
-        match parsed {
-            Ok(httparse::Status::Complete(n)) => {
-                let Some(state) = body_state(&resp, head_method, &mut self.idle_hint) else {
-                    return self.poison();
-                };
-                self.state = state;
-                let rest = &whole[n..];
-                if !rest.is_empty() {
-                    self.body_bytes(rest);
+        let mut whole: &[u8] = if copied { &head } else { bytes };
+        // One head per turn: interim answers (`100 Continue`, `103 Early Hints`) are followed
+        // by more of the body or by the next answer; a loop, not recursion, since an origin
+        // chooses how many come in one read.
+        loop {
+            let (head_method, upload) = match self.state {
+                State::Answer { head_method } => (head_method, None),
+                State::Interim(body) => (false, Some(body)),
+                _ => return self.poison(),
+            };
+            // Uninitialised: a head's parse must not start with a 4 KiB memset.
+            let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+            let mut resp = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                &mut resp,
+                whole,
+                &mut fields,
+            );
+            match parsed {
+                Ok(httparse::Status::Complete(n)) => {
+                    let rest = &whole[n..];
+                    if resp.version == Some(1) && matches!(resp.code, Some(100 | 102..=199)) {
+                        self.state = match upload {
+                            Some(body) => State::Upload(body),
+                            None => State::Answer { head_method },
+                        };
+                        if rest.is_empty() {
+                            return;
+                        }
+                        if let State::Upload(body) = self.state {
+                            // The next answer while the body is still going out.
+                            self.state = State::Interim(body);
+                        }
+                        whole = rest;
+                        continue;
+                    }
+                    if upload.is_some() {
+                        // A final answer before the whole body was out.
+                        return self.poison();
+                    }
+                    if self.upload && !matches!(resp.code, Some(200..=299)) {
+                        // An upload refused (or redirected): the origin may not have read
+                        // the body, all of which the kernel took, and close with it unread.
+                        return self.poison();
+                    }
+                    let Some(state) = body_state(&resp, head_method, &mut self.idle_hint) else {
+                        return self.poison();
+                    };
+                    self.state = state;
+                    if !rest.is_empty() {
+                        self.body_bytes(rest);
+                    }
+                    return;
                 }
-            }
-            Ok(httparse::Status::Partial) => {
-                if whole.len() > MAX_HEAD {
-                    return self.poison();
+                Ok(httparse::Status::Partial) => {
+                    if whole.len() > MAX_HEAD {
+                        return self.poison();
+                    }
+                    self.head = whole.to_vec();
+                    return;
                 }
-                self.head = if copied { head } else { bytes.to_vec() };
+                Err(_) => return self.poison(),
             }
-            Err(_) => self.poison(),
         }
     }
 
@@ -284,49 +408,84 @@ impl Tracker {
 }
 
 enum Parsed {
-    /// One whole bodiless GET/HEAD head (`true`: HEAD), nothing after it.
-    Complete(bool),
+    /// One whole request head of `len` bytes (`head_method`: HEAD) and the body that follows
+    /// it, if any.
+    Complete {
+        head_method: bool,
+        len: usize,
+        body: Option<Body>,
+    },
     Partial,
     /// Anything else: the connection is not followed.
     Refused,
 }
 
-/// Is `whole` one bodiless HTTP/1.1 GET/HEAD head that leaves the connection open?
+/// Is `whole` an HTTP/1.1 request head that leaves the connection open, with a body of a
+/// known end (`Content-Length`, or a lone `chunked`) or none?
 fn parse_request(whole: &[u8]) -> Parsed {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(whole, &mut fields) {
-        // Bytes after the head: a request body, or a second request.
-        Ok(httparse::Status::Complete(n)) if n == whole.len() => {}
+    let len = match req.parse_with_uninit_headers(whole, &mut fields) {
+        Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
-        _ => return Parsed::Refused,
-    }
-    let head_method = match req.method {
-        Some("GET") => false,
-        Some("HEAD") => true,
-        _ => return Parsed::Refused,
+        Err(_) => return Parsed::Refused,
     };
-    let ok = req.version == Some(1)
-        && req.headers.iter().all(|f| {
-            let v = f.value;
-            if f.name.eq_ignore_ascii_case("content-length") {
-                let v = v.trim_ascii();
-                !v.is_empty() && v.iter().all(|b| *b == b'0')
-            } else if f.name.eq_ignore_ascii_case("transfer-encoding")
-                || f.name.eq_ignore_ascii_case("upgrade")
-            {
-                false
-            } else if f.name.eq_ignore_ascii_case("connection") {
-                !has_token(v, b"close") && !has_token(v, b"upgrade")
-            } else {
-                true
-            }
-        });
-    if ok {
-        Parsed::Complete(head_method)
-    } else {
-        Parsed::Refused
+    let head_method = match req.method {
+        Some("HEAD") => true,
+        // A tunnel: what follows is not HTTP.
+        Some("CONNECT") | None => return Parsed::Refused,
+        Some(_) => false,
+    };
+    if req.version != Some(1) {
+        return Parsed::Refused;
     }
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for f in req.headers.iter() {
+        let v = f.value;
+        if f.name.eq_ignore_ascii_case("content-length") {
+            let Some(n) = parse_length(v) else {
+                return Parsed::Refused;
+            };
+            if length.is_some_and(|l| l != n) {
+                return Parsed::Refused;
+            }
+            length = Some(n);
+        } else if f.name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked || !v.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Parsed::Refused;
+            }
+            chunked = true;
+        } else if f.name.eq_ignore_ascii_case("upgrade")
+            || (f.name.eq_ignore_ascii_case("connection")
+                && (has_token(v, b"close") || has_token(v, b"upgrade")))
+        {
+            return Parsed::Refused;
+        }
+    }
+    let body = match (length, chunked) {
+        (Some(_), true) => return Parsed::Refused,
+        (None, false) | (Some(0), false) => None,
+        (Some(n), false) => Some(Body::Length(n)),
+        (None, true) => Some(Body::Chunked(Chunk::NEXT)),
+    };
+    if head_method && body.is_some() {
+        return Parsed::Refused;
+    }
+    Parsed::Complete {
+        head_method,
+        len,
+        body,
+    }
+}
+
+/// A `Content-Length` value: digits only (no sign, no list), at most 19 of them.
+fn parse_length(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// The body that follows an answer head (RFC 9112 §6.3), or `None` when its end cannot be
@@ -369,11 +528,7 @@ fn body_state(
                 *idle_hint = Some(d);
             }
         } else if f.name.eq_ignore_ascii_case("content-length") {
-            let v = f.value.trim_ascii();
-            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-                return None;
-            }
-            let n: u64 = std::str::from_utf8(v).ok()?.parse().ok()?;
+            let n = parse_length(f.value)?;
             if length.is_some_and(|l| l != n) {
                 return None;
             }
@@ -646,19 +801,54 @@ mod tests {
                 GET,
                 &[b"HTTP/1.1 404 X\r\nContent-Length: 4\r\n\r\nab", b""],
             ),
-            // requests that are not one bodiless GET/HEAD
-            (
-                b"PUT /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
-                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
-            ),
-            (
-                b"GET /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nab",
-                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
-            ),
+            // requests whose end is unknown, or that were answered before they were out
             (
                 b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
                 &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
             ),
+            (
+                b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nab",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nab",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"PUT /a HTTP/1.1\r\nContent-Length: -2\r\n\r\nab",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"PUT /a HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"HEAD /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nab",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"CONNECT o:443 HTTP/1.1\r\nHost: o:443\r\n\r\n",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"PUT /a HTTP/1.1\r\nContent-Length: 4\r\n\r\nab",
+                &[b"HTTP/1.1 400 X\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            // a smuggled second request in the body's write
+            (
+                b"PUT /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET /b HTTP/1.1\r\n\r\n",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            (
+                b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+                &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
+            ),
+            // upgrades
+            (
+                b"GET /a HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+                &[b"HTTP/1.1 101 Switching\r\nConnection: upgrade\r\n\r\n"],
+            ),
+            (GET, &[b"HTTP/1.1 101 Switching\r\n\r\n"]),
             (
                 b"GET /a HTTP/1.1\r\nConnection: close\r\n\r\n",
                 &[b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"],
@@ -719,6 +909,163 @@ mod tests {
         t.on_write(GET);
         t.on_read(b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(t.idle_hint, None);
+    }
+
+    const PUT: &[u8] = b"PUT /a HTTP/1.1\r\nHost: o\r\nContent-Length: 11\r\n\r\nhello world";
+    const CHUNKED_PUT: &[u8] = b"PUT /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-Amz-Checksum-Crc32: AAAA\r\n\r\n";
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nETag: \"x\"\r\nContent-Length: 0\r\n\r\n";
+    const NOT_FOUND: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n";
+
+    #[test]
+    fn uploads_written_whole_before_their_answer_are_kept() {
+        for req in [PUT, CHUNKED_PUT] {
+            // The request (head and body) written in two parts, cut at every point.
+            for cut in 1..req.len() {
+                let mut t = Tracker::default();
+                t.on_write(&req[..cut]);
+                t.on_write(&req[cut..]);
+                t.on_read(OK);
+                assert_eq!(t.verdict(), Verdict::Keep, "cut at {cut}");
+            }
+            // Byte by byte, then exchange after exchange on the same connection.
+            let mut t = Tracker::default();
+            for _ in 0..3 {
+                for b in req.chunks(1) {
+                    t.on_write(b);
+                }
+                t.on_read(OK);
+                assert_eq!(t.verdict(), Verdict::Keep);
+            }
+        }
+        // A bodiless write, and a GET with a framed body.
+        for req in [
+            &b"DELETE /a HTTP/1.1\r\nHost: o\r\n\r\n"[..],
+            b"PUT /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nab",
+        ] {
+            assert_eq!(exchange(req, &[OK]).verdict(), Verdict::Keep);
+        }
+    }
+
+    #[test]
+    fn an_upload_refused_after_its_body_is_not_kept() {
+        for code in ["400", "403", "404", "307", "500", "503"] {
+            let a = format!("HTTP/1.1 {code} X\r\nContent-Length: 3\r\n\r\nerr");
+            assert_eq!(
+                exchange(PUT, &[a.as_bytes()]).verdict(),
+                Verdict::Close,
+                "{code}"
+            );
+            assert_eq!(
+                exchange(CHUNKED_PUT, &[a.as_bytes()]).verdict(),
+                Verdict::Close,
+                "{code}"
+            );
+            // Without a body, a refusal is an answer like any other.
+            let bodiless = b"PUT /a HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
+            assert_eq!(exchange(bodiless, &[a.as_bytes()]).verdict(), Verdict::Keep);
+        }
+        for code in ["200", "201", "204"] {
+            let a = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+            assert_eq!(
+                exchange(PUT, &[a.as_bytes()]).verdict(),
+                Verdict::Keep,
+                "{code}"
+            );
+        }
+        // The next exchange starts afresh.
+        let mut t = exchange(PUT, &[OK]);
+        t.on_write(GET);
+        t.on_read(b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(t.verdict(), Verdict::Keep);
+    }
+
+    #[test]
+    fn an_answer_before_the_body_is_out_is_never_kept() {
+        // The origin answered (S3's NoSuchUpload, AccessDenied) before it read the body: it
+        // may close the connection with the rest unread, whatever is written after.
+        for req in [PUT, CHUNKED_PUT] {
+            let head = req.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            for (cut, answer) in (head..req.len()).flat_map(|c| [(c, OK), (c, NOT_FOUND)]) {
+                let mut t = Tracker::default();
+                t.on_write(&req[..cut]);
+                t.on_read(answer);
+                t.on_write(&req[cut..]);
+                assert_eq!(t.verdict(), Verdict::Close, "cut at {cut}");
+                assert!(!t.is_done());
+                // A later exchange does not make it keepable.
+                t.on_write(GET);
+                t.on_read(OK);
+                assert_eq!(t.verdict(), Verdict::Close, "cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn interim_answers_let_the_body_and_the_final_answer_follow() {
+        let put = b"PUT /a HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n";
+        // Expect: 100-continue: head, 100, body, final answer.
+        let mut t = Tracker::default();
+        t.on_write(put);
+        t.on_read(b"HTTP/1.1 100 Continue\r\n\r\n");
+        t.on_write(b"body");
+        t.on_read(OK);
+        assert_eq!(t.verdict(), Verdict::Keep);
+        // A 100 split anywhere, and a 100 with the final answer in the same read once the
+        // body is out.
+        let cont: &[u8] = b"HTTP/1.1 100 Continue\r\nX: y\r\n\r\n";
+        for cut in 1..cont.len() {
+            let mut t = Tracker::default();
+            t.on_write(put);
+            t.on_read(&cont[..cut]);
+            t.on_read(&cont[cut..]);
+            t.on_write(b"body");
+            t.on_read(OK);
+            assert_eq!(t.verdict(), Verdict::Keep, "cut at {cut}");
+        }
+        let mut t = Tracker::default();
+        t.on_write(put);
+        t.on_write(b"body");
+        t.on_read(&[cont, OK].concat());
+        assert_eq!(t.verdict(), Verdict::Keep);
+        // 103 Early Hints before a GET's answer.
+        let t = exchange(
+            GET,
+            &[b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"],
+        );
+        assert_eq!(t.verdict(), Verdict::Keep);
+        // A 100 and then a final answer before the body: not kept.
+        let mut t = Tracker::default();
+        t.on_write(put);
+        t.on_read(&[cont, b"HTTP/1.1 413 X\r\nContent-Length: 0\r\n\r\n"].concat());
+        t.on_write(b"body");
+        assert_eq!(t.verdict(), Verdict::Close);
+        // A write while an interim answer's head is half read.
+        let mut t = Tracker::default();
+        t.on_write(put);
+        t.on_read(&cont[..10]);
+        t.on_write(b"body");
+        assert_eq!(t.verdict(), Verdict::Close);
+        // An HTTP/1.0 interim answer is a final one.
+        let mut t = Tracker::default();
+        t.on_write(put);
+        t.on_write(b"body");
+        t.on_read(b"HTTP/1.0 100 Continue\r\n\r\n");
+        assert_eq!(t.verdict(), Verdict::Close);
+    }
+
+    #[test]
+    fn any_number_of_interim_answers_in_one_read_is_followed_without_recursion() {
+        // An origin chooses how many interim heads come in one read: 100,000 of them (1.9 MB)
+        // are followed in a loop, not a stack frame each.
+        let mut many = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(100_000);
+        many.extend_from_slice(OK);
+        let t = exchange(GET, &[&many]);
+        assert_eq!(t.verdict(), Verdict::Keep);
+        let mut t = Tracker::default();
+        t.on_write(b"PUT /a HTTP/1.1\r\nContent-Length: 1\r\n\r\n");
+        t.on_read(&many);
+        assert_eq!(t.verdict(), Verdict::Close);
     }
 
     #[test]

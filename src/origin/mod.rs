@@ -78,7 +78,8 @@ pub struct Peer {
     tls_verify: bool,
     sni: String,
     timeouts: Timeouts,
-    /// Plain-HTTP connections go through cascade's pool (`server.upstream_pool`).
+    /// Attempts' connections (http and https) go through cascade's pool
+    /// (`server.upstream_pool`).
     own_pool: bool,
     host_header: String,
     prefix: String,
@@ -168,7 +169,7 @@ fn template(addr: SocketAddr, tls: bool, sni: &str, verify: bool, t: &Timeouts) 
 struct Target {
     /// What Pingora connects with (cascade's own fetches and writes use it as it is).
     peer: HttpPeer,
-    /// Reads: cascade's pool for this address (`pool.rs`).
+    /// Client requests' attempts: cascade's pool for this address (`pool.rs`).
     pool: Option<pool::Connector>,
 }
 
@@ -180,7 +181,7 @@ fn options(peer: &mut HttpPeer, t: &Timeouts) {
     peer.options.idle_timeout = Some(POOL_IDLE);
 }
 
-/// The `group_key` of reads' peers (cascade's pool): never matches a pooled connection of
+/// The `group_key` of attempts' peers (cascade's pool): never matches a pooled connection of
 /// Pingora's.
 const POOL_GROUP: u64 = u64::from_be_bytes(*b"cascpool");
 
@@ -261,8 +262,9 @@ impl Peer {
             .iter()
             .map(|a| {
                 let peer = template(*a, self.tls, &self.sni, self.tls_verify, &self.timeouts);
-                // Reads go through cascade's pool, which keeps the connections Pingora would
-                // close after a replayed answer; for https it sets TLS up with this peer.
+                // Attempts go through cascade's pool, which keeps the connections Pingora would
+                // close after a replayed answer (and closes an upload's that was answered
+                // before its body was out); for https it sets TLS up with this peer.
                 let pool = self
                     .own_pool
                     .then(|| pool::Connector::new(POOL_IDLE, self.tls.then(|| peer.clone())));
@@ -312,25 +314,31 @@ impl Peer {
     /// A connection target for one of cascade's own requests (round robin over the resolved
     /// addresses): Pingora's connections and pool.
     pub fn http_peer(&self) -> Box<HttpPeer> {
-        self.http_peer_for(false).0
+        self.peer_for(false).0
     }
 
-    /// A connection target for a client request's attempt. A read (`read`: GET/HEAD)
-    /// connects through cascade's pool (`pool.rs`); the flag returned is set when the
-    /// connection it gets is a kept one.
-    pub fn http_peer_for(&self, read: bool) -> (Box<HttpPeer>, Option<Arc<AtomicBool>>) {
+    /// A connection target for a client request's attempt, read or write: it connects
+    /// through cascade's pool (`pool.rs`) unless `server.upstream_pool: pingora` (or the
+    /// peer is a Unix socket); the flag returned is set when the connection it gets is a
+    /// kept one.
+    pub fn attempt_peer(&self) -> (Box<HttpPeer>, Option<Arc<AtomicBool>>) {
+        self.peer_for(true)
+    }
+
+    fn peer_for(&self, pooled: bool) -> (Box<HttpPeer>, Option<Arc<AtomicBool>>) {
         let targets = self.targets.read();
         let i = self.next_target.fetch_add(1, Relaxed) % targets.len().max(1);
         let t = &targets[i];
         let mut peer = Box::new(t.peer.clone());
-        let Some(pool) = t.pool.as_ref().filter(|_| read) else {
+        let Some(pool) = t.pool.as_ref().filter(|_| pooled) else {
             return (peer, None);
         };
         let reused = Arc::new(AtomicBool::new(false));
         peer.options.custom_l4 = Some(Arc::new(pool.for_attempt(reused.clone())));
         // Pingora looks in its own pool before it connects, by a hash that does not cover
-        // `custom_l4`: a group of its own keeps a read from taking a connection Pingora pooled
-        // for a write (or, for https below, a plain one to the same address).
+        // `custom_l4`: a group of its own keeps an attempt from taking a connection Pingora
+        // pooled for cascade's own fetches (or, for https below, a plain one to the same
+        // address).
         peer.group_key = POOL_GROUP;
         if pool.is_tls() {
             // The pool's connection is already a TLS session (Pingora's, for the https
@@ -422,7 +430,7 @@ impl Origin {
     /// Build the runtime origin. `dir_socket` is where the directory origin of this name
     /// listens (only for `dir` origins). Host names are resolved here (and again every
     /// `dns_refresh` by `upstream::monitor`).
-    /// `own_pool`: reads' connections go through cascade's pool (`pool.rs`).
+    /// `own_pool`: attempts' connections go through cascade's pool (`pool.rs`).
     pub fn new(
         cfg: &OriginConfig,
         dir_socket: Option<&Path>,

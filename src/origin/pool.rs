@@ -1,12 +1,14 @@
-//! cascade's connection pool for reads (GET/HEAD) from HTTP and HTTPS origins
-//! (`server.upstream_pool: cascade`): keeps the upstream connections Pingora would close,
-//! foremost main's connection after a 404 that is replayed to a fallback.
+//! cascade's connection pool for client requests' attempts (reads and writes) to HTTP and
+//! HTTPS origins (`server.upstream_pool: cascade`): keeps the upstream connections Pingora
+//! would close, foremost main's connection after a 404 that is replayed to a fallback, and
+//! closes the ones Pingora would keep although the origin may be closing them (an upload it
+//! refused).
 //!
 //! Why it exists: cascade replays an answer (a fallback's 404, a `retry_on` status) by failing
 //! `upstream_response_filter`, Pingora's only public way to retry, and Pingora then drops the
 //! upstream connection although only a small error body was left on it: every fallback
 //! request paid a TCP connect and close to main (benches/README.md, "The fallback path").
-//! Here the connection of a GET/HEAD attempt is a Pingora *virtual socket*
+//! Here the connection of an attempt is a Pingora *virtual socket*
 //! (`PeerOptions::custom_l4`, set per attempt by `Peer::http_peer_for`) over a [`Link`] (a
 //! `TcpStream`, or for an https origin a TLS session Pingora's own connector set up, so
 //! Pingora sees plain HTTP) that follows the HTTP/1.1 framing of the plaintext going through
@@ -16,19 +18,26 @@
 //! this pool, and the next read's connect to the same address takes it instead of dialling.
 //! Pingora cannot reuse a virtual socket from its own pool (it matches pooled connections by
 //! file descriptor), so the socket declines Pingora's pooling check and this pool holds them
-//! all. Writes, health checks and cascade's own fetches keep Pingora's connections and pool.
+//! all. Uploads go through it too: an origin that refuses an upload often answers before it
+//! reads the body and closes the connection without saying so, after the answer, when
+//! Pingora's pool may already have handed it to the next upload (whose body cannot be
+//! replayed: a 503); the framing tracker sees the refusal and closes it. Health checks and
+//! cascade's own fetches keep Pingora's connections and pool.
 //! Since the socket sits under every read anyway, it also reads ahead of Pingora's small
 //! first read of an answer ([`READ_AHEAD`]): a 4 KiB object costs one `recv`, not two. TLS
 //! sessions get openssl's own read-ahead (one `recv` per record, not a header and a body).
 //!
 //! Invariants:
-//! - A connection is kept only when the framing proves the exchange over: one `GET`/`HEAD`
-//!   head with no body went out, one HTTP/1.1 answer with a known end came back, nothing was
-//!   read past that end, nothing says `close`. Anything else (a body on the request, `1xx`,
-//!   read-to-close, both `Content-Length` and `Transfer-Encoding`, data on an idle
-//!   connection, EOF, an IO error) closes it: a kept connection never hands one request's
-//!   answer to the next. Bytes read ahead count as read: past the answer's end they close
-//!   the connection too.
+//! - A connection is kept only when the framing proves the exchange over: one request head
+//!   went out with its body, if any, framed by `Content-Length` or chunked and written whole
+//!   before a final answer came back; one HTTP/1.1 answer with a known end came back (after
+//!   any interim `1xx` but `101`), a `2xx` if the request had a body; nothing was read past
+//!   that end, nothing says `close`. Anything else (an answer before the body was out, a
+//!   refused upload, `101`, read-to-close, both `Content-Length` and `Transfer-Encoding`,
+//!   data on an idle connection, EOF, an IO error) closes it: a kept connection never hands
+//!   one request's answer to the next, nor a connection its origin is closing to the next
+//!   upload. Bytes read ahead count as read: past the answer's end they close the
+//!   connection too.
 //! - Draining is bounded: [`DRAIN_BUDGET`] bytes within [`DRAIN_TIME`], at most
 //!   [`MAX_DRAINS`] at once; over any bound the connection is closed.
 //! - The pool is bounded ([`POOL_CAP`] per address, the origin's idle timeout or its
@@ -39,9 +48,9 @@
 //! - TLS is Pingora's: the session is set up by Pingora's `TransportConnector` (built from
 //!   the server's configuration, as the proxy's own: [`init_tls`]) for the origin's real
 //!   (https) peer, with its certificate and host name checks and SNI, and a kept session is
-//!   handed out only to the same target of the same origin config. Reads' peers carry a
-//!   `group_key` of their own, so Pingora never hands them a connection from its pool (a
-//!   write's, or a plain one to the same address).
+//!   handed out only to the same target of the same origin config. Attempts' peers carry a
+//!   `group_key` of their own, so Pingora never hands them a connection from its pool (one
+//!   of cascade's own fetches, or a plain one to the same address).
 //! - A connection handed out from the pool counts as *reused* for cascade's retry rule (a
 //!   pooled connection the origin had closed is retried, not held against the peer): Pingora
 //!   sees a new connection, so the attempt's [`Connector`] sets a flag the attempt holds.

@@ -733,12 +733,15 @@ pub enum RawPart {
     /// Write these bytes as they are.
     Bytes(Vec<u8>),
     Pause(Duration),
-    /// Close the connection.
+    /// Read (and throw away) this many bytes of the request's body.
+    Drain(usize),
+    /// Close the connection (with a reset if the request's body was left unread).
     Close,
 }
 
 /// A TCP origin that answers each request head with scripted raw bytes: framing no HTTP
-/// library would send (a smuggled second answer, a stalled body, a close without notice).
+/// library would send (a smuggled second answer, a stalled body, a close without notice, an
+/// answer before the request's body is read).
 /// One thread per connection; stopped on drop.
 pub struct RawOrigin {
     pub addr: SocketAddr,
@@ -836,6 +839,24 @@ fn raw_connection(
                     }
                 }
                 RawPart::Pause(d) => std::thread::sleep(d),
+                RawPart::Drain(mut n) => {
+                    let from_buf = n.min(buf.len());
+                    buf.drain(..from_buf);
+                    n -= from_buf;
+                    let mut chunk = [0u8; 16384];
+                    while n > 0 && Instant::now() < deadline {
+                        match conn.read(&mut chunk[..n.min(16384)]) {
+                            Ok(0) => return,
+                            Ok(got) => n -= got,
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                }
                 RawPart::Close => return,
             }
         }
