@@ -100,10 +100,13 @@ pass2     peers  /main-4k.bin    main      4096     -    pass with main as two r
 passtls   tls    /main-4k.bin    main      4096     -    pass over https to main (both origins https, certificates not checked by either proxy)
 fallbacktls tls  /fb-4k.bin      fallback  4096     -    fallback with both origins over https: main answers 404, replayed to the fallback
 pass1mtls tls    /hit-1m.bin     main      1048576  -    pass1m over https (a 1 MiB pass-through from an https main)
+put64k    plain  /up/put-64k.bin main      65536    -    upload: a 64 KiB PUT streamed to main (nginx WebDAV PUT writes it to a file, then 201)
 '
 # Targets (issue 3) reported against: scenario -> "metric minimum ratio" (metric: rps or bps).
 declare -A TARGET_OF=([hit4k]="rps 1.3" [hit1m]="bps 1.2")
 # Request headers a scenario sends (curl checks and wrk alike): plughit's API key.
+# Upload scenarios: the request method (the fixture is the body; GET otherwise).
+declare -A METHOD_OF=([put64k]=PUT)
 declare -A HEADER_OF=([plughit]="x-api-key: bench-key" [plughit64k]="x-api-key: bench-key" [plughit1m]="x-api-key: bench-key")
 # Plugin cost (issue 4): scenario -> the scenario it is compared with, on cascade alone,
 # and the largest allowed req/s loss.
@@ -357,9 +360,11 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 
   }
 ORIGIN_TLS=(CERT="$WORK/tls/cert.pem" KEY="$WORK/tls/key.pem")
 
-# Each scenario's fixture lives in its origin only (the fallback ones must be 404 on main).
+# Each scenario's fixture lives in its origin only (the fallback ones must be 404 on main);
+# an upload's is the body it sends (main's WebDAV location writes it to the same path).
 for sc in $SCENARIOS; do
   f="$WORK/fixtures/${FROM_OF[$sc]}${PATH_OF[$sc]}"
+  if [ "${METHOD_OF[$sc]:-GET}" = PUT ]; then f="$WORK/bodies${PATH_OF[$sc]}"; fi
   if [ ! -f "$f" ]; then
     mkdir -p "$(dirname "$f")"
     head -c "${SIZE_OF[$sc]}" /dev/urandom >"$f"
@@ -502,6 +507,10 @@ header() { awk -v n="$(tr '[:upper:]' '[:lower:]' <<<"$1")" -F': *' \
 # right X-Served-From (and, if given, X-Cache); anything else aborts, so a run never measures
 # error pages or misses. Sets LAST_XCACHE.
 verify() {
+  if [ "${METHOD_OF[$2]:-GET}" = PUT ]; then
+    verify_put "$@"
+    return
+  fi
   local proxy=$1 sc=$2 want_xc=${3:-} code from role
   local url="http://127.0.0.1:${PORT_OF[$proxy]}${PATH_OF[$sc]}" hdr="$WORK/verify.hdr" body="$WORK/verify.body"
   local extra=()
@@ -520,6 +529,23 @@ verify() {
   if [ "$proxy" = cascade ]; then
     role=$(header X-Served-From-Role "$hdr")
     [ "$role" = "${FROM_OF[$sc]}" ] || log "warning: cascade X-Served-From-Role is '$role' for $sc (README says '${FROM_OF[$sc]}')"
+  fi
+}
+
+# verify_put PROXY SCENARIO: one PUT of the fixture must be 201/204 from main, and the
+# object main then holds must be the fixture's exact bytes (it is removed first). Sets
+# LAST_XCACHE (none).
+verify_put() {
+  local proxy=$1 sc=$2 code from url="http://127.0.0.1:${PORT_OF[$1]}${PATH_OF[$2]}" hdr="$WORK/verify.hdr"
+  local landed="$WORK/fixtures/main${PATH_OF[$sc]}" body="$WORK/bodies${PATH_OF[$sc]}"
+  rm -f "$landed"
+  code=$("$CURL" -sS -m 10 -X PUT --data-binary @"$body" -o /dev/null -D "$hdr" -w '%{http_code}' "$url") || die "$proxy: PUT $url failed"
+  from=$(header X-Served-From "$hdr")
+  LAST_XCACHE=""
+  if [[ $code != 20[14] ]] || [ "$from" != main ] || ! cmp -s "$body" "$landed"; then
+    log "$proxy: PUT $url gave status $code, X-Served-From '$from'; headers:"
+    cat "$hdr" >&2
+    die "$proxy fails the $sc check (want 201 or 204 from main, and main holding the ${SIZE_OF[$sc]}-byte body)"
   fi
 }
 
@@ -585,6 +611,12 @@ run_wrk() { # PROXY SCENARIO DURATION OUTFILE
   local url="http://127.0.0.1:${PORT_OF[$1]}${PATH_OF[$2]}" secs extra=()
   secs=$(to_secs "$3")
   if [ -n "${HEADER_OF[$2]:-}" ]; then extra=(-H "${HEADER_OF[$2]}"); fi
+  if [ "${METHOD_OF[$2]:-GET}" != GET ]; then
+    # The body is read once, when wrk starts; every request sends it.
+    printf 'local f = assert(io.open("%s", "rb"))\nwrk.body = f:read("*a")\nf:close()\nwrk.method = "%s"\n' \
+      "$WORK/bodies${PATH_OF[$2]}" "${METHOD_OF[$2]}" >"$WORK/wrk-$2.lua"
+    extra+=(-s "$WORK/wrk-$2.lua")
+  fi
   # In the background and waited for, so that a signal to this script is handled at once.
   (pinned "$LOAD_CPUS" timeout $((secs + 30)) "$WRK" -t"$WRK_THREADS" -c"$CONNS" -d"$3" \
     --timeout 5s --latency "${extra[@]}" "$url") >"$4" 2>&1 &

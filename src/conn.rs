@@ -27,13 +27,16 @@
 //! - `server.write_buffer`: each connection's stream is wrapped in a [`SendBuf`], a write
 //!   buffer held only while a response is written (the listener gets none from Pingora,
 //!   whose buffer would be held for the connection's life).
+//! - `server.send_timeout` (nginx's name and semantics, default 60 s): the same
+//!   [`SendBuf`] fails a write the client has taken no byte of for that long, and Pingora
+//!   closes the connection.
 //!
 //! Connections that are not HTTP/1 (h2c, ALPN h2, custom protocols; cascade's listeners
 //! offer none of them today) go to Pingora's own loop, with the body timeout.
 //!
-//! Responses are written with no timeout at all (Pingora's `write_timeout` is unset, and
-//! the one it offers applies to a whole `write_all` of a body chunk, up to an object's size
-//! from the cache, so it would cut off slow but steady clients): see benches/README.md.
+//! Pingora's own `write_timeout` stays unset: it applies to a whole `write_all` of a body
+//! chunk, up to an object's size from the cache, so it would cut off slow but steady
+//! clients; `send_timeout` restarts on every write that makes progress.
 
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -69,6 +72,9 @@ pub struct ClientSettings {
     /// `server.write_buffer`: the most bytes of a response gathered before a send, in a
     /// buffer held only while a response is written (`sendbuf`); 0: none.
     pub write_buffer: usize,
+    /// `server.send_timeout`: the longest a response's write waits for a client that takes
+    /// none of its bytes (`sendbuf`).
+    pub send: Duration,
 }
 
 /// The proxy app as Pingora's loop sees it: every session gets the body read timeout.
@@ -129,9 +135,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientTimeouts<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if self.settings.write_buffer > 0 {
-            stream = Box::new(SendBuf::new(stream, self.settings.write_buffer));
-        }
+        stream = Box::new(
+            SendBuf::new(stream, self.settings.write_buffer)
+                .with_send_timeout(Some(self.settings.send)),
+        );
         let opts = self.app.server_options();
         let not_h1 = opts.is_some_and(|o| o.h2c || o.force_custom)
             || stream

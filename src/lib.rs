@@ -165,6 +165,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
                 idle: cfg.server.keepalive_timeout,
                 release_idle: cfg.server.release_idle,
                 write_buffer: cfg.server.write_buffer as usize,
+                send: cfg.server.send_timeout,
             },
         ),
     );

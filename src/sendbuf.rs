@@ -16,9 +16,20 @@
 //! - a write at least as large as the buffer, with nothing gathered, goes straight to the
 //!   socket, uncopied.
 //!
+//! It also bounds how long a response waits for a client that stopped reading
+//! (`server.send_timeout`, nginx's `send_timeout` semantics): a write (or flush) that the
+//! client's socket has not taken a byte of for that long fails with `TimedOut`, and Pingora
+//! ends the request and closes the connection. Pingora has no such bound (its
+//! `write_timeout` applies to a whole body chunk, so it would cut off a slow but steady
+//! client of a large hit); without one, a client that stops reading holds its connection,
+//! its response's buffers (~0.5 MiB for a pass-through) and its upstream connection forever.
+//! The timer restarts whenever a write makes progress, so slow but steady clients are
+//! never cut off.
+//!
 //! Everything else a Pingora stream answers (its id, digests, TLS, peeking) is the wrapped
 //! stream's.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +44,58 @@ use pingora_core::protocols::{
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The send timeout's clock: armed while a write waits on a client that takes nothing.
+#[derive(Debug, Default)]
+struct Stall {
+    /// `server.send_timeout` (`None`: writes wait forever).
+    limit: Option<Duration>,
+    /// Allocated at a connection's first stalled write, freed when a response is flushed.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl Stall {
+    /// The inner stream's answer `r` to a write or flush: one that waits fails once the
+    /// client has taken nothing for `limit`; any other answer (progress, or an error)
+    /// stops the clock.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if !r.is_pending() {
+            self.armed = false;
+            return r;
+        }
+        let Some(limit) = self.limit else {
+            return Poll::Pending;
+        };
+        if !self.armed {
+            let deadline = Instant::now() + limit;
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.armed = false;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client took no bytes of the response for {limit:?} (server.send_timeout)"),
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn release(&mut self) {
+        self.timer = None;
+        self.armed = false;
+    }
+}
 
 /// A stream whose writes are gathered in a buffer that exists only between a response's
 /// first write and its flush.
@@ -42,16 +105,26 @@ pub struct SendBuf<S: AsyncWrite + Unpin = Stream> {
     /// Gathered bytes; no allocation while empty after a flush.
     buf: Vec<u8>,
     cap: usize,
+    stall: Stall,
 }
 
 impl<S: AsyncWrite + Unpin> SendBuf<S> {
-    /// `cap`: the most bytes gathered before they are written (at least 1).
+    /// `cap`: the most bytes gathered before they are written (0: none, every write goes
+    /// straight to the stream).
     pub fn new(inner: S, cap: usize) -> Self {
         SendBuf {
             inner,
             buf: Vec::new(),
-            cap: cap.max(1),
+            cap,
+            stall: Stall::default(),
         }
+    }
+
+    /// Fail a write or flush that the client has taken nothing of for `limit`
+    /// (`server.send_timeout`); `None`: wait forever.
+    pub fn with_send_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.stall.limit = limit;
+        self
     }
 
     /// Bytes of buffer held now (0 once a response has been flushed).
@@ -67,18 +140,11 @@ impl<S: AsyncWrite + Unpin> SendBuf<S> {
         self.buf.extend_from_slice(data);
     }
 
-    /// Writes out everything gathered, then gives the buffer back (the next response
-    /// allocates its own).
-    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(cx))?;
-        self.buf = Vec::new();
-        Poll::Ready(Ok(()))
-    }
-
     /// Writes out everything gathered.
     fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.buf.is_empty() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf))?;
+            let r = Pin::new(&mut self.inner).poll_write(cx, &self.buf);
+            let n = ready!(self.stall.watch(cx, r))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -105,8 +171,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
         // It does not fit: what is gathered goes out first, with `data` in the same call.
         while !this.buf.is_empty() {
             let gathered = this.buf.len();
-            let n = ready!(Pin::new(&mut this.inner)
-                .poll_write_vectored(cx, &[IoSlice::new(&this.buf), IoSlice::new(data)]))?;
+            let r = Pin::new(&mut this.inner)
+                .poll_write_vectored(cx, &[IoSlice::new(&this.buf), IoSlice::new(data)]);
+            let n = ready!(this.stall.watch(cx, r))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -123,19 +190,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
             this.gather(data);
             return Poll::Ready(Ok(data.len()));
         }
-        Pin::new(&mut this.inner).poll_write(cx, data)
+        let r = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.stall.watch(cx, r)
     }
 
+    /// Writes out everything gathered, then gives the buffer (and the send timeout's timer)
+    /// back: the next response allocates its own.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_release(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        ready!(this.poll_drain(cx))?;
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        ready!(this.stall.watch(cx, r))?;
+        this.buf = Vec::new();
+        this.stall.release();
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_release(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        ready!(this.poll_drain(cx))?;
+        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
+        ready!(this.stall.watch(cx, r))?;
+        this.buf = Vec::new();
+        this.stall.release();
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -154,6 +232,8 @@ impl<S: AsyncWrite + Unpin> Drop for SendBuf<S> {
         // Pingora's own stream tries one non-blocking flush when dropped; gathered bytes get
         // the same chance here. (The wrapped stream is dropped after this, flushing its own.)
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        // No clock: a drop may run outside the runtime.
+        self.stall.limit = None;
         let _ = self.poll_drain(&mut cx);
     }
 }
@@ -317,6 +397,114 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A client socket that takes `per_call` bytes, then nothing for `gap` (waking the
+    /// writer after it); `gap: None`: nothing ever again after the first call.
+    struct Slow {
+        per_call: usize,
+        gap: Option<Duration>,
+        ready: bool,
+        taken: usize,
+    }
+
+    impl Slow {
+        fn poll_take(&mut self, cx: &mut Context<'_>, n: usize) -> Poll<io::Result<usize>> {
+            if !self.ready {
+                if let Some(gap) = self.gap {
+                    let w = cx.waker().clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(gap).await;
+                        w.wake();
+                    });
+                    self.ready = true;
+                }
+                return Poll::Pending;
+            }
+            self.ready = false;
+            let n = n.min(self.per_call);
+            self.taken += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Slow {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().poll_take(cx, data.len())
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_fails_the_write_after_the_send_timeout() {
+        let limit = Duration::from_millis(100);
+        for cap in [0, 8192] {
+            let stuck = Slow {
+                per_call: 1000,
+                gap: None,
+                ready: true,
+                taken: 0,
+            };
+            let mut s = SendBuf::new(stuck, cap).with_send_timeout(Some(limit));
+            let t0 = std::time::Instant::now();
+            // The first 1000 bytes are taken (or gathered), then nothing.
+            let e = async {
+                s.write_all(&bytes(20_000, 3)).await?;
+                s.flush().await
+            }
+            .await
+            .unwrap_err();
+            let waited = t0.elapsed();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut, "cap {cap}: {e}");
+            assert!(waited >= limit, "cap {cap}: after {waited:?}");
+            assert!(
+                waited < Duration::from_secs(5),
+                "cap {cap}: after {waited:?}"
+            );
+        }
+        // Without a send timeout, the write waits for as long as the client does.
+        let stuck = Slow {
+            per_call: 1000,
+            gap: None,
+            ready: false,
+            taken: 0,
+        };
+        let mut s = SendBuf::new(stuck, 0);
+        let waited = tokio::time::timeout(Duration::from_millis(300), s.write_all(b"x")).await;
+        assert!(waited.is_err(), "the write ended: {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_slow_but_steady_client_is_never_cut_off() {
+        // 100 bytes every 60 ms: 1.2 s for 2000 bytes, twelve times the 100 ms send timeout,
+        // which restarts whenever the client takes some.
+        let slow = Slow {
+            per_call: 100,
+            gap: Some(Duration::from_millis(60)),
+            ready: false,
+            taken: 0,
+        };
+        let mut s = SendBuf::new(slow, 0).with_send_timeout(Some(Duration::from_millis(100)));
+        let t0 = std::time::Instant::now();
+        s.write_all(&bytes(2000, 4)).await.unwrap();
+        s.flush().await.unwrap();
+        assert!(t0.elapsed() >= Duration::from_millis(1000));
+        assert_eq!(s.inner.taken, 2000);
+        assert!(
+            s.stall.timer.is_none(),
+            "the timer is freed with the response"
+        );
     }
 
     fn bytes(n: usize, seed: u8) -> Vec<u8> {

@@ -1459,6 +1459,87 @@ async fn an_upload_that_stalls_gets_408_after_client_body_timeout() {
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
 
+/// Reads until the peer closes (or resets) within `limit`: how many bytes came.
+fn count_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> usize {
+    use std::io::Read;
+    s.set_read_timeout(Some(limit)).unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    let mut n = 0;
+    let mut chunk = vec![0u8; 256 << 10];
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not closed within {limit:?} ({n} bytes)"
+        );
+        match s.read(&mut chunk) {
+            Ok(0) => return n,
+            Ok(got) => n += got,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return n,
+            Err(e) => panic!("not closed within {limit:?} ({e}; {n} bytes)"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
+    use std::io::{Read, Write};
+    // 48 MiB: far more than the kernel's socket buffers on loopback and Pingora's pipe hold.
+    const BIG: usize = 48 << 20;
+    let (origin, c) = ok_behind_cascade(&[("send_timeout", "1s")]);
+    origin.route("/big", Reply::new(200, vec![b'b'; BIG]));
+    // The head and a little of the body, then no more reads: cascade's writes wait, and
+    // after 1 s without progress (Pingora alone: forever) cascade closes the connection.
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 4096];
+    let n = s.read(&mut first).unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // What the buffers held comes, then the close: never the whole body.
+    let rest = count_until_closed(&mut s, Duration::from_secs(20));
+    assert!(n + rest < BIG, "the whole body came ({})", n + rest);
+    let m = c.metrics().await;
+    assert!(m.contains("cascade_"), "cascade still serves");
+
+    // A slow but steady reader (1 MiB every 100 ms, 3.2 s for 32 MiB, three times the
+    // timeout once the buffers are full) gets everything: the clock restarts on progress.
+    const MID: usize = 32 << 20;
+    origin.route("/mid", Reply::new(200, vec![b'm'; MID]));
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(b"GET /mid HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 20];
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "{got} bytes in 30 s");
+        let mut block = 0;
+        while block < chunk.len() {
+            match s.read(&mut chunk[block..]).unwrap() {
+                0 => break,
+                k => block += k,
+            }
+        }
+        got += block;
+        if block < chunk.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(got > MID, "a steady reader was cut off after {got} bytes");
+}
+
+#[test]
+fn send_timeout_must_not_be_zero() {
+    assert_located(
+        "listen: [{addr: 127.0.0.1:1}]\nserver:\n  send_timeout: 0s # <-\norigins:\n  a: {url: \"http://127.0.0.1:9\"}\ngroups:\n  g: {main: a}\nroutes:\n  - {path: /, group: g}\n",
+        "server.send_timeout",
+        &["more than 0"],
+    );
+}
+
 #[test]
 fn client_body_timeout_must_not_be_zero() {
     assert_located(

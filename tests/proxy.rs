@@ -1551,52 +1551,62 @@ async fn an_https_main_keeps_its_tls_session_through_replayed_404s() {
     }
 }
 
-/// A request written whole on a new connection; the first final (non-`1xx`) answer.
-fn raw_final(addr: std::net::SocketAddr, request: &[u8]) -> RawResponse {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(request).unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).to_string();
-            let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-            if (100..200).contains(&status) {
-                buf.drain(..end + 4);
-                continue;
+/// One client keep-alive connection, raw: requests in turn, each one's final answer.
+struct RawConn {
+    s: std::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    fn open(addr: std::net::SocketAddr) -> RawConn {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        RawConn { s, buf: Vec::new() }
+    }
+
+    /// Writes `request` whole; the first final (non-`1xx`) answer to it.
+    fn send(&mut self, request: &[u8]) -> RawResponse {
+        use std::io::{Read, Write};
+        self.s.write_all(request).unwrap();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end + 4]).to_string();
+                let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+                if (100..200).contains(&status) {
+                    self.buf.drain(..end + 4);
+                    continue;
+                }
+                let len: usize = head
+                    .to_ascii_lowercase()
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                while self.buf.len() < end + 4 + len {
+                    let n = self.s.read(&mut chunk).unwrap();
+                    assert!(n > 0, "closed mid-answer: {head}");
+                    self.buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = self.buf[end + 4..end + 4 + len].to_vec();
+                self.buf.drain(..end + 4 + len);
+                return RawResponse { status, head, body };
             }
-            let len: usize = head
-                .to_ascii_lowercase()
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            while buf.len() < end + 4 + len {
-                let n = s.read(&mut chunk).unwrap();
-                assert!(n > 0, "closed mid-answer: {head}");
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            return RawResponse {
-                status,
-                head,
-                body: buf[end + 4..end + 4 + len].to_vec(),
-            };
+            let n = self.s.read(&mut chunk).unwrap();
+            assert!(
+                n > 0,
+                "closed before an answer: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
         }
-        let n = s.read(&mut chunk).unwrap();
-        assert!(
-            n > 0,
-            "closed before an answer: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
 #[tokio::test]
 async fn uploads_keep_their_connection_whatever_their_body_framing() {
-    // Content-Length bodies, chunked bodies (length unknown) and `Expect: 100-continue`:
-    // each upload's connection carries the next, with either pool.
+    // Content-Length bodies, chunked bodies (length unknown, with a trailer) and
+    // `Expect: 100-continue`: each upload's connection carries the next, with either pool.
+    // One client connection, so each upload starts after the last one's connection is back.
     for pool in ["cascade", "pingora"] {
         let main = HttpOrigin::start();
         main.route_method("PUT", "/b/up", Reply::new(200, ""));
@@ -1604,26 +1614,32 @@ async fn uploads_keep_their_connection_whatever_their_body_framing() {
         let cascade = Cascade::builder(&yaml)
             .server("upstream_pool", pool)
             .start();
-        let c = client();
+        let mut c = RawConn::open(cascade.addr);
         let mut sent = 0u64;
         for i in 0..8u8 {
             let body = vec![i; 100 << 10];
+            let mut req = format!(
+                "PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            req.extend_from_slice(&body);
             sent += body.len() as u64;
-            let r = c.put(cascade.url("/up")).body(body).send().await.unwrap();
-            assert_eq!(r.status(), 200, "{pool}: length {i}");
+            let r = c.send(&req);
+            assert_eq!(r.status, 200, "{pool}: length {i}: {}", r.head);
         }
         for i in 0..4 {
-            let r = c
-                .put(cascade.url("/up"))
-                .body(reqwest::Body::wrap_stream(pattern_stream(
-                    300 << 10,
-                    64 << 10,
-                )))
-                .send()
-                .await
-                .unwrap();
-            sent += 300 << 10;
-            assert_eq!(r.status(), 200, "{pool}: chunked {i}");
+            let mut req =
+                b"PUT /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for part in [70_000usize, 5, 30_000] {
+                req.extend_from_slice(format!("{part:x};ext=1\r\n").as_bytes());
+                req.extend_from_slice(&vec![b'c'; part]);
+                req.extend_from_slice(b"\r\n");
+                sent += part as u64;
+            }
+            req.extend_from_slice(b"0\r\nX-Trailer: 1\r\n\r\n");
+            let r = c.send(&req);
+            assert_eq!(r.status, 200, "{pool}: chunked {i}: {}", r.head);
         }
         for i in 0..3 {
             let body = vec![b'e'; 4096];
@@ -1634,7 +1650,7 @@ async fn uploads_keep_their_connection_whatever_their_body_framing() {
             .into_bytes();
             req.extend_from_slice(&body);
             sent += body.len() as u64;
-            let r = raw_final(cascade.addr, &req);
+            let r = c.send(&req);
             assert_eq!(r.status, 200, "{pool}: expect {i}: {}", r.head);
         }
         assert_eq!(main.stats.count("PUT"), 15, "{pool}");

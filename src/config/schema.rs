@@ -453,6 +453,13 @@ pub struct ServerSection {
     /// `release_idle` off, a keep-alive's header reads wait up to `keepalive_timeout` too.)
     #[serde(default = "default_client_header", deserialize_with = "de_duration")]
     pub client_header_timeout: Duration,
+    /// The longest a response waits for a client that takes none of its bytes (nginx's
+    /// `send_timeout`, default 60 s; Pingora has none): the clock restarts whenever the
+    /// client takes some, so a slow but steady download is never cut off, while one that
+    /// stops reading gives back its connection, its buffers and its upstream connection
+    /// after it.
+    #[serde(default = "default_send_timeout", deserialize_with = "de_duration")]
+    pub send_timeout: Duration,
     /// Until a request's first bytes arrive (on a new connection and between two requests
     /// of a keep-alive), hold only the connection, no session (`conn.rs`): ~6 KiB per idle
     /// keep-alive instead of ~24; what that wait reads starts the request's header, so it
@@ -533,6 +540,7 @@ impl Default for ServerSection {
             keepalive_timeout: default_keepalive(),
             client_body_timeout: default_client_body(),
             client_header_timeout: default_client_header(),
+            send_timeout: default_send_timeout(),
             release_idle: true,
             upstream_pool: UpstreamPool::Cascade,
         }
@@ -564,6 +572,10 @@ fn default_client_header() -> Duration {
 }
 
 fn default_client_body() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_send_timeout() -> Duration {
     Duration::from_secs(60)
 }
 

@@ -393,6 +393,12 @@ pub(super) fn load(
             ),
         );
     }
+    if server.send_timeout.is_zero() {
+        cx.err(
+            "server.send_timeout",
+            "must be more than 0: every response would fail".to_string(),
+        );
+    }
     if server.client_body_timeout.is_zero() {
         cx.err(
             "server.client_body_timeout",

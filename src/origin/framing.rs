@@ -42,6 +42,8 @@ pub struct Tracker {
     idle_hint: Option<Duration>,
     /// The current request has a body.
     upload: bool,
+    /// The current request is not all out yet (kept when poisoned).
+    writing: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +142,12 @@ impl Tracker {
         matches!(self.state, State::Done | State::Parked)
     }
 
+    /// A request (head or body) is still going out; this survives [`Tracker::poison`], so
+    /// the rest of an upload answered early can still be told from a new request.
+    pub fn request_open(&self) -> bool {
+        self.writing
+    }
+
     pub fn is_unsafe(&self) -> bool {
         self.state == State::Unsafe
     }
@@ -179,6 +187,7 @@ impl Tracker {
                 self.head.clear();
                 self.idle_hint = None;
                 self.upload = false;
+                self.writing = true;
                 self.state = State::Request {
                     head_method: false,
                     complete: false,
@@ -213,6 +222,7 @@ impl Tracker {
                 let rest = &whole[len..];
                 match body {
                     None if rest.is_empty() => {
+                        self.writing = false;
                         self.state = State::Request {
                             head_method,
                             complete: true,
@@ -250,6 +260,7 @@ impl Tracker {
                         return self.poison();
                     }
                     self.state = if n == left {
+                        self.writing = false;
                         State::Request {
                             head_method: false,
                             complete: true,
@@ -264,10 +275,13 @@ impl Tracker {
                         bytes = &bytes[used..];
                         self.state = match next {
                             State::Chunked(c) => State::Upload(Body::Chunked(c)),
-                            _ => State::Request {
-                                head_method: false,
-                                complete: true,
-                            },
+                            _ => {
+                                self.writing = false;
+                                State::Request {
+                                    head_method: false,
+                                    complete: true,
+                                }
+                            }
                         };
                     }
                     None => return self.poison(),
@@ -998,6 +1012,32 @@ mod tests {
                 t.on_read(OK);
                 assert_eq!(t.verdict(), Verdict::Close, "cut at {cut}");
             }
+        }
+    }
+
+    #[test]
+    fn a_request_is_open_until_it_is_all_out_even_when_poisoned() {
+        let mut t = Tracker::default();
+        assert!(!t.request_open());
+        t.on_write(&PUT[..20]);
+        assert!(t.request_open());
+        t.on_write(&PUT[20..PUT.len() - 3]);
+        assert!(t.request_open());
+        // Answered early: never kept, but the rest of the body is not a new request.
+        t.on_read(NOT_FOUND);
+        assert_eq!(t.verdict(), Verdict::Close);
+        assert!(t.request_open());
+        // A GET is out with its head; bytes past its answer poison it, and a write then
+        // would be a new request.
+        let mut t = Tracker::default();
+        t.on_write(GET);
+        assert!(!t.request_open());
+        t.on_read(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxy");
+        assert_eq!(t.verdict(), Verdict::Close);
+        assert!(!t.request_open());
+        for req in [PUT, CHUNKED_PUT] {
+            let t = exchange(req, &[]);
+            assert!(!t.request_open(), "all out");
         }
     }
 

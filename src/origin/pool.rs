@@ -9,7 +9,7 @@
 //! upstream connection although only a small error body was left on it: every fallback
 //! request paid a TCP connect and close to main (benches/README.md, "The fallback path").
 //! Here the connection of an attempt is a Pingora *virtual socket*
-//! (`PeerOptions::custom_l4`, set per attempt by `Peer::http_peer_for`) over a [`Link`] (a
+//! (`PeerOptions::custom_l4`, set per attempt by `Peer::attempt_peer`) over a [`Link`] (a
 //! `TcpStream`, or for an https origin a TLS session Pingora's own connector set up, so
 //! Pingora sees plain HTTP) that follows the HTTP/1.1 framing of the plaintext going through
 //! it ([`Tracker`], `framing.rs`). When Pingora
@@ -575,9 +575,11 @@ impl AsyncWrite for Conn {
         let Some(link) = this.link.as_mut() else {
             return Poll::Ready(Err(gone()));
         };
-        if !this.ahead.is_empty() {
+        if !this.ahead.is_empty() && !this.http.request_open() {
             // A request while bytes of the last answer wait unread: they would become this
             // one's answer. Pingora never does this (it does not reuse a virtual socket).
+            // (More of an upload's body while its early answer waits is let through: that
+            // connection is never kept.)
             this.http.poison();
             return Poll::Ready(Err(std::io::Error::other(
                 "an answer is still unread on this connection",
