@@ -51,7 +51,8 @@ use tokio::time::{Instant, Sleep};
 struct Stall {
     /// `server.send_timeout` (`None`: writes wait forever).
     limit: Option<Duration>,
-    /// Allocated at a connection's first stalled write, freed when a response is flushed.
+    /// Allocated at a connection's first stalled write and kept for the connection (Pingora
+    /// flushes after every chunk of a chunked body: one allocation per stall otherwise).
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
@@ -69,7 +70,10 @@ impl Stall {
             return Poll::Pending;
         };
         if !self.armed {
-            let deadline = Instant::now() + limit;
+            // A limit past the clock's range: no deadline.
+            let Some(deadline) = Instant::now().checked_add(limit) else {
+                return Poll::Pending;
+            };
             match &mut self.timer {
                 Some(t) => t.as_mut().reset(deadline),
                 None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -89,11 +93,6 @@ impl Stall {
             }
             Poll::Pending => Poll::Pending,
         }
-    }
-
-    fn release(&mut self) {
-        self.timer = None;
-        self.armed = false;
     }
 }
 
@@ -194,15 +193,37 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
         this.stall.watch(cx, r)
     }
 
-    /// Writes out everything gathered, then gives the buffer (and the send timeout's timer)
-    /// back: the next response allocates its own.
+    /// Without a buffer (`cap` 0) a vectored write (Pingora's chunk: size line, data, CRLF)
+    /// goes to the stream as it is, one `writev`; with one, its pieces are gathered.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.cap > 0 || !this.buf.is_empty() {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &**b);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.stall.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.cap == 0 && self.inner.is_write_vectored()
+    }
+
+    /// Writes out everything gathered, then gives the buffer back: the next response
+    /// allocates its own.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
         let r = Pin::new(&mut this.inner).poll_flush(cx);
         ready!(this.stall.watch(cx, r))?;
         this.buf = Vec::new();
-        this.stall.release();
         Poll::Ready(Ok(()))
     }
 
@@ -212,7 +233,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for SendBuf<S> {
         let r = Pin::new(&mut this.inner).poll_shutdown(cx);
         ready!(this.stall.watch(cx, r))?;
         this.buf = Vec::new();
-        this.stall.release();
         Poll::Ready(Ok(()))
     }
 }
@@ -446,43 +466,84 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_client_that_stops_reading_fails_the_write_after_the_send_timeout() {
-        let limit = Duration::from_millis(100);
-        for cap in [0, 8192] {
-            let stuck = Slow {
-                per_call: 1000,
-                gap: None,
-                ready: true,
-                taken: 0,
-            };
-            let mut s = SendBuf::new(stuck, cap).with_send_timeout(Some(limit));
-            let t0 = std::time::Instant::now();
-            // The first 1000 bytes are taken (or gathered), then nothing.
-            let e = async {
-                s.write_all(&bytes(20_000, 3)).await?;
-                s.flush().await
-            }
-            .await
-            .unwrap_err();
-            let waited = t0.elapsed();
-            assert_eq!(e.kind(), io::ErrorKind::TimedOut, "cap {cap}: {e}");
-            assert!(waited >= limit, "cap {cap}: after {waited:?}");
-            assert!(
-                waited < Duration::from_secs(5),
-                "cap {cap}: after {waited:?}"
-            );
-        }
-        // Without a send timeout, the write waits for as long as the client does.
-        let stuck = Slow {
-            per_call: 1000,
+    /// A socket that never takes a byte (and never wakes its writer).
+    fn stuck() -> Slow {
+        Slow {
+            per_call: 0,
             gap: None,
             ready: false,
             taken: 0,
-        };
-        let mut s = SendBuf::new(stuck, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_fails_the_write_after_the_send_timeout() {
+        let limit = Duration::from_millis(100);
+        // Every way a write can wait: a large write straight through (no buffer, or nothing
+        // gathered), the flush of gathered bytes, a write that does not fit next to gathered
+        // ones (one `writev`), a vectored write without a buffer.
+        let cases: [(&str, usize, &[usize], bool); 5] = [
+            ("straight, no buffer", 0, &[20_000], false),
+            ("straight, nothing gathered", 8192, &[20_000], false),
+            ("flush of gathered bytes", 8192, &[100], true),
+            ("gathered + a large write", 8192, &[100, 10_000], false),
+            ("vectored, no buffer", 0, &[], false),
+        ];
+        for (what, cap, writes, flush) in cases {
+            let mut s = SendBuf::new(stuck(), cap).with_send_timeout(Some(limit));
+            let t0 = std::time::Instant::now();
+            let run = async {
+                if writes.is_empty() {
+                    let (a, b) = (bytes(10, 1), bytes(10, 2));
+                    let bufs = [IoSlice::new(&a), IoSlice::new(&b)];
+                    std::future::poll_fn(|cx| Pin::new(&mut s).poll_write_vectored(cx, &bufs))
+                        .await?;
+                }
+                for &n in writes {
+                    s.write_all(&bytes(n, 3)).await?;
+                }
+                if flush {
+                    s.flush().await?;
+                }
+                Ok::<_, io::Error>(())
+            };
+            let e = tokio::time::timeout(Duration::from_secs(5), run)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: never timed out"))
+                .unwrap_err();
+            let waited = t0.elapsed();
+            assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{what}: {e}");
+            assert!(waited >= limit, "{what}: after {waited:?}");
+        }
+        // Without a send timeout, the write waits for as long as the client does.
+        let mut s = SendBuf::new(stuck(), 0);
         let waited = tokio::time::timeout(Duration::from_millis(300), s.write_all(b"x")).await;
         assert!(waited.is_err(), "the write ended: {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn without_a_buffer_a_vectored_write_stays_one_call() {
+        // Pingora writes a body chunk as its size line, data and CRLF in one vectored write.
+        let (rec, log) = Rec::new(usize::MAX, false);
+        let mut s = SendBuf::new(rec, 0);
+        assert!(s.is_write_vectored());
+        let parts = [bytes(6, 1), bytes(5000, 2), bytes(2, 3)];
+        let bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let n = std::future::poll_fn(|cx| Pin::new(&mut s).poll_write_vectored(cx, &bufs))
+            .await
+            .unwrap();
+        assert_eq!(n, 5008);
+        assert_eq!(log.lock().unwrap().calls, [("writev", 5008)]);
+        assert_eq!(log.lock().unwrap().out, parts.concat());
+        // With a buffer, the pieces are gathered (and sent as one at the flush).
+        let (rec, log) = Rec::new(usize::MAX, false);
+        let mut s = SendBuf::new(rec, 8192);
+        assert!(!s.is_write_vectored());
+        for p in &parts {
+            s.write_all(p).await.unwrap();
+        }
+        s.flush().await.unwrap();
+        assert_eq!(log.lock().unwrap().calls, [("write", 5008)]);
     }
 
     #[tokio::test]
@@ -501,9 +562,12 @@ mod tests {
         s.flush().await.unwrap();
         assert!(t0.elapsed() >= Duration::from_millis(1000));
         assert_eq!(s.inner.taken, 2000);
+        assert!(!s.stall.armed, "the clock stops with the response");
+        // What a connection that ever stalled keeps: the timer.
         assert!(
-            s.stall.timer.is_none(),
-            "the timer is freed with the response"
+            std::mem::size_of::<Sleep>() <= 128,
+            "{}",
+            std::mem::size_of::<Sleep>()
         );
     }
 
