@@ -20,6 +20,12 @@ SLOW selects what the clients do:
     N=2000 CASCADE_BIN=... benches/idle.py
     CASCADE_EXTRA='  read_buffer: 64KiB' benches/idle.py   # lines added under `server:`
     N=2000 SLOW=hit benches/idle.py
+    N=2000 SLOW=pass HOLD=8 CASCADE_EXTRA='  send_timeout: 5s' benches/idle.py
+
+HOLD=S keeps the clients (still not reading) for S more seconds after the measurement, then
+reports each proxy's RSS again and how many of the connections it has closed: with SLOW,
+what a proxy's send timeout gives back (cascade's `server.send_timeout`; nginx's
+`send_timeout`, 60 s by default, is left as it is).
 
 Needs nginx (scripts/deps.sh --bench) and a release build (cargo build --release).
 """
@@ -50,6 +56,7 @@ OBJECT = "/obj-1m.bin" if SLOW else "/obj-4k.bin"
 # Slow clients stop reading after this much body.
 SLOW_READ = 8192
 DEADLINE_S = 60
+HOLD = float(os.environ.get("HOLD", "0"))
 
 
 def free_port():
@@ -156,11 +163,48 @@ def measure(name, pids_of, port, path):
     socks = hold(port, N, path)
     time.sleep(1.0)
     after = rss_kib(pids_of())
+    held = None
+    if HOLD > 0:
+        time.sleep(HOLD)
+        held = (rss_kib(pids_of()), closed_by_peer(socks))
     for s in socks:
         s.close()
     per = (after - before) / N
     print(f"| {name} | {N} | {before / 1024:.1f} | {after / 1024:.1f} | {(after - before) / 1024:.1f} | {per:.1f} |", flush=True)
+    if held:
+        HELD.append(f"{name}: {HOLD:g} s later, RSS {held[0] / 1024:.1f} MiB "
+                    f"({(held[0] - before) / N:.1f} KiB per connection above the baseline); "
+                    f"{held[1]} of {N} connections closed by the proxy")
     return per
+
+
+HELD = []
+
+
+def closed_by_peer(socks, budget_s=3.0):
+    """How many of `socks` the proxy has closed. What it sent is read and thrown away, in
+    passes for up to `budget_s` (the bytes still in flight behind a close keep coming as the
+    client's window opens): a connection is closed once its EOF or reset shows up."""
+    open_ = list(socks)
+    for sock in open_:
+        sock.setblocking(False)
+    closed = 0
+    deadline = time.time() + budget_s
+    while open_ and time.time() < deadline:
+        still = []
+        for sock in open_:
+            try:
+                while True:
+                    if not sock.recv(1 << 16):
+                        closed += 1
+                        break
+            except BlockingIOError:
+                still.append(sock)
+            except OSError:
+                closed += 1
+        open_ = still
+        time.sleep(0.05)
+    return closed
 
 
 def measure_and_stop(name, proc, port):
@@ -292,6 +336,8 @@ def run(procs):
     n = start_nginx(work, "nginx", root, port)
     procs.append(n)
     results["nginx"] = measure_and_stop("nginx", n, port)
+    for line in HELD:
+        print(line)
     if results.get("nginx"):
         print(f"\ncascade/nginx memory per connection: {results['cascade'] / max(results['nginx'], 0.1):.1f}x")
     shutil.rmtree(work, ignore_errors=True)
