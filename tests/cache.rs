@@ -93,6 +93,27 @@ fn body_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Waits (at most 10 s) until `n` entries are committed on disk (an entry's `.meta` file is
+/// renamed into place last). The disk tier commits a fill after its answer has gone out, so
+/// a restart (a SIGKILL) right after a miss would race the commit.
+async fn wait_committed(dir: &Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metas = cache_files(dir)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "meta"))
+            .count();
+        if metas >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{metas} of {n} cache entries committed to disk"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Bytes of every file under `dir`, temp files included.
 fn bytes_under(dir: &Path) -> u64 {
     files_under(dir)
@@ -158,6 +179,7 @@ async fn restart_serves_from_disk() {
     let mut b = bucket(&cache);
     b.s3.put_file("media", "v/clip.bin", vec![7u8; 300_000]);
     assert_eq!(get(&b.cascade, "/v/clip.bin").await.1, "MISS");
+    wait_committed(dir.path(), 1).await;
     drop(std::mem::replace(&mut b.cascade, start(&b.yaml)));
     let r = client()
         .get(b.cascade.url("/v/clip.bin"))
@@ -186,6 +208,7 @@ async fn corrupted_or_truncated_cache_files_are_misses() {
     s3.put_file("media", "y.bin", &body);
     assert_eq!(get(&cascade, "/x.bin").await.1, "MISS");
     assert_eq!(get(&cascade, "/y.bin").await.1, "MISS");
+    wait_committed(dir.path(), 2).await;
     drop(cascade); // memory tier gone; only the files remain
     let files = body_files(dir.path());
     assert_eq!(files.len(), 2, "{files:?}");
@@ -694,7 +717,7 @@ async fn routes_can_turn_caching_off_and_set_their_ttl() {
     o.route("/nc/a", Reply::new(200, "a"));
     let yaml = format!(
         "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  media: {{main: web}}\nroutes:\n  \
-         - {{path: /, group: media, cache: {{ttl: 1s}}}}\n  - {{path: /nc, group: media, cache: false}}\n\
+         - {{path: /, group: media, cache: {{ttl: 3s}}}}\n  - {{path: /nc, group: media, cache: false}}\n\
          cache:\n  memory: 16MiB\n  stale_if_error: 0s\n",
         o.url("")
     );
@@ -702,8 +725,9 @@ async fn routes_can_turn_caching_off_and_set_their_ttl() {
     assert_eq!(get(&c, "/nc/a").await.1, "BYPASS");
     assert_eq!(get(&c, "/nc/a").await.1, "BYPASS");
     assert_eq!(get(&c, "/a").await.1, "MISS");
+    // (A 3 s TTL: the HIT must come within it even on a loaded machine.)
     assert_eq!(get(&c, "/a").await.1, "HIT");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     assert_eq!(get(&c, "/a").await.1, "EXPIRED");
     assert_eq!(o.stats.count("GET"), 4);
 }
