@@ -72,6 +72,8 @@ pub struct Metrics {
     pub upstream_connections: [IntCounter; 3],
     /// The family of `upstream_connections`.
     pub upstream_connections_by_event: IntCounterVec,
+    /// Responses cut off by `server.send_timeout` (`sendbuf`).
+    pub client_send_timeouts: IntCounter,
 }
 
 fn buckets() -> Vec<f64> {
@@ -388,6 +390,12 @@ impl Metrics {
             failovers,
             upstream_connections,
             upstream_connections_by_event,
+            client_send_timeouts: register_int_counter_with_registry!(
+                "cascade_client_send_timeouts_total",
+                "Responses cut off because the client took none of their bytes for server.send_timeout (the connection is closed): clients that stopped reading, or networks slower than the timeout allows.",
+                registry
+            )
+            .expect("metric"),
             bucket_used_bytes: register_int_gauge_vec_with_registry!(
                 "cascade_bucket_used_bytes",
                 "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",

@@ -86,6 +86,7 @@ impl Stall {
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 self.armed = false;
+                crate::metrics::METRICS.client_send_timeouts.inc();
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("the client took no bytes of the response for {limit:?} (server.send_timeout)"),
