@@ -1059,7 +1059,11 @@ impl ProxyHttp for Cascade {
             // A client that went away is not an origin failure.
             self.count_error(ctx, &method, &e);
         }
-        let mut e = e.more_context(format!("Peer: {peer}"));
+        let at = match ctx.attempts.current {
+            Some(c) => self.state.origins[c.origin].peers[c.peer].describe(peer),
+            None => format!("Peer: {peer}"),
+        };
+        let mut e = e.more_context(at);
         let replayable = method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
         let before_answer = session.response_written().is_none();
         let from_pool = ctx

@@ -317,6 +317,19 @@ impl Peer {
         self.peer_for(false).0
     }
 
+    /// Where an attempt went, for error messages: the peer's label and its real scheme (an
+    /// https attempt through cascade's pool has a peer that says `HTTP` to Pingora, which
+    /// speaks plain HTTP over the pool's TLS session).
+    pub fn describe(&self, attempt: &HttpPeer) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        let sni = if self.tls {
+            format!(", sni {}", self.sni)
+        } else {
+            String::new()
+        };
+        format!("peer {}: {scheme}://{}{sni}", self.label, attempt._address)
+    }
+
     /// A connection target for a client request's attempt, read or write: it connects
     /// through cascade's pool (`pool.rs`) unless `server.upstream_pool: pingora` (or the
     /// peer is a Unix socket); the flag returned is set when the connection it gets is a
@@ -632,6 +645,20 @@ mod tests {
             dns_refresh: Duration::from_secs(60),
         };
         Origin::new(&cfg, None, true).unwrap()
+    }
+
+    #[test]
+    fn an_attempt_is_described_with_its_real_scheme() {
+        let mut o = http_origin("", false);
+        let (attempt, _) = o.peers[0].attempt_peer();
+        assert_eq!(
+            o.peers[0].describe(&attempt),
+            "peer o: http://127.0.0.1:9000"
+        );
+        o.peers[0].tls = true;
+        o.peers[0].sni = "bucket.example".into();
+        let d = o.peers[0].describe(&attempt);
+        assert_eq!(d, "peer o: https://127.0.0.1:9000, sni bucket.example");
     }
 
     #[test]
