@@ -466,7 +466,7 @@ impl Metrics {
     /// alert rules and the dashboard may refer to these only).
     pub fn family_names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let all: [&dyn Collector; 46] = [
+        let all: [&dyn Collector; 47] = [
             &self.requests,
             &self.fallback_replays,
             &self.upstream_errors,
@@ -513,6 +513,7 @@ impl Metrics {
             &self.redis_up,
             &self.redis_errors,
             &self.upstream_connections_by_event,
+            &self.client_send_timeouts,
         ];
         let mut names: Vec<String> = all
             .iter()

@@ -45,6 +45,7 @@ const DASHBOARD_FAMILIES: &[&str] = &[
     "cascade_retries_total",
     "cascade_failovers_total",
     "cascade_upstream_connections_total",
+    "cascade_client_send_timeouts_total",
     "cascade_peer_up",
     "cascade_peer_in_flight",
     "cascade_peer_ejections_total",
