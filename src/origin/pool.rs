@@ -15,7 +15,7 @@
 //! it ([`Tracker`], `framing.rs`). When Pingora
 //! lets go of it (drops it, or is done with it after an answer), a connection whose exchange
 //! ended cleanly, or can be ended by reading at most [`DRAIN_BUDGET`] more bytes, goes to
-//! this pool, and the next read's connect to the same address takes it instead of dialling.
+//! this pool, and the next attempt's connect to the same address takes it instead of dialling.
 //! Pingora cannot reuse a virtual socket from its own pool (it matches pooled connections by
 //! file descriptor), so the socket declines Pingora's pooling check and this pool holds them
 //! all. Uploads go through it too: an origin that refuses an upload often answers before it
