@@ -981,6 +981,29 @@ pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap();
     let given = given.get_or_insert_with(HashSet::new);
+    // Below the kernel's ephemeral range: no `bind(0)` (every test server, every outgoing
+    // connection of every test process) can take the port between this check and the bind
+    // of whoever it is for (cascade, nginx, redis). From inside the range, one did: cascade
+    // found its port "in use" and a test origin answered in its place (a CI flake).
+    // Processes pick at random (nextest runs each test in its own process).
+    if let Some((lo, hi)) = below_ephemeral() {
+        let mut x = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32)
+            | 1;
+        for _ in 0..1000 {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = lo + (x % u64::from(hi - lo + 1)) as u16;
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     for _ in 0..100 {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
@@ -989,6 +1012,14 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port found");
+}
+
+/// Ports from 10000 up to the kernel's ephemeral range (`ip_local_port_range`), if that
+/// leaves at least 2000 of them.
+fn below_ephemeral() -> Option<(u16, u16)> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    (low >= 12_000).then(|| (10_000, low - 1))
 }
 
 /// HTTP client: no proxy, no redirects, short timeouts.
