@@ -1577,11 +1577,7 @@ impl RawConn {
                     self.buf.drain(..end + 4);
                     continue;
                 }
-                let len: usize = head
-                    .to_ascii_lowercase()
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .map_or(0, |v| v.trim().parse().unwrap());
+                let len = content_length(&head).unwrap_or(0);
                 while self.buf.len() < end + 4 + len {
                     let n = self.s.read(&mut chunk).unwrap();
                     assert!(n > 0, "closed mid-answer: {head}");
@@ -1676,11 +1672,7 @@ async fn an_upload_refused_never_lends_its_connection_to_the_next() {
     // over Pingora's retry buffer cannot be replayed. Here the close comes 300 ms after the
     // answer; "early" answers before reading the body, "late" after reading it.
     let origin = RawOrigin::start(|head| {
-        let len: usize = head
-            .to_ascii_lowercase()
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(0, |v| v.trim().parse().unwrap());
+        let len = content_length(head).unwrap_or(0);
         let refusal = |code: &str| {
             format!("HTTP/1.1 {code} Refused\r\nContent-Length: 7\r\n\r\nrefused").into_bytes()
         };

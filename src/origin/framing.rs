@@ -203,16 +203,25 @@ impl Tracker {
         }
     }
 
-    fn request_bytes(&mut self, bytes: &[u8]) {
-        let copied = !self.head.is_empty();
-        if copied {
+    /// A head split over several reads or writes: `bytes` added to what came before, taken
+    /// out of the tracker (empty when `bytes` start the head: they are then all of it so
+    /// far); `None` over [`MAX_HEAD`] (the connection is poisoned).
+    fn take_head(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
+        if !self.head.is_empty() {
             if self.head.len() + bytes.len() > MAX_HEAD {
-                return self.poison();
+                self.poison();
+                return None;
             }
             self.head.extend_from_slice(bytes);
         }
-        let head = std::mem::take(&mut self.head);
-        let whole: &[u8] = if copied { &head } else { bytes };
+        Some(std::mem::take(&mut self.head))
+    }
+
+    fn request_bytes(&mut self, bytes: &[u8]) {
+        let Some(head) = self.take_head(bytes) else {
+            return;
+        };
+        let whole: &[u8] = if head.is_empty() { bytes } else { &head };
         match parse_request(whole) {
             Parsed::Complete {
                 head_method,
@@ -240,7 +249,11 @@ impl Tracker {
                 }
             }
             Parsed::Partial if whole.len() <= MAX_HEAD => {
-                self.head = if copied { head } else { bytes.to_vec() };
+                self.head = if head.is_empty() {
+                    bytes.to_vec()
+                } else {
+                    head
+                };
             }
             Parsed::Partial | Parsed::Refused => self.poison(),
         }
@@ -317,15 +330,10 @@ impl Tracker {
     }
 
     fn answer_bytes(&mut self, bytes: &[u8]) {
-        let copied = !self.head.is_empty();
-        if copied {
-            if self.head.len() + bytes.len() > MAX_HEAD {
-                return self.poison();
-            }
-            self.head.extend_from_slice(bytes);
-        }
-        let head = std::mem::take(&mut self.head);
-        let mut whole: &[u8] = if copied { &head } else { bytes };
+        let Some(head) = self.take_head(bytes) else {
+            return;
+        };
+        let mut whole: &[u8] = if head.is_empty() { bytes } else { &head };
         // One head per turn: interim answers (`100 Continue`, `103 Early Hints`) are followed
         // by more of the body or by the next answer; a loop, not recursion, since an origin
         // chooses how many come in one read.

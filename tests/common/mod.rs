@@ -816,16 +816,10 @@ fn raw_connection(
     while !halt.load(Ordering::SeqCst) && Instant::now() < deadline {
         let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
             let mut chunk = [0u8; 4096];
-            match conn.read(&mut chunk) {
-                Ok(0) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
-                Err(_) => return,
-            }
+            let Some(got) = read_some(&mut conn, &mut chunk) else {
+                return;
+            };
+            buf.extend_from_slice(&chunk[..got]);
             continue;
         };
         let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
@@ -845,21 +839,43 @@ fn raw_connection(
                     n -= from_buf;
                     let mut chunk = [0u8; 16384];
                     while n > 0 && Instant::now() < deadline {
-                        match conn.read(&mut chunk[..n.min(16384)]) {
-                            Ok(0) => return,
-                            Ok(got) => n -= got,
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => return,
-                        }
+                        let Some(got) = read_some(&mut conn, &mut chunk[..n.min(16384)]) else {
+                            return;
+                        };
+                        n -= got;
                     }
                 }
                 RawPart::Close => return,
             }
         }
+    }
+}
+
+/// The `Content-Length` of an HTTP head (any case), if it has a valid one.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+/// One read within the connection's read timeout: `Some(0)` when nothing came in time,
+/// `None` at EOF or on an error.
+fn read_some(conn: &mut TcpStream, into: &mut [u8]) -> Option<usize> {
+    match conn.read(into) {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Some(0)
+        }
+        Err(_) => None,
     }
 }
 
@@ -1081,11 +1097,7 @@ pub fn raw_request(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawRe
         if head_end.is_none() {
             if let Some(p) = find(&buf, b"\r\n\r\n") {
                 head_end = Some(p + 4);
-                let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
-                want = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse().ok());
+                want = content_length(&String::from_utf8_lossy(&buf[..p]));
             }
         }
     }
