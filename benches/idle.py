@@ -22,6 +22,10 @@ SLOW selects what the clients do:
     N=2000 SLOW=hit benches/idle.py
     N=2000 SLOW=pass HOLD=8 CASCADE_EXTRA='  send_timeout: 5s' benches/idle.py
 
+TRICKLE=BYTES (with SLOW): instead of stopping, each client goes on reading BYTES every
+100 ms (4096: ~40 KiB/s, a slow mobile client) for TRICKLE_S seconds (default 5), and the
+RSS is taken then, while the downloads are still under way.
+
 HOLD=S keeps the clients (still not reading) for S more seconds after the measurement, then
 reports each proxy's RSS again and how many of the connections it has closed: with SLOW,
 what a proxy's send timeout gives back (cascade's `server.send_timeout`; nginx's
@@ -57,6 +61,10 @@ OBJECT = "/obj-1m.bin" if SLOW else "/obj-4k.bin"
 SLOW_READ = 8192
 DEADLINE_S = 60
 HOLD = float(os.environ.get("HOLD", "0"))
+TRICKLE = int(os.environ.get("TRICKLE", "0"))
+TRICKLE_S = float(os.environ.get("TRICKLE_S", "5"))
+if TRICKLE and not SLOW:
+    raise SystemExit("TRICKLE needs SLOW=hit or SLOW=pass")
 
 
 def free_port():
@@ -161,7 +169,10 @@ def measure(name, pids_of, port, path):
     pids = pids_of()
     before = rss_kib(pids)
     socks = hold(port, N, path)
-    time.sleep(1.0)
+    if TRICKLE:
+        trickle(socks)
+    else:
+        time.sleep(1.0)
     after = rss_kib(pids_of())
     held = None
     if HOLD > 0:
@@ -179,6 +190,21 @@ def measure(name, pids_of, port, path):
 
 
 HELD = []
+
+
+def trickle(socks):
+    """Each client reads up to TRICKLE bytes every 100 ms for TRICKLE_S seconds."""
+    for sock in socks:
+        sock.setblocking(False)
+    deadline = time.time() + TRICKLE_S
+    while time.time() < deadline:
+        tick = time.time()
+        for sock in socks:
+            try:
+                sock.recv(TRICKLE)
+            except (BlockingIOError, OSError):
+                pass
+        time.sleep(max(0.0, 0.1 - (time.time() - tick)))
 
 
 def closed_by_peer(socks, budget_s=3.0):

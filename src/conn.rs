@@ -31,6 +31,12 @@
 //!   [`SendBuf`] fails a write the client has taken no byte of for that long, and Pingora
 //!   closes the connection.
 //!
+//! - `backpressure`: each request runs with its connection's `Flow`, which the `SendBuf`
+//!   updates, so its upstream reads wait while a write to the client does.
+//! - `server.max_connections` (`capacity`): a connection over it gets 503 and is closed;
+//!   while a connection waits for a request (the `release_idle` waits), a new one at the
+//!   cap may have it closed to make room.
+//!
 //! Connections that are not HTTP/1 (h2c, ALPN h2, custom protocols; cascade's listeners
 //! offer none of them today) go to Pingora's own loop, with the body timeout.
 //!
@@ -54,6 +60,8 @@ use pingora_core::protocols::{Stream, ALPN};
 use pingora_core::server::ShutdownWatch;
 use tokio::io::{AsyncRead, ReadBuf};
 
+use crate::backpressure::Flow;
+use crate::capacity::{self, Admission, Gate};
 use crate::sendbuf::SendBuf;
 
 /// What the connection loop gives each client connection (see the module doc).
@@ -114,16 +122,20 @@ impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for BodyTimeout<A> 
 pub struct ClientTimeouts<A> {
     app: Arc<BodyTimeout<A>>,
     settings: ClientSettings,
+    /// `server.max_connections` (`capacity`).
+    gate: Gate,
 }
 
 impl<A> ClientTimeouts<A> {
-    pub fn new(inner: A, settings: ClientSettings) -> Self {
+    /// `max_connections`: the most client connections held at once (`capacity`).
+    pub fn new(inner: A, settings: ClientSettings, max_connections: u64) -> Self {
         ClientTimeouts {
             app: Arc::new(BodyTimeout {
                 inner: Arc::new(inner),
                 read: settings.body,
             }),
             settings,
+            gate: Gate::new(max_connections),
         }
     }
 }
@@ -135,9 +147,20 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientTimeouts<A> {
         mut stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // Counted while this connection lives; over `max_connections`: 503 and closed.
+        let _slot = match self.gate.admit() {
+            Admission::Admitted(slot) => slot,
+            Admission::Full => {
+                // Boxed: its read buffer would otherwise be part of every connection's future.
+                Box::pin(capacity::refuse(&self.gate, stream)).await;
+                return None;
+            }
+        };
+        let flow = Flow::new();
         stream = Box::new(
             SendBuf::new(stream, self.settings.write_buffer)
-                .with_send_timeout(Some(self.settings.send)),
+                .with_send_timeout(Some(self.settings.send))
+                .with_flow(flow.clone()),
         );
         let opts = self.app.server_options();
         let not_h1 = opts.is_some_and(|o| o.h2c || o.force_custom)
@@ -148,7 +171,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for ClientTimeouts<A> {
             // Pingora's loop (its future is boxed by `async_trait`: this one stays small).
             return self.app.process_new(stream, shutdown).await;
         }
-        self.serve_h1(stream, shutdown).await;
+        self.serve_h1(stream, &flow, shutdown).await;
         // Pingora's accept task closes the connection: it is never handed back.
         None
     }
@@ -165,6 +188,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
     async fn serve_h1(
         self: &Arc<Self>,
         mut stream: Stream,
+        flow: &Arc<Flow>,
         shutdown: &ShutdownWatch,
     ) -> Option<()> {
         let w = self.settings;
@@ -180,10 +204,14 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
                     return None;
                 }
                 let wait = if reused { w.idle } else { w.header };
+                // While it waits, a new connection at `max_connections` may close it.
+                let mut waiting = self.gate.waiting();
                 let read = tokio::select! {
                     r = tokio::time::timeout(wait, first_bytes(&mut stream)) => r.ok().flatten(),
                     _ = watch.changed() => None,
+                    _ = waiting.evicted() => None,
                 };
+                drop(waiting);
                 Some(read?)
             } else {
                 None
@@ -217,9 +245,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
                 // pipelined requests still close the connection after the first response).
                 session.set_pipelined_prefix(first);
             }
-            let (next, settings) = self
-                .app
-                .process_new_http(session, shutdown)
+            // The request's upstream reads wait while its client stalls (`backpressure`).
+            let (next, settings) = flow
+                .scope(self.app.process_new_http(session, shutdown))
                 .await?
                 .consume();
             stream = next;

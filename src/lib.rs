@@ -12,9 +12,11 @@ pub mod admin;
 pub mod admit;
 pub mod attempt;
 pub mod background;
+pub mod backpressure;
 pub mod boundary;
 pub mod buckets;
 pub mod cache;
+pub mod capacity;
 pub mod config;
 pub mod conn;
 pub mod fallback;
@@ -90,6 +92,43 @@ fn dir_socket(rt_dir: &Path, origin_ix: usize) -> PathBuf {
     rt_dir.join(format!("dir-origin-{origin_ix}.sock"))
 }
 
+/// The most client connections to hold (`server.max_connections`, or what the open-files
+/// limit allows), after raising the soft open-files limit to the hard one (`capacity`).
+fn max_connections(cfg: &Config) -> u64 {
+    let nofile = match capacity::raise_open_files() {
+        Ok((before, now)) => {
+            if now > before {
+                log::info!("open files limit raised from {before} to {now} (the hard limit)");
+            }
+            now
+        }
+        Err(e) => {
+            log::warn!("open files limit: {e}; assuming 1024");
+            1024
+        }
+    };
+    let allowed = capacity::default_max_connections(nofile);
+    match cfg.server.max_connections {
+        Some(n) => {
+            if n > allowed {
+                log::warn!(
+                    "server.max_connections {n} is more than the open files limit ({nofile}) \
+                     allows with one upstream connection each ({allowed}): raise the hard \
+                     limit (LimitNOFILE=, ulimit -Hn) or expect failed connects and accepts"
+                );
+            }
+            n
+        }
+        None => {
+            log::info!(
+                "max_connections {allowed} (the open files limit, {nofile}, allows it; \
+                 server.max_connections sets it)"
+            );
+            allowed
+        }
+    }
+}
+
 /// Build the Pingora server with every service of the config. Does not start it.
 pub fn build_server(cfg: &Config) -> Result<Server, String> {
     let rt_dir = runtime_dir(cfg)?;
@@ -148,6 +187,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
         }
     }
 
+    let max_connections = max_connections(cfg);
     // The proxy app, behind cascade's HTTP/1 connection loop and its client timeouts (conn.rs).
     let app = pingora_proxy::http_proxy(
         &server.configuration,
@@ -167,6 +207,7 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
                 write_buffer: cfg.server.write_buffer as usize,
                 send: cfg.server.send_timeout,
             },
+            max_connections,
         ),
     );
     // No write buffer from Pingora: it would be held by every connection for its whole life,

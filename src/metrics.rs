@@ -74,6 +74,15 @@ pub struct Metrics {
     pub upstream_connections_by_event: IntCounterVec,
     /// Responses cut off by `server.send_timeout` (`sendbuf`).
     pub client_send_timeouts: IntCounter,
+    /// Client connections open now, all listeners (`capacity`).
+    pub client_connections: IntGauge,
+    /// `server.max_connections` (or what the open-files limit allows).
+    pub client_connections_max: IntGauge,
+    /// New connections over `max_connections`, by what was done: `evicted` (an idle one
+    /// was closed to make room), `refused` (none was idle: 503 and closed).
+    pub client_connections_over: [IntCounter; 2],
+    /// The family of `client_connections_over`.
+    pub client_connections_over_by_action: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -344,6 +353,15 @@ impl Metrics {
         )
         .expect("metric");
         let upstream_connections_by_event = upstream_connections;
+        let client_connections_over_by_action = register_int_counter_vec_with_registry!(
+            "cascade_client_connections_over_limit_total",
+            "New client connections that found server.max_connections reached, by action: evicted (a connection waiting for its next request was closed to make room), refused (none was waiting: 503 with Retry-After, closed).",
+            &["action"],
+            registry
+        )
+        .expect("metric");
+        let client_connections_over = ["evicted", "refused"]
+            .map(|a| client_connections_over_by_action.with_label_values(&[a]));
         let upstream_connections = ["opened", "reused", "kept"]
             .map(|e| upstream_connections_by_event.with_label_values(&[e]));
         for tier in ["memory", "disk"] {
@@ -396,6 +414,20 @@ impl Metrics {
                 registry
             )
             .expect("metric"),
+            client_connections: register_int_gauge_with_registry!(
+                "cascade_client_connections",
+                "Client connections open now (all proxy listeners), idle keep-alives included.",
+                registry
+            )
+            .expect("metric"),
+            client_connections_max: register_int_gauge_with_registry!(
+                "cascade_client_connections_max",
+                "The most client connections cascade holds at once: server.max_connections, or what the open-files limit allows.",
+                registry
+            )
+            .expect("metric"),
+            client_connections_over,
+            client_connections_over_by_action,
             bucket_used_bytes: register_int_gauge_vec_with_registry!(
                 "cascade_bucket_used_bytes",
                 "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",
@@ -466,7 +498,7 @@ impl Metrics {
     /// alert rules and the dashboard may refer to these only).
     pub fn family_names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let all: [&dyn Collector; 47] = [
+        let all: [&dyn Collector; 50] = [
             &self.requests,
             &self.fallback_replays,
             &self.upstream_errors,
@@ -514,6 +546,9 @@ impl Metrics {
             &self.redis_errors,
             &self.upstream_connections_by_event,
             &self.client_send_timeouts,
+            &self.client_connections,
+            &self.client_connections_max,
+            &self.client_connections_over_by_action,
         ];
         let mut names: Vec<String> = all
             .iter()

@@ -26,6 +26,9 @@
 //! The timer restarts whenever a write makes progress, so slow but steady clients are
 //! never cut off.
 //!
+//! And it tells the connection's `backpressure::Flow` whether a write waits for the client,
+//! so that the request's upstream reads wait with it.
+//!
 //! Everything else a Pingora stream answers (its id, digests, TLS, peeking) is the wrapped
 //! stream's.
 
@@ -46,6 +49,8 @@ use pingora_core::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::backpressure::Flow;
+
 /// The send timeout's clock: armed while a write waits on a client that takes nothing.
 #[derive(Debug, Default)]
 struct Stall {
@@ -55,13 +60,19 @@ struct Stall {
     /// flushes after every chunk of a chunked body: one allocation per stall otherwise).
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Told whether each write waits for the client (`backpressure`).
+    flow: Option<Arc<Flow>>,
 }
 
 impl Stall {
     /// The inner stream's answer `r` to a write or flush: one that waits fails once the
     /// client has taken nothing for `limit`; any other answer (progress, or an error)
-    /// stops the clock.
+    /// stops the clock. The flow hears whether it waits (the request's upstream reads then
+    /// wait too).
     fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Some(flow) = &self.flow {
+            flow.on_write(r.is_pending());
+        }
         if !r.is_pending() {
             self.armed = false;
             return r;
@@ -124,6 +135,13 @@ impl<S: AsyncWrite + Unpin> SendBuf<S> {
     /// (`server.send_timeout`); `None`: wait forever.
     pub fn with_send_timeout(mut self, limit: Option<Duration>) -> Self {
         self.stall.limit = limit;
+        self
+    }
+
+    /// Tell `flow` whether each write waits for the client (`backpressure`: the request's
+    /// upstream reads wait with it).
+    pub fn with_flow(mut self, flow: Arc<Flow>) -> Self {
+        self.stall.flow = Some(flow);
         self
     }
 
@@ -570,6 +588,31 @@ mod tests {
             "{}",
             std::mem::size_of::<Sleep>()
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_that_waits_for_the_client_says_so_to_the_flow() {
+        let flow = Flow::new();
+        let slow = Slow {
+            per_call: 100,
+            gap: Some(Duration::from_millis(30)),
+            ready: false,
+            taken: 0,
+        };
+        let mut s = SendBuf::new(slow, 0).with_flow(flow.clone());
+        let data = bytes(300, 5);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut s).poll_write(&mut cx, &data).is_pending());
+        assert!(flow.is_stalled(), "a write waits for the socket");
+        s.write_all(&data).await.unwrap();
+        assert!(!flow.is_stalled(), "the client took bytes");
+        // A flush that waits, too.
+        let flow = Flow::new();
+        let mut s = SendBuf::new(stuck(), 8192).with_flow(flow.clone());
+        s.write_all(b"gathered").await.unwrap();
+        assert!(!flow.is_stalled(), "gathered: the socket is not asked");
+        assert!(Pin::new(&mut s).poll_flush(&mut cx).is_pending());
+        assert!(flow.is_stalled());
     }
 
     fn bytes(n: usize, seed: u8) -> Vec<u8> {

@@ -964,20 +964,6 @@ async fn signed_url_parameters_reach_no_origin_and_share_one_entry() {
 
 /// An origin answering 200 "ok" to everything, as the one route of a cascade with these
 /// `server:` settings.
-fn ok_behind_cascade(server: &[(&str, &str)]) -> (HttpOrigin, Cascade) {
-    let origin = HttpOrigin::start();
-    origin.set_default(Reply::new(200, "ok"));
-    let yaml = format!(
-        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
-        origin.url("")
-    );
-    let c = server
-        .iter()
-        .fold(Cascade::builder(&yaml), |b, (k, v)| b.server(k, v))
-        .start();
-    (origin, c)
-}
-
 #[tokio::test]
 async fn oversized_request_headers_get_431() {
     let (origin, c) = ok_behind_cascade(&[]);

@@ -33,6 +33,8 @@ const REQUIRED_ALERTS: &[&str] = &[
     "CascadeOriginDown",
     "CascadeCacheHitRatioDrop",
     "CascadePluginTraps",
+    "CascadeConnectionsRefused",
+    "CascadeConnectionsNearLimit",
 ];
 
 /// Families the dashboard must query (in a panel's `expr`), so dropping a panel fails.
@@ -46,6 +48,9 @@ const DASHBOARD_FAMILIES: &[&str] = &[
     "cascade_failovers_total",
     "cascade_upstream_connections_total",
     "cascade_client_send_timeouts_total",
+    "cascade_client_connections",
+    "cascade_client_connections_max",
+    "cascade_client_connections_over_limit_total",
     "cascade_peer_up",
     "cascade_peer_in_flight",
     "cascade_peer_ejections_total",

@@ -460,6 +460,16 @@ pub struct ServerSection {
     /// after it.
     #[serde(default = "default_send_timeout", deserialize_with = "de_duration")]
     pub send_timeout: Duration,
+    /// The most client connections cascade holds at once, all listeners together (nginx's
+    /// `worker_connections`, for the whole process). At the cap, a connection waiting for
+    /// its next request (or a new one that has sent nothing yet; needs `release_idle`) is
+    /// closed to make room, the one waiting longest first, as nginx does; when none is
+    /// waiting, the new connection gets `503` with `Retry-After` and is closed. Default:
+    /// what the open-files limit allows, each connection counting two descriptors (its own
+    /// and an upstream one) after a reserve (`capacity.rs`); cascade raises its soft limit
+    /// to the hard one at start.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
     /// Until a request's first bytes arrive (on a new connection and between two requests
     /// of a keep-alive), hold only the connection, no session (`conn.rs`): ~6 KiB per idle
     /// keep-alive instead of ~24; what that wait reads starts the request's header, so it
@@ -541,6 +551,7 @@ impl Default for ServerSection {
             client_body_timeout: default_client_body(),
             client_header_timeout: default_client_header(),
             send_timeout: default_send_timeout(),
+            max_connections: None,
             release_idle: true,
             upstream_pool: UpstreamPool::Cascade,
         }

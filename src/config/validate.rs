@@ -442,6 +442,12 @@ pub(super) fn load(
             ),
         );
     }
+    if server.max_connections == Some(0) {
+        cx.err(
+            "server.max_connections",
+            "must be at least 1: no client could connect".to_string(),
+        );
+    }
     if server.threads == Some(0) {
         cx.err("server.threads", "must be at least 1");
     }

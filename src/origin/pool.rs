@@ -510,6 +510,11 @@ impl AsyncRead for Conn {
             this.ahead.free_if_empty();
             return Poll::Ready(Ok(()));
         }
+        // The client this answer goes to has stopped taking bytes: read nothing more for
+        // now (`backpressure`; woken by its next byte taken).
+        if crate::backpressure::poll_upstream_read(cx).is_pending() {
+            return Poll::Pending;
+        }
         if buf.remaining() < READ_AHEAD {
             if let Link::Tcp(tcp) = link {
                 return read_ahead(tcp, cx, buf, &mut this.http, &mut this.ahead);
@@ -832,13 +837,14 @@ mod tests {
         assert!(link.still_open());
     }
 
-    #[tokio::test]
-    async fn a_small_read_reads_ahead_and_hands_the_rest_on_in_order() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// A connection of a new pool to a new origin, as Pingora holds it, with a GET written
+    /// and the origin's answer `len` pattern bytes long; the origin side of the connection.
+    async fn plain_conn_answering(len: u32) -> (Connector, Conn, TcpStream, Vec<u8>) {
+        use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = Connector::new(Duration::from_secs(60), None);
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (mut origin, _) = l.accept().await.unwrap();
+        let (origin, _) = l.accept().await.unwrap();
         let mut conn = Conn {
             link: Some(Link::Tcp(tcp)),
             http: Tracker::default(),
@@ -849,8 +855,15 @@ mod tests {
         conn.write_all(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n")
             .await
             .unwrap();
-        let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n".to_vec();
-        answer.extend((0..5000u32).map(|i| (i % 251) as u8));
+        let mut answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n\r\n").into_bytes();
+        answer.extend((0..len).map(|i| (i % 251) as u8));
+        (c, conn, origin, answer)
+    }
+
+    #[tokio::test]
+    async fn a_small_read_reads_ahead_and_hands_the_rest_on_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (c, mut conn, mut origin, answer) = plain_conn_answering(5000).await;
         origin.write_all(&answer).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         // Pingora's first read: 4 KiB of room; the rest is read with it and kept.
@@ -866,6 +879,40 @@ mod tests {
         assert!(conn.ahead.is_empty() && conn.ahead.bytes.capacity() == 0);
         drop(conn);
         assert_eq!(c.idle(), 0, "poisoned by the early request: not kept");
+    }
+
+    #[tokio::test]
+    async fn reads_wait_while_the_requests_client_takes_nothing() {
+        use crate::backpressure::Flow;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (_c, mut conn, mut origin, answer) = plain_conn_answering(200_000).await;
+        let writer = tokio::spawn(async move {
+            origin.write_all(&answer).await.unwrap();
+            origin
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let flow = Flow::new();
+        let f = flow.clone();
+        flow.scope(async move {
+            let mut got = vec![0u8; 65536];
+            assert!(conn.read(&mut got).await.unwrap() > 0, "not stalled: read");
+            f.on_write(true);
+            let held = tokio::time::timeout(Duration::from_millis(150), conn.read(&mut got)).await;
+            assert!(
+                held.is_err(),
+                "the answer is there, but the client is stalled"
+            );
+            // The client takes a byte: the read goes on.
+            let (read, ()) = tokio::join!(conn.read(&mut got), async {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                f.on_write(false);
+            });
+            assert!(read.unwrap() > 0);
+            // A new request starts clear.
+            f.on_write(true);
+        })
+        .await;
+        drop(writer);
     }
 
     #[tokio::test]

@@ -1148,6 +1148,27 @@ pub fn cascade_bin() -> &'static str {
     env!("CARGO_BIN_EXE_cascade")
 }
 
+/// An origin answering 200 "ok" to everything, behind a cascade with these `server:` lines.
+pub fn ok_behind_cascade(server: &[(&str, &str)]) -> (HttpOrigin, Cascade) {
+    let origin = HttpOrigin::start();
+    origin.set_default(Reply::new(200, "ok"));
+    let c = server
+        .iter()
+        .fold(Cascade::builder(&ok_config(&origin)), |b, (k, v)| {
+            b.server(k, v)
+        })
+        .start();
+    (origin, c)
+}
+
+/// One route to `origin` as the main of its only group.
+pub fn ok_config(origin: &HttpOrigin) -> String {
+    format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  g: {{main: web}}\nroutes:\n  - {{path: /, group: g}}\n",
+        origin.url("")
+    )
+}
+
 /// Configures and starts a [`Cascade`].
 pub struct CascadeBuilder {
     yaml: String,
@@ -1157,6 +1178,8 @@ pub struct CascadeBuilder {
     ready_timeout: Duration,
     /// Run in a private mount namespace with this file bind-mounted on `/etc/hosts`.
     hosts: Option<PathBuf>,
+    /// Start the child with this open-files limit (soft, hard).
+    nofile: Option<(u64, u64)>,
 }
 
 impl CascadeBuilder {
@@ -1178,6 +1201,12 @@ impl CascadeBuilder {
     /// host names resolve to.
     pub fn hosts_file(mut self, hosts: &Path) -> Self {
         self.hosts = Some(hosts.to_path_buf());
+        self
+    }
+
+    /// Start cascade with this open-files limit (`RLIMIT_NOFILE` soft and hard).
+    pub fn nofile(mut self, soft: u64, hard: u64) -> Self {
+        self.nofile = Some((soft, hard));
         self
     }
 
@@ -1232,6 +1261,22 @@ impl CascadeBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            // SAFETY: only setrlimit (async-signal-safe) runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().expect("spawn cascade");
         let mut c = Cascade {
             child,
@@ -1268,6 +1313,7 @@ impl Cascade {
             env: Vec::new(),
             ready_timeout: Duration::from_secs(20),
             hosts: None,
+            nofile: None,
         }
     }
 

@@ -1,0 +1,157 @@
+//! Backpressure from a client that stops reading to the origin that feeds it.
+//!
+//! Pingora's HTTP/1 proxy reads an origin's body in 64 KiB chunks into a channel of four
+//! tasks, and its client side takes a batch of up to four more to write: when a client
+//! stops reading, the upstream side goes on reading until both are full, about ten chunks
+//! (~0.5 MiB per slow pass-through download, benches/README.md). Neither size is public.
+//!
+//! Both ends of the pipe are cascade's, though: the client stream is a `SendBuf`, and every
+//! attempt's upstream connection is a virtual socket of `origin::pool`. So while a write to
+//! the client waits (its socket has taken nothing of it yet), the request's upstream reads
+//! wait too: the pipe stops filling at what it held when the client stalled, and the origin
+//! is held back by TCP instead of by cascade's memory. The first byte the client takes
+//! wakes them.
+//!
+//! It cannot deadlock: a read is held only while a client write is waiting, and such a
+//! write either makes progress (which wakes the read), fails, or times out
+//! (`server.send_timeout`), which ends the request. Reads that run outside the request's
+//! task (the pool finishing a replayed 404, background fetches) are never held. The flag is
+//! cleared at each request's start, so a write abandoned with its request holds nothing.
+//!
+//! The link between the two ends is a tokio task-local: Pingora proxies a request's two
+//! halves in one task (`try_join!`), and its connector calls cascade's connect there too.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
+
+/// One client connection's write state, shared by its `SendBuf` and, through the task-local,
+/// the upstream reads of its requests.
+#[derive(Debug, Default)]
+pub struct Flow {
+    /// A write to the client is waiting for its socket.
+    stalled: AtomicBool,
+    /// The upstream read held until the client takes a byte.
+    reader: AtomicWaker,
+}
+
+tokio::task_local! {
+    static FLOW: Arc<Flow>;
+}
+
+impl Flow {
+    pub fn new() -> Arc<Flow> {
+        Arc::new(Flow::default())
+    }
+
+    /// A write (or flush) to the client returned: `pending` if it waits for the socket; any
+    /// other answer (bytes taken, an error) lets held upstream reads go.
+    pub fn on_write(&self, pending: bool) {
+        if pending {
+            self.stalled.store(true, Ordering::Release);
+        } else if self.stalled.load(Ordering::Acquire) && self.stalled.swap(false, Ordering::AcqRel)
+        {
+            self.reader.wake();
+        }
+    }
+
+    /// Is a write to the client waiting?
+    #[cfg(test)]
+    pub(crate) fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Acquire)
+    }
+
+    /// A new request starts: nothing of the previous one holds its reads.
+    pub fn reset(&self) {
+        self.stalled.store(false, Ordering::Release);
+    }
+
+    fn poll_clear(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.stalled.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.reader.register(cx.waker());
+        // Taken between the check and the registration: go on.
+        if self.stalled.load(Ordering::Acquire) {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// Runs `f` (one request) with this connection's flow as its upstream reads' flow.
+    pub fn scope<F: Future>(self: &Arc<Self>, f: F) -> impl Future<Output = F::Output> {
+        self.reset();
+        FLOW.scope(self.clone(), f)
+    }
+}
+
+/// For an upstream read about to read from its socket: `Pending` (woken when the client
+/// takes a byte) while the current request's client is stalled; `Ready` otherwise, and
+/// always outside a request's task.
+pub fn poll_upstream_read(cx: &mut Context<'_>) -> Poll<()> {
+    FLOW.try_with(|f| f.poll_clear(cx))
+        .unwrap_or(Poll::Ready(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn outside_a_request_reads_are_never_held() {
+        let flow = Flow::new();
+        flow.on_write(true);
+        let w = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(w);
+        let mut cx = Context::from_waker(&waker);
+        assert!(poll_upstream_read(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_stalled_client_holds_its_requests_reads_until_it_takes_a_byte() {
+        let flow = Flow::new();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let f = flow.clone();
+        flow.scope(async move {
+            let mut cx = Context::from_waker(&waker);
+            assert!(poll_upstream_read(&mut cx).is_ready(), "not stalled");
+            f.on_write(true);
+            assert!(poll_upstream_read(&mut cx).is_pending(), "stalled");
+            assert_eq!(count.0.load(Ordering::SeqCst), 0);
+            f.on_write(true);
+            assert_eq!(count.0.load(Ordering::SeqCst), 0, "still nothing taken");
+            f.on_write(false);
+            assert_eq!(count.0.load(Ordering::SeqCst), 1, "woken by the progress");
+            assert!(poll_upstream_read(&mut cx).is_ready());
+            // A write that fails lets reads go too (the request then ends).
+            f.on_write(true);
+            assert!(poll_upstream_read(&mut cx).is_pending());
+            f.on_write(false);
+            assert!(poll_upstream_read(&mut cx).is_ready());
+            // Stalled when the request ends: the next request's scope starts clear.
+            f.on_write(true);
+        })
+        .await;
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count);
+        flow.scope(async move {
+            let mut cx = Context::from_waker(&waker);
+            assert!(poll_upstream_read(&mut cx).is_ready());
+        })
+        .await;
+    }
+}
