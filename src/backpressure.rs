@@ -14,7 +14,10 @@
 //!
 //! It cannot deadlock: a read is held only while a client write is waiting, and such a
 //! write either makes progress (which wakes the read), fails, or times out
-//! (`server.send_timeout`), which ends the request. Reads that run outside the request's
+//! (`server.send_timeout`), which ends the request. Nor does it make the origin look slow:
+//! Pingora times each upstream read, so a read is held for at most half the origin's read
+//! timeout per stall ([`Hold`]); then the reads go on until Pingora's own pipe is full, as
+//! before, and that wait has no timer. Reads that run outside the request's
 //! task (the pool finishing a replayed 404, background fetches) are never held. The flag is
 //! cleared at each request's start, so a write abandoned with its request holds nothing.
 //!
@@ -22,11 +25,14 @@
 //! halves in one task (`try_join!`), and its connector calls cascade's connect there too.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::task::AtomicWaker;
+use tokio::time::{Instant, Sleep};
 
 /// One client connection's write state, shared by its `SendBuf` and, through the task-local,
 /// the upstream reads of its requests.
@@ -86,6 +92,66 @@ impl Flow {
     pub fn scope<F: Future>(self: &Arc<Self>, f: F) -> impl Future<Output = F::Output> {
         self.reset();
         FLOW.scope(self.clone(), f)
+    }
+}
+
+/// An upstream connection's side: how long its reads have been held in the current stall.
+/// Pingora times each upstream read (`timeouts.read`), and a read held past it would fail
+/// as an origin timeout (counted against the peer) although the client is the slow one; so
+/// a read is held for at most `max` per stall (half the read timeout), then the reads go on
+/// as Pingora's own pipe allows, which then waits without a timer.
+#[derive(Debug)]
+pub struct Hold {
+    max: Duration,
+    /// Allocated at the connection's first hold and kept.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    /// This stall has held the reads for `max` already.
+    spent: bool,
+}
+
+impl Hold {
+    pub fn new(max: Duration) -> Hold {
+        Hold {
+            max,
+            timer: None,
+            armed: false,
+            spent: false,
+        }
+    }
+
+    /// Before a read from the socket: `Pending` while the request's client is stalled
+    /// ([`poll_upstream_read`]), for at most `max` per stall.
+    pub fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if poll_upstream_read(cx).is_ready() {
+            self.armed = false;
+            self.spent = false;
+            return Poll::Ready(());
+        }
+        if self.spent {
+            return Poll::Ready(());
+        }
+        if !self.armed {
+            let Some(deadline) = Instant::now().checked_add(self.max) else {
+                return Poll::Pending;
+            };
+            match &mut self.timer {
+                Some(t) => t.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        let Some(timer) = self.timer.as_mut() else {
+            return Poll::Pending;
+        };
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.armed = false;
+                self.spent = true;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -151,6 +217,32 @@ mod tests {
         flow.scope(async move {
             let mut cx = Context::from_waker(&waker);
             assert!(poll_upstream_read(&mut cx).is_ready());
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_is_held_at_most_max_per_stall() {
+        let flow = Flow::new();
+        let f = flow.clone();
+        flow.scope(async move {
+            let mut hold = Hold::new(Duration::from_secs(2));
+            f.on_write(true);
+            let held = std::future::poll_fn(|cx| match hold.poll_turn(cx) {
+                Poll::Ready(()) => Poll::Ready(Instant::now()),
+                Poll::Pending => Poll::Pending,
+            });
+            let t0 = Instant::now();
+            let at = held.await;
+            assert_eq!(at - t0, Duration::from_secs(2), "released after max");
+            // The rest of this stall: reads go on.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(hold.poll_turn(&mut cx).is_ready());
+            // The client takes bytes, then stalls again: a new hold.
+            f.on_write(false);
+            assert!(hold.poll_turn(&mut cx).is_ready());
+            f.on_write(true);
+            assert!(hold.poll_turn(&mut cx).is_pending());
         })
         .await;
     }

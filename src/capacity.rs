@@ -17,8 +17,9 @@
 //!   cap, a connection waiting for a request (a keep-alive between two requests, or a new
 //!   one that has sent nothing yet: the waits of `conn.rs` with `release_idle`) is closed to
 //!   make room, the one waiting longest first (tokio's `Notify` wakes waiters in FIFO
-//!   order), as nginx closes its reusable connections; the new one is admitted at once, so
-//!   the count may pass the cap by the evictions still under way. When none is waiting, the
+//!   order; approximately, when asks and waits race), as nginx closes its reusable
+//!   connections; the new one is admitted at once, so the count may pass the cap by the
+//!   evictions still under way. When none is waiting, the
 //!   new connection gets [`refuse`]: `503` with `Retry-After` and `Connection: close`. So a
 //!   client that opens connections and leaves them idle cannot lock others out, and one that
 //!   holds them mid-request is bounded by the client timeouts.
@@ -33,14 +34,17 @@ use tokio::sync::Notify;
 use crate::metrics::METRICS;
 
 /// Descriptors kept out of the connections' share of the limit: listeners, the metrics and
-/// admin services, kept upstream connections beyond one per client, cache files, plugin
-/// modules, Redis, logs.
-pub const RESERVE: u64 = 256;
+/// admin services, kept upstream connections beyond one per client (up to 128 per origin
+/// address), answers being finished (up to 256), refusals lingering (up to
+/// [`MAX_REFUSING`]), cache files, plugin modules, Redis, logs. A quarter of a small limit.
+pub const RESERVE: u64 = 1024;
 
 /// What an open-files limit of `nofile` allows: two descriptors per client connection (its
-/// own and its attempt's upstream connection) after [`RESERVE`]; at least 1.
+/// own and its attempt's upstream connection) after [`RESERVE`] (or a quarter of the limit
+/// when that is less); at least 1.
 pub fn default_max_connections(nofile: u64) -> u64 {
-    (nofile.saturating_sub(RESERVE) / 2).max(1)
+    let reserve = RESERVE.min(nofile / 4);
+    (nofile.saturating_sub(reserve) / 2).max(1)
 }
 
 /// The open-files limit before and after raising the soft limit to the hard one (Linux's
@@ -93,7 +97,7 @@ const ASKED: u64 = ONE_WAITING - 1;
 
 /// The most refusals that linger at once (write the 503, let the client read it and close):
 /// past it a refused connection is closed at once.
-const MAX_REFUSING: usize = 256;
+pub const MAX_REFUSING: usize = 256;
 /// How long a refusal may take, its write and the wait for the client to close together.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 /// The most bytes of a refused connection's request read (and dropped) before closing it.
@@ -194,20 +198,33 @@ impl Waiting<'_> {
     pub async fn evicted(&mut self) {
         let gate = self.gate;
         loop {
-            gate.wake.notified().await;
-            // Take an eviction asked: this connection stops waiting and closes.
-            let took = gate
-                .waiting
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                    (w & ASKED > 0).then(|| w - 1 - ONE_WAITING)
-                })
-                .is_ok();
-            if took {
-                self.evicted = true;
+            let wake = gate.wake.notified();
+            tokio::pin!(wake);
+            // Registered first, then an ask made before (two asks while no waiter was
+            // registered leave one wake-up, not two) is taken at once.
+            wake.as_mut().enable();
+            if self.take() {
                 return;
             }
-            // Taken by another (or a permit left from before this one waited): wait again.
+            wake.await;
+            if self.take() {
+                return;
+            }
+            // Taken by another (or a wake-up left from before this one waited): wait again.
         }
+    }
+
+    /// Takes an eviction asked, if any: this connection stops waiting and closes.
+    fn take(&mut self) -> bool {
+        let took = self
+            .gate
+            .waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w & ASKED > 0).then(|| w - 1 - ONE_WAITING)
+            })
+            .is_ok();
+        self.evicted |= took;
+        took
     }
 }
 
@@ -269,8 +286,9 @@ mod tests {
     #[test]
     fn the_default_leaves_a_reserve_and_two_descriptors_per_connection() {
         assert_eq!(default_max_connections(1024), 384);
-        assert_eq!(default_max_connections(524_288), 262_016);
-        assert_eq!(default_max_connections(100), 1);
+        assert_eq!(default_max_connections(4096), 1536);
+        assert_eq!(default_max_connections(524_288), 261_632);
+        assert_eq!(default_max_connections(1), 1);
     }
 
     #[test]

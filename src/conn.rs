@@ -207,6 +207,9 @@ impl<A: HttpServerApp + Send + Sync + 'static> ClientTimeouts<A> {
                 // While it waits, a new connection at `max_connections` may close it.
                 let mut waiting = self.gate.waiting();
                 let read = tokio::select! {
+                    // A request that has arrived wins over an eviction asked at the same time
+                    // (closing with it unread would reset the connection).
+                    biased;
                     r = tokio::time::timeout(wait, first_bytes(&mut stream)) => r.ok().flatten(),
                     _ = watch.changed() => None,
                     _ = waiting.evicted() => None,

@@ -70,9 +70,15 @@ impl Stall {
     /// stops the clock. The flow hears whether it waits (the request's upstream reads then
     /// wait too).
     fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        let r = self.clock(cx, r);
         if let Some(flow) = &self.flow {
             flow.on_write(r.is_pending());
         }
+        r
+    }
+
+    /// [`Stall::watch`] without the flow: the send timeout's clock.
+    fn clock<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if !r.is_pending() {
             self.armed = false;
             return r;
@@ -613,6 +619,14 @@ mod tests {
         assert!(!flow.is_stalled(), "gathered: the socket is not asked");
         assert!(Pin::new(&mut s).poll_flush(&mut cx).is_pending());
         assert!(flow.is_stalled());
+        // A write that times out (the request then ends) lets the reads go too.
+        let flow = Flow::new();
+        let mut s = SendBuf::new(stuck(), 0)
+            .with_send_timeout(Some(Duration::from_millis(50)))
+            .with_flow(flow.clone());
+        let e = s.write_all(b"never taken").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(!flow.is_stalled(), "failed, not waiting");
     }
 
     fn bytes(n: usize, seed: u8) -> Vec<u8> {

@@ -22,6 +22,12 @@ fn connect(c: &Cascade) -> TcpStream {
 fn get(s: &mut TcpStream, path: &str) -> Option<(u16, String)> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n");
     s.write_all(req.as_bytes()).ok()?;
+    read_answer(s)
+}
+
+/// Reads one response with a `Content-Length`: (status, head); `None` when the connection
+/// closes first.
+fn read_answer(s: &mut TcpStream) -> Option<(u16, String)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -47,25 +53,34 @@ fn get(s: &mut TcpStream, path: &str) -> Option<(u16, String)> {
     Some((status, head))
 }
 
-/// `n` clients mid-request (half a header each): not waiting for a request, so never
-/// closed to make room for a new one.
-fn mid_request(c: &Cascade, n: usize) -> Vec<TcpStream> {
-    (0..n)
+/// `n` clients mid-request: each has sent a GET of `/held`, which `origin` answers after
+/// 3 s, and the origin has it, so none is waiting for a request (never closed to make room).
+fn mid_request(c: &Cascade, origin: &HttpOrigin, n: usize) -> Vec<TcpStream> {
+    origin.route("/held", Reply::new(200, "ok").delay(Duration::from_secs(3)));
+    let before = origin.stats.count("GET");
+    let held: Vec<TcpStream> = (0..n)
         .map(|_| {
             let mut s = connect(c);
-            s.write_all(b"GET /held HTTP/1.1\r\nHost: h\r\n").unwrap();
+            s.write_all(b"GET /held HTTP/1.1\r\nHost: h\r\n\r\n")
+                .unwrap();
             s
         })
-        .collect()
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin.stats.count("GET") < before + n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the held requests never reached the origin"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    held
 }
 
-/// Ends the header of a [`mid_request`] client: its request is answered.
+/// Reads the answer of a [`mid_request`] client: a 200.
 fn finish_request(s: &mut TcpStream) {
-    s.write_all(b"\r\n").unwrap();
-    let mut b = [0u8; 1024];
-    let n = s.read(&mut b).unwrap();
-    let head = String::from_utf8_lossy(&b[..n]);
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (status, head) = read_answer(s).expect("an answer");
+    assert_eq!(status, 200, "{head}");
 }
 
 /// Whether the peer closed `s` within `wait` (EOF or reset) with no bytes sent.
@@ -143,8 +158,8 @@ async fn at_the_cap_the_longest_idle_keepalive_makes_room_for_a_new_client() {
 
 #[tokio::test]
 async fn at_the_cap_with_no_idle_connection_a_new_client_gets_a_503_it_can_read() {
-    let (_origin, c) = ok_behind_cascade(&[("max_connections", "2")]);
-    let mut busy = mid_request(&c, 2);
+    let (origin, c) = ok_behind_cascade(&[("max_connections", "2")]);
+    let mut busy = mid_request(&c, &origin, 2);
     open_connections_become(&c, 2.0).await;
 
     // The refused client has sent its whole request. cascade reads it before closing: a
@@ -168,6 +183,13 @@ async fn at_the_cap_with_no_idle_connection_a_new_client_gets_a_503_it_can_read(
     assert!(answer.contains("Connection: close\r\n"), "{answer}");
     assert!(answer.ends_with("(server.max_connections)\n"), "{answer}");
     assert!(end.is_ok(), "closed with a reset: {end:?}");
+    // And cascade still reads what the client sends after the answer, for a while, instead
+    // of closing with it unread (a reset, which can overtake the answer on a real network).
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"more of the request body")
+            .expect("no reset yet");
+    }
     assert_eq!(over_limit(&c, "refused").await, 1.0);
 
     // The busy ones finish their requests.
@@ -196,8 +218,8 @@ async fn without_release_idle_an_idle_keepalive_is_not_closed_and_the_new_client
 
 #[tokio::test]
 async fn a_flood_past_the_cap_is_refused_and_leaves_the_count_where_it_was() {
-    let (_origin, c) = ok_behind_cascade(&[("max_connections", "4")]);
-    let mut busy = mid_request(&c, 4);
+    let (origin, c) = ok_behind_cascade(&[("max_connections", "4")]);
+    let mut busy = mid_request(&c, &origin, 4);
     open_connections_become(&c, 4.0).await;
     // 200 connections at once (fewer than the 256 refusals that may linger at once, so each
     // gets its answer): some send a request, some send nothing, some a byte and close, some
@@ -254,22 +276,36 @@ async fn the_soft_open_files_limit_is_raised_and_bounds_the_default_cap() {
     let origin = HttpOrigin::start();
     origin.set_default(Reply::new(200, "ok"));
     let yaml = ok_config(&origin);
-    let c = Cascade::builder(&yaml).nofile(512, 4096).start();
+    // Within the test's own hard limit (lowering it needs no privilege).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let hard = lim.rlim_max.min(4096);
+    assert!(
+        hard > 512,
+        "the test needs a hard open-files limit over 512"
+    );
+    let c = Cascade::builder(&yaml).nofile(512, hard).start();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", c.pid())).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
         .unwrap();
     let fields: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(&fields[3..5], &["4096", "4096"], "{line}");
-    // (4096 - 256 reserved) / 2 descriptors per connection.
+    let hard_text = hard.to_string();
+    assert_eq!(&fields[3..5], &[hard_text.as_str(); 2], "{line}");
+    // (limit - reserve) / 2 descriptors per connection: 1,536 of 4,096.
+    let expected = (hard - (hard / 4).min(1024)) / 2;
     assert_eq!(
         metric(&c, "cascade_client_connections_max", &[]).await,
-        1920.0
+        expected as f64
     );
     assert!(c
         .stderr()
-        .contains("open files limit raised from 512 to 4096"));
+        .contains(&format!("open files limit raised from 512 to {hard}")));
 
     // A cap set above what the limit allows is kept, with a warning naming the fix.
     let c = Cascade::builder(&yaml)

@@ -962,8 +962,6 @@ async fn signed_url_parameters_reach_no_origin_and_share_one_entry() {
     assert_eq!(s3.stats.last().unwrap().uri, "/data/a.jpg");
 }
 
-/// An origin answering 200 "ok" to everything, as the one route of a cascade with these
-/// `server:` settings.
 #[tokio::test]
 async fn oversized_request_headers_get_431() {
     let (origin, c) = ok_behind_cascade(&[]);
@@ -1519,6 +1517,39 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(got > MID, "a steady reader was cut off after {got} bytes");
+}
+
+#[tokio::test]
+async fn a_client_that_pauses_longer_than_the_origins_read_timeout_still_gets_its_download() {
+    use std::io::{Read, Write};
+    // While the client takes nothing, cascade stops reading from the origin (backpressure),
+    // but Pingora times each upstream read: a read held past the origin's read timeout would
+    // end the download as an origin timeout, charged to a healthy origin.
+    const BIG: usize = 48 << 20;
+    let origin = HttpOrigin::start();
+    origin.route("/big", Reply::new(200, vec![b'p'; BIG]));
+    let c = Cascade::start(&format!("{}timeouts:\n  read: 2s\n", ok_config(&origin)));
+    let mut s = std::net::TcpStream::connect(c.addr).unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 4096];
+    let n = s.read(&mut first).unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    // A pause well past the 2 s read timeout (and within the 60 s send timeout).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rest = count_until_closed(&mut s, Duration::from_secs(30));
+    let head = first[..n]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap()
+        + 4;
+    assert_eq!(n - head + rest, BIG, "the whole body");
+    let m = c.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "cascade_upstream_errors_total", &[]).unwrap_or(0.0),
+        0.0,
+        "no origin error"
+    );
 }
 
 #[test]

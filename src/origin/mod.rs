@@ -265,9 +265,13 @@ impl Peer {
                 // Attempts go through cascade's pool, which keeps the connections Pingora would
                 // close after a replayed answer (and closes an upload's that was answered
                 // before its body was out); for https it sets TLS up with this peer.
-                let pool = self
-                    .own_pool
-                    .then(|| pool::Connector::new(POOL_IDLE, self.tls.then(|| peer.clone())));
+                let pool = self.own_pool.then(|| {
+                    pool::Connector::new(
+                        POOL_IDLE,
+                        self.tls.then(|| peer.clone()),
+                        self.timeouts.read,
+                    )
+                });
                 Target { peer, pool }
             })
             .collect();

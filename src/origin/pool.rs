@@ -77,6 +77,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::framing::{Tracker, Verdict, DRAIN_BUDGET};
+use crate::backpressure::Hold;
 
 /// The longest an answer is waited for to finish.
 pub const DRAIN_TIME: Duration = Duration::from_secs(1);
@@ -306,6 +307,8 @@ pub struct Connector {
     tls: Option<Arc<HttpPeer>>,
     /// Set when the attempt's connection came from the pool.
     reused: Option<Arc<AtomicBool>>,
+    /// The longest a read waits for a stalled client (`backpressure::Hold`).
+    hold: Duration,
 }
 
 /// Pingora's connector for the TLS sessions of https origins' kept connections, used only
@@ -326,8 +329,9 @@ fn tls_connector() -> &'static TransportConnector {
 
 impl Connector {
     /// `max_idle`: the longest a connection is kept idle; `tls`: the origin's https peer for
-    /// this address (`None`: plain HTTP).
-    pub fn new(max_idle: Duration, tls: Option<HttpPeer>) -> Connector {
+    /// this address (`None`: plain HTTP); `read_timeout`: the origin's (a read waits for a
+    /// stalled client for at most half of it, `backpressure::Hold`).
+    pub fn new(max_idle: Duration, tls: Option<HttpPeer>, read_timeout: Duration) -> Connector {
         Connector {
             pool: Arc::new(Pool {
                 idle: Mutex::new(VecDeque::new()),
@@ -336,6 +340,7 @@ impl Connector {
             }),
             tls: tls.map(Arc::new),
             reused: None,
+            hold: read_timeout / 2,
         }
     }
 
@@ -351,6 +356,7 @@ impl Connector {
             pool: self.pool.clone(),
             tls: self.tls.clone(),
             reused: Some(reused),
+            hold: self.hold,
         }
     }
 
@@ -372,6 +378,7 @@ impl Connector {
             ahead: Ahead::default(),
             pool: Arc::downgrade(&self.pool),
             nodelay: AtomicBool::new(nodelay),
+            hold: Hold::new(self.hold),
         };
         Stream::from(VirtualSocketStream::new(Box::new(conn)))
     }
@@ -426,6 +433,8 @@ struct Conn {
     ahead: Ahead,
     pool: Weak<Pool>,
     nodelay: AtomicBool,
+    /// How long its reads have waited for a stalled client (`backpressure`).
+    hold: Hold,
 }
 
 /// A read of Pingora's into less room than this (its first read of an answer's head has
@@ -511,8 +520,8 @@ impl AsyncRead for Conn {
             return Poll::Ready(Ok(()));
         }
         // The client this answer goes to has stopped taking bytes: read nothing more for
-        // now (`backpressure`; woken by its next byte taken).
-        if crate::backpressure::poll_upstream_read(cx).is_pending() {
+        // now (`backpressure`; woken by its next byte taken, or after half the read timeout).
+        if this.hold.poll_turn(cx).is_pending() {
             return Poll::Pending;
         }
         if buf.remaining() < READ_AHEAD {
@@ -713,7 +722,7 @@ mod tests {
     async fn the_pool_hands_out_only_open_connections_and_forgets_old_ones() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = Connector::new(Duration::from_secs(60), None);
+        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
         let a = TcpStream::connect(addr).await.unwrap();
         let (sa, _) = l.accept().await.unwrap();
         let b = TcpStream::connect(addr).await.unwrap();
@@ -726,12 +735,12 @@ mod tests {
         assert!(c.pool.checkout().is_some());
         assert!(c.pool.checkout().is_none());
         // An idle timeout of 0, or an origin's shorter one: nothing is handed out.
-        let c = Connector::new(Duration::ZERO, None);
+        let c = Connector::new(Duration::ZERO, None, Duration::from_secs(60));
         c.pool
             .put(Link::Tcp(TcpStream::connect(addr).await.unwrap()), None);
         assert!(c.pool.checkout().is_none());
         assert_eq!(c.idle(), 0);
-        let c = Connector::new(Duration::from_secs(60), None);
+        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
         let tcp = TcpStream::connect(addr).await.unwrap();
         let _server_side = l.accept().await.unwrap();
         c.pool.put(Link::Tcp(tcp), Some(Duration::from_millis(20)));
@@ -744,7 +753,7 @@ mod tests {
         use std::io::Write;
         // A std listener: the origin side writes without any runtime involved.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = Connector::new(Duration::from_secs(60), None);
+        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (mut origin, _) = l.accept().unwrap();
         c.pool.put(Link::Tcp(tcp), None);
@@ -842,7 +851,7 @@ mod tests {
     async fn plain_conn_answering(len: u32) -> (Connector, Conn, TcpStream, Vec<u8>) {
         use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = Connector::new(Duration::from_secs(60), None);
+        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (origin, _) = l.accept().await.unwrap();
         let mut conn = Conn {
@@ -851,6 +860,7 @@ mod tests {
             ahead: Ahead::default(),
             pool: Arc::downgrade(&c.pool),
             nodelay: AtomicBool::new(false),
+            hold: Hold::new(Duration::from_secs(60)),
         };
         conn.write_all(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n")
             .await
@@ -908,8 +918,6 @@ mod tests {
                 f.on_write(false);
             });
             assert!(read.unwrap() > 0);
-            // A new request starts clear.
-            f.on_write(true);
         })
         .await;
         drop(writer);
@@ -919,7 +927,7 @@ mod tests {
     async fn the_pool_is_bounded() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = Connector::new(Duration::from_secs(60), None);
+        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
         let mut keep = Vec::new();
         for _ in 0..POOL_CAP + 5 {
             c.pool
