@@ -103,9 +103,7 @@ impl Flow {
 #[derive(Debug)]
 pub struct Hold {
     max: Duration,
-    /// Allocated at the connection's first hold and kept.
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    deadline: Deadline,
     /// This stall has held the reads for `max` already.
     spent: bool,
 }
@@ -114,8 +112,7 @@ impl Hold {
     pub fn new(max: Duration) -> Hold {
         Hold {
             max,
-            timer: None,
-            armed: false,
+            deadline: Deadline::default(),
             spent: false,
         }
     }
@@ -124,15 +121,36 @@ impl Hold {
     /// ([`poll_upstream_read`]), for at most `max` per stall.
     pub fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if poll_upstream_read(cx).is_ready() {
-            self.armed = false;
+            self.deadline.disarm();
             self.spent = false;
             return Poll::Ready(());
         }
         if self.spent {
             return Poll::Ready(());
         }
+        let passed = self.deadline.poll_after(cx, self.max);
+        self.spent = passed.is_ready();
+        passed
+    }
+}
+
+/// A clock armed by the first wait of a stretch and kept armed until disarmed: ready once
+/// the stretch has lasted a limit. Its timer is allocated on a connection's first wait and
+/// kept (one allocation per connection that ever waits, not one per wait). Used by the
+/// send timeout (`sendbuf`) and by [`Hold`].
+#[derive(Debug, Default)]
+pub struct Deadline {
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl Deadline {
+    /// Arms the clock for `limit` if it is not armed, and polls it: `Ready` (and disarmed)
+    /// once `limit` has passed since it was armed. A limit past the clock's range never
+    /// passes.
+    pub fn poll_after(&mut self, cx: &mut Context<'_>, limit: Duration) -> Poll<()> {
         if !self.armed {
-            let Some(deadline) = Instant::now().checked_add(self.max) else {
+            let Some(deadline) = Instant::now().checked_add(limit) else {
                 return Poll::Pending;
             };
             match &mut self.timer {
@@ -144,14 +162,22 @@ impl Hold {
         let Some(timer) = self.timer.as_mut() else {
             return Poll::Pending;
         };
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.armed = false;
-                self.spent = true;
-                Poll::Ready(())
-            }
-            Poll::Pending => Poll::Pending,
+        let r = timer.as_mut().poll(cx);
+        if r.is_ready() {
+            self.armed = false;
         }
+        r
+    }
+
+    /// The stretch is over: the next wait starts a new one.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+
+    /// Is a stretch being timed?
+    #[cfg(test)]
+    pub fn is_armed(&self) -> bool {
+        self.armed
     }
 }
 

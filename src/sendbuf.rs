@@ -32,7 +32,6 @@
 //! Everything else a Pingora stream answers (its id, digests, TLS, peeking) is the wrapped
 //! stream's.
 
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,19 +46,17 @@ use pingora_core::protocols::{
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::time::{Instant, Sleep};
 
-use crate::backpressure::Flow;
+use crate::backpressure::{Deadline, Flow};
 
 /// The send timeout's clock: armed while a write waits on a client that takes nothing.
 #[derive(Debug, Default)]
 struct Stall {
     /// `server.send_timeout` (`None`: writes wait forever).
     limit: Option<Duration>,
-    /// Allocated at a connection's first stalled write and kept for the connection (Pingora
-    /// flushes after every chunk of a chunked body: one allocation per stall otherwise).
-    timer: Option<Pin<Box<Sleep>>>,
-    armed: bool,
+    /// Armed at a stalled write; its timer is kept for the connection (Pingora flushes
+    /// after every chunk of a chunked body: one allocation per stall otherwise).
+    clock: Deadline,
     /// Told whether each write waits for the client (`backpressure`).
     flow: Option<Arc<Flow>>,
 }
@@ -80,29 +77,14 @@ impl Stall {
     /// [`Stall::watch`] without the flow: the send timeout's clock.
     fn clock<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         if !r.is_pending() {
-            self.armed = false;
+            self.clock.disarm();
             return r;
         }
         let Some(limit) = self.limit else {
             return Poll::Pending;
         };
-        if !self.armed {
-            // A limit past the clock's range: no deadline.
-            let Some(deadline) = Instant::now().checked_add(limit) else {
-                return Poll::Pending;
-            };
-            match &mut self.timer {
-                Some(t) => t.as_mut().reset(deadline),
-                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-            self.armed = true;
-        }
-        let Some(timer) = self.timer.as_mut() else {
-            return Poll::Pending;
-        };
-        match timer.as_mut().poll(cx) {
+        match self.clock.poll_after(cx, limit) {
             Poll::Ready(()) => {
-                self.armed = false;
                 crate::metrics::METRICS.client_send_timeouts.inc();
                 Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -587,12 +569,15 @@ mod tests {
         s.flush().await.unwrap();
         assert!(t0.elapsed() >= Duration::from_millis(1000));
         assert_eq!(s.inner.taken, 2000);
-        assert!(!s.stall.armed, "the clock stops with the response");
+        assert!(
+            !s.stall.clock.is_armed(),
+            "the clock stops with the response"
+        );
         // What a connection that ever stalled keeps: the timer.
         assert!(
-            std::mem::size_of::<Sleep>() <= 128,
+            std::mem::size_of::<tokio::time::Sleep>() <= 128,
             "{}",
-            std::mem::size_of::<Sleep>()
+            std::mem::size_of::<tokio::time::Sleep>()
         );
     }
 
