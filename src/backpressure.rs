@@ -184,7 +184,7 @@ impl Deadline {
 /// For an upstream read about to read from its socket: `Pending` (woken when the client
 /// takes a byte) while the current request's client is stalled; `Ready` otherwise, and
 /// always outside a request's task.
-pub fn poll_upstream_read(cx: &mut Context<'_>) -> Poll<()> {
+fn poll_upstream_read(cx: &mut Context<'_>) -> Poll<()> {
     FLOW.try_with(|f| f.poll_clear(cx))
         .unwrap_or(Poll::Ready(()))
 }
