@@ -16,20 +16,23 @@
 //! - [`Gate`] counts open client connections. Under the cap a new one is admitted. At the
 //!   cap, a connection waiting for a request (a keep-alive between two requests, or a new
 //!   one that has sent nothing yet: the waits of `conn.rs` with `release_idle`) is closed to
-//!   make room, the one waiting longest first (tokio's `Notify` wakes waiters in FIFO
-//!   order; approximately, when asks and waits race), as nginx closes its reusable
-//!   connections; the new one is admitted at once, so the count may pass the cap by the
-//!   evictions still under way. When none is waiting, the
+//!   make room, the one waiting longest first (a queue by order of arrival; the new
+//!   connection takes it out of the queue itself, so no other can take its place), as nginx
+//!   closes its reusable connections; the new one is admitted at once, so the count may
+//!   pass the cap by the evictions still under way. When none is waiting, the
 //!   new connection gets [`refuse`]: `503` with `Retry-After` and `Connection: close`. So a
 //!   client that opens connections and leaves them idle cannot lock others out, and one that
 //!   holds them mid-request is bounded by the client timeouts.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use pingora_core::protocols::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
 
 use crate::metrics::METRICS;
 
@@ -78,22 +81,25 @@ pub fn raise_open_files() -> std::io::Result<(u64, u64)> {
     Ok((before, target))
 }
 
-/// The count of open client connections, and of those waiting for a request, which a new
-/// connection at the cap may have closed (see the module doc).
+/// The count of open client connections, and the queue of those waiting for a request,
+/// which a new connection at the cap may have closed (see the module doc).
 pub struct Gate {
     max: usize,
     open: AtomicUsize,
-    /// Connections waiting for a request (high 32 bits) and evictions asked of them but
-    /// not yet taken (low 32 bits), in one word so that `asked ≤ waiting` always holds.
-    waiting: AtomicU64,
-    /// Wakes the longest waiting connection when an eviction is asked.
-    wake: Notify,
+    /// Connections waiting for a request, oldest first.
+    waiters: Mutex<Waiters>,
     /// Refusals still writing their 503 or waiting for the client to close.
     refusing: AtomicUsize,
 }
 
-const ONE_WAITING: u64 = 1 << 32;
-const ASKED: u64 = ONE_WAITING - 1;
+/// The waiting connections by ticket (their order of arrival), each with the waker of its
+/// [`Waiting::evicted`] once polled. A ticket taken out by [`Gate::admit`] is an eviction:
+/// its connection finds it gone and closes. One lock, taken twice per wait (tokio's
+/// `Notify` takes one as often); the queue holds no more than the connections.
+struct Waiters {
+    next: u64,
+    queue: BTreeMap<u64, Option<Waker>>,
+}
 
 /// The most refusals that linger at once (write the 503, let the client read it and close):
 /// past it a refused connection is closed at once.
@@ -127,12 +133,11 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A connection waiting for a request, counted while it waits: a new connection at the cap
-/// may ask it to close ([`Waiting::evicted`]).
+/// A connection waiting for a request, queued while it waits: a new connection at the cap
+/// may close it ([`Waiting::evicted`]).
 pub struct Waiting<'a> {
     gate: &'a Gate,
-    /// It took an eviction: the count was settled then.
-    evicted: bool,
+    ticket: u64,
 }
 
 impl Gate {
@@ -142,14 +147,17 @@ impl Gate {
         Gate {
             max,
             open: AtomicUsize::new(0),
-            waiting: AtomicU64::new(0),
-            wake: Notify::new(),
+            waiters: Mutex::new(Waiters {
+                next: 0,
+                queue: BTreeMap::new(),
+            }),
             refusing: AtomicUsize::new(0),
         }
     }
 
-    /// Counts a new connection in when under the cap, or when a waiting connection can be
-    /// asked to close for it.
+    /// Counts a new connection in when under the cap, or when the connection waiting
+    /// longest can be closed for it. The eviction is decided here, by ticket, so no other
+    /// connection (the new one included, once it waits for its first request) can take it.
     pub fn admit(&self) -> Admission<'_> {
         let under = self
             .open
@@ -158,18 +166,13 @@ impl Gate {
             })
             .is_ok();
         if !under {
-            // One more eviction asked, if more connections wait than are already asked.
-            let asked = self
-                .waiting
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                    ((w & ASKED) < (w >> 32)).then_some(w + 1)
-                })
-                .is_ok();
-            if !asked {
+            let Some((_, waker)) = self.waiters.lock().queue.pop_first() else {
                 METRICS.client_connections_over[1].inc();
                 return Admission::Full;
+            };
+            if let Some(w) = waker {
+                w.wake();
             }
-            self.wake.notify_one();
             METRICS.client_connections_over[0].inc();
             self.open.fetch_add(1, Ordering::Relaxed);
         }
@@ -177,72 +180,53 @@ impl Gate {
         Admission::Admitted(Slot { gate: self })
     }
 
-    /// Counts the caller as waiting for a request until the guard is dropped.
+    /// Queues the caller as waiting for a request until the guard is dropped.
     pub fn waiting(&self) -> Waiting<'_> {
-        self.waiting.fetch_add(ONE_WAITING, Ordering::AcqRel);
-        Waiting {
-            gate: self,
-            evicted: false,
-        }
+        let mut w = self.waiters.lock();
+        let ticket = w.next;
+        w.next += 1;
+        w.queue.insert(ticket, None);
+        Waiting { gate: self, ticket }
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
     }
+
+    /// Connections waiting for a request now.
+    #[cfg(test)]
+    fn waiting_count(&self) -> usize {
+        self.waiters.lock().queue.len()
+    }
 }
 
 impl Waiting<'_> {
     /// Resolves when this connection is asked to close to make room for a new one (never,
-    /// unless the cap is reached while it waits).
+    /// unless the cap is reached while it waits and it is the one waiting longest).
     pub async fn evicted(&mut self) {
-        let gate = self.gate;
-        loop {
-            let wake = gate.wake.notified();
-            tokio::pin!(wake);
-            // Registered first, then an ask made before (two asks while no waiter was
-            // registered leave one wake-up, not two) is taken at once.
-            wake.as_mut().enable();
-            if self.take() {
-                return;
+        std::future::poll_fn(|cx| {
+            let mut w = self.gate.waiters.lock();
+            match w.queue.get_mut(&self.ticket) {
+                None => Poll::Ready(()),
+                Some(slot) => {
+                    if !slot.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
+                        *slot = Some(cx.waker().clone());
+                    }
+                    Poll::Pending
+                }
             }
-            wake.await;
-            if self.take() {
-                return;
-            }
-            // Taken by another (or a wake-up left from before this one waited): wait again.
-        }
-    }
-
-    /// Takes an eviction asked, if any: this connection stops waiting and closes.
-    fn take(&mut self) -> bool {
-        let took = self
-            .gate
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                (w & ASKED > 0).then(|| w - 1 - ONE_WAITING)
-            })
-            .is_ok();
-        self.evicted |= took;
-        took
+        })
+        .await
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        if self.evicted {
-            return;
-        }
-        // No longer waiting. If every waiting connection was already asked to close, one
-        // ask is now without a connection to take it: withdrawn (the connection admitted for
-        // it stays; the count passes the cap by one until a connection closes).
-        let _ = self
-            .gate
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                let w = w - ONE_WAITING;
-                Some(if (w & ASKED) > (w >> 32) { w - 1 } else { w })
-            });
+        // No longer waiting (when evicted, its ticket is already gone: the connection
+        // admitted for it stays, and if this one goes on to serve a request that arrived at
+        // the same moment, the count passes the cap by one until a connection closes).
+        self.gate.waiters.lock().queue.remove(&self.ticket);
     }
 }
 
@@ -277,11 +261,6 @@ pub async fn refuse(gate: &Gate, mut stream: Stream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn counts(g: &Gate) -> (u64, u64) {
-        let w = g.waiting.load(Ordering::Acquire);
-        (w >> 32, w & ASKED)
-    }
 
     #[test]
     fn the_default_leaves_a_reserve_and_two_descriptors_per_connection() {
@@ -326,7 +305,6 @@ mod tests {
         let _b = g.admit();
         let mut first = g.waiting();
         let mut second = g.waiting();
-        // Both register (FIFO: `first` registered first).
         let mut f1 = Box::pin(first.evicted());
         let mut f2 = Box::pin(second.evicted());
         assert!(futures::poll!(f1.as_mut()).is_pending());
@@ -334,7 +312,7 @@ mod tests {
         let c = g.admit();
         assert!(matches!(c, Admission::Admitted(_)));
         assert_eq!(g.open(), 3, "admitted while the evicted one closes");
-        assert_eq!(counts(&g), (2, 1));
+        assert_eq!(g.waiting_count(), 1);
         assert!(
             futures::poll!(f1.as_mut()).is_ready(),
             "the longest waiting"
@@ -342,37 +320,83 @@ mod tests {
         assert!(futures::poll!(f2.as_mut()).is_pending());
         drop(f1);
         drop(f2);
-        assert_eq!(counts(&g), (1, 0));
         drop(first);
-        assert_eq!(counts(&g), (1, 0), "an evicted one is not counted twice");
-        // One waiting, none asked: the next new connection may ask it; then none can.
+        assert_eq!(g.waiting_count(), 1, "an evicted one is not counted twice");
+        // One waiting: the next new connection may close it; then none can.
         assert!(matches!(g.admit(), Admission::Admitted(_)));
         assert!(matches!(g.admit(), Admission::Full));
         drop(second);
-        assert_eq!(
-            counts(&g),
-            (0, 0),
-            "its ask withdrawn as it stopped waiting"
+        assert_eq!(g.waiting_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_new_connection_cannot_take_the_eviction_made_for_it() {
+        // The race CI once lost: the evicted keep-alive had not run yet when the new
+        // connection began waiting for its first request, and the new one took the eviction
+        // (and was closed) instead.
+        let g = Gate::new(1);
+        let _a = g.admit();
+        let mut old = g.waiting();
+        let new = g.admit();
+        assert!(matches!(new, Admission::Admitted(_)));
+        let mut newcomer = g.waiting();
+        assert!(
+            futures::poll!(Box::pin(newcomer.evicted())).is_pending(),
+            "the new connection waits for its request"
+        );
+        assert!(
+            futures::poll!(Box::pin(old.evicted())).is_ready(),
+            "the old one, even polled only now, is the one closed"
         );
     }
 
     #[tokio::test]
-    async fn asks_never_outnumber_waiting_connections() {
+    async fn a_connection_evicted_before_it_first_polls_still_sees_it() {
+        // Waiting counted before its wait is polled (no waker yet): the eviction is kept.
+        let g = Gate::new(1);
+        let _a = g.admit();
+        let mut w1 = g.waiting();
+        let mut w2 = g.waiting();
+        let _b = g.admit();
+        let _c = g.admit();
+        assert!(matches!(g.admit(), Admission::Full), "none left to close");
+        assert!(futures::poll!(Box::pin(w1.evicted())).is_ready());
+        assert!(futures::poll!(Box::pin(w2.evicted())).is_ready());
+        assert_eq!(g.open(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_leaves_is_never_chosen() {
         let g = Gate::new(1);
         let _a = g.admit();
         assert!(matches!(g.admit(), Admission::Full), "nobody waiting");
-        let w = g.waiting();
+        let gone = g.waiting();
+        let mut stays = g.waiting();
+        drop(gone);
         assert!(matches!(g.admit(), Admission::Admitted(_)));
-        assert!(matches!(g.admit(), Admission::Full), "its one ask is taken");
-        assert_eq!(counts(&g), (1, 1));
-        drop(w);
-        assert_eq!(counts(&g), (0, 0));
-        // A permit left by the withdrawn ask wakes the next waiter, which waits on.
-        let mut next = g.waiting();
-        let mut f = Box::pin(next.evicted());
-        assert!(futures::poll!(f.as_mut()).is_pending());
-        drop(f);
-        drop(next);
-        assert_eq!(counts(&g), (0, 0));
+        assert!(futures::poll!(Box::pin(stays.evicted())).is_ready());
+        assert!(matches!(g.admit(), Admission::Full));
+        drop(stays);
+        assert_eq!(g.waiting_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_evicted_connection_is_woken() {
+        let g = std::sync::Arc::new(Gate::new(1));
+        let _a = g.admit();
+        let g2 = g.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut w = g2.waiting();
+            tx.send(()).unwrap();
+            w.evicted().await;
+        });
+        rx.await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(matches!(g.admit(), Admission::Admitted(_)));
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("woken")
+            .unwrap();
     }
 }
