@@ -271,7 +271,7 @@ mod tests {
                 dns_refresh: Duration::from_secs(60),
             },
             None,
-            true,
+            Some(crate::origin::pool::Settings::default()),
         )
         .unwrap()
     }

@@ -2,7 +2,8 @@
 //! happens to a new one over that, and the open-files limit under both.
 //!
 //! Why a bound: every client connection holds a file descriptor and memory (~6 KiB idle,
-//! up to ~0.5 MiB while a pass-through download streams to a slow client), and each attempt
+//! up to ~0.4 MiB while a pass-through download streams to a slow client, less with a
+//! smaller `server.upstream_read_size`), and each attempt
 //! holds a second descriptor for its upstream connection. Pingora accepts without bound;
 //! once the process is out of descriptors, `accept` fails (Pingora then sleeps a second per
 //! failure) and so do connects to origins and cache files — for every client, not just the

@@ -70,7 +70,11 @@ fn runtime_dir(cfg: &Config) -> Result<PathBuf, String> {
 /// Build the runtime state (origins resolved, router sorted) from a validated config.
 pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> {
     let mut origins = Vec::with_capacity(cfg.origins.len());
-    let own_pool = cfg.server.upstream_pool == config::schema::UpstreamPool::Cascade;
+    let own_pool = (cfg.server.upstream_pool == config::schema::UpstreamPool::Cascade).then_some(
+        origin::pool::Settings {
+            read_size: cfg.server.upstream_read_size as usize,
+        },
+    );
     for (i, o) in cfg.origins.iter().enumerate() {
         let sock = matches!(o.kind, OriginKind::Dir { .. }).then(|| dir_socket(rt_dir, i));
         origins.push(Origin::new(o, sock.as_deref(), own_pool)?);

@@ -287,6 +287,36 @@ fn upstream_pool_is_cascade_or_pingora() {
 }
 
 #[test]
+fn upstream_read_size_is_between_1_kib_and_64_kib_and_needs_cascades_pool() {
+    for bad in ["512", "100KiB", "0"] {
+        let c = check(&format!(
+            "server:\n  upstream_read_size: {bad}  # <-\n{BASE}"
+        ));
+        c.assert_reports(
+            "# <-",
+            Some("server.upstream_read_size"),
+            &["between 1 KiB and 64 KiB"],
+        );
+    }
+    let c = check(&format!(
+        "server:\n  upstream_read_size: lots  # <-\n{BASE}"
+    ));
+    c.assert_reports("# <-", Some("server.upstream_read_size"), &[]);
+    let c = check(&format!(
+        "server:\n  upstream_pool: pingora\n  upstream_read_size: 8KiB  # <-\n{BASE}"
+    ));
+    c.assert_reports(
+        "# <-",
+        Some("server.upstream_read_size"),
+        &["upstream_pool: cascade"],
+    );
+    for ok in ["1KiB", "8KiB", "64KiB"] {
+        let c = check(&format!("server:\n  upstream_read_size: {ok}\n{BASE}"));
+        assert_eq!(c.code, 0, "{}", c.context());
+    }
+}
+
+#[test]
 fn wrong_type_in_origin() {
     let c = check(&BASE.replace("    read_only: true\n", "    read_only: maybe  # <-\n"));
     c.assert_reports("# <-", Some("origins.prod.read_only"), &[]);

@@ -1080,6 +1080,60 @@ async fn responses_are_intact_whatever_the_write_buffer() {
     }
 }
 
+/// `server.upstream_read_size` changes only how an origin's answer is read, never what:
+/// bodies of every framing (a length; chunked, with chunk heads split across reads; until
+/// close), and a connection whose answer was read in small pieces is still kept.
+#[tokio::test]
+async fn responses_are_intact_whatever_the_upstream_read_size() {
+    let n = 300_000usize;
+    let body: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let b = body.clone();
+    let origin = RawOrigin::start(move |head| {
+        let mut out = Vec::new();
+        if head.starts_with("GET /b/len ") {
+            out.extend(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").bytes());
+            out.extend_from_slice(&b);
+        } else if head.starts_with("GET /b/chunked ") {
+            out.extend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+            for c in b.chunks(7_777) {
+                out.extend(format!("{:x}\r\n", c.len()).bytes());
+                out.extend_from_slice(c);
+                out.extend(b"\r\n");
+            }
+            out.extend(b"0\r\n\r\n");
+        } else {
+            out.extend(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            out.extend_from_slice(&b);
+            return vec![RawPart::Bytes(out), RawPart::Close];
+        }
+        vec![RawPart::Bytes(out)]
+    });
+    for read_size in ["1KiB", "5000", "64KiB"] {
+        let yaml = config(&[plain_origin("raw", &origin.url("/b"))], "{main: raw}");
+        let cascade = Cascade::builder(&yaml)
+            .server("upstream_read_size", read_size)
+            .start();
+        let before = origin.connections();
+        let client = client();
+        for path in ["/len", "/chunked", "/close", "/len", "/chunked"] {
+            let r = client.get(cascade.url(path)).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{read_size} {path}");
+            let got = r.bytes().await.unwrap();
+            assert!(
+                got[..] == body[..],
+                "{read_size} {path}: {} bytes",
+                got.len()
+            );
+        }
+        // One connection up to the answer read until close, one after it.
+        assert_eq!(
+            origin.connections() - before,
+            2,
+            "{read_size}: kept between answers"
+        );
+    }
+}
+
 /// Starts `cascade run -c <dir>/cascade.yaml` with `yaml` (and `TMPDIR=tmpdir`).
 fn spawn_cascade(
     dir: &std::path::Path,

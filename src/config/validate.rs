@@ -442,6 +442,22 @@ pub(super) fn load(
             ),
         );
     }
+    let read = server.upstream_read_size;
+    if !(super::schema::MIN_UPSTREAM_READ_SIZE..=super::schema::MAX_UPSTREAM_READ_SIZE)
+        .contains(&read)
+    {
+        cx.err(
+            "server.upstream_read_size",
+            format!("{read} bytes; must be between 1 KiB and 64 KiB (Pingora's body buffer)"),
+        );
+    } else if read != super::schema::MAX_UPSTREAM_READ_SIZE
+        && server.upstream_pool != super::schema::UpstreamPool::Cascade
+    {
+        cx.err(
+            "server.upstream_read_size",
+            "needs `upstream_pool: cascade` (Pingora's pool reads 64 KiB at a time)".to_string(),
+        );
+    }
     if server.max_connections == Some(0) {
         cx.err(
             "server.max_connections",

@@ -78,9 +78,9 @@ pub struct Peer {
     tls_verify: bool,
     sni: String,
     timeouts: Timeouts,
-    /// Attempts' connections (http and https) go through cascade's pool
-    /// (`server.upstream_pool`).
-    own_pool: bool,
+    /// Attempts' connections (http and https) go through cascade's pool, with these
+    /// settings (`server.upstream_pool`; `None`: Pingora's).
+    own_pool: Option<pool::Settings>,
     host_header: String,
     prefix: String,
     /// `scheme://authority`, what the signature covers besides the path.
@@ -191,7 +191,7 @@ impl Peer {
         label: String,
         t: Timeouts,
         origin: &str,
-        own_pool: bool,
+        own_pool: Option<pool::Settings>,
     ) -> Result<Peer, String> {
         let addrs: Vec<SocketAddr> = (cfg.host.as_str(), cfg.port)
             .to_socket_addrs()
@@ -241,7 +241,7 @@ impl Peer {
             tls_verify: false,
             sni: String::new(),
             timeouts: t,
-            own_pool: false,
+            own_pool: None,
             host_header: "localhost".into(),
             prefix: String::new(),
             url_base: "http://localhost".into(),
@@ -265,11 +265,12 @@ impl Peer {
                 // Attempts go through cascade's pool, which keeps the connections Pingora would
                 // close after a replayed answer (and closes an upload's that was answered
                 // before its body was out); for https it sets TLS up with this peer.
-                let pool = self.own_pool.then(|| {
+                let pool = self.own_pool.map(|settings| {
                     pool::Connector::new(
                         POOL_IDLE,
                         self.tls.then(|| peer.clone()),
                         self.timeouts.read,
+                        settings,
                     )
                 });
                 Target { peer, pool }
@@ -447,11 +448,12 @@ impl Origin {
     /// Build the runtime origin. `dir_socket` is where the directory origin of this name
     /// listens (only for `dir` origins). Host names are resolved here (and again every
     /// `dns_refresh` by `upstream::monitor`).
-    /// `own_pool`: attempts' connections go through cascade's pool (`pool.rs`).
+    /// `own_pool`: attempts' connections go through cascade's pool (`pool.rs`), with
+    /// these settings.
     pub fn new(
         cfg: &OriginConfig,
         dir_socket: Option<&Path>,
-        own_pool: bool,
+        own_pool: Option<pool::Settings>,
     ) -> Result<Origin, String> {
         let t = cfg.timeouts;
         let peers = match &cfg.kind {
@@ -648,7 +650,7 @@ mod tests {
             retry_on: Default::default(),
             dns_refresh: Duration::from_secs(60),
         };
-        Origin::new(&cfg, None, true).unwrap()
+        Origin::new(&cfg, None, Some(pool::Settings::default())).unwrap()
     }
 
     #[test]

@@ -309,6 +309,25 @@ pub struct Connector {
     reused: Option<Arc<AtomicBool>>,
     /// The longest a read waits for a stalled client (`backpressure::Hold`).
     hold: Duration,
+    /// The most one read of an answer's body takes ([`Settings::read_size`]).
+    read_size: usize,
+}
+
+/// The server's settings for the connections of this pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// The most one read of Pingora's takes from the origin (`server.upstream_read_size`):
+    /// Pingora asks for 64 KiB at a time into a body, and each read becomes a chunk that
+    /// waits in its pipe when the client is behind; a smaller read is a smaller chunk.
+    pub read_size: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            read_size: crate::config::schema::MAX_UPSTREAM_READ_SIZE as usize,
+        }
+    }
 }
 
 /// Pingora's connector for the TLS sessions of https origins' kept connections, used only
@@ -331,7 +350,12 @@ impl Connector {
     /// `max_idle`: the longest a connection is kept idle; `tls`: the origin's https peer for
     /// this address (`None`: plain HTTP); `read_timeout`: the origin's (a read waits for a
     /// stalled client for at most half of it, `backpressure::Hold`).
-    pub fn new(max_idle: Duration, tls: Option<HttpPeer>, read_timeout: Duration) -> Connector {
+    pub fn new(
+        max_idle: Duration,
+        tls: Option<HttpPeer>,
+        read_timeout: Duration,
+        settings: Settings,
+    ) -> Connector {
         Connector {
             pool: Arc::new(Pool {
                 idle: Mutex::new(VecDeque::new()),
@@ -341,6 +365,7 @@ impl Connector {
             tls: tls.map(Arc::new),
             reused: None,
             hold: read_timeout / 2,
+            read_size: settings.read_size.max(1),
         }
     }
 
@@ -357,6 +382,7 @@ impl Connector {
             tls: self.tls.clone(),
             reused: Some(reused),
             hold: self.hold,
+            read_size: self.read_size,
         }
     }
 
@@ -379,6 +405,7 @@ impl Connector {
             pool: Arc::downgrade(&self.pool),
             nodelay: AtomicBool::new(nodelay),
             hold: Hold::new(self.hold),
+            read_size: self.read_size,
         };
         Stream::from(VirtualSocketStream::new(Box::new(conn)))
     }
@@ -435,6 +462,8 @@ struct Conn {
     nodelay: AtomicBool,
     /// How long its reads have waited for a stalled client (`backpressure`).
     hold: Hold,
+    /// The most one read from the link takes ([`Settings::read_size`]).
+    read_size: usize,
 }
 
 /// A read of Pingora's into less room than this (its first read of an answer's head has
@@ -513,7 +542,7 @@ impl AsyncRead for Conn {
             )));
         }
         if !this.ahead.is_empty() {
-            let bytes = this.ahead.take(buf.remaining());
+            let bytes = this.ahead.take(buf.remaining().min(this.read_size));
             buf.put_slice(bytes);
             this.http.on_read(bytes);
             this.ahead.free_if_empty();
@@ -529,6 +558,9 @@ impl AsyncRead for Conn {
                 return read_ahead(tcp, cx, buf, &mut this.http, &mut this.ahead);
             }
         }
+        if buf.remaining() > this.read_size {
+            return read_at_most(link, cx, buf, this.read_size, &mut this.http);
+        }
         let before = buf.filled().len();
         match Pin::new(link).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -541,6 +573,35 @@ impl AsyncRead for Conn {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// Pingora's read into `buf` (more room than `max`) with at most `max` bytes: a read of
+/// `server.upstream_read_size`.
+fn read_at_most(
+    link: &mut Link,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+    max: usize,
+    http: &mut Tracker,
+) -> Poll<std::io::Result<()>> {
+    let mut part = buf.take(max);
+    match Pin::new(link).poll_read(cx, &mut part) {
+        Poll::Ready(Ok(())) => {
+            let n = part.filled().len();
+            let before = buf.filled().len();
+            // SAFETY: `part` is the start of `buf`'s unfilled room, and the read initialized
+            // and filled its first `n` bytes.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            http.on_read(&buf.filled()[before..]);
+            Poll::Ready(Ok(()))
+        }
+        Poll::Ready(Err(e)) => {
+            http.poison();
+            Poll::Ready(Err(e))
+        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -722,7 +783,12 @@ mod tests {
     async fn the_pool_hands_out_only_open_connections_and_forgets_old_ones() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
+        let c = Connector::new(
+            Duration::from_secs(60),
+            None,
+            Duration::from_secs(60),
+            Settings::default(),
+        );
         let a = TcpStream::connect(addr).await.unwrap();
         let (sa, _) = l.accept().await.unwrap();
         let b = TcpStream::connect(addr).await.unwrap();
@@ -735,12 +801,22 @@ mod tests {
         assert!(c.pool.checkout().is_some());
         assert!(c.pool.checkout().is_none());
         // An idle timeout of 0, or an origin's shorter one: nothing is handed out.
-        let c = Connector::new(Duration::ZERO, None, Duration::from_secs(60));
+        let c = Connector::new(
+            Duration::ZERO,
+            None,
+            Duration::from_secs(60),
+            Settings::default(),
+        );
         c.pool
             .put(Link::Tcp(TcpStream::connect(addr).await.unwrap()), None);
         assert!(c.pool.checkout().is_none());
         assert_eq!(c.idle(), 0);
-        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
+        let c = Connector::new(
+            Duration::from_secs(60),
+            None,
+            Duration::from_secs(60),
+            Settings::default(),
+        );
         let tcp = TcpStream::connect(addr).await.unwrap();
         let _server_side = l.accept().await.unwrap();
         c.pool.put(Link::Tcp(tcp), Some(Duration::from_millis(20)));
@@ -753,7 +829,12 @@ mod tests {
         use std::io::Write;
         // A std listener: the origin side writes without any runtime involved.
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
+        let c = Connector::new(
+            Duration::from_secs(60),
+            None,
+            Duration::from_secs(60),
+            Settings::default(),
+        );
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (mut origin, _) = l.accept().unwrap();
         c.pool.put(Link::Tcp(tcp), None);
@@ -849,9 +930,21 @@ mod tests {
     /// A connection of a new pool to a new origin, as Pingora holds it, with a GET written
     /// and the origin's answer `len` pattern bytes long; the origin side of the connection.
     async fn plain_conn_answering(len: u32) -> (Connector, Conn, TcpStream, Vec<u8>) {
+        plain_conn_with(len, Settings::default()).await
+    }
+
+    async fn plain_conn_with(
+        len: u32,
+        settings: Settings,
+    ) -> (Connector, Conn, TcpStream, Vec<u8>) {
         use tokio::io::AsyncWriteExt;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
+        let c = Connector::new(
+            Duration::from_secs(60),
+            None,
+            Duration::from_secs(60),
+            settings,
+        );
         let tcp = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (origin, _) = l.accept().await.unwrap();
         let mut conn = Conn {
@@ -861,6 +954,7 @@ mod tests {
             pool: Arc::downgrade(&c.pool),
             nodelay: AtomicBool::new(false),
             hold: Hold::new(Duration::from_secs(60)),
+            read_size: c.read_size,
         };
         conn.write_all(b"GET /a HTTP/1.1\r\nHost: o\r\n\r\n")
             .await
@@ -889,6 +983,41 @@ mod tests {
         assert!(conn.ahead.is_empty() && conn.ahead.bytes.capacity() == 0);
         drop(conn);
         assert_eq!(c.idle(), 0, "poisoned by the early request: not kept");
+    }
+
+    /// Reads a whole answer as Pingora reads a body (64 KiB of room each time, after a
+    /// first 4 KiB for the head): every byte in order, and the largest single read.
+    async fn read_as_pingora(conn: &mut Conn, len: usize) -> (Vec<u8>, usize) {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0u8; 4096];
+        conn.read_exact(&mut got).await.unwrap();
+        let mut largest = 0;
+        let mut room = vec![0u8; 64 * 1024];
+        while got.len() < len {
+            let n = conn.read(&mut room).await.unwrap();
+            assert!(n > 0, "EOF after {} of {len}", got.len());
+            largest = largest.max(n);
+            got.extend_from_slice(&room[..n]);
+        }
+        (got, largest)
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_at_most_read_size_at_a_time() {
+        use tokio::io::AsyncWriteExt;
+        for (read_size, bounded) in [(4096, true), (Settings::default().read_size, false)] {
+            let (_c, mut conn, mut origin, answer) =
+                plain_conn_with(300_000, Settings { read_size }).await;
+            origin.write_all(&answer).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let (got, largest) = read_as_pingora(&mut conn, answer.len()).await;
+            assert_eq!(got, answer, "every byte, in order ({read_size})");
+            if bounded {
+                assert!(largest <= read_size, "a read of {largest} > {read_size}");
+            } else {
+                assert!(largest > 4096, "the default reads as much as Pingora asks");
+            }
+        }
     }
 
     #[tokio::test]
@@ -927,7 +1056,12 @@ mod tests {
     async fn the_pool_is_bounded() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let c = Connector::new(Duration::from_secs(60), None, Duration::from_secs(60));
+        let c = Connector::new(
+            Duration::from_secs(60),
+            None,
+            Duration::from_secs(60),
+            Settings::default(),
+        );
         let mut keep = Vec::new();
         for _ in 0..POOL_CAP + 5 {
             c.pool
