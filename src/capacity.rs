@@ -95,8 +95,9 @@ pub struct Gate {
 
 /// The waiting connections by ticket (their order of arrival), each with the waker of its
 /// [`Waiting::evicted`] once polled. A ticket taken out by [`Gate::admit`] is an eviction:
-/// its connection finds it gone and closes. One lock, taken twice per wait (tokio's
-/// `Notify` takes one as often); the queue holds no more than the connections.
+/// its connection finds it gone and closes. One lock, taken when a wait starts, when it
+/// ends and at each poll of the wait (tokio's `Notify` locks as often); the queue holds no
+/// more than the connections.
 struct Waiters {
     next: u64,
     queue: BTreeMap<u64, Option<Waker>>,
@@ -139,6 +140,8 @@ impl Drop for Slot<'_> {
 pub struct Waiting<'a> {
     gate: &'a Gate,
     ticket: u64,
+    /// [`Waiting::evicted`] has said so: this connection closes.
+    closing: bool,
 }
 
 impl Gate {
@@ -187,7 +190,11 @@ impl Gate {
         let ticket = w.next;
         w.next += 1;
         w.queue.insert(ticket, None);
-        Waiting { gate: self, ticket }
+        Waiting {
+            gate: self,
+            ticket,
+            closing: false,
+        }
     }
 
     /// Connections open now.
@@ -209,7 +216,10 @@ impl Waiting<'_> {
         std::future::poll_fn(|cx| {
             let mut w = self.gate.waiters.lock();
             match w.queue.get_mut(&self.ticket) {
-                None => Poll::Ready(()),
+                None => {
+                    self.closing = true;
+                    Poll::Ready(())
+                }
                 Some(slot) => {
                     if !slot.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
                         *slot = Some(cx.waker().clone());
@@ -224,10 +234,21 @@ impl Waiting<'_> {
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        // No longer waiting (when evicted, its ticket is already gone: the connection
-        // admitted for it stays, and if this one goes on to serve a request that arrived at
-        // the same moment, the count passes the cap by one until a connection closes).
-        self.gate.waiters.lock().queue.remove(&self.ticket);
+        // No longer waiting. Its ticket gone although it was never told (a request arrived
+        // as it was chosen, and wins: closing now would reset it): the eviction passes to the
+        // connection waiting longest after it, so the count stays at the cap. With none
+        // left, the count passes the cap by one until a connection closes. (When it ended
+        // its wait for another reason at that moment, its idle timeout or shutdown, it
+        // closes too: one connection more than needed is closed.)
+        let mut w = self.gate.waiters.lock();
+        if w.queue.remove(&self.ticket).is_some() || self.closing {
+            return;
+        }
+        let next = w.queue.pop_first();
+        drop(w);
+        if let Some((_, Some(waker))) = next {
+            waker.wake();
+        }
     }
 }
 
@@ -379,6 +400,29 @@ mod tests {
         assert!(matches!(g.admit(), Admission::Full));
         drop(stays);
         assert_eq!(g.waiting_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_eviction_its_connection_never_saw_passes_to_the_next() {
+        // Chosen while its request arrived (the request wins; it never saw the eviction):
+        // the next waiting connection closes instead, and the count comes back to the cap.
+        let g = Gate::new(1);
+        let _a = g.admit();
+        let chosen = g.waiting();
+        let mut next = g.waiting();
+        let _new = g.admit();
+        assert!(futures::poll!(Box::pin(next.evicted())).is_pending());
+        drop(chosen);
+        assert!(futures::poll!(Box::pin(next.evicted())).is_ready());
+        assert_eq!(g.waiting_count(), 0);
+        // One that saw it passes nothing on.
+        let mut seen = g.waiting();
+        let mut other = g.waiting();
+        let _newer = g.admit();
+        assert!(futures::poll!(Box::pin(seen.evicted())).is_ready());
+        drop(seen);
+        assert!(futures::poll!(Box::pin(other.evicted())).is_pending());
+        assert_eq!(g.waiting_count(), 1);
     }
 
     #[tokio::test]

@@ -243,3 +243,31 @@ pub fn build_server(cfg: &Config) -> Result<Server, String> {
     }
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::origin::pool;
+
+    fn pool_of(server: &str) -> Option<pool::Settings> {
+        let yaml = format!(
+            "listen: [{{addr: 127.0.0.1:1}}]\nserver: {{{server}}}\n\
+             origins: {{m: {{url: \"http://127.0.0.1:9/b\"}}}}\n\
+             groups: {{g: {{main: m}}}}\nroutes: [{{group: g}}]\n"
+        );
+        let cfg = crate::config::load_str(&yaml, std::path::Path::new("/t.yaml"), &|_| None)
+            .expect("valid");
+        let state = crate::build_state(&cfg, std::path::Path::new("/tmp")).unwrap();
+        state.origins[0].peers[0].pool_settings()
+    }
+
+    #[test]
+    fn the_server_settings_reach_the_pool_of_every_origin() {
+        assert_eq!(pool_of(""), Some(pool::Settings::default()));
+        assert_eq!(pool_of("").unwrap().read_size, 64 * 1024);
+        assert_eq!(
+            pool_of("upstream_read_size: 8KiB"),
+            Some(pool::Settings { read_size: 8192 })
+        );
+        assert_eq!(pool_of("upstream_pool: pingora"), None);
+    }
+}

@@ -493,8 +493,9 @@ pub struct ServerSection {
     /// that has fallen behind a pass-through download; 8 KiB halves that memory (~400 →
     /// ~180 KiB per slow 1 MiB download) and costs CPU per byte on fast downloads (every
     /// chunk crosses Pingora's pipe: ~+60% per 1 MiB pass-through, still under nginx's).
-    /// Hits and https origins (openssl returns one ≤ 16 KiB record per read) are not
-    /// affected.
+    /// Hits are not affected, nor https origins at 16 KiB or more (openssl returns at most
+    /// one ≤ 16 KiB record per read anyway). The first read of an answer (its head) is capped
+    /// too.
     #[serde(default = "default_upstream_read_size", deserialize_with = "de_size")]
     pub upstream_read_size: u64,
 }

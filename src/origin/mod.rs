@@ -279,6 +279,12 @@ impl Peer {
         *self.targets.write() = Arc::from(targets);
     }
 
+    /// The settings of cascade's pool for its attempts (`None`: Pingora's pool).
+    pub fn pool_settings(&self) -> Option<pool::Settings> {
+        let targets = self.targets.read();
+        targets.first()?.pool.as_ref().map(|c| c.settings())
+    }
+
     /// Set the addresses when they differ from the current ones; `true` when they did.
     pub fn replace_addrs(&self, addrs: &[SocketAddr]) -> bool {
         let mut now: Vec<SocketAddr> = self

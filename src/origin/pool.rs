@@ -392,6 +392,13 @@ impl Connector {
         }
     }
 
+    /// The settings it was made with.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            read_size: self.read_size,
+        }
+    }
+
     /// Idle connections held now.
     pub fn idle(&self) -> usize {
         self.pool.len()
@@ -555,7 +562,8 @@ impl AsyncRead for Conn {
         }
         if buf.remaining() < READ_AHEAD {
             if let Link::Tcp(tcp) = link {
-                return read_ahead(tcp, cx, buf, &mut this.http, &mut this.ahead);
+                let max = this.read_size;
+                return read_ahead(tcp, cx, buf, max, &mut this.http, &mut this.ahead);
             }
         }
         if buf.remaining() > this.read_size {
@@ -586,12 +594,21 @@ fn read_at_most(
     http: &mut Tracker,
 ) -> Poll<std::io::Result<()>> {
     let mut part = buf.take(max);
+    let start = part.filled().as_ptr();
     match Pin::new(link).poll_read(cx, &mut part) {
         Poll::Ready(Ok(())) => {
+            // A reader may swap the `ReadBuf` it was given for another (safe code can): then
+            // what it filled is not `buf`'s (tokio's `Take` makes the same check).
+            assert_eq!(
+                start,
+                part.filled().as_ptr(),
+                "the read replaced its buffer"
+            );
             let n = part.filled().len();
             let before = buf.filled().len();
-            // SAFETY: `part` is the start of `buf`'s unfilled room, and the read initialized
-            // and filled its first `n` bytes.
+            // SAFETY: `part` is the start of `buf`'s unfilled room (`ReadBuf::take`), still
+            // the buffer read into (checked above), and the read initialized and filled its
+            // first `n` bytes.
             unsafe { buf.assume_init(n) };
             buf.advance(n);
             http.on_read(&buf.filled()[before..]);
@@ -606,13 +623,15 @@ fn read_at_most(
 }
 
 /// Pingora's read into `buf` (less than [`READ_AHEAD`] of room) through a [`READ_AHEAD`]
-/// read of the socket; what does not fit goes to `ahead`. Not inlined: the 16 KiB frame (and
-/// its stack probes) is paid only by the reads that use it.
+/// read of the socket; what does not fit (or passes `max`, the read size) goes to `ahead`.
+/// Not inlined: the 16 KiB frame (and its stack probes) is paid only by the reads that use
+/// it.
 #[inline(never)]
 fn read_ahead(
     tcp: &mut TcpStream,
     cx: &mut Context<'_>,
     buf: &mut ReadBuf<'_>,
+    max: usize,
     http: &mut Tracker,
     ahead: &mut Ahead,
 ) -> Poll<std::io::Result<()>> {
@@ -621,7 +640,7 @@ fn read_ahead(
     match Pin::new(tcp).poll_read(cx, &mut got) {
         Poll::Ready(Ok(())) => {
             let got = got.filled();
-            let n = got.len().min(buf.remaining());
+            let n = got.len().min(buf.remaining()).min(max);
             buf.put_slice(&got[..n]);
             http.on_read(&got[..n]);
             if n < got.len() {
@@ -990,8 +1009,14 @@ mod tests {
     async fn read_as_pingora(conn: &mut Conn, len: usize) -> (Vec<u8>, usize) {
         use tokio::io::AsyncReadExt;
         let mut got = vec![0u8; 4096];
-        conn.read_exact(&mut got).await.unwrap();
         let mut largest = 0;
+        let mut head = 0;
+        while head < got.len() {
+            let n = conn.read(&mut got[head..]).await.unwrap();
+            assert!(n > 0, "EOF in the head");
+            largest = largest.max(n);
+            head += n;
+        }
         let mut room = vec![0u8; 64 * 1024];
         while got.len() < len {
             let n = conn.read(&mut room).await.unwrap();
@@ -1005,12 +1030,21 @@ mod tests {
     #[tokio::test]
     async fn a_body_is_read_at_most_read_size_at_a_time() {
         use tokio::io::AsyncWriteExt;
-        for (read_size, bounded) in [(4096, true), (Settings::default().read_size, false)] {
+        for (read_size, bounded) in [
+            (1024, true),
+            (4096, true),
+            (Settings::default().read_size, false),
+        ] {
             let (_c, mut conn, mut origin, answer) =
                 plain_conn_with(300_000, Settings { read_size }).await;
-            origin.write_all(&answer).await.unwrap();
+            let sent = answer.clone();
+            let writer = tokio::spawn(async move {
+                origin.write_all(&sent).await.unwrap();
+                origin
+            });
             tokio::time::sleep(Duration::from_millis(20)).await;
             let (got, largest) = read_as_pingora(&mut conn, answer.len()).await;
+            drop(writer);
             assert_eq!(got, answer, "every byte, in order ({read_size})");
             if bounded {
                 assert!(largest <= read_size, "a read of {largest} > {read_size}");
