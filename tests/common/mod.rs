@@ -1120,6 +1120,36 @@ pub fn raw_request(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawRe
     }
 }
 
+/// Sends `request`, reads the response head and at least `body` bytes after it (waiting up
+/// to 20 s: as long as a loaded machine needs), then hangs up mid-response. Returns the
+/// head.
+pub fn read_some_then_hang_up(addr: SocketAddr, request: &[u8], body: usize) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(request).expect("write request");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        if let Some(p) = find(&buf, b"\r\n\r\n") {
+            if buf.len() >= p + 4 + body {
+                return String::from_utf8_lossy(&buf[..p + 4]).into_owned();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no head and {body} body bytes within 20 s"
+        );
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => panic!(
+                "closed before a head and {body} body bytes: {:?}",
+                String::from_utf8_lossy(&buf[..buf.len().min(512)])
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// A raw `GET` for `target` with `Connection: close`.
 pub fn raw_get(addr: SocketAddr, target: &str) -> RawResponse {
     let req = format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -1291,6 +1321,12 @@ impl CascadeBuilder {
     }
 }
 
+/// The admin listener's address in a config, if it has one on a literal address.
+fn admin_addr(config: &str) -> Option<SocketAddr> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(config).ok()?;
+    doc.get("admin")?.get("addr")?.as_str()?.parse().ok()
+}
+
 /// A running `cascade run` child process; killed on drop (its stderr is printed if the test
 /// is panicking).
 pub struct Cascade {
@@ -1322,8 +1358,20 @@ impl Cascade {
         Cascade::builder(yaml).start()
     }
 
+    /// Waits (bounded) until every listener of the config accepts: the proxy's, the metrics
+    /// one and the admin one if any (Pingora starts its services side by side, so the
+    /// proxy's being up says nothing of the others: a test that went straight to the admin
+    /// listener was once refused).
     fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let mut listeners = vec![self.addr, self.metrics_addr];
+        listeners.extend(admin_addr(&self.config));
+        for addr in listeners {
+            self.wait_accepting(addr, deadline, timeout);
+        }
+    }
+
+    fn wait_accepting(&mut self, addr: SocketAddr, deadline: Instant, timeout: Duration) {
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!(
@@ -1332,14 +1380,13 @@ impl Cascade {
                     self.stderr()
                 );
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return;
             }
             if Instant::now() > deadline {
                 panic!(
-                    "cascade did not accept connections on {} within {timeout:?}; config:\n{}\n\
+                    "cascade did not accept connections on {addr} within {timeout:?}; config:\n{}\n\
                      --- stderr ---\n{}",
-                    self.addr,
                     self.config,
                     self.stderr()
                 );
