@@ -489,8 +489,9 @@ pub struct ServerSection {
     pub upstream_pool: UpstreamPool,
     /// The most one read of an origin's answer body takes (`upstream_pool: cascade` only;
     /// nginx's `proxy_buffer_size`). Pingora reads a body in chunks of up to 64 KiB (the
-    /// default) and holds about two of them, plus its 64 KiB read buffer, for every client
-    /// that has fallen behind a pass-through download; 8 KiB halves that memory (~400 →
+    /// default) and, for every client that has fallen behind a pass-through download, holds
+    /// a few of them (in its pipe, and copied into its write buffer when it writes a batch),
+    /// plus its read buffer; 8 KiB halves that memory (~400 →
     /// ~180 KiB per slow 1 MiB download) and costs CPU per byte on fast downloads (every
     /// chunk crosses Pingora's pipe: ~+60% per 1 MiB pass-through, still under nginx's).
     /// Hits are not affected, nor https origins at 16 KiB or more (openssl returns at most
