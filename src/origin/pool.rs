@@ -566,26 +566,12 @@ impl AsyncRead for Conn {
                 return read_ahead(tcp, cx, buf, max, &mut this.http, &mut this.ahead);
             }
         }
-        if buf.remaining() > this.read_size {
-            return read_at_most(link, cx, buf, this.read_size, &mut this.http);
-        }
-        let before = buf.filled().len();
-        match Pin::new(link).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                this.http.on_read(&buf.filled()[before..]);
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => {
-                this.http.poison();
-                Poll::Ready(Err(e))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        read_at_most(link, cx, buf, this.read_size, &mut this.http)
     }
 }
 
-/// Pingora's read into `buf` (more room than `max`) with at most `max` bytes: a read of
-/// `server.upstream_read_size`.
+/// Pingora's read into `buf` with at most `max` bytes (`server.upstream_read_size`; all
+/// of `buf`'s room when that is less).
 fn read_at_most(
     link: &mut Link,
     cx: &mut Context<'_>,
