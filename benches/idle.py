@@ -13,6 +13,9 @@ SLOW selects what the clients do:
   holds (filled by one request first); each client has a 4 KiB receive buffer, reads the
   header and the first 8 KiB of the body, then stops reading, so the proxy holds the rest of
   the download. nginx sends the file.
+- SLOW=disk: the same slow downloads of an object that cascade's disk tier holds (a 1 MiB
+  memory tier, which takes objects up to 256 KiB, over a disk tier in the work directory):
+  the long tail of a catalog larger than memory.
 - SLOW=pass: the same slow downloads with no cache, so cascade streams the object from an
   nginx origin over TCP while the client does not read.
 
@@ -54,8 +57,8 @@ FLOOR_BIN = os.environ.get("FLOOR_BIN", f"{TARGET}/release/examples/floor")
 NGINX = os.environ.get("NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
 EXTRA = os.environ.get("CASCADE_EXTRA", "")
 SLOW = os.environ.get("SLOW", "")
-if SLOW not in ("", "hit", "pass"):
-    raise SystemExit(f"SLOW must be hit or pass (got {SLOW!r})")
+if SLOW not in ("", "hit", "disk", "pass"):
+    raise SystemExit(f"SLOW must be hit, disk or pass (got {SLOW!r})")
 OBJECT = "/obj-1m.bin" if SLOW else "/obj-4k.bin"
 # Slow clients stop reading after this much body.
 SLOW_READ = 8192
@@ -64,7 +67,7 @@ HOLD = float(os.environ.get("HOLD", "0"))
 TRICKLE = int(os.environ.get("TRICKLE", "0"))
 TRICKLE_S = float(os.environ.get("TRICKLE_S", "5"))
 if TRICKLE and not SLOW:
-    raise SystemExit("TRICKLE needs SLOW=hit or SLOW=pass")
+    raise SystemExit("TRICKLE needs SLOW=hit, disk or pass")
 
 
 def free_port():
@@ -311,6 +314,8 @@ def run(procs):
             f"listen: [{{addr: 127.0.0.1:{port}}}]\n"
             f"metrics: {{addr: 127.0.0.1:{metrics}}}\n"
             + ("cache: {memory: 64MiB, default_ttl: 1h}\n" if SLOW == "hit" else "")
+            + (f"cache: {{memory: 1MiB, disk: {{path: {work}/cache, size: 1GiB}}, default_ttl: 1h}}\n"
+               if SLOW == "disk" else "")
             + (f"origins:\n  www: {{url: http://127.0.0.1:{origin_port}}}\n" if origin_port
                else f"origins:\n  www: {{dir: {root}}}\n")
             + "groups:\n  g: {main: www}\n"
@@ -326,7 +331,7 @@ def run(procs):
             with open(os.path.join(work, "cascade.log")) as f:
                 sys.stderr.write(f.read()[-2000:])
             raise
-        if SLOW == "hit":
+        if SLOW in ("hit", "disk"):
             fill = socket.create_connection(("127.0.0.1", port))
             fill.sendall(f"GET {OBJECT} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
             while fill.recv(1 << 16):
@@ -336,6 +341,7 @@ def run(procs):
         what = {
             "": "Idle keep-alive connections, one 4 KiB GET each, then idle",
             "hit": "Slow downloads of a cached 1 MiB object (8 KiB read, then the client stops reading)",
+            "disk": "Slow downloads of a 1 MiB object from the disk tier (8 KiB read, then the client stops reading)",
             "pass": "Slow downloads of a 1 MiB object, no cache (8 KiB read, then the client stops reading)",
         }[SLOW]
         print(f"{what} (N={N}):\n")

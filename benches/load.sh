@@ -572,16 +572,18 @@ origin_counts() {
   "$CURL" -sS -m 5 "http://127.0.0.1:$1/__origin_status" | awk 'NR == 3 { print $1, $3 }'
 }
 
-# cpu_ticks PID: utime+stime of PID and its children (nginx workers), in clock ticks.
+# cpu_ticks PID: "TOTAL SYS": utime+stime, and stime alone (the kernel's share), of PID and
+# its children (nginx workers), in clock ticks.
 cpu_ticks() {
-  local p s total=0 f
+  local p s total=0 sys=0 f
   for p in "$1" $(pgrep -P "$1" || true); do
     { s=$(<"/proc/$p/stat"); } 2>/dev/null || continue
     s=${s##*) } # drop "pid (comm) ": field 3 (state) comes first
     read -r -a f <<<"$s"
     total=$((total + f[11] + f[12])) # fields 14 (utime) and 15 (stime)
+    sys=$((sys + f[12]))
   done
-  echo "$total"
+  echo "$total $sys"
 }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -688,7 +690,7 @@ add() { R[$1]="${R[$1]:-}${R[$1]:+ }$2"; }
 
 measure() { # PROXY SCENARIO ROUND
   local proxy=$1 sc=$2 round=$3 out="$WORK/wrk-$2-$1-$3.txt"
-  local t0 t1 m0 m1 f0 f1 rps bps p99 reqs non2xx sockerr errs first
+  local t0 t1 s0 s1 m0 m1 f0 f1 rps bps p99 reqs non2xx sockerr errs first
   verify "$proxy" "$sc" # fills the cache in the cache scenarios
   first=$LAST_XCACHE
   if [ "$WARMUP_S" -gt 0 ]; then run_wrk "$proxy" "$sc" "$WARMUP" "$WORK/warmup.txt"; fi
@@ -721,7 +723,10 @@ measure() { # PROXY SCENARIO ROUND
   add "$sc,$proxy,p99" "$(to_ms "$p99")"
   add "$sc,$proxy,errs" "$errs"
   add "$sc,$proxy,reqs" "$reqs"
+  read -r t0 s0 <<<"$t0"
+  read -r t1 s1 <<<"$t1"
   add "$sc,$proxy,cpu" "$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d * 1e6 / hz / n }')"
+  add "$sc,$proxy,sys" "$(awk -v d=$((s1 - s0)) -v hz="$CLK_TCK" -v n="$reqs" 'BEGIN { printf "%.2f", d * 1e6 / hz / n }')"
   # Upstream connections opened and requests made per 1000 client requests (minus the
   # status request itself).
   add "$sc,$proxy,mconn" "$(awk -v a="$m0" -v b="$m1" -v n="$reqs" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.1f", (y[1] - x[1] - 1) * 1000 / n }')"
@@ -812,7 +817,7 @@ c() { echo "${MED[$sc,cascade,$1]}"; } # of the current scenario $sc
 n() { echo "${MED[$sc,nginx,$1]}"; }
 for sc in $SCENARIOS; do
   for p in cascade nginx floor; do
-    for m in rps bps p99 cpu mconn fconn mreq freq; do MED[$sc,$p,$m]=$(median "${R[$sc,$p,$m]:-}"); done
+    for m in rps bps p99 cpu sys mconn fconn mreq freq; do MED[$sc,$p,$m]=$(median "${R[$sc,$p,$m]:-}"); done
   done
   row=$(printf '%-9s' "$sc")
   row+=$(cell 12 '%.0f' "$(c rps)")$(cell 12 '%.0f' "$(n rps)")$(cell 6 '%s' "$(ratio "$(c rps)" "$(n rps)")")
@@ -827,7 +832,7 @@ for sc in $SCENARIOS; do
   line+=" cascade_rps=$(c rps) nginx_rps=$(n rps) rps_ratio=$(ratio "$(c rps)" "$(n rps)")"
   line+=" cascade_bytes_per_s=$(c bps) nginx_bytes_per_s=$(n bps) bps_ratio=$(ratio "$(c bps)" "$(n bps)")"
   line+=" cascade_p99_ms=$(c p99) nginx_p99_ms=$(n p99) p99_ratio=$(ratio "$(c p99)" "$(n p99)")"
-  [ "$CPU" = 1 ] && line+=" cascade_cpu_us_per_req=$(c cpu) nginx_cpu_us_per_req=$(n cpu) cpu_ratio=$(ratio "$(c cpu)" "$(n cpu)")"
+  [ "$CPU" = 1 ] && line+=" cascade_cpu_us_per_req=$(c cpu) nginx_cpu_us_per_req=$(n cpu) cpu_ratio=$(ratio "$(c cpu)" "$(n cpu)") cascade_sys_us_per_req=$(c sys) nginx_sys_us_per_req=$(n sys)"
   for p in cascade nginx; do
     line+=" ${p}_errors=$(sum "${R[$sc,$p,errs]:-}")"
     line+=" ${p}_main_conns_per_1k=${MED[$sc,$p,mconn]} ${p}_fb_conns_per_1k=${MED[$sc,$p,fconn]}"
@@ -840,6 +845,22 @@ for sc in $SCENARIOS; do
   fi
   lines+=("$line")
 done
+
+if [ "$CPU" = 1 ]; then
+  # Where the CPU goes: the kernel's share (stime) is the sockets' work, the rest the
+  # proxy's own code. A gap in user time is the proxy's; a gap in kernel time is how it
+  # uses its sockets (calls, write sizes, wakeups).
+  echo
+  echo "CPU per request, user + kernel (stime), us:"
+  for sc in $SCENARIOS; do
+    row=$(printf '  %-9s' "$sc")
+    for p in "${RUN_PROXIES[@]}"; do
+      [ "${MED[$sc,$p,cpu]:-}" != - ] && [ -n "${MED[$sc,$p,cpu]:-}" ] || continue
+      row+=$(awk -v p="$p" -v t="${MED[$sc,$p,cpu]}" -v k="${MED[$sc,$p,sys]}" 'BEGIN { printf "  %s %.1f + %.1f", p, t - k, k }')
+    done
+    echo "$row"
+  done
+fi
 
 if [ -n "$LOOPBACK_BPS" ]; then
   echo

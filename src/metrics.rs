@@ -166,7 +166,7 @@ impl Metrics {
         .expect("metric");
         let cache_fill_memory = register_int_gauge_with_registry!(
             "cascade_cache_fill_memory_bytes",
-            "Bytes held in memory by cache fills in flight (memory copies, disk writes not yet done), bounded by cache.fill_memory.",
+            "Bytes held in memory by cache fills in flight (memory copies, disk writes not yet done) and by disk hits read whole that the memory tier has not taken, bounded by cache.fill_memory.",
             registry
         )
         .expect("metric");

@@ -232,6 +232,94 @@ async fn corrupted_or_truncated_cache_files_are_misses() {
     assert_eq!(s3.stats.count("GET"), 4);
 }
 
+/// A disk hit the memory tier cannot take (a 1 MiB tier takes objects up to 256 KiB) streams
+/// block by block: every byte intact, whole or by range; a bad first block is a miss (checked
+/// before anything is served); a bad block further in cuts the response short, never a wrong
+/// byte, and the next request is a miss.
+#[tokio::test]
+async fn a_large_disk_hit_streams_intact_and_its_bad_blocks_never_reach_a_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = format!(
+        "  memory: 1MiB
+  slice_size: 0
+  disk: {{path: \"{}\", size: 64MiB}}",
+        dir.path().display()
+    );
+    let b = bucket(&cache);
+    let body: Vec<u8> = (0..1_000_003u32).map(|i| (i % 253) as u8).collect();
+    b.s3.put_file("media", "big.bin", &body);
+    let fetch = |range: Option<&'static str>| {
+        let req = client().get(b.cascade.url("/big.bin"));
+        let req = match range {
+            Some(r) => req.header("range", r),
+            None => req,
+        };
+        async move {
+            let r = req.send().await.unwrap();
+            let (status, xc) = (r.status().as_u16(), header(&r, "x-cache"));
+            (status, xc, r.bytes().await.map(|b| b.to_vec()))
+        }
+    };
+    let (status, xc, got) = fetch(None).await;
+    assert_eq!((status, xc.as_str()), (200, "MISS"));
+    assert_eq!(got.unwrap(), body);
+    wait_committed(dir.path(), 1).await;
+    for _ in 0..2 {
+        let (status, xc, got) = fetch(None).await;
+        assert_eq!((status, xc.as_str()), (200, "HIT"));
+        assert_eq!(got.unwrap(), body);
+    }
+    // Ranges: inside the first block, across blocks, the last bytes.
+    for (range, from, to) in [
+        ("bytes=10-99", 10, 100),
+        ("bytes=65000-300000", 65_000, 300_001),
+        ("bytes=-5", 999_998, 1_000_003),
+    ] {
+        let (status, xc, got) = fetch(Some(range)).await;
+        assert_eq!((status, xc.as_str()), (206, "HIT"), "{range}");
+        assert_eq!(got.unwrap(), &body[from..to], "{range}");
+    }
+    assert_eq!(
+        b.s3.stats.count("GET"),
+        1,
+        "every hit came from the disk tier"
+    );
+
+    let files = body_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    let key_len = std::fs::read(&files[0]).unwrap().len() - body.len() - 40 - 4 * 16;
+    let flip = |at: usize| {
+        let mut raw = std::fs::read(&files[0]).unwrap();
+        raw[40 + key_len + at] ^= 0x20;
+        std::fs::write(&files[0], raw).unwrap();
+    };
+    // A bad first block: a miss, fetched again, served whole.
+    flip(1_000);
+    let (status, xc, got) = fetch(None).await;
+    assert_eq!((status, xc.as_str()), (200, "MISS"));
+    assert_eq!(got.unwrap(), body);
+    assert_eq!(b.s3.stats.count("GET"), 2);
+    wait_committed(dir.path(), 1).await;
+    let files = body_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    // A bad block further in: the response stops short of it; the entry is gone.
+    let mut raw = std::fs::read(&files[0]).unwrap();
+    raw[40 + key_len + 9 * 65_536 + 7] ^= 0x20;
+    std::fs::write(&files[0], raw).unwrap();
+    let (status, xc, got) = fetch(None).await;
+    assert_eq!((status, xc.as_str()), (200, "HIT"));
+    match got {
+        Err(_) => {}
+        Ok(got) => panic!(
+            "a corrupt entry was served as a whole body of {} bytes",
+            got.len()
+        ),
+    }
+    let (status, xc, got) = fetch(None).await;
+    assert_eq!((status, xc.as_str()), (200, "MISS"));
+    assert_eq!(got.unwrap(), body);
+}
+
 #[tokio::test]
 async fn memory_and_disk_bounds_hold_after_writing_three_times_their_size() {
     let dir = tempfile::tempdir().unwrap();

@@ -25,11 +25,13 @@
 //!
 //! Integrity: every open checks both heads (magic, lengths against the file sizes, CRCs), the
 //! pairing and the block table's CRC. Every body read checks the CRC of each block it reads,
-//! also for a read starting in the middle of an entry (a Range served by `seek`). Bodies up to
-//! [`VERIFY_WHOLE`] are read and checked whole before they are served (a corrupt one is a
-//! miss); larger ones are checked block by block as they stream, and a bad block ends the
-//! response early (the client sees a truncated transfer, never wrong bytes). Either way a bad
-//! entry is removed. Files of another format (format 1's `CASCADE\x01`) are removed at start.
+//! also for a read starting in the middle of an entry (a Range served by `seek`). A lookup
+//! reads either the whole body (the storage asks for that when it will offer the body to the
+//! memory tier) or its first block, and checks what it read before anything is served, so a
+//! corrupt small entry or a corrupt first block is a miss. Past the first block a streamed
+//! body is checked block by block as it goes, and a bad block ends the response early (the
+//! client sees a truncated transfer, never wrong bytes). Either way a bad entry is removed.
+//! Files of another format (format 1's `CASCADE\x01`) are removed at start.
 //!
 //! Durability: a fill writes to `tmp/`; at finish the body and the meta temp files are
 //! `sync_data`'d, renamed into the shard directory, and the directory is fsynced before the
@@ -44,14 +46,19 @@
 //! Threads: every function here that touches the file system blocks; the storage calls them
 //! on tokio's blocking pool (`spawn_blocking`), never on a proxy worker, because a disk that
 //! stalls (a cold page cache, a busy or failing device, an fsync) would stall every request
-//! of that worker. The in-memory index is shared under a short lock; file mutations of one
-//! entry (commit, meta replacement, removal) are serialised by one of 256 stripe locks, which
-//! only blocking-pool threads take. Removals requested from a worker (purge, invalidate) update
+//! of that worker. One exception, which cannot block: [`BodyReader::next_chunk_cached`]
+//! reads a streamed body's next block on the worker with `preadv2(RWF_NOWAIT)`, which the
+//! kernel answers only from the page cache (`EAGAIN` otherwise, and the block is then read
+//! on the pool), so a hot entry streams without a thread hand-off per block.
+//!
+//! The in-memory index is shared under a short lock; file mutations of one entry (commit,
+//! meta replacement, removal) are serialised by one of 256 stripe locks, which only
+//! blocking-pool threads take. Removals requested from a worker (purge, invalidate) update
 //! the index at once and hand the unlinks to the blocking pool ([`offload`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,10 +78,13 @@ pub const HEADER_LEN: u64 = 40;
 pub const META_HEADER_LEN: u64 = 40;
 /// Body block size: each block has its own CRC32 in the block table.
 pub const BLOCK: u64 = 64 * 1024;
-/// Bodies up to this size are read and checked whole before they are served.
-pub const VERIFY_WHOLE: u64 = 16 << 20;
-/// Blocks read per chunk of a streamed body (one blocking-pool round trip each).
-pub const READ_BLOCKS: u64 = 4;
+/// Blocks per chunk of a streamed body. A chunk is what a response holds while its client
+/// takes it, so one block: a slow client of a large entry holds 64 KiB, not the entry (nginx
+/// reads a file it cannot `sendfile` into two 32 KiB buffers). Larger chunks cost fewer
+/// reads and sends per byte, but a client that stops holds the whole chunk, and a proxy
+/// learns that a client is slow only once the socket's send buffer is full, by which time
+/// any growing chunk size has grown (benches/README.md, "Disk hits").
+pub const READ_BLOCKS: u64 = 1;
 const STRIPES: usize = 256;
 
 fn bad(m: impl Into<String>) -> io::Error {
@@ -352,7 +362,7 @@ pub struct Loaded {
 pub enum LoadedBody {
     /// Read and checked whole.
     Whole(Bytes),
-    /// Too large to read whole: streamed, block by block.
+    /// Streamed, block by block; its first block is read and checked already.
     Stream(BodyReader),
 }
 
@@ -588,30 +598,33 @@ impl DiskTier {
     }
 
     /// A lookup: opens entry `h` and reads its body whole when it is at most `whole_up_to`
-    /// bytes (checked block by block: a bad block removes the entry, a miss), else returns a
-    /// reader. Blocking.
+    /// bytes, else returns a reader with the first block read. What it reads is checked block
+    /// by block: a bad block removes the entry, a miss. Blocking.
     pub fn load(&self, h: &Hash, whole_up_to: u64) -> Option<Loaded> {
         self.load_into(h, whole_up_to, Vec::new())
     }
 
-    /// [`DiskTier::load`], reading a whole body into `buf` (see [`BodyReader::read_all_into`]).
+    /// [`DiskTier::load`], reading into `buf` (see [`BodyReader::read_all_into`]): the whole
+    /// body, or a streamed body's first block.
     pub fn load_into(&self, h: &Hash, whole_up_to: u64, buf: Vec<u8>) -> Option<Loaded> {
         let obj = self.open_object(h)?;
         let id = obj.head.ident.id;
         let meta = obj.meta.clone();
-        let reader = BodyReader::new(self.clone(), *h, obj);
+        let mut reader = BodyReader::new(self.clone(), *h, obj);
         let body = if reader.body_len <= whole_up_to {
-            match reader.read_all_into(buf) {
-                Ok(b) => LoadedBody::Whole(b),
-                Err(e) => {
-                    log::warn!("cache: {e}; treated as a miss");
-                    return None;
-                }
-            }
+            reader.read_all_into(buf).map(LoadedBody::Whole)
         } else {
-            LoadedBody::Stream(reader)
+            reader
+                .read_first_block(buf)
+                .map(|()| LoadedBody::Stream(reader))
         };
-        Some(Loaded { id, meta, body })
+        match body {
+            Ok(body) => Some(Loaded { id, meta, body }),
+            Err(e) => {
+                log::warn!("cache: {e}; treated as a miss");
+                None
+            }
+        }
     }
 
     /// Runs `f` (e.g. a promotion to memory) only if entry `h` is still the one with this id,
@@ -1051,6 +1064,46 @@ impl Drop for DiskWriter {
     }
 }
 
+/// One `preadv2` at `offset` into `buf`'s spare capacity, up to `buf.len() == len`; the bytes
+/// read are appended (`buf.len()` grows by the count returned). Not zeroed first: for a
+/// 1 MiB hit, zeroing cost as much as the CRCs. `flags`: `RWF_NOWAIT` or 0.
+fn pread_spare(
+    file: &File,
+    buf: &mut Vec<u8>,
+    len: usize,
+    offset: u64,
+    flags: libc::c_int,
+) -> io::Result<usize> {
+    let want = len
+        .saturating_sub(buf.len())
+        .min(buf.capacity() - buf.len());
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
+    let iov = libc::iovec {
+        iov_base: buf.spare_capacity_mut().as_mut_ptr().cast(),
+        iov_len: want,
+    };
+    // SAFETY: the iovec covers `want` bytes of `buf`'s spare capacity, which nothing else
+    // aliases while the kernel writes it; `set_len` counts only the bytes it wrote.
+    let n = unsafe {
+        libc::preadv2(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            &iov,
+            1,
+            offset,
+            flags,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    debug_assert!(n <= want);
+    // SAFETY: the kernel initialised `n <= want` bytes past the old length.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// Reads a body from an open entry, checking the CRC of every block it reads.
 pub struct BodyReader {
     tier: DiskTier,
@@ -1062,6 +1115,11 @@ pub struct BodyReader {
     table: Vec<u32>,
     pos: u64,
     end: u64,
+    /// The first block, read and checked by the lookup; served from while `pos` is in it
+    /// (whatever range `seek` sets), dropped once past it.
+    first: Option<Bytes>,
+    /// Try the page cache from the caller's thread first ([`BodyReader::next_chunk_cached`]).
+    cached_reads: bool,
 }
 
 impl BodyReader {
@@ -1076,7 +1134,87 @@ impl BodyReader {
             table: obj.table,
             pos: 0,
             end: obj.head.ident.body_len,
+            first: None,
+            cached_reads: true,
         }
+    }
+
+    /// Turns the page-cache reads of [`BodyReader::next_chunk_cached`] off (every block then
+    /// goes through [`BodyReader::next_chunk_into`]): for tests of that path.
+    pub fn set_cached_reads(&mut self, on: bool) {
+        self.cached_reads = on;
+    }
+
+    /// Reads and checks the first block and keeps it for the first chunk. Blocking.
+    fn read_first_block(&mut self, buf: Vec<u8>) -> io::Result<()> {
+        if self.body_len > 0 {
+            self.first = Some(self.read_checked(0, BLOCK.min(self.body_len), buf)?);
+        }
+        Ok(())
+    }
+
+    /// The next chunk if it needs no I/O (from the first block).
+    fn chunk_from_first(&mut self) -> Option<Bytes> {
+        let first = self.first.as_ref()?;
+        let len = first.len() as u64;
+        if self.pos >= len {
+            self.first = None;
+            return None;
+        }
+        let to = self.end.min(len);
+        let chunk = first.slice(self.pos as usize..to as usize);
+        self.pos = to;
+        if to >= len {
+            self.first = None;
+        }
+        Some(chunk)
+    }
+
+    /// The blocks the next chunk reads: `(first block's offset in the body, the chunk's end)`.
+    fn next_span(&self) -> (u64, u64) {
+        let block_start = self.pos / BLOCK * BLOCK;
+        (block_start, self.end.min(block_start + READ_BLOCKS * BLOCK))
+    }
+
+    /// Checks `buf` (the blocks from `block_start` on) against the block table and cuts the
+    /// next chunk out of it. A bad block removes the entry.
+    fn take_checked(&mut self, block_start: u64, to: u64, buf: Vec<u8>) -> io::Result<Bytes> {
+        self.check_blocks(block_start / BLOCK, &buf)?;
+        let chunk =
+            Bytes::from(buf).slice((self.pos - block_start) as usize..(to - block_start) as usize);
+        self.pos = to;
+        Ok(chunk)
+    }
+
+    /// Without blocking: the next chunk when it needs no read or when the page cache holds
+    /// all of its blocks, read on the calling thread with `preadv2(RWF_NOWAIT)`. `None`
+    /// when it would block (the kernel answers `EAGAIN` for a block not in memory), when the
+    /// read is short or fails, or when the kernel or file system has no `RWF_NOWAIT`: the
+    /// caller then reads the chunk on the blocking pool ([`BodyReader::next_chunk_into`]),
+    /// which also reports the errors. `buf`: a buffer of [`READ_BLOCKS`] blocks.
+    pub fn next_chunk_cached(&mut self, buf: &mut Vec<u8>) -> Option<io::Result<Option<Bytes>>> {
+        if self.pos >= self.end {
+            return Some(Ok(None));
+        }
+        if let Some(chunk) = self.chunk_from_first() {
+            return Some(Ok(Some(chunk)));
+        }
+        if !self.cached_reads {
+            return None;
+        }
+        let (block_start, to) = self.next_span();
+        let len = ((to.div_ceil(BLOCK) * BLOCK).min(self.body_len) - block_start) as usize;
+        buf.clear();
+        buf.reserve_exact(len);
+        let offset = self.body_offset + block_start;
+        match pread_spare(&self.file, buf, len, offset, libc::RWF_NOWAIT) {
+            Ok(n) if n == len => {}
+            _ => return None,
+        }
+        Some(
+            self.take_checked(block_start, to, std::mem::take(buf))
+                .map(Some),
+        )
     }
 
     pub fn body_len(&self) -> u64 {
@@ -1094,26 +1232,7 @@ impl BodyReader {
         Ok(())
     }
 
-    /// Reads the blocks covering `from..to` and checks each; returns them from `from`'s block
-    /// on. A bad block removes the entry.
-    fn read_checked(&self, from: u64, to: u64, mut buf: Vec<u8>) -> io::Result<Bytes> {
-        let first = from / BLOCK;
-        let start = first * BLOCK;
-        let stop = (to.div_ceil(BLOCK) * BLOCK).min(self.body_len);
-        // Read into spare capacity (`read_to_end` does not zero it first: for a 1 MiB hit,
-        // zeroing cost as much as the CRCs).
-        let len = stop - start;
-        buf.clear();
-        buf.reserve_exact(len as usize);
-        let mut f = &self.file;
-        f.seek(SeekFrom::Start(self.body_offset + start))?;
-        f.take(len).read_to_end(&mut buf)?;
-        if buf.len() as u64 != len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "cache file shorter than its head says",
-            ));
-        }
+    fn check_blocks(&self, first: u64, buf: &[u8]) -> io::Result<()> {
         for (i, block) in buf.chunks(BLOCK as usize).enumerate() {
             let ix = first as usize + i;
             if crc32fast::hash(block) != self.table[ix] {
@@ -1124,7 +1243,40 @@ impl BodyReader {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Reads the blocks covering `from..to` and checks each; returns them from `from`'s block
+    /// on. A bad block removes the entry.
+    fn read_checked(&self, from: u64, to: u64, buf: Vec<u8>) -> io::Result<Bytes> {
+        let first = from / BLOCK;
+        let buf = self.read_blocks(first * BLOCK, to, buf)?;
+        self.check_blocks(first, &buf)?;
         Ok(Bytes::from(buf))
+    }
+
+    /// Reads the blocks from `start` (a block's offset in the body) up to the one holding
+    /// `to`'s last byte into `buf`, unchecked. Blocking.
+    fn read_blocks(&self, start: u64, to: u64, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        let stop = (to.div_ceil(BLOCK) * BLOCK).min(self.body_len);
+        let len = (stop - start) as usize;
+        buf.clear();
+        buf.reserve_exact(len);
+        while buf.len() < len {
+            let offset = self.body_offset + start + buf.len() as u64;
+            match pread_spare(&self.file, &mut buf, len, offset, 0) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "cache file shorter than its head says",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(buf)
     }
 
     /// The next chunk (up to [`READ_BLOCKS`] blocks), `None` at the end. `Err` on I/O error
@@ -1138,12 +1290,12 @@ impl BodyReader {
         if self.pos >= self.end {
             return Ok(None);
         }
-        let block_start = self.pos / BLOCK * BLOCK;
-        let to = self.end.min(block_start + READ_BLOCKS * BLOCK);
-        let blocks = self.read_checked(self.pos, to, buf)?;
-        let chunk = blocks.slice((self.pos - block_start) as usize..(to - block_start) as usize);
-        self.pos = to;
-        Ok(Some(chunk))
+        if let Some(chunk) = self.chunk_from_first() {
+            return Ok(Some(chunk));
+        }
+        let (block_start, to) = self.next_span();
+        let buf = self.read_blocks(block_start, to, buf)?;
+        self.take_checked(block_start, to, buf).map(Some)
     }
 
     /// Reads the whole body, checking every block. Blocking.
@@ -1274,9 +1426,13 @@ mod tests {
             &body[2 * BLOCK as usize + 5..3 * BLOCK as usize]
         );
         // A range starting in block 8 and running through block 9 serves block 8's part
-        // only as part of a checked read: the read that includes block 9 fails whole.
+        // (checked), and the read of block 9 fails.
         let mut r = reader(&t, 1);
         r.seek(8 * BLOCK + 10, Some(9 * BLOCK + 20)).unwrap();
+        assert_eq!(
+            r.next_chunk().unwrap().unwrap(),
+            &body[8 * BLOCK as usize + 10..9 * BLOCK as usize]
+        );
         let err = r.next_chunk().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
         assert!(!t.contains(&h(1)), "the entry is out of the index");
@@ -1297,6 +1453,159 @@ mod tests {
         fs::write(&p, bytes).unwrap();
         assert!(read(&t, 3).is_none());
         assert!(!p.exists());
+    }
+
+    /// Whether this kernel and file system answer `preadv2(RWF_NOWAIT)` for a file just
+    /// written (in the page cache): where they do not, the cached path must give way to the
+    /// pool, which the tests below check either way.
+    fn nowait_works(path: &Path) -> bool {
+        let f = File::open(path).unwrap();
+        let mut b = [0u8; 16];
+        let iov = libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        };
+        // SAFETY: the iovec covers `b`, which outlives the call.
+        let n = unsafe {
+            libc::preadv2(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                &iov,
+                1,
+                0,
+                libc::RWF_NOWAIT,
+            )
+        };
+        n == b.len() as isize
+    }
+
+    /// Reads the rest of `r`'s range as the storage does: the cached path, the pool's when
+    /// that gives way. Returns the bytes, the chunks' sizes and how many came from the cache.
+    fn stream(r: &mut BodyReader) -> io::Result<(Vec<u8>, Vec<usize>, usize)> {
+        let (mut got, mut sizes, mut cached) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let mut buf = Vec::with_capacity(BLOCK as usize);
+            let chunk = match r.next_chunk_cached(&mut buf) {
+                Some(c) => {
+                    cached += 1;
+                    c?
+                }
+                None => r.next_chunk_into(buf)?,
+            };
+            let Some(c) = chunk else {
+                return Ok((got, sizes, cached));
+            };
+            sizes.push(c.len());
+            got.extend_from_slice(&c);
+        }
+    }
+
+    #[test]
+    fn a_streamed_body_comes_a_block_at_a_time_from_the_page_cache_or_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DiskTier::open(dir.path(), 8 << 20).unwrap();
+        let body = pattern(5 * BLOCK as usize + 123);
+        put(&t, 1, &body);
+        let nowait = nowait_works(&t.path(&h(1)));
+        for cached_reads in [true, false] {
+            for (s, e) in [
+                (0, body.len() as u64),
+                (0, 1),
+                (BLOCK - 1, BLOCK + 1),
+                (100, 4 * BLOCK + 7),
+                (3 * BLOCK + 1, 5 * BLOCK + 123),
+            ] {
+                let mut r = reader(&t, 1);
+                r.set_cached_reads(cached_reads);
+                r.seek(s, Some(e)).unwrap();
+                let (got, sizes, cached) = stream(&mut r).unwrap();
+                let what = format!("{s}..{e}, cached reads {cached_reads}");
+                assert_eq!(got, &body[s as usize..e as usize], "{what}");
+                assert!(
+                    sizes.iter().all(|&n| n as u64 <= BLOCK),
+                    "{what}: {sizes:?}"
+                );
+                // One chunk per block touched, and the end reported once.
+                assert_eq!(
+                    sizes.len() as u64,
+                    (e - 1) / BLOCK - s / BLOCK + 1,
+                    "{what}"
+                );
+                // The first block came with the lookup; past it, the page cache (a file just
+                // written is in it) unless turned off or unsupported.
+                let from_first = usize::from(s < BLOCK);
+                let expect = if cached_reads && nowait {
+                    sizes.len() + 1
+                } else {
+                    from_first + 1
+                };
+                assert_eq!(cached, expect, "{what}: {sizes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_corrupt_block_read_from_the_page_cache_fails_and_removes_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DiskTier::open(dir.path(), 8 << 20).unwrap();
+        let body = pattern(6 * BLOCK as usize);
+        put(&t, 1, &body);
+        let p = t.path(&h(1));
+        let offset = HEADER_LEN + "g\0key1".len() as u64 + 4 * BLOCK + 99;
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        f.write_all_at(&[body[4 * BLOCK as usize + 99] ^ 1], offset)
+            .unwrap();
+        drop(f);
+        let mut r = reader(&t, 1);
+        r.seek(2 * BLOCK, None).unwrap();
+        let mut buf = Vec::new();
+        for i in 2..4 {
+            let c = match r.next_chunk_cached(&mut buf) {
+                Some(c) => c.unwrap().unwrap(),
+                None => r.next_chunk_into(Vec::new()).unwrap().unwrap(),
+            };
+            assert_eq!(c, &body[i * BLOCK as usize..(i + 1) * BLOCK as usize]);
+        }
+        let err = match r.next_chunk_cached(&mut buf) {
+            Some(c) => c.unwrap_err(),
+            None => r.next_chunk_into(Vec::new()).unwrap_err(),
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(!t.contains(&h(1)));
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn a_lookup_checks_a_streamed_body_s_first_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DiskTier::open(dir.path(), 8 << 20).unwrap();
+        let body = pattern(3 * BLOCK as usize);
+        put(&t, 1, &body);
+        let p = t.path(&h(1));
+        let offset = HEADER_LEN + "g\0key1".len() as u64 + 5;
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        f.write_all_at(&[body[5] ^ 1], offset).unwrap();
+        drop(f);
+        assert!(t.load(&h(1), 0).is_none(), "a miss");
+        assert!(!t.contains(&h(1)));
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn a_body_cut_short_on_disk_is_an_error_from_either_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DiskTier::open(dir.path(), 8 << 20).unwrap();
+        put(&t, 1, &pattern(4 * BLOCK as usize));
+        let mut r = reader(&t, 1);
+        // Truncated under an open reader (an operator, a failing disk): the cached read is
+        // short and gives way; the pool's read says what is wrong.
+        let f = OpenOptions::new().write(true).open(t.path(&h(1))).unwrap();
+        f.set_len(HEADER_LEN + 6 + 2 * BLOCK).unwrap();
+        drop(f);
+        r.seek(2 * BLOCK, None).unwrap();
+        let mut buf = Vec::new();
+        assert!(r.next_chunk_cached(&mut buf).is_none());
+        let err = r.next_chunk_into(buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! `TieredStorage`: cascade's pingora-cache `Storage` (memory tier over disk tier).
 //!
 //! Lookup: memory (inline: no I/O), then disk on the blocking pool; a disk hit small enough
-//! for memory is read and checked whole and promoted. Fill: the body streams to a disk temp
+//! for memory is read and checked whole and promoted, while the fill budget (below) can hold
+//! it; any other disk hit streams one 64 KiB block at a time, read from the page cache on
+//! the worker when it is there and on the blocking pool when it is not. So a slow client of
+//! a disk hit holds one block, and all the whole reads waiting on slow clients together hold
+//! at most the budget. Fill: the body streams to a disk temp
 //! file in batches written on the blocking pool (one batch in flight while the next one
 //! fills), beside a memory copy while the object still fits the memory tier; nothing is
 //! visible until `finish` commits it; a dropped miss handler (client gone, origin failed)
@@ -11,7 +15,9 @@
 //! Bounds on fills: the bytes that fills hold in memory (memory copies and disk batches not
 //! yet written) come out of one budget, `cache.fill_memory`; a fill that cannot get more
 //! gives up its memory copy and writes its disk batches unbuffered (and with no disk tier
-//! stores nothing). The client's response never waits on the budget. Temp files count against
+//! stores nothing). A disk hit read whole for promotion takes its size from the same budget
+//! until the memory tier has taken it, or, when the tier declines it, until its response
+//! ends. The client's response never waits on the budget. Temp files count against
 //! the disk tier's size (`disk.rs`).
 //!
 //! Generations: every object with a fill in flight has a generation. `invalidate`,
@@ -39,10 +45,14 @@ use pingora_cache::CacheMeta;
 use pingora_error::{Error, ErrorType, Result};
 use tokio::task::JoinHandle;
 
-use super::disk::{self, BodyReader, DiskTier, DiskWriter, LoadedBody, VERIFY_WHOLE};
+use super::disk::{self, BodyReader, DiskTier, DiskWriter, LoadedBody};
 use super::memory::{MemEntry, MemoryTier};
 use super::Hash;
 use crate::metrics::METRICS;
+
+/// Disk hits up to this size that the memory tier may take are read whole (and checked) to
+/// be promoted to it; larger ones stream, since reading one whole would delay its first byte.
+pub const PROMOTE_UP_TO: u64 = 16 << 20;
 
 /// A fill hands its disk writes to the blocking pool in batches of about this size.
 pub const WRITE_BATCH: usize = 256 * 1024;
@@ -55,8 +65,11 @@ pub struct TieredStorage {
     /// (fills, meta updates) against removals.
     fills: Mutex<Fills>,
     budget: FillBudget,
-    /// Disk bodies up to this size are read whole (checked before serving) on lookup.
-    verify_whole: u64,
+    /// Disk bodies up to this size are read whole on lookup even when they are not read for
+    /// the memory tier (over the budget, too large for it): a streamed chunk is no smaller.
+    small_whole: u64,
+    /// Streamed disk hits read from the page cache on the worker when they can.
+    cached_reads: bool,
 }
 
 /// Object (`cache::object_key`: group and key) -> its stored entries (the whole object, its
@@ -276,7 +289,8 @@ impl TieredStorage {
             catalog: Mutex::new(catalog),
             fills: Mutex::new(Fills::default()),
             budget: FillBudget::new(fill_memory),
-            verify_whole: VERIFY_WHOLE,
+            small_whole: disk::BLOCK,
+            cached_reads: true,
         }
     }
 
@@ -447,12 +461,21 @@ impl TieredStorage {
         if !disk.contains(&h) {
             return Ok(None); // a miss costs no trip to the blocking pool
         }
-        let (d, whole) = (disk.clone(), self.verify_whole);
-        // The body's buffer comes from this (the worker's) allocator: see `read_all_into`.
-        let buf = match disk.entry_size(&h) {
-            Some(size) if size <= whole + 64 * 1024 => Vec::with_capacity(size as usize),
-            _ => Vec::new(),
+        // Read whole: a small body, or one the memory tier may take (to promote it) while the
+        // budget holds it (`entry_size` counts the files, a little more than the body). Else
+        // streamed, so a slow client holds a block, not the body.
+        let size = disk.entry_size(&h).unwrap_or(u64::MAX);
+        let mut held = Held::new(&self.budget);
+        let whole = if size <= (self.memory.max_object() as u64).min(PROMOTE_UP_TO) + 64 * 1024
+            && held.grow(size)
+        {
+            size
+        } else {
+            self.small_whole
         };
+        // The buffer comes from this (the worker's) allocator: see `read_all_into`.
+        let buf = Vec::with_capacity(if whole == size { size } else { disk::BLOCK } as usize);
+        let d = disk.clone();
         let Some(found) = blocking(move || d.load_into(&h, whole, buf)).await? else {
             return Ok(None);
         };
@@ -466,18 +489,27 @@ impl TieredStorage {
         };
         match found.body {
             LoadedBody::Whole(body) => {
+                let mut hit = MemHit::new(body.clone());
                 if body.len() <= self.memory.max_object() {
                     // Only if it is still the indexed entry: a purge since the read wins.
                     let entry = MemEntry {
                         hash: h,
                         meta: found.meta,
-                        body: body.clone(),
+                        body,
                     };
                     disk.if_current(&h, found.id, || self.memory.put(entry));
                 }
-                Ok(Some((meta, Box::new(MemHit::new(body)))))
+                // Taken by the memory tier, the body is counted there; declined, it is this
+                // response's alone and keeps its share of the budget until the response ends.
+                if !self.memory.contains(&h) {
+                    hit.held = Some(held);
+                }
+                Ok(Some((meta, Box::new(hit))))
             }
-            LoadedBody::Stream(r) => Ok(Some((meta, Box::new(DiskHit(Some(r)))))),
+            LoadedBody::Stream(mut r) => {
+                r.set_cached_reads(self.cached_reads);
+                Ok(Some((meta, Box::new(DiskHit(Some(r))))))
+            }
         }
     }
 }
@@ -581,6 +613,8 @@ struct MemHit {
     body: Bytes,
     range: (usize, usize),
     done: bool,
+    /// A disk body read whole that the memory tier declined: its share of the fill budget.
+    held: Option<Held>,
 }
 
 impl MemHit {
@@ -590,6 +624,7 @@ impl MemHit {
             body,
             range: (0, len),
             done: false,
+            held: None,
         }
     }
 }
@@ -637,17 +672,24 @@ impl HandleHit for MemHit {
     }
 }
 
-/// A large object streamed from its disk file, a few blocks per trip to the blocking pool.
-/// `None` only after a failed trip (the reader was lost with it).
+/// An object streamed from its disk file, a block at a time ([`disk::READ_BLOCKS`]): from
+/// the page cache on the worker when it is there ([`BodyReader::next_chunk_cached`]), else
+/// by a trip to the blocking pool. `None` only after a failed trip (the reader was lost
+/// with it).
 struct DiskHit(Option<BodyReader>);
 
 #[async_trait]
 impl HandleHit for DiskHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        let Some(mut r) = self.0.take() else {
+        let Some(r) = self.0.as_mut() else {
             return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
         };
-        let buf = Vec::with_capacity((disk::READ_BLOCKS * disk::BLOCK) as usize);
+        // From this (the worker's) allocator, which frees it: see `read_all_into`.
+        let mut buf = Vec::with_capacity((disk::READ_BLOCKS * disk::BLOCK) as usize);
+        if let Some(chunk) = r.next_chunk_cached(&mut buf) {
+            return chunk.map_err(io_err);
+        }
+        let mut r = self.0.take().expect("checked above");
         let (r, chunk) = blocking(move || {
             let chunk = r.next_chunk_into(buf);
             (r, chunk)
@@ -1206,11 +1248,117 @@ mod tests {
         assert_eq!(read(st, &sk).await, None);
     }
 
+    /// Every chunk of a hit's body, in order.
+    async fn chunks(hit: &mut HitHandler) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        while let Some(b) = hit.read_body().await.unwrap() {
+            out.push(b);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_disk_hit_is_read_whole_for_the_memory_tier_only_while_the_budget_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Memory takes objects up to 2 MiB; the fill budget is 1 MiB.
+        let st = leak(new_storage(8 << 20, Some((dir.path(), 64 << 20)), 1 << 20));
+        let k = cache_key("g", "a.bin", None, None);
+        let h = k.combined_bin();
+        let b = body(3, 600_000);
+        fill_all(st, &k, &b).await;
+        st.memory.remove(&h); // on disk only, as after a restart
+                              // Fills in flight hold most of the budget: the hit streams a block at a time and
+                              // is not promoted.
+        let mut fills = Held::new(&st.budget);
+        assert!(fills.grow(900_000));
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        let got = chunks(&mut hit).await;
+        assert_eq!(got.concat(), b);
+        assert!(got.iter().all(|c| c.len() <= disk::BLOCK as usize));
+        assert_eq!(got.len(), b.len().div_ceil(disk::BLOCK as usize));
+        assert!(!st.memory.contains(&h), "not promoted");
+        assert_eq!(
+            st.fill_memory(),
+            900_000,
+            "a streamed hit takes nothing from the budget"
+        );
+        drop((hit, fills));
+        assert_eq!(st.fill_memory(), 0);
+        // With the budget free: read whole, promoted, and counted by the memory tier alone.
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        assert!(st.memory.contains(&h), "promoted");
+        assert_eq!(st.fill_memory(), 0);
+        assert_eq!(chunks(&mut hit).await.concat(), b);
+        // Any size the memory tier takes is promoted, one block and a bit included; a body
+        // of one block is read whole (and promoted) even when the budget is spent.
+        for (i, len) in [100_000, 65_536, 10].into_iter().enumerate() {
+            let k = cache_key("g", &format!("s{i}"), None, None);
+            let b = body(i as u8, len);
+            fill_all(st, &k, &b).await;
+            st.memory.remove(&k.combined_bin());
+            let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+            assert!(st.memory.contains(&k.combined_bin()), "{len} promoted");
+            assert_eq!(chunks(&mut hit).await.concat(), b);
+            st.memory.remove(&k.combined_bin());
+            let mut fills = Held::new(&st.budget);
+            assert!(fills.grow(1 << 20));
+            let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+            let got = chunks(&mut hit).await;
+            assert_eq!(got.concat(), b);
+            assert_eq!(got.len(), len.div_ceil(disk::BLOCK as usize), "{len}");
+            // Past one block, no budget means no whole read and no promotion; a body read
+            // whole anyway is offered to the memory tier too.
+            assert_eq!(
+                st.memory.contains(&k.combined_bin()),
+                len as u64 <= disk::BLOCK,
+                "{len}"
+            );
+        }
+        assert_eq!(st.fill_memory(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_disk_body_read_whole_that_memory_declines_holds_the_budget_until_its_hit_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        // Memory takes objects up to 256 KiB; this body is a little larger, so its entry is
+        // within the whole-read allowance (files' heads) but the memory tier declines it.
+        let st = leak(new_storage(1 << 20, Some((dir.path(), 64 << 20)), 4 << 20));
+        let k = cache_key("g", "b.bin", None, None);
+        let h = k.combined_bin();
+        let b = body(4, 256 * 1024 + 1000);
+        fill_all(st, &k, &b).await;
+        assert!(!st.memory.contains(&h));
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        assert!(!st.memory.contains(&h), "declined");
+        let size = st.disk.as_ref().unwrap().entry_size(&h).unwrap();
+        assert_eq!(
+            st.fill_memory(),
+            size,
+            "the body is this hit's: it holds the budget"
+        );
+        let got = chunks(&mut hit).await;
+        assert_eq!(got.len(), 1, "read whole");
+        assert_eq!(got.concat(), b);
+        drop(hit);
+        assert_eq!(st.fill_memory(), 0, "given back when the hit ends");
+    }
+
     #[tokio::test]
     async fn large_disk_hits_stream_and_check_every_block_they_read() {
+        large_disk_hits_stream_and_check(true).await;
+    }
+
+    /// The same with every block read on the blocking pool (the page cache not tried).
+    #[tokio::test]
+    async fn large_disk_hits_stream_and_check_every_block_they_read_on_the_pool() {
+        large_disk_hits_stream_and_check(false).await;
+    }
+
+    async fn large_disk_hits_stream_and_check(cached_reads: bool) {
         let dir = tempfile::tempdir().unwrap();
         let mut st = new_storage(1 << 20, Some((dir.path(), 64 << 20)), 16 << 20);
-        st.verify_whole = 0; // stream everything above 0 bytes
+        st.small_whole = 0; // stream everything above 0 bytes
+        st.cached_reads = cached_reads;
         let st = leak(st);
         let k = cache_key("g", "big.bin", None, None);
         let b = body(7, 20 * disk::BLOCK as usize + 5);

@@ -255,7 +255,8 @@ pub struct CacheSection {
     pub memory: u64,
     #[serde(default)]
     pub disk: Option<DiskSection>,
-    /// Bytes all fills in flight may hold in memory together.
+    /// Bytes all fills in flight (and disk hits read whole for the memory tier) may hold in
+    /// memory together.
     #[serde(default = "d_fill_memory", deserialize_with = "de_size")]
     pub fill_memory: u64,
     #[serde(default = "d_max_object", deserialize_with = "de_size")]
