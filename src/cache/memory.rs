@@ -37,6 +37,8 @@ pub struct MemoryTier {
     max_object: usize,
     bytes: AtomicI64,
     objects: AtomicI64,
+    #[cfg(test)]
+    refuse: std::sync::atomic::AtomicBool,
 }
 
 fn short(h: &Hash) -> u64 {
@@ -55,6 +57,8 @@ impl MemoryTier {
             max_object: (MAX_WEIGHT_KIB.min(limit_kib / 4) * 1024).max(1024),
             bytes: AtomicI64::new(0),
             objects: AtomicI64::new(0),
+            #[cfg(test)]
+            refuse: Default::default(),
         }
     }
 
@@ -68,12 +72,17 @@ impl MemoryTier {
     }
 
     /// Inserts (or replaces) an entry. TinyUFO may refuse it (admission) or evict others;
-    /// either way the byte bound holds.
-    pub fn put(&self, entry: MemEntry) {
+    /// either way the byte bound holds. Returns whether the entry was taken (without counting
+    /// an access to it, as a lookup would).
+    pub fn put(&self, entry: MemEntry) -> bool {
         let weight = entry.weight_kib();
         if weight > MAX_WEIGHT_KIB || weight > self.limit_kib || entry.body.len() > self.max_object
         {
-            return;
+            return false;
+        }
+        #[cfg(test)]
+        if self.refuse.load(Ordering::Relaxed) {
+            return false;
         }
         let key = short(&entry.hash);
         self.remove(&entry.hash);
@@ -81,13 +90,22 @@ impl MemoryTier {
         let size = entry_size(&entry);
         self.bytes.fetch_add(size, Ordering::Relaxed);
         self.objects.fetch_add(1, Ordering::Relaxed);
-        for ev in self.ufo.put(key, entry, weight as u16) {
+        let mut taken = true;
+        for ev in self.ufo.put(key, entry.clone(), weight as u16) {
+            taken &= !Arc::ptr_eq(&ev.data, &entry);
             self.bytes
                 .fetch_sub(entry_size(&ev.data), Ordering::Relaxed);
             self.objects.fetch_sub(1, Ordering::Relaxed);
             METRICS.cache_evictions.with_label_values(&["memory"]).inc();
         }
         self.publish();
+        taken
+    }
+
+    /// Makes every later `put` refuse its entry, as TinyUFO's admission may.
+    #[cfg(test)]
+    pub fn refuse_all(&self) {
+        self.refuse.store(true, Ordering::Relaxed);
     }
 
     pub fn remove(&self, h: &Hash) -> bool {
@@ -151,8 +169,13 @@ mod tests {
     #[test]
     fn bound_holds_after_writing_many_times_the_limit() {
         let tier = MemoryTier::new(1 << 20); // 1 MiB
+        let mut refused = 0;
         for i in 0..3000 {
-            tier.put(entry(i, 4096)); // 3000 x 4 KiB = ~12 MiB written
+            let e = entry(i, 4096); // 3000 x 4 KiB = ~12 MiB written
+            let h = e.hash;
+            let taken = tier.put(e);
+            assert_eq!(taken, tier.get(&h).is_some(), "put says what it did");
+            refused += usize::from(!taken);
             assert!(tier.bytes() <= 1 << 20, "{} bytes after {i}", tier.bytes());
         }
         assert!(
@@ -160,6 +183,7 @@ mod tests {
             "the tier is used: {}",
             tier.bytes()
         );
+        assert!(refused < 3000);
     }
 
     #[test]
@@ -176,7 +200,7 @@ mod tests {
     #[test]
     fn oversized_objects_stay_out() {
         let tier = MemoryTier::new(1 << 20);
-        tier.put(entry(1, 600 * 1024)); // more than a quarter of the tier
+        assert!(!tier.put(entry(1, 600 * 1024))); // more than a quarter of the tier
         assert_eq!(tier.bytes(), 0);
     }
 }

@@ -4,20 +4,23 @@
 //! for memory is read and checked whole and promoted, while the fill budget (below) can hold
 //! it; any other disk hit streams one 64 KiB block at a time, read from the page cache on
 //! the worker when it is there and on the blocking pool when it is not. So a slow client of
-//! a disk hit holds one block, and all the whole reads waiting on slow clients together hold
-//! at most the budget. Fill: the body streams to a disk temp
-//! file in batches written on the blocking pool (one batch in flight while the next one
-//! fills), beside a memory copy while the object still fits the memory tier; nothing is
-//! visible until `finish` commits it; a dropped miss handler (client gone, origin failed)
-//! commits nothing. Purge removes an entry from both tiers: the index at once, the files on
-//! the blocking pool. No disk I/O runs on a proxy worker (see `disk.rs` for why).
+//! a disk hit holds one block; a body read whole is the memory tier's, or, declined by it,
+//! counted in the budget until its response ends. (A body the memory tier evicts while slow
+//! responses still send it lives on with them, as for any memory hit.)
+//!
+//! Fill: the body streams to a disk temp file in batches written on the blocking pool (one
+//! batch in flight while the next one fills), beside a memory copy while the object still
+//! fits the memory tier; nothing is visible until `finish` commits it; a dropped miss
+//! handler (client gone, origin failed) commits nothing. Purge removes an entry from both
+//! tiers: the index at once, the files on the blocking pool. No disk I/O that can wait for
+//! the disk runs on a proxy worker (see `disk.rs` for why).
 //!
 //! Bounds on fills: the bytes that fills hold in memory (memory copies and disk batches not
 //! yet written) come out of one budget, `cache.fill_memory`; a fill that cannot get more
 //! gives up its memory copy and writes its disk batches unbuffered (and with no disk tier
 //! stores nothing). A disk hit read whole for promotion takes its size from the same budget
-//! until the memory tier has taken it, or, when the tier declines it, until its response
-//! ends. The client's response never waits on the budget. Temp files count against
+//! (only while the budget's use stays at most half of it: hits cannot starve fills) until
+//! the memory tier has taken it, or, when the tier declines it, until its response ends. The client's response never waits on the budget. Temp files count against
 //! the disk tier's size (`disk.rs`).
 //!
 //! Generations: every object with a fill in flight has a generation. `invalidate`,
@@ -172,11 +175,13 @@ impl FillBudget {
         self.used.load(Ordering::Relaxed)
     }
 
-    fn try_take(&self, n: u64) -> bool {
+    /// Takes `n` if the use stays at most `ceiling` (at most the limit).
+    fn try_take(&self, n: u64, ceiling: u64) -> bool {
+        let ceiling = ceiling.min(self.limit);
         let taken = self
             .used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                (u + n <= self.limit).then_some(u + n)
+                (u + n <= ceiling).then_some(u + n)
             });
         if taken.is_ok() {
             // Deltas, not the value: concurrent updates cannot leave a stale value behind.
@@ -205,7 +210,12 @@ impl Held {
     }
 
     fn grow(&mut self, n: u64) -> bool {
-        let ok = self.budget.try_take(n);
+        self.grow_below(n, self.budget.limit)
+    }
+
+    /// [`Held::grow`] only while the budget's use stays at most `ceiling`.
+    fn grow_below(&mut self, n: u64, ceiling: u64) -> bool {
+        let ok = self.budget.try_take(n, ceiling);
         if ok {
             self.n += n;
         }
@@ -465,16 +475,17 @@ impl TieredStorage {
         // budget holds it (`entry_size` counts the files, a little more than the body). Else
         // streamed, so a slow client holds a block, not the body.
         let size = disk.entry_size(&h).unwrap_or(u64::MAX);
+        let promote = (self.memory.max_object() as u64).min(PROMOTE_UP_TO);
         let mut held = Held::new(&self.budget);
-        let whole = if size <= (self.memory.max_object() as u64).min(PROMOTE_UP_TO) + 64 * 1024
-            && held.grow(size)
-        {
-            size
+        // Hits take at most half the budget, so slow clients of bodies the memory tier
+        // declines cannot take the fills' memory copies from them.
+        let whole = if size <= promote + 64 * 1024 && held.grow_below(size, self.budget.limit / 2) {
+            promote.max(self.small_whole) // the body's own length decides, in `load_into`
         } else {
             self.small_whole
         };
         // The buffer comes from this (the worker's) allocator: see `read_all_into`.
-        let buf = Vec::with_capacity(if whole == size { size } else { disk::BLOCK } as usize);
+        let buf = Vec::with_capacity(if held.n > 0 { size } else { disk::BLOCK } as usize);
         let d = disk.clone();
         let Some(found) = blocking(move || d.load_into(&h, whole, buf)).await? else {
             return Ok(None);
@@ -490,6 +501,7 @@ impl TieredStorage {
         match found.body {
             LoadedBody::Whole(body) => {
                 let mut hit = MemHit::new(body.clone());
+                let mut taken = false;
                 if body.len() <= self.memory.max_object() {
                     // Only if it is still the indexed entry: a purge since the read wins.
                     let entry = MemEntry {
@@ -497,11 +509,11 @@ impl TieredStorage {
                         meta: found.meta,
                         body,
                     };
-                    disk.if_current(&h, found.id, || self.memory.put(entry));
+                    disk.if_current(&h, found.id, || taken = self.memory.put(entry));
                 }
                 // Taken by the memory tier, the body is counted there; declined, it is this
                 // response's alone and keeps its share of the budget until the response ends.
-                if !self.memory.contains(&h) {
+                if !taken {
                     hit.held = Some(held);
                 }
                 Ok(Some((meta, Box::new(hit))))
@@ -684,11 +696,13 @@ impl HandleHit for DiskHit {
         let Some(r) = self.0.as_mut() else {
             return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
         };
-        // From this (the worker's) allocator, which frees it: see `read_all_into`.
-        let mut buf = Vec::with_capacity((disk::READ_BLOCKS * disk::BLOCK) as usize);
+        // Allocated when a read is tried, on this (the worker's) allocator, which frees it:
+        // see `read_all_into`.
+        let mut buf = Vec::new();
         if let Some(chunk) = r.next_chunk_cached(&mut buf) {
             return chunk.map_err(io_err);
         }
+        buf.reserve_exact((disk::READ_BLOCKS * disk::BLOCK) as usize);
         let mut r = self.0.take().expect("checked above");
         let (r, chunk) = blocking(move || {
             let chunk = r.next_chunk_into(buf);
@@ -921,7 +935,9 @@ impl HandleMiss for Fill {
                 meta: self.meta.clone(),
                 body,
             });
-            let put = &mut || st.memory.put(entry.take().expect("published once"));
+            let put = &mut || {
+                st.memory.put(entry.take().expect("published once"));
+            };
             if !st.publish_if(&object, gen, put) {
                 refused = true;
             }
@@ -1260,17 +1276,19 @@ mod tests {
     #[tokio::test]
     async fn a_disk_hit_is_read_whole_for_the_memory_tier_only_while_the_budget_holds_it() {
         let dir = tempfile::tempdir().unwrap();
-        // Memory takes objects up to 2 MiB; the fill budget is 1 MiB.
-        let st = leak(new_storage(8 << 20, Some((dir.path(), 64 << 20)), 1 << 20));
+        // Memory takes objects up to 2 MiB; the fill budget is 4 MiB, of which hits may
+        // take what keeps its use at most 2 MiB.
+        let st = leak(new_storage(8 << 20, Some((dir.path(), 64 << 20)), 4 << 20));
         let k = cache_key("g", "a.bin", None, None);
         let h = k.combined_bin();
         let b = body(3, 600_000);
         fill_all(st, &k, &b).await;
-        st.memory.remove(&h); // on disk only, as after a restart
-                              // Fills in flight hold most of the budget: the hit streams a block at a time and
-                              // is not promoted.
+        // On disk only, as after a restart.
+        st.memory.remove(&h);
+        // Fills in flight hold 1.5 MiB: the hit would take the use past half the budget, so
+        // it streams a block at a time and is not promoted.
         let mut fills = Held::new(&st.budget);
-        assert!(fills.grow(900_000));
+        assert!(fills.grow(1_500_000));
         let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
         let got = chunks(&mut hit).await;
         assert_eq!(got.concat(), b);
@@ -1279,7 +1297,7 @@ mod tests {
         assert!(!st.memory.contains(&h), "not promoted");
         assert_eq!(
             st.fill_memory(),
-            900_000,
+            1_500_000,
             "a streamed hit takes nothing from the budget"
         );
         drop((hit, fills));
@@ -1301,7 +1319,7 @@ mod tests {
             assert_eq!(chunks(&mut hit).await.concat(), b);
             st.memory.remove(&k.combined_bin());
             let mut fills = Held::new(&st.budget);
-            assert!(fills.grow(1 << 20));
+            assert!(fills.grow(2 << 20));
             let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
             let got = chunks(&mut hit).await;
             assert_eq!(got.concat(), b);
@@ -1320,14 +1338,13 @@ mod tests {
     #[tokio::test]
     async fn a_disk_body_read_whole_that_memory_declines_holds_the_budget_until_its_hit_ends() {
         let dir = tempfile::tempdir().unwrap();
-        // Memory takes objects up to 256 KiB; this body is a little larger, so its entry is
-        // within the whole-read allowance (files' heads) but the memory tier declines it.
-        let st = leak(new_storage(1 << 20, Some((dir.path(), 64 << 20)), 4 << 20));
+        let st = leak(new_storage(8 << 20, Some((dir.path(), 64 << 20)), 4 << 20));
         let k = cache_key("g", "b.bin", None, None);
         let h = k.combined_bin();
-        let b = body(4, 256 * 1024 + 1000);
+        let b = body(4, 300_000);
         fill_all(st, &k, &b).await;
-        assert!(!st.memory.contains(&h));
+        st.memory.remove(&h);
+        st.memory.refuse_all(); // as TinyUFO's admission may
         let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
         assert!(!st.memory.contains(&h), "declined");
         let size = st.disk.as_ref().unwrap().entry_size(&h).unwrap();
@@ -1341,6 +1358,35 @@ mod tests {
         assert_eq!(got.concat(), b);
         drop(hit);
         assert_eq!(st.fill_memory(), 0, "given back when the hit ends");
+
+        // A body a little larger than the memory tier takes (within the files' allowance)
+        // is not read whole for it: it streams and holds nothing of the budget.
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(1 << 20, Some((dir.path(), 64 << 20)), 4 << 20));
+        let k = cache_key("g", "c.bin", None, None);
+        let b = body(5, 256 * 1024 + 1000);
+        fill_all(st, &k, &b).await;
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        assert_eq!(st.fill_memory(), 0);
+        let got = chunks(&mut hit).await;
+        assert_eq!(got.len(), b.len().div_ceil(disk::BLOCK as usize));
+        assert_eq!(got.concat(), b);
+
+        // A bad entry found by a whole read is a miss and gives its share back.
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(8 << 20, Some((dir.path(), 64 << 20)), 4 << 20));
+        let k = cache_key("g", "d.bin", None, None);
+        let h = k.combined_bin();
+        fill_all(st, &k, &body(6, 200_000)).await;
+        st.memory.remove(&h);
+        let name = crate::cache::hex(&h);
+        let path = dir.path().join(&name[..2]).join(&name);
+        let mut raw = std::fs::read(&path).unwrap();
+        let n = raw.len();
+        raw[n - 4 * 4 - 10] ^= 1; // in the last block, before the table of 4 blocks
+        std::fs::write(&path, raw).unwrap();
+        assert!(st.lookup(&k, &span()).await.unwrap().is_none());
+        assert_eq!(st.fill_memory(), 0);
     }
 
     #[tokio::test]
