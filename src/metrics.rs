@@ -83,6 +83,10 @@ pub struct Metrics {
     pub client_connections_over: [IntCounter; 2],
     /// The family of `client_connections_over`.
     pub client_connections_over_by_action: IntCounterVec,
+    /// Blocks of streamed disk hits read, by where: `[page_cache, pool]`.
+    pub cache_disk_block_reads: [IntCounter; 2],
+    /// The family of `cache_disk_block_reads`.
+    pub cache_disk_block_reads_by_via: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -362,6 +366,15 @@ impl Metrics {
         .expect("metric");
         let client_connections_over = ["evicted", "refused"]
             .map(|a| client_connections_over_by_action.with_label_values(&[a]));
+        let cache_disk_block_reads_by_via = register_int_counter_vec_with_registry!(
+            "cascade_cache_disk_block_reads_total",
+            "64 KiB blocks of streamed disk-tier hits read, by where: page_cache (on the worker, the page cache held them), pool (on the blocking pool: not in the page cache, or a check failed). A rising pool share means disk hits wait for the disk.",
+            &["via"],
+            registry
+        )
+        .expect("metric");
+        let cache_disk_block_reads =
+            ["page_cache", "pool"].map(|v| cache_disk_block_reads_by_via.with_label_values(&[v]));
         let upstream_connections = ["opened", "reused", "kept"]
             .map(|e| upstream_connections_by_event.with_label_values(&[e]));
         for tier in ["memory", "disk"] {
@@ -428,6 +441,8 @@ impl Metrics {
             .expect("metric"),
             client_connections_over,
             client_connections_over_by_action,
+            cache_disk_block_reads,
+            cache_disk_block_reads_by_via,
             bucket_used_bytes: register_int_gauge_vec_with_registry!(
                 "cascade_bucket_used_bytes",
                 "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",
@@ -498,7 +513,7 @@ impl Metrics {
     /// alert rules and the dashboard may refer to these only).
     pub fn family_names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let all: [&dyn Collector; 50] = [
+        let all: [&dyn Collector; 51] = [
             &self.requests,
             &self.fallback_replays,
             &self.upstream_errors,
@@ -549,6 +564,7 @@ impl Metrics {
             &self.client_connections,
             &self.client_connections_max,
             &self.client_connections_over_by_action,
+            &self.cache_disk_block_reads_by_via,
         ];
         let mut names: Vec<String> = all
             .iter()

@@ -284,6 +284,11 @@ async fn a_large_disk_hit_streams_intact_and_its_bad_blocks_never_reach_a_client
         1,
         "every hit came from the disk tier"
     );
+    // Streamed: the two whole hits read 15 blocks each past the first (the page cache's or
+    // the pool's way), the ranges a few more.
+    let m = b.cascade.metrics().await;
+    let reads = metric_sum(&m, "cascade_cache_disk_block_reads_total", &[]).unwrap();
+    assert!((30.0..=40.0).contains(&reads), "{reads} block reads");
 
     let files = body_files(dir.path());
     assert_eq!(files.len(), 1, "{files:?}");

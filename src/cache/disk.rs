@@ -1222,6 +1222,7 @@ impl BodyReader {
         if self.first_bad(block_start / BLOCK, buf).is_some() {
             return None;
         }
+        METRICS.cache_disk_block_reads[0].inc();
         Some(Ok(Some(self.take(block_start, to, std::mem::take(buf)))))
     }
 
@@ -1310,6 +1311,7 @@ impl BodyReader {
             return Ok(Some(chunk));
         }
         let (block_start, to) = self.next_span();
+        METRICS.cache_disk_block_reads[1].inc();
         let buf = self.read_blocks(block_start, to, buf)?;
         self.check_blocks(block_start / BLOCK, &buf)?;
         Ok(Some(self.take(block_start, to, buf)))
