@@ -20,8 +20,9 @@
 //! gives up its memory copy and writes its disk batches unbuffered (and with no disk tier
 //! stores nothing). A disk hit read whole for promotion takes its size from the same budget
 //! (only while the budget's use stays at most half of it: hits cannot starve fills) until
-//! the memory tier has taken it, or, when the tier declines it, until its response ends. The client's response never waits on the budget. Temp files count against
-//! the disk tier's size (`disk.rs`).
+//! the memory tier has taken it, or, when the tier declines it, until its response ends.
+//! The client's response never waits on the budget. Temp files count against the disk
+//! tier's size (`disk.rs`).
 //!
 //! Generations: every object with a fill in flight has a generation. `invalidate`,
 //! `purge_prefix` and `purge` bump the generation of the objects they touch, and a fill
