@@ -1431,12 +1431,7 @@ mod tests {
         put(&t, 1, &body);
         // Flip one byte in block 9 (of 16).
         let p = t.path(&h(1));
-        let offset = HEADER_LEN + "g\0key1".len() as u64 + 9 * BLOCK + 1000;
-        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, offset).unwrap();
-        f.write_all_at(&[b[0] ^ 0x40], offset).unwrap();
-        drop(f);
+        flip_body_byte(&t, 1, 9 * BLOCK + 1000);
         // A range that does not touch block 9 is served (its blocks check out).
         let mut r = reader(&t, 1);
         r.seek(2 * BLOCK + 5, Some(3 * BLOCK)).unwrap();
@@ -1479,22 +1474,21 @@ mod tests {
     /// pool, which the tests below check either way.
     fn nowait_works(path: &Path) -> bool {
         let f = File::open(path).unwrap();
-        let mut b = [0u8; 16];
-        let iov = libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        };
-        // SAFETY: the iovec covers `b`, which outlives the call.
-        let n = unsafe {
-            libc::preadv2(
-                std::os::fd::AsRawFd::as_raw_fd(&f),
-                &iov,
-                1,
-                0,
-                libc::RWF_NOWAIT,
-            )
-        };
-        n == b.len() as isize
+        let mut b = Vec::with_capacity(16);
+        pread_spare(&f, &mut b, 16, 0, libc::RWF_NOWAIT).is_ok_and(|n| n == 16)
+    }
+
+    /// Flips one bit of body byte `at` of entry `i` (written with `put`), in place.
+    fn flip_body_byte(t: &DiskTier, i: u8, at: u64) {
+        let offset = HEADER_LEN + format!("g\0key{i}").len() as u64 + at;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(t.path(&h(i)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset).unwrap();
+        f.write_all_at(&[b[0] ^ 0x40], offset).unwrap();
     }
 
     /// Reads the rest of `r`'s range as the storage does: the cached path, the pool's when
@@ -1601,11 +1595,7 @@ mod tests {
         let body = pattern(6 * BLOCK as usize);
         put(&t, 1, &body);
         let p = t.path(&h(1));
-        let offset = HEADER_LEN + "g\0key1".len() as u64 + 4 * BLOCK + 99;
-        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        f.write_all_at(&[body[4 * BLOCK as usize + 99] ^ 1], offset)
-            .unwrap();
-        drop(f);
+        flip_body_byte(&t, 1, 4 * BLOCK + 99);
         let nowait = nowait_works(&p);
         let mut r = reader(&t, 1);
         r.seek(2 * BLOCK, None).unwrap();
@@ -1641,10 +1631,7 @@ mod tests {
         let body = pattern(3 * BLOCK as usize);
         put(&t, 1, &body);
         let p = t.path(&h(1));
-        let offset = HEADER_LEN + "g\0key1".len() as u64 + 5;
-        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
-        f.write_all_at(&[body[5] ^ 1], offset).unwrap();
-        drop(f);
+        flip_body_byte(&t, 1, 5);
         assert!(t.load(&h(1), 0).is_none(), "a miss");
         assert!(!t.contains(&h(1)));
         assert!(!p.exists());
