@@ -1214,13 +1214,14 @@ fn the_runtime_dir_is_private() {
     let port = free_port();
     let mut child = spawn_cascade(tmp.path(), &yaml(port, Some(&fresh)), &sys_tmp);
     wait_listening(&mut child, port);
-    assert_eq!(mode(&fresh), 0o700);
-    // The directory origin's service binds its socket on a thread of its own.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // The directory origin's service binds its socket on a thread of its own (and a port
+    // another test process also drew can answer before cascade does): wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !fresh.join("dir-origin-0.sock").exists() {
         assert!(Instant::now() < deadline, "no socket in the runtime dir");
         std::thread::sleep(Duration::from_millis(10));
     }
+    assert_eq!(mode(&fresh), 0o700);
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -1228,10 +1229,21 @@ fn the_runtime_dir_is_private() {
     let port = free_port();
     let mut child = spawn_cascade(tmp.path(), &yaml(port, None), &sys_tmp);
     wait_listening(&mut child, port);
-    let dirs: Vec<_> = std::fs::read_dir(&sys_tmp)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dirs: Vec<_> = loop {
+        let dirs: Vec<_> = std::fs::read_dir(&sys_tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        if dirs.len() == 1 && dirs[0].join("dir-origin-0.sock").exists() {
+            break dirs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no runtime dir with a socket: {dirs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     let name = dirs[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(
