@@ -18,6 +18,14 @@ SLOW selects what the clients do:
   the long tail of a catalog larger than memory.
 - SLOW=pass: the same slow downloads with no cache, so cascade streams the object from an
   nginx origin over TCP while the client does not read.
+- SLOW=evict: slow downloads of N different 8 MiB objects (EVICT_MIB) that the memory tier
+  (64 MiB, memory only, `fill_memory: 16MiB`) churns through: in batches of 4, each object
+  is fetched three times (TinyUFO admits it) and then 4 slow clients start on them, so every
+  batch evicts objects that earlier slow responses are still sending. The tier is filled
+  before the baseline is taken. What a hostile client gets by reading slowly from many
+  connections, each on a different large object. (Objects larger than the kernel's socket
+  buffer, 4 MiB here: a smaller one goes into it whole and the response is done.) nginx
+  sends the same files.
 
     benches/idle.py                       # N=10000, release build of cascade
     N=2000 CASCADE_BIN=... benches/idle.py
@@ -57,9 +65,16 @@ FLOOR_BIN = os.environ.get("FLOOR_BIN", f"{TARGET}/release/examples/floor")
 NGINX = os.environ.get("NGINX", shutil.which("nginx") or "/usr/sbin/nginx")
 EXTRA = os.environ.get("CASCADE_EXTRA", "")
 SLOW = os.environ.get("SLOW", "")
-if SLOW not in ("", "hit", "disk", "pass"):
-    raise SystemExit(f"SLOW must be hit, disk or pass (got {SLOW!r})")
+if SLOW not in ("", "hit", "disk", "pass", "evict"):
+    raise SystemExit(f"SLOW must be hit, disk, pass or evict (got {SLOW!r})")
 OBJECT = "/obj-1m.bin" if SLOW else "/obj-4k.bin"
+if SLOW == "evict":
+    OBJECT = "/e/{i}.bin"  # one object per connection
+# SLOW=evict: the objects' size; objects fetched (3 times each) to fill the memory tier
+# before the baseline; slow clients started per batch.
+EVICT_MIB = int(os.environ.get("EVICT_MIB", "8"))
+EVICT_FILLER = 3 * 64 // EVICT_MIB
+EVICT_BATCH = max(1, 32 // EVICT_MIB)
 # Slow clients stop reading after this much body.
 SLOW_READ = 8192
 DEADLINE_S = 60
@@ -115,13 +130,47 @@ def wait_port(port):
     raise SystemExit(f"nothing listens on {port}")
 
 
+def fetch(port, paths, times=1):
+    """GETs each path `times` times over one keep-alive connection, reading every answer."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S)
+    buf = b""
+    for path in paths:
+        for _ in range(times):
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+            while b"\r\n\r\n" not in buf:
+                buf += s.recv(1 << 16)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            if b" 200 " not in head.split(b"\r\n")[0]:
+                raise SystemExit(f"{path}: {head[:200]!r}")
+            length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n")
+                          if l.lower().startswith(b"content-length:"))
+            while len(buf) < length:
+                buf += s.recv(1 << 16)
+            buf = buf[length:]
+    s.close()
+
+
 def hold(port, n, path):
-    """Opens n connections, one keep-alive GET each; returns the open sockets."""
+    """Opens n connections, one keep-alive GET each (of `path`, or of `path` with the
+    connection's index for `{i}`); returns the open sockets. SLOW=evict: in batches, each
+    batch's objects fetched three times first (see the module doc)."""
+    if "{i}" in path and SLOW == "evict":
+        socks = []
+        for first in range(0, n, EVICT_BATCH):
+            count = min(EVICT_BATCH, n - first)
+            fetch(port, [path.format(i=first + j) for j in range(count)], times=3)
+            socks += hold_some(port, count, path, first)
+        return socks
+    return hold_some(port, n, path, 0)
+
+
+def hold_some(port, n, path, first):
     deadline = time.time() + DEADLINE_S
-    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
     socks, sel = [], selectors.DefaultSelector()
     pending = {}
+    reqs = {}
     for i in range(n):
+        reqs[i] = f"GET {path.format(i=first + i)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
         s = socket.socket()
         if SLOW:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -135,19 +184,19 @@ def hold(port, n, path):
         pending[i] = b""
         # Keep at most 256 handshakes/requests in flight.
         while len(pending) >= 256 and time.time() < deadline:
-            drive(sel, pending, req)
+            drive(sel, pending, reqs)
     while pending and time.time() < deadline:
-        drive(sel, pending, req)
+        drive(sel, pending, reqs)
     if pending:
         raise SystemExit(f"{len(pending)} connections got no answer in {DEADLINE_S} s")
     return socks
 
 
-def drive(sel, pending, req):
+def drive(sel, pending, reqs):
     for key, ev in sel.select(timeout=1):
         s, i = key.fileobj, key.data
         if ev & selectors.EVENT_WRITE:
-            s.send(req)
+            s.send(reqs[i])
             sel.modify(s, selectors.EVENT_READ, i)
             continue
         data = s.recv(65536)
@@ -168,6 +217,9 @@ def drive(sel, pending, req):
 
 
 def measure(name, pids_of, port, path):
+    if SLOW == "evict":
+        # The memory tier full before the baseline (nginx: the same requests).
+        fetch(port, [f"/e/f{k}.bin" for k in range(EVICT_FILLER)], times=3)
     time.sleep(0.5)
     pids = pids_of()
     before = rss_kib(pids)
@@ -185,6 +237,11 @@ def measure(name, pids_of, port, path):
         s.close()
     per = (after - before) / N
     print(f"| {name} | {N} | {before / 1024:.1f} | {after / 1024:.1f} | {(after - before) / 1024:.1f} | {per:.1f} |", flush=True)
+    if name == "cascade" and SLOW == "evict" and METRICS_PORT:
+        EVICT_METRICS.extend(scrape(METRICS_PORT, (
+            'cascade_cache_bytes{tier="memory"}', 'cascade_cache_evictions_total{tier="memory"}',
+            "cascade_cache_evicted_in_use_bytes", "cascade_cache_evicted_hits_total",
+            "cascade_cache_fill_memory_bytes")))
     if held:
         HELD.append(f"{name}: {HOLD:g} s later, RSS {held[0] / 1024:.1f} MiB "
                     f"({(held[0] - before) / N:.1f} KiB per connection above the baseline); "
@@ -193,6 +250,23 @@ def measure(name, pids_of, port, path):
 
 
 HELD = []
+EVICT_METRICS = []
+METRICS_PORT = None
+
+
+def scrape(port, names):
+    """The named samples of cascade's metrics (those it has)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    text = b""
+    while True:
+        b = s.recv(1 << 16)
+        if not b:
+            break
+        text += b
+    s.close()
+    lines = text.decode(errors="replace").splitlines()
+    return [l for l in lines if any(l.startswith(n + " ") or l.startswith(n + "{") for n in names)]
 
 
 def trickle(socks):
@@ -289,6 +363,15 @@ def run(procs):
         f.write(os.urandom(4096))
     with open(os.path.join(root, "obj-1m.bin"), "wb") as f:
         f.write(os.urandom(1 << 20))
+    if SLOW == "evict":
+        # Sparse files: N + EVICT_FILLER objects of EVICT_MIB without the disk space.
+        os.makedirs(os.path.join(root, "e"))
+        os.chmod(os.path.join(root, "e"), 0o755)
+        for name in [f"{i}.bin" for i in range(N)] + [f"f{k}.bin" for k in range(EVICT_FILLER)]:
+            path = os.path.join(root, "e", name)
+            with open(path, "wb") as f:
+                f.truncate(EVICT_MIB << 20)
+            os.chmod(path, 0o644)
     # nginx's workers (as nobody when started by root) read the same files.
     os.chmod(work, 0o755)
     os.chmod(root, 0o755)
@@ -306,6 +389,8 @@ def run(procs):
         wait_port(origin_port)
     port = free_port()
     metrics = free_port()
+    global METRICS_PORT
+    METRICS_PORT = metrics
     cfg = os.path.join(work, "cascade.yaml")
     with open(cfg, "w") as f:
         f.write(
@@ -314,6 +399,7 @@ def run(procs):
             f"listen: [{{addr: 127.0.0.1:{port}}}]\n"
             f"metrics: {{addr: 127.0.0.1:{metrics}}}\n"
             + ("cache: {memory: 64MiB, default_ttl: 1h}\n" if SLOW == "hit" else "")
+            + ("cache: {memory: 64MiB, fill_memory: 16MiB, default_ttl: 1h}\n" if SLOW == "evict" else "")
             + (f"cache: {{memory: 1MiB, disk: {{path: {work}/cache, size: 1GiB}}, default_ttl: 1h}}\n"
                if SLOW == "disk" else "")
             + (f"origins:\n  www: {{url: http://127.0.0.1:{origin_port}}}\n" if origin_port
@@ -343,6 +429,7 @@ def run(procs):
             "hit": "Slow downloads of a cached 1 MiB object (8 KiB read, then the client stops reading)",
             "disk": "Slow downloads of a 1 MiB object from the disk tier (8 KiB read, then the client stops reading)",
             "pass": "Slow downloads of a 1 MiB object, no cache (8 KiB read, then the client stops reading)",
+            "evict": f"Slow downloads of N different {EVICT_MIB} MiB objects that the memory tier evicts under them (8 KiB read, then the client stops reading)",
         }[SLOW]
         print(f"{what} (N={N}):\n")
         print("| proxy | connections | RSS before MiB | RSS after MiB | delta MiB | KiB per connection |")
@@ -370,6 +457,8 @@ def run(procs):
     results["nginx"] = measure_and_stop("nginx", n, port)
     for line in HELD:
         print(line)
+    if EVICT_METRICS:
+        print("\ncascade after the slow downloads started:\n" + "\n".join(EVICT_METRICS))
     if results.get("nginx"):
         print(f"\ncascade/nginx memory per connection: {results['cascade'] / max(results['nginx'], 0.1):.1f}x")
     shutil.rmtree(work, ignore_errors=True)

@@ -87,6 +87,11 @@ pub struct Metrics {
     pub cache_disk_block_reads: [IntCounter; 2],
     /// The family of `cache_disk_block_reads`.
     pub cache_disk_block_reads_by_via: IntCounterVec,
+    pub cache_evicted_in_use: IntGauge,
+    /// Memory hits whose body was let go of and not kept, by what followed: `[disk, cut]`.
+    pub cache_evicted_hits: [IntCounter; 2],
+    /// The family of `cache_evicted_hits`.
+    pub cache_evicted_hits_by_then: IntCounterVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -170,7 +175,7 @@ impl Metrics {
         .expect("metric");
         let cache_fill_memory = register_int_gauge_with_registry!(
             "cascade_cache_fill_memory_bytes",
-            "Bytes held in memory by cache fills in flight (memory copies, disk writes not yet done) and by disk hits read whole that the memory tier has not taken, bounded by cache.fill_memory.",
+            "Bytes held in memory by cache fills in flight (memory copies, disk writes not yet done), by disk hits read whole that the memory tier has not taken, and by bodies the memory tier let go of while responses still send them, bounded by cache.fill_memory.",
             registry
         )
         .expect("metric");
@@ -375,6 +380,15 @@ impl Metrics {
         .expect("metric");
         let cache_disk_block_reads =
             ["page_cache", "pool"].map(|v| cache_disk_block_reads_by_via.with_label_values(&[v]));
+        let cache_evicted_hits_by_then = register_int_counter_vec_with_registry!(
+            "cascade_cache_evicted_hits_total",
+            "Memory-tier hits whose body the tier let go of (evicted, replaced, purged) while they sent it, and that keeping whole would have taken past half of cache.fill_memory, by what followed: disk (went on from the disk tier's copy of the same bytes) or cut (no such copy: ended early, the client gets a short body and a closed connection).",
+            &["then"],
+            registry
+        )
+        .expect("metric");
+        let cache_evicted_hits =
+            ["disk", "cut"].map(|t| cache_evicted_hits_by_then.with_label_values(&[t]));
         let upstream_connections = ["opened", "reused", "kept"]
             .map(|e| upstream_connections_by_event.with_label_values(&[e]));
         for tier in ["memory", "disk"] {
@@ -443,6 +457,14 @@ impl Metrics {
             client_connections_over_by_action,
             cache_disk_block_reads,
             cache_disk_block_reads_by_via,
+            cache_evicted_in_use: register_int_gauge_with_registry!(
+                "cascade_cache_evicted_in_use_bytes",
+                "Bytes of bodies the memory tier let go of (evicted, replaced or purged) while responses were still sending them, kept whole until those responses end. Also counted in cascade_cache_fill_memory_bytes: they may take at most half of cache.fill_memory.",
+                registry
+            )
+            .expect("metric"),
+            cache_evicted_hits,
+            cache_evicted_hits_by_then,
             bucket_used_bytes: register_int_gauge_vec_with_registry!(
                 "cascade_bucket_used_bytes",
                 "Bytes stored in a bucket set's member (committed uploads), by group and bucket.",
@@ -513,7 +535,7 @@ impl Metrics {
     /// alert rules and the dashboard may refer to these only).
     pub fn family_names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let all: [&dyn Collector; 51] = [
+        let all: [&dyn Collector; 53] = [
             &self.requests,
             &self.fallback_replays,
             &self.upstream_errors,
@@ -565,6 +587,8 @@ impl Metrics {
             &self.client_connections_max,
             &self.client_connections_over_by_action,
             &self.cache_disk_block_reads_by_via,
+            &self.cache_evicted_in_use,
+            &self.cache_evicted_hits_by_then,
         ];
         let mut names: Vec<String> = all
             .iter()

@@ -999,3 +999,148 @@ async fn concurrent_large_misses_stay_within_the_disk_size_and_the_fill_budget()
     );
     assert!(bytes_under(dir.path()) <= disk_size);
 }
+
+/// A client that reads slowly: a 4 KiB receive buffer, its GET sent, the response's head and
+/// first `first` bytes of body read; then it reads nothing until told to. Returns the stream,
+/// the Content-Length and the body bytes read so far.
+async fn slow_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    first: usize,
+) -> (tokio::net::TcpStream, usize, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed before the head");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("x-cache: hit"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = buf.split_off(end);
+    while body.len() < first {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0);
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (s, len, body)
+}
+
+/// Reads `s` to its end (or `want` bytes) onto `body`.
+async fn read_rest(s: &mut tokio::net::TcpStream, body: &mut Vec<u8>, want: usize) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = vec![0u8; 1 << 16];
+    while body.len() < want {
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => body.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("the response stalled at {} of {want} bytes", body.len()),
+        }
+    }
+}
+
+/// A large memory hit whose body the memory tier lets go of (here a purge; an eviction takes
+/// the same way) while a slow client is still downloading it: the body is kept whole for that
+/// response within half of `fill_memory`, so the client gets every byte of the version it
+/// began with; past that half the body is freed (the slow response pinned the segment it
+/// was writing, no more), and with no disk copy to go on from (memory only here; the storage
+/// tests cover the disk tier's) the response ends early: short, never a wrong byte.
+#[tokio::test]
+async fn a_large_memory_hit_let_go_under_a_slow_client_is_kept_within_the_budget_or_cut_short() {
+    let admin_port = free_port();
+    let o = HttpOrigin::start();
+    let len = 6 << 20; // larger than what the sockets' buffers take in
+    let a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let b: Vec<u8> = (0..len).map(|i| (i % 241) as u8 ^ 0x5a).collect();
+    o.route(
+        "/a.bin",
+        Reply::new(200, a.clone()).header("cache-control", "max-age=600"),
+    );
+    o.route(
+        "/b.bin",
+        Reply::new(200, b.clone()).header("cache-control", "max-age=600"),
+    );
+    // Objects up to 16 MiB in memory; evicted bodies may be kept up to 8 MiB.
+    let yaml = format!(
+        "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  media: {{main: web}}\nroutes:\n  - {{path: /, group: media}}\n\
+         cache:\n  memory: 64MiB\n  fill_memory: 16MiB\n\
+         admin: {{addr: \"127.0.0.1:{admin_port}\", token_env: CASCADE_ADMIN_TOKEN}}\n",
+        o.url("")
+    );
+    let c = start(&yaml);
+    for p in ["/a.bin", "/b.bin"] {
+        assert_eq!(get(&c, p).await.1, "MISS");
+        assert_eq!(get(&c, p).await.1, "HIT");
+    }
+    let (mut sa, len_a, mut got_a) = slow_get(c.addr, "/a.bin", 100_000).await;
+    let (mut sb, len_b, mut got_b) = slow_get(c.addr, "/b.bin", 100_000).await;
+    assert_eq!((len_a, len_b), (len, len));
+    // Both responses are now stuck in a write the clients do not take.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let purge = |p: &str| {
+        client()
+            .request(
+                reqwest::Method::from_bytes(b"PURGE").unwrap(),
+                format!("http://127.0.0.1:{admin_port}/cache/media{p}"),
+            )
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    assert_eq!(purge("/a.bin").await.unwrap().status(), 200);
+    assert_eq!(purge("/b.bin").await.unwrap().status(), 200);
+    let m = c.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "cascade_cache_evicted_in_use_bytes", &[]),
+        Some(len as f64),
+        "a's body is kept for its response; b's does not fit beside it"
+    );
+    // A finishes with every byte of what it began.
+    read_rest(&mut sa, &mut got_a, len).await;
+    assert_eq!(got_a.len(), len);
+    assert!(got_a == a, "a's bytes");
+    // B ends early: what it got is b's own bytes, and less than all of them.
+    read_rest(&mut sb, &mut got_b, len).await;
+    assert!(got_b.len() < len, "b was cut short ({} bytes)", got_b.len());
+    assert!(got_b[..] == b[..got_b.len()], "b's bytes up to the cut");
+    // The kept body goes with its response; the cut is counted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = c.metrics().await;
+        let kept = metric_sum(&m, "cascade_cache_evicted_in_use_bytes", &[]);
+        if kept == Some(0.0) {
+            let cut = metric_sum(&m, "cascade_cache_evicted_hits_total", &[("then", "cut")]);
+            assert_eq!(cut, Some(1.0));
+            assert_eq!(
+                metric_sum(&m, "cascade_cache_fill_memory_bytes", &[]),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "still kept: {kept:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Purged means purged: the next requests are misses, served whole.
+    for (p, body) in [("/a.bin", &a), ("/b.bin", &b)] {
+        let r = client().get(c.url(p)).send().await.unwrap();
+        assert_eq!(header(&r, "x-cache"), "MISS");
+        assert!(r.bytes().await.unwrap() == body[..]);
+    }
+}

@@ -363,8 +363,8 @@ pub struct Loaded {
 }
 
 pub enum LoadedBody {
-    /// Read and checked whole.
-    Whole(Bytes),
+    /// Read and checked whole, in pieces (see [`DiskTier::load_into`]).
+    Whole(Vec<Bytes>),
     /// Streamed, block by block; its first block is read and checked already.
     Stream(BodyReader),
 }
@@ -605,19 +605,31 @@ impl DiskTier {
     /// bytes, else returns a reader with the first block read. What it reads is checked block
     /// by block: a bad block removes the entry, a miss. Blocking.
     pub fn load(&self, h: &Hash, whole_up_to: u64) -> Option<Loaded> {
-        self.load_into(h, whole_up_to, Vec::new())
+        self.load_into(h, whole_up_to, u64::MAX, Vec::new())
     }
 
-    /// [`DiskTier::load`], reading into `buf` (see [`BodyReader::read_all_into`]): the whole
-    /// body, or a streamed body's first block.
-    pub fn load_into(&self, h: &Hash, whole_up_to: u64, buf: Vec<u8>) -> Option<Loaded> {
+    /// [`DiskTier::load`], a whole body read in pieces of `piece` bytes (a multiple of
+    /// [`BLOCK`]; the memory tier's segments), into `bufs` (see
+    /// [`BodyReader::read_all_into`]); a streamed body's first block into the first of them.
+    pub fn load_into(
+        &self,
+        h: &Hash,
+        whole_up_to: u64,
+        piece: u64,
+        mut bufs: Vec<Vec<u8>>,
+    ) -> Option<Loaded> {
         let obj = self.open_object(h)?;
         let id = obj.head.ident.id;
         let meta = obj.meta.clone();
         let mut reader = BodyReader::new(self.clone(), *h, obj);
         let body = if reader.body_len <= whole_up_to {
-            reader.read_all_into(buf).map(LoadedBody::Whole)
+            reader.read_all_into(piece, bufs).map(LoadedBody::Whole)
         } else {
+            let buf = if bufs.is_empty() {
+                Vec::new()
+            } else {
+                bufs.swap_remove(0)
+            };
             reader
                 .read_first_block(buf)
                 .map(|()| LoadedBody::Stream(reader))
@@ -629,6 +641,22 @@ impl DiskTier {
                 None
             }
         }
+    }
+
+    /// A reader of `from..to` of entry `h`, if the index's entry is still the one with this
+    /// id (the same bytes: a memory entry's fill, or the entry it was promoted from); `None`
+    /// if not, or if it is bad (then removed). Nothing is read yet. Blocking.
+    pub fn reader_at(&self, h: &Hash, id: u64, from: u64, to: u64) -> Option<BodyReader> {
+        if self.0.index.lock().map.get(h).map(|e| e.id) != Some(id) {
+            return None;
+        }
+        let obj = self.open_object(h)?;
+        if obj.head.ident.id != id {
+            return None;
+        }
+        let mut r = BodyReader::new(self.clone(), *h, obj);
+        r.seek(from, Some(to)).ok()?;
+        Some(r)
     }
 
     /// Runs `f` (e.g. a promotion to memory) only if entry `h` is still the one with this id,
@@ -946,6 +974,12 @@ pub struct DiskWriter {
 }
 
 impl DiskWriter {
+    /// The entry's identity once committed (a fresh random id per writer): an entry with
+    /// this id holds exactly these bytes.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     fn body_offset(&self) -> u64 {
         HEADER_LEN + self.key.len() as u64
     }
@@ -1317,20 +1351,25 @@ impl BodyReader {
         Ok(Some(self.take(block_start, to, buf)))
     }
 
-    /// Reads the whole body, checking every block. Blocking.
-    pub fn read_all(self) -> io::Result<Bytes> {
-        self.read_all_into(Vec::new())
-    }
-
-    /// [`BodyReader::read_all`] into `buf`. A buffer allocated by the thread that will send
-    /// and free the body (a proxy worker) keeps the allocator's memory hot there: a buffer
-    /// allocated on one of the many blocking-pool threads and freed on the worker came back
-    /// cold, and a 1 MiB disk hit cost twice the CPU.
-    pub fn read_all_into(self, buf: Vec<u8>) -> io::Result<Bytes> {
-        if self.body_len == 0 {
-            return Ok(Bytes::new());
+    /// Reads the whole body in pieces of `piece` bytes (a multiple of [`BLOCK`]), each into
+    /// its own buffer, the next of `bufs` (allocated here when they run out), checking every
+    /// block. Buffers allocated by the thread that will send and free the body (a proxy
+    /// worker) keep the allocator's memory hot there: a buffer allocated on one of the many
+    /// blocking-pool threads and freed on the worker came back cold, and a 1 MiB disk hit
+    /// cost twice the CPU. Blocking.
+    pub fn read_all_into(self, piece: u64, bufs: Vec<Vec<u8>>) -> io::Result<Vec<Bytes>> {
+        debug_assert!(piece > 0 && (piece % BLOCK == 0 || piece >= self.body_len));
+        let mut bufs = bufs.into_iter();
+        let mut out = Vec::with_capacity(self.body_len.div_ceil(piece) as usize);
+        let mut start = 0;
+        while start < self.body_len {
+            let to = start.saturating_add(piece).min(self.body_len);
+            let buf = self.read_blocks(start, to, bufs.next().unwrap_or_default())?;
+            self.check_blocks(start / BLOCK, &buf)?;
+            out.push(Bytes::from(buf));
+            start = to;
         }
-        self.read_checked(0, self.body_len, buf)
+        Ok(out)
     }
 }
 
@@ -1361,7 +1400,7 @@ mod tests {
 
     fn read(t: &DiskTier, i: u8) -> Option<Vec<u8>> {
         match t.load(&h(i), u64::MAX)?.body {
-            LoadedBody::Whole(b) => Some(b.to_vec()),
+            LoadedBody::Whole(b) => Some(b.concat()),
             LoadedBody::Stream(_) => unreachable!(),
         }
     }
@@ -1467,6 +1506,44 @@ mod tests {
         fs::write(&p, bytes).unwrap();
         assert!(read(&t, 3).is_none());
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn a_whole_read_comes_in_pieces_each_in_its_own_buffer_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DiskTier::open(dir.path(), 8 << 20).unwrap();
+        let len = 10 * BLOCK as usize + 77;
+        let body = pattern(len);
+        put(&t, 1, &body);
+        let piece = 4 * BLOCK;
+        // Buffers handed in are used (no reallocation); missing ones are made.
+        let given = Vec::with_capacity(piece as usize);
+        let given_ptr = given.as_ptr();
+        let found = t.load_into(&h(1), u64::MAX, piece, vec![given]).unwrap();
+        let LoadedBody::Whole(pieces) = found.body else {
+            panic!("read whole")
+        };
+        let sizes: Vec<usize> = pieces.iter().map(Bytes::len).collect();
+        assert_eq!(
+            sizes,
+            [piece as usize, piece as usize, 2 * BLOCK as usize + 77]
+        );
+        assert_eq!(pieces[0].as_ptr(), given_ptr);
+        assert_eq!(pieces.concat(), body);
+        // A streamed load reads its first block into the first buffer.
+        let given = Vec::with_capacity(BLOCK as usize);
+        let given_ptr = given.as_ptr();
+        let found = t.load_into(&h(1), 0, piece, vec![given]).unwrap();
+        let LoadedBody::Stream(mut r) = found.body else {
+            panic!("streamed")
+        };
+        let first = r.next_chunk().unwrap().unwrap();
+        assert_eq!(first.as_ptr(), given_ptr);
+        assert_eq!(first, &body[..BLOCK as usize]);
+        // A bad block in the last piece fails the whole read, and removes the entry.
+        flip_body_byte(&t, 1, 9 * BLOCK + 3);
+        assert!(t.load_into(&h(1), u64::MAX, piece, Vec::new()).is_none());
+        assert!(!t.contains(&h(1)));
     }
 
     /// Whether this kernel and file system answer `preadv2(RWF_NOWAIT)` for a file just
@@ -1926,6 +2003,7 @@ mod tests {
                                 let LoadedBody::Whole(body) = found.body else {
                                     unreachable!()
                                 };
+                                let body = body.concat();
                                 let v = &body[..8];
                                 assert!(body.chunks(8).all(|c| c == v), "a torn body");
                                 let meta = String::from_utf8_lossy(&found.meta.0).to_string();

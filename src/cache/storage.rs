@@ -5,8 +5,11 @@
 //! it; any other disk hit streams one 64 KiB block at a time, read from the page cache on
 //! the worker when it is there and on the blocking pool when it is not. So a slow client of
 //! a disk hit holds one block; a body read whole is the memory tier's, or, declined by it,
-//! counted in the budget until its response ends. (A body the memory tier evicts while slow
-//! responses still send it lives on with them, as for any memory hit.)
+//! counted in the budget until its response ends. A memory hit of a body over one segment
+//! sends it a segment per chunk and holds it weakly after the first ([`MemHit`]): a body the
+//! tier lets go of while slow responses still send it is kept for them within half the
+//! budget ([`TieredStorage::keep_let_go`]), else freed, and those responses go on from the
+//! disk tier's copy of the same bytes, or, with none, end early.
 //!
 //! Fill: the body streams to a disk temp file in batches written on the blocking pool (one
 //! batch in flight while the next one fills), beside a memory copy while the object still
@@ -20,7 +23,8 @@
 //! gives up its memory copy and writes its disk batches unbuffered (and with no disk tier
 //! stores nothing). A disk hit read whole for promotion takes its size from the same budget
 //! (only while the budget's use stays at most half of it: hits cannot starve fills) until
-//! the memory tier has taken it, or, when the tier declines it, until its response ends.
+//! the memory tier has taken it, or, when the tier declines it, until its response ends;
+//! so do bodies the memory tier let go of that are kept for their responses (the same half).
 //! The client's response never waits on the budget. Temp files count against the disk
 //! tier's size (`disk.rs`).
 //!
@@ -33,8 +37,8 @@
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -50,7 +54,7 @@ use pingora_error::{Error, ErrorType, Result};
 use tokio::task::JoinHandle;
 
 use super::disk::{self, BodyReader, DiskTier, DiskWriter, LoadedBody};
-use super::memory::{MemEntry, MemoryTier};
+use super::memory::{Body, MemEntry, MemoryTier, SEGMENT};
 use super::Hash;
 use crate::metrics::METRICS;
 
@@ -74,6 +78,9 @@ pub struct TieredStorage {
     small_whole: u64,
     /// Streamed disk hits read from the page cache on the worker when they can.
     cached_reads: bool,
+    /// Segmented bodies the memory tier let go of while hits were sending them, kept whole
+    /// for those hits (see [`TieredStorage::keep_let_go`]).
+    kept: Mutex<Vec<Arc<Body>>>,
 }
 
 /// Object (`cache::object_key`: group and key) -> its stored entries (the whole object, its
@@ -302,7 +309,73 @@ impl TieredStorage {
             budget: FillBudget::new(fill_memory),
             small_whole: disk::BLOCK,
             cached_reads: true,
+            kept: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Bodies the memory tier let go of (evicted, replaced, purged) while hits still hold
+    /// them weakly: each is kept whole, so its hits finish, if its size fits in the hits'
+    /// half of the fill budget; one that does not fit is dropped here, and its hits go on
+    /// from the disk tier's copy or end early (`cascade_cache_evicted_hits_total`), having
+    /// pinned one segment each. Without this,
+    /// a slow response pinned any body it had started, so slow clients of many large objects
+    /// that the tier churned through held memory without bound.
+    fn keep_let_go(&self, bodies: Vec<Arc<Body>>) {
+        if bodies.is_empty() {
+            return;
+        }
+        let mut kept = self.kept.lock();
+        self.sweep_locked(&mut kept);
+        for b in bodies {
+            if kept.iter().any(|k| Arc::ptr_eq(k, &b)) || Arc::weak_count(&b) == 0 {
+                continue;
+            }
+            let n = b.len() as u64;
+            if self.budget.try_take(n, self.budget.limit / 2) {
+                METRICS.cache_evicted_in_use.add(n as i64);
+                kept.push(b);
+            } else {
+                log::debug!("cache: an evicted body of {n} bytes is not kept for its hits (over the budget)");
+            }
+        }
+    }
+
+    /// Lets go of kept bodies no hit reads any more.
+    fn sweep_let_go(&self) {
+        self.sweep_locked(&mut self.kept.lock());
+    }
+
+    fn sweep_locked(&self, kept: &mut Vec<Arc<Body>>) {
+        kept.retain(|b| {
+            let read = Arc::weak_count(b) > 0;
+            if !read {
+                let n = b.len() as u64;
+                self.budget.give(n);
+                METRICS.cache_evicted_in_use.sub(n as i64);
+            }
+            read
+        });
+    }
+
+    /// Bytes of let-go bodies kept for their hits.
+    pub fn kept_bytes(&self) -> u64 {
+        self.kept.lock().iter().map(|b| b.len() as u64).sum()
+    }
+
+    /// [`MemoryTier::put`], keeping what it lets go of for hits that still send it.
+    fn mem_put(&self, entry: MemEntry) -> bool {
+        let mut let_go = Vec::new();
+        let taken = self.memory.put(entry, &mut let_go);
+        self.keep_let_go(let_go);
+        taken
+    }
+
+    /// [`MemoryTier::remove`], keeping the body for hits that still send it.
+    fn mem_remove(&self, h: &Hash) -> bool {
+        let mut let_go = Vec::new();
+        let removed = self.memory.remove(h, &mut let_go);
+        self.keep_let_go(let_go);
+        removed
     }
 
     /// Bytes fills in flight hold in memory now.
@@ -414,7 +487,7 @@ impl TieredStorage {
             .unwrap_or_default();
         let _f = self.fills.lock();
         hs.iter()
-            .filter(|h| self.memory.remove(h) | on_disk.contains(*h))
+            .filter(|h| self.mem_remove(h) | on_disk.contains(*h))
             .count()
     }
 
@@ -463,8 +536,12 @@ impl TieredStorage {
 
     async fn lookup_hash(&'static self, h: Hash) -> Result<Option<(CacheMeta, HitHandler)>> {
         if let Some(e) = self.memory.get(&h) {
-            let meta = CacheMeta::deserialize(&e.meta.0, &e.meta.1)?;
-            return Ok(Some((meta, Box::new(MemHit::new(e.body.clone())))));
+            // An entry without its body was let go of since `get` found it: not in memory.
+            if let Some(body) = e.body() {
+                let meta = CacheMeta::deserialize(&e.meta.0, &e.meta.1)?;
+                let hit = MemHit::new(self, &body, h, e.disk_id);
+                return Ok(Some((meta, Box::new(hit))));
+            }
         }
         let Some(disk) = &self.disk else {
             return Ok(None);
@@ -485,10 +562,18 @@ impl TieredStorage {
         } else {
             self.small_whole
         };
-        // The buffer comes from this (the worker's) allocator: see `read_all_into`.
-        let buf = Vec::with_capacity(if held.n > 0 { size } else { disk::BLOCK } as usize);
+        // The buffers come from this (the worker's) allocator: see `read_all_into`. A body
+        // read whole is read a memory-tier segment per buffer.
+        let seg = SEGMENT as u64;
+        let bufs = if held.n > 0 {
+            (0..size.div_ceil(seg))
+                .map(|i| Vec::with_capacity(seg.min(size - i * seg) as usize))
+                .collect()
+        } else {
+            vec![Vec::with_capacity(disk::BLOCK as usize)]
+        };
         let d = disk.clone();
-        let Some(found) = blocking(move || d.load_into(&h, whole, buf)).await? else {
+        let Some(found) = blocking(move || d.load_into(&h, whole, seg, bufs)).await? else {
             return Ok(None);
         };
         let meta = match CacheMeta::deserialize(&found.meta.0, &found.meta.1) {
@@ -500,23 +585,24 @@ impl TieredStorage {
             }
         };
         match found.body {
-            LoadedBody::Whole(body) => {
-                let mut hit = MemHit::new(body.clone());
+            LoadedBody::Whole(segs) => {
+                let body = Arc::new(Body::from_segments(segs));
                 let mut taken = false;
+                let mut let_go = Vec::new();
                 if body.len() <= self.memory.max_object() {
                     // Only if it is still the indexed entry: a purge since the read wins.
-                    let entry = MemEntry {
-                        hash: h,
-                        meta: found.meta,
-                        body,
-                    };
-                    disk.if_current(&h, found.id, || taken = self.memory.put(entry));
+                    let entry = MemEntry::new(h, found.meta, body.clone(), Some(found.id));
+                    disk.if_current(&h, found.id, || taken = self.memory.put(entry, &mut let_go));
                 }
-                // Taken by the memory tier, the body is counted there; declined, it is this
-                // response's alone and keeps its share of the budget until the response ends.
-                if !taken {
-                    hit.held = Some(held);
-                }
+                self.keep_let_go(let_go);
+                // Taken by the memory tier, the body is counted there (and held weakly by
+                // this hit, as any memory hit); declined, it is this response's alone and
+                // keeps its share of the budget until the response ends.
+                let hit = if taken {
+                    MemHit::new(self, &body, h, Some(found.id))
+                } else {
+                    MemHit::owning(self, body, h, held)
+                };
                 Ok(Some((meta, Box::new(hit))))
             }
             LoadedBody::Stream(mut r) => {
@@ -549,12 +635,16 @@ impl Storage for TieredStorage {
         // In the catalog from the start, so an invalidation of the object finds this entry.
         self.record(&key_str, hash);
         let gen = self.fill_begin(super::object_of(&key_str), hash);
-        let disk = self.disk.as_ref().map(|d| DiskFill {
-            writer: Some(d.writer(hash, &key_str, meta.clone())),
-            busy: None,
-            batch: Vec::new(),
-            batch_len: 0,
-            held: Held::new(&self.budget),
+        let disk = self.disk.as_ref().map(|d| {
+            let writer = d.writer(hash, &key_str, meta.clone());
+            DiskFill {
+                id: writer.id(),
+                writer: Some(writer),
+                busy: None,
+                batch: Vec::new(),
+                batch_len: 0,
+                held: Held::new(&self.budget),
+            }
         });
         Ok(Box::new(Fill {
             storage: self,
@@ -596,13 +686,12 @@ impl Storage for TieredStorage {
         let mut updated = false;
         {
             let _f = self.fills.lock(); // ordered against removals (see `remove_all`)
+                                        // (The disk entry's meta is replaced below; its id, and so its bytes, stay.)
             if let Some(e) = self.memory.get(&h) {
-                self.memory.put(MemEntry {
-                    hash: h,
-                    meta: raw.clone(),
-                    body: e.body.clone(),
-                });
-                updated = true;
+                if let Some(body) = e.body() {
+                    self.mem_put(MemEntry::new(h, raw.clone(), body, e.disk_id));
+                    updated = true;
+                }
             }
         }
         if let Some(d) = &self.disk {
@@ -622,34 +711,136 @@ impl Storage for TieredStorage {
 }
 
 /// A hit served from memory (or from a disk file read whole and checked).
+///
+/// A body of one segment is held for the whole response, as before: its one chunk holds it
+/// while it is written anyway. A segmented body is held until its first chunk, then weakly:
+/// each chunk (at most a segment) holds it only while it is sliced, so a response whose body
+/// the tier lets go of pins the segment it is writing, no more, unless storage keeps the
+/// body for it ([`TieredStorage::keep_let_go`]). When nothing holds the body any more, the
+/// response goes on from the disk tier's copy of the same bytes (the entry's `disk_id`),
+/// streamed as a disk hit; with no such copy it ends early.
 struct MemHit {
-    body: Bytes,
-    range: (usize, usize),
-    done: bool,
-    /// A disk body read whole that the memory tier declined: its share of the fill budget.
-    held: Option<Held>,
+    storage: &'static TieredStorage,
+    /// Until the first chunk, or all along (`own`).
+    strong: Option<Arc<Body>>,
+    /// A segmented body from the memory tier (else empty).
+    weak: Weak<Body>,
+    /// `strong` is held all along: a body of one segment, or one this response owns.
+    own: bool,
+    len: usize,
+    /// The rest of the range to send.
+    pos: usize,
+    end: usize,
+    hash: Hash,
+    /// The disk-tier entry with the same bytes, if any.
+    disk_id: Option<u64>,
+    /// Gone on from the disk tier's copy: its reader (`None` after a failed read).
+    from_disk: Option<Option<BodyReader>>,
+    /// A disk body read whole that the memory tier declined: its share of the fill budget,
+    /// given back when the response ends.
+    _held: Option<Held>,
 }
 
 impl MemHit {
-    fn new(body: Bytes) -> Self {
+    /// A hit of a body the memory tier holds (entry `hash`; `disk_id`: see [`MemEntry`]).
+    fn new(
+        storage: &'static TieredStorage,
+        body: &Arc<Body>,
+        hash: Hash,
+        disk_id: Option<u64>,
+    ) -> Self {
+        let segmented = body.is_segmented();
+        let weak = if segmented {
+            let w = Arc::downgrade(body);
+            // Pairs with the fence in `memory::let_go`: either the tier counted this hit's
+            // reference when it let go of the body, or this sees its mark and asks for it to
+            // be kept, as the tier would have.
+            fence(Ordering::SeqCst);
+            if body.is_let_go() {
+                storage.keep_let_go(vec![body.clone()]);
+            }
+            w
+        } else {
+            Weak::new()
+        };
+        MemHit {
+            storage,
+            strong: Some(body.clone()),
+            weak,
+            own: !segmented,
+            len: body.len(),
+            pos: 0,
+            end: body.len(),
+            hash,
+            disk_id,
+            from_disk: None,
+            _held: None,
+        }
+    }
+
+    /// A hit of a body read whole from disk that the memory tier declined: this response's
+    /// own, with its share of the fill budget.
+    fn owning(storage: &'static TieredStorage, body: Arc<Body>, hash: Hash, held: Held) -> Self {
         let len = body.len();
         MemHit {
-            body,
-            range: (0, len),
-            done: false,
-            held: None,
+            storage,
+            strong: Some(body),
+            weak: Weak::new(),
+            own: true,
+            len,
+            pos: 0,
+            end: len,
+            hash,
+            disk_id: None,
+            from_disk: None,
+            _held: Some(held),
         }
+    }
+
+    /// The body is gone: a reader of the rest of the range from the disk tier's copy of the
+    /// same bytes, if it still has it (opened on the blocking pool).
+    async fn open_disk_copy(&self) -> Result<Option<BodyReader>> {
+        let (Some(id), Some(disk)) = (self.disk_id, &self.storage.disk) else {
+            return Ok(None);
+        };
+        let (d, h, from, to) = (disk.clone(), self.hash, self.pos as u64, self.end as u64);
+        let mut r = blocking(move || d.reader_at(&h, id, from, to)).await?;
+        if let Some(r) = r.as_mut() {
+            r.set_cached_reads(self.storage.cached_reads);
+        }
+        Ok(r)
     }
 }
 
 #[async_trait]
 impl HandleHit for MemHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        if self.done {
+        if let Some(slot) = self.from_disk.as_mut() {
+            return disk_chunk(slot).await;
+        }
+        if self.pos >= self.end {
             return Ok(None);
         }
-        self.done = true;
-        Ok(Some(self.body.slice(self.range.0..self.range.1)))
+        let chunk = match &self.strong {
+            Some(b) if self.own => b.chunk(self.pos, self.end),
+            _ => match self.strong.take().or_else(|| self.weak.upgrade()) {
+                Some(b) => b.chunk(self.pos, self.end),
+                None => {
+                    let Some(r) = self.open_disk_copy().await? else {
+                        METRICS.cache_evicted_hits[1].inc();
+                        return Error::e_explain(
+                            ErrorType::InternalError,
+                            "the memory tier let go of this body while it was being sent, keeping it would pass half of cache.fill_memory, and the disk tier has no copy of it",
+                        );
+                    };
+                    METRICS.cache_evicted_hits[0].inc();
+                    self.weak = Weak::new();
+                    return disk_chunk(self.from_disk.insert(Some(r))).await;
+                }
+            },
+        };
+        self.pos += chunk.len();
+        Ok(Some(chunk))
     }
 
     async fn finish(
@@ -666,13 +857,18 @@ impl HandleHit for MemHit {
     }
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
-        let len = self.body.len();
-        let end = end.unwrap_or(len).min(len);
+        if let Some(slot) = self.from_disk.as_mut() {
+            let Some(r) = slot.as_mut() else {
+                return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
+            };
+            return r.seek(start as u64, end.map(|e| e as u64)).map_err(io_err);
+        }
+        let end = end.unwrap_or(self.len).min(self.len);
         if start > end {
             return Error::e_explain(ErrorType::InternalError, "seek out of range");
         }
-        self.range = (start, end);
-        self.done = false;
+        self.pos = start;
+        self.end = end;
         Ok(())
     }
 
@@ -685,6 +881,51 @@ impl HandleHit for MemHit {
     }
 }
 
+impl Drop for MemHit {
+    fn drop(&mut self) {
+        if let Some(Some(r)) = self.from_disk.take() {
+            disk::offload(move || drop(r)); // closes the file off the worker
+        }
+        if self.own {
+            return;
+        }
+        self.strong = None;
+        if let Some(b) = self.weak.upgrade() {
+            let let_go = b.is_let_go();
+            self.weak = Weak::new();
+            drop(b);
+            if let_go {
+                // This may have been the body's last hit: give back what keeping it held.
+                self.storage.sweep_let_go();
+            }
+        }
+    }
+}
+
+/// The next chunk of the disk body `slot` streams: from the page cache on the worker when it
+/// is there ([`BodyReader::next_chunk_cached`]), else by a trip to the blocking pool. `slot`
+/// is `None` only after a failed trip (the reader was lost with it).
+async fn disk_chunk(slot: &mut Option<BodyReader>) -> Result<Option<Bytes>> {
+    let Some(r) = slot.as_mut() else {
+        return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
+    };
+    // Allocated when a read is tried, on this (the worker's) allocator, which frees it:
+    // see `read_all_into`.
+    let mut buf = Vec::new();
+    if let Some(chunk) = r.next_chunk_cached(&mut buf) {
+        return chunk.map_err(io_err);
+    }
+    buf.reserve_exact((disk::READ_BLOCKS * disk::BLOCK) as usize);
+    let mut r = slot.take().expect("checked above");
+    let (r, chunk) = blocking(move || {
+        let chunk = r.next_chunk_into(buf);
+        (r, chunk)
+    })
+    .await?;
+    *slot = Some(r);
+    chunk.map_err(io_err)
+}
+
 /// An object streamed from its disk file, a block at a time ([`disk::READ_BLOCKS`]): from
 /// the page cache on the worker when it is there ([`BodyReader::next_chunk_cached`]), else
 /// by a trip to the blocking pool. `None` only after a failed trip (the reader was lost
@@ -694,24 +935,7 @@ struct DiskHit(Option<BodyReader>);
 #[async_trait]
 impl HandleHit for DiskHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        let Some(r) = self.0.as_mut() else {
-            return Error::e_explain(ErrorType::InternalError, "cache read failed earlier");
-        };
-        // Allocated when a read is tried, on this (the worker's) allocator, which frees it:
-        // see `read_all_into`.
-        let mut buf = Vec::new();
-        if let Some(chunk) = r.next_chunk_cached(&mut buf) {
-            return chunk.map_err(io_err);
-        }
-        buf.reserve_exact((disk::READ_BLOCKS * disk::BLOCK) as usize);
-        let mut r = self.0.take().expect("checked above");
-        let (r, chunk) = blocking(move || {
-            let chunk = r.next_chunk_into(buf);
-            (r, chunk)
-        })
-        .await?;
-        self.0 = Some(r);
-        chunk.map_err(io_err)
+        disk_chunk(&mut self.0).await
     }
 
     async fn finish(
@@ -761,6 +985,8 @@ struct DiskFill {
     batch_len: usize,
     /// The budget the batch holds.
     held: Held,
+    /// The entry's id once committed ([`DiskWriter::id`]).
+    id: u64,
 }
 
 impl DiskFill {
@@ -892,7 +1118,9 @@ impl HandleMiss for Fill {
             self.mem = None;
             self.disk = None;
         }
+        let mut disk_id = None;
         if let Some(d) = self.disk.take() {
+            let id = d.id;
             let tier = st.disk.clone().expect("a disk part needs a disk tier");
             let obj = object.clone();
             let committed = match d.close().await {
@@ -902,7 +1130,7 @@ impl HandleMiss for Fill {
                 Err(e) => Err(e),
             };
             match committed {
-                Ok(Some(_)) => {}
+                Ok(Some(_)) => disk_id = Some(id),
                 Ok(None) => refused = true,
                 Err(e) => {
                     if e.kind() == io::ErrorKind::StorageFull {
@@ -922,30 +1150,20 @@ impl HandleMiss for Fill {
             }
         }
         if let Some((chunks, held)) = self.mem.take() {
-            let body = if chunks.len() == 1 {
-                chunks.into_iter().next().expect("one")
-            } else {
-                let mut v = Vec::with_capacity(self.len);
-                for c in chunks {
-                    v.extend_from_slice(&c);
-                }
-                Bytes::from(v)
-            };
-            let mut entry = Some(MemEntry {
-                hash,
-                meta: self.meta.clone(),
-                body,
-            });
+            let body = Arc::new(Body::from_chunks(chunks, self.len));
+            // The copy is the body now, the tier's (or gone) once put: its share of the budget
+            // is free for what the put lets go of.
+            drop(held);
+            let mut entry = Some(MemEntry::new(hash, self.meta.clone(), body, disk_id));
             let put = &mut || {
-                st.memory.put(entry.take().expect("published once"));
+                st.mem_put(entry.take().expect("published once"));
             };
             if !st.publish_if(&object, gen, put) {
                 refused = true;
             }
-            drop(held);
         } else if !refused {
             // Stale copies of a key must not outlive its replacement in the other tier.
-            st.memory.remove(&hash);
+            st.mem_remove(&hash);
         }
         if refused {
             log::debug!(
@@ -1274,6 +1492,213 @@ mod tests {
         out
     }
 
+    /// A weak probe of the body the memory tier holds for `k` (to see when it is freed).
+    fn probe(st: &TieredStorage, k: &CacheKey) -> Weak<Body> {
+        let e = st.memory.get(&k.combined_bin()).expect("in memory");
+        Arc::downgrade(&e.body().expect("held"))
+    }
+
+    #[tokio::test]
+    async fn a_large_memory_hit_goes_out_a_segment_at_a_time_and_finishes_on_a_kept_body() {
+        // Memory-only: nothing else to go on from.
+        let st = leak(new_storage(64 << 20, None, 16 << 20));
+        let k = cache_key("g", "big.bin", None, None);
+        let b = body(1, 4 * SEGMENT + 1234);
+        fill_all(st, &k, &b).await;
+        assert_eq!(st.fill_memory(), 0);
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        let first = hit.read_body().await.unwrap().unwrap();
+        assert_eq!(first.len(), SEGMENT, "one segment per chunk");
+        // Purged (or evicted) while the response is under way: the body is kept for it,
+        // counted in the budget, and the response ends with the version it began with.
+        assert!(st.remove(&k.combined_bin()));
+        assert_eq!(st.kept_bytes(), b.len() as u64);
+        assert_eq!(st.fill_memory(), b.len() as u64);
+        let rest = chunks(&mut hit).await;
+        assert!(rest.iter().all(|c| c.len() <= SEGMENT));
+        assert_eq!([vec![first], rest].concat().concat(), b);
+        // Seeks back and forth still read it (multipart ranges).
+        for (from, to) in [
+            (SEGMENT - 3, 2 * SEGMENT + 5),
+            (10, 20),
+            (4 * SEGMENT, b.len()),
+        ] {
+            hit.seek(from, Some(to)).unwrap();
+            assert_eq!(chunks(&mut hit).await.concat(), &b[from..to]);
+        }
+        drop(hit);
+        assert_eq!(st.kept_bytes(), 0, "let go with its last hit");
+        assert_eq!(st.fill_memory(), 0);
+
+        // A meta update shares the body: a hit under way goes on, nothing is kept.
+        fill_all(st, &k, &b).await;
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        let first = hit.read_body().await.unwrap().unwrap();
+        assert!(st.update_meta(&k, &meta(), &span()).await.unwrap());
+        assert_eq!(st.kept_bytes(), 0);
+        let rest = chunks(&mut hit).await;
+        assert_eq!([vec![first], rest].concat().concat(), b);
+    }
+
+    #[tokio::test]
+    async fn a_body_evicted_under_slow_hits_is_kept_within_half_the_budget_and_else_cut() {
+        // Objects up to 1 MiB in memory; hits may keep 1.5 MiB of let-go bodies.
+        let st = leak(new_storage(4 << 20, None, 3 << 20));
+        let len = 4 * SEGMENT; // 1 MiB
+        let mut hits = Vec::new();
+        for i in 0..3u8 {
+            let k = cache_key("g", &format!("o{i}"), None, None);
+            fill_all(st, &k, &body(i, len)).await;
+            let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+            let first = hit.read_body().await.unwrap().unwrap();
+            hits.push((k, hit, first));
+        }
+        let cut_before = METRICS.cache_evicted_hits[1].get();
+        let probes: Vec<Weak<Body>> = hits.iter().map(|(k, ..)| probe(st, k)).collect();
+        for (k, ..) in &hits {
+            st.remove(&k.combined_bin());
+        }
+        // The first fits in half the budget and is kept; the next two do not.
+        assert_eq!(st.kept_bytes(), len as u64);
+        assert!(probes[0].upgrade().is_some());
+        for p in &probes[1..] {
+            assert!(
+                p.upgrade().is_none(),
+                "freed: a slow hit pins no more than its chunk"
+            );
+        }
+        drop(probes); // weak references, as hits hold
+        let mut hits = hits.into_iter();
+        let (_, mut kept, first) = hits.next().unwrap();
+        let rest = chunks(&mut kept).await;
+        assert_eq!([vec![first], rest].concat().concat(), body(0, len));
+        for (i, (_, mut hit, first)) in hits.enumerate() {
+            // The chunk the client was being sent is intact; the response then ends early.
+            assert_eq!(first, &body(i as u8 + 1, len)[..SEGMENT]);
+            let err = hit.read_body().await.unwrap_err();
+            assert!(err.to_string().contains("let go"), "{err}");
+        }
+        assert!(METRICS.cache_evicted_hits[1].get() >= cut_before + 2);
+        drop(kept);
+        assert_eq!(st.kept_bytes(), 0);
+        assert_eq!(st.fill_memory(), 0);
+
+        // Bodies evicted by TinyUFO (not removed) take the same way.
+        let mut hits = Vec::new();
+        for i in 0..24u8 {
+            let k = cache_key("g", &format!("churn{i}"), None, None);
+            // Each fill counts for TinyUFO's admission: the third beats what it evicts.
+            for _ in 0..3 {
+                fill_all(st, &k, &body(i, len)).await;
+            }
+            if let Ok(Some((_, mut hit))) = st.lookup(&k, &span()).await {
+                let _ = hit.read_body().await.unwrap();
+                hits.push(hit);
+            }
+        }
+        assert!(st.memory.bytes() <= 4 << 20);
+        assert!(
+            st.kept_bytes() <= 3 << 19,
+            "at most half the budget: {}",
+            st.kept_bytes()
+        );
+        assert!(st.kept_bytes() > 0, "evictions under hits were kept");
+        drop(hits);
+        assert_eq!(st.kept_bytes(), 0);
+        assert_eq!(st.fill_memory(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_hit_whose_body_is_let_go_and_not_kept_goes_on_from_the_disk_copy() {
+        // Objects up to 2 MiB in memory; hits may keep 1 MiB of let-go bodies: a 1.5 MiB
+        // body is not kept.
+        let dir = tempfile::tempdir().unwrap();
+        let st = leak(new_storage(8 << 20, Some((dir.path(), 64 << 20)), 2 << 20));
+        let k = cache_key("g", "d.bin", None, None);
+        let h = k.combined_bin();
+        let b = body(7, 6 * SEGMENT);
+        fill_all(st, &k, &b).await;
+        let disk = st.disk.as_ref().unwrap();
+        let id = st
+            .memory
+            .get(&h)
+            .unwrap()
+            .disk_id
+            .expect("the fill's disk entry");
+        assert!(disk.if_current(&h, id, || ()), "the same fill's");
+        let from_disk = METRICS.cache_evicted_hits[0].get();
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        let first = hit.read_body().await.unwrap().unwrap();
+        let probe = probe(st, &k);
+        // Evicted from memory (the disk tier keeps its copy); not kept: over the budget.
+        assert!(st.mem_remove(&h));
+        assert_eq!(st.kept_bytes(), 0);
+        assert!(probe.upgrade().is_none(), "freed");
+        drop(probe);
+        let rest = chunks(&mut hit).await;
+        assert!(
+            rest.iter().all(|c| c.len() <= disk::BLOCK as usize),
+            "streamed from disk"
+        );
+        assert_eq!([vec![first], rest].concat().concat(), b);
+        assert_eq!(METRICS.cache_evicted_hits[0].get(), from_disk + 1);
+        // Multipart ranges seek the disk reader now.
+        for (from, to) in [(3 * SEGMENT + 1, 6 * SEGMENT), (5, 70_000)] {
+            hit.seek(from, Some(to)).unwrap();
+            assert_eq!(chunks(&mut hit).await.concat(), &b[from..to]);
+        }
+        drop(hit);
+
+        // A body promoted from disk carries the id of the entry it came from.
+        let small = cache_key("g", "s.bin", None, None);
+        fill_all(st, &small, &body(8, 300_000)).await;
+        let hs = small.combined_bin();
+        let sid = st.memory.get(&hs).unwrap().disk_id.unwrap();
+        assert!(st.mem_remove(&hs));
+        assert_eq!(read(st, &small).await.unwrap(), body(8, 300_000));
+        assert_eq!(st.memory.get(&hs).expect("promoted").disk_id, Some(sid));
+
+        // A newer version on disk is not this response's: it ends early, never mixing bytes.
+        fill_all(st, &k, &b).await;
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        let first = hit.read_body().await.unwrap().unwrap();
+        let cut = METRICS.cache_evicted_hits[1].get();
+        fill_all(st, &k, &body(9, 6 * SEGMENT)).await; // replaces both tiers' entries
+        assert_eq!(st.kept_bytes(), 0);
+        let err = hit.read_body().await.unwrap_err();
+        assert!(err.to_string().contains("no copy"), "{err}");
+        assert_eq!(first, &b[..SEGMENT]);
+        assert_eq!(METRICS.cache_evicted_hits[1].get(), cut + 1);
+    }
+
+    #[tokio::test]
+    async fn a_hit_made_as_its_body_is_let_go_keeps_it() {
+        // The lookup took the body; the tier let go of it before the hit was made, when no
+        // hit held it yet. The hit sees the mark and has it kept.
+        let st = leak(new_storage(64 << 20, None, 16 << 20));
+        let k = cache_key("g", "race.bin", None, None);
+        let b = body(9, 2 * SEGMENT + 7);
+        fill_all(st, &k, &b).await;
+        let e = st.memory.get(&k.combined_bin()).unwrap();
+        let taken = e.body().unwrap();
+        assert!(st.remove(&k.combined_bin()));
+        assert!(e.body().is_none(), "a lookup now finds no body: a miss");
+        assert_eq!(st.kept_bytes(), 0, "nothing read it then");
+        let mut hit: HitHandler = Box::new(MemHit::new(st, &taken, k.combined_bin(), None));
+        drop(taken);
+        assert_eq!(st.kept_bytes(), b.len() as u64);
+        assert_eq!(chunks(&mut hit).await.concat(), b);
+        drop(hit);
+        assert_eq!(st.kept_bytes(), 0);
+        // A body of one segment is held by its hit all along: nothing to keep.
+        let b = body(3, 1000);
+        fill_all(st, &k, &b).await;
+        let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
+        assert!(st.remove(&k.combined_bin()));
+        assert_eq!(st.kept_bytes(), 0);
+        assert_eq!(chunks(&mut hit).await.concat(), b);
+    }
+
     #[tokio::test]
     async fn a_disk_hit_is_read_whole_for_the_memory_tier_only_while_the_budget_holds_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -1285,7 +1710,7 @@ mod tests {
         let b = body(3, 600_000);
         fill_all(st, &k, &b).await;
         // On disk only, as after a restart.
-        st.memory.remove(&h);
+        st.mem_remove(&h);
         // Fills in flight hold 1.5 MiB: the hit would take the use past half the budget, so
         // it streams a block at a time and is not promoted.
         let mut fills = Held::new(&st.budget);
@@ -1314,11 +1739,11 @@ mod tests {
             let k = cache_key("g", &format!("s{i}"), None, None);
             let b = body(i as u8, len);
             fill_all(st, &k, &b).await;
-            st.memory.remove(&k.combined_bin());
+            st.mem_remove(&k.combined_bin());
             let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
             assert!(st.memory.contains(&k.combined_bin()), "{len} promoted");
             assert_eq!(chunks(&mut hit).await.concat(), b);
-            st.memory.remove(&k.combined_bin());
+            st.mem_remove(&k.combined_bin());
             let mut fills = Held::new(&st.budget);
             assert!(fills.grow(2 << 20));
             let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
@@ -1344,7 +1769,7 @@ mod tests {
         let h = k.combined_bin();
         let b = body(4, 300_000);
         fill_all(st, &k, &b).await;
-        st.memory.remove(&h);
+        st.mem_remove(&h);
         st.memory.refuse_all(); // as TinyUFO's admission may
         let (_, mut hit) = st.lookup(&k, &span()).await.unwrap().unwrap();
         assert!(!st.memory.contains(&h), "declined");
@@ -1355,7 +1780,11 @@ mod tests {
             "the body is this hit's: it holds the budget"
         );
         let got = chunks(&mut hit).await;
-        assert_eq!(got.len(), 1, "read whole");
+        assert_eq!(
+            got.len(),
+            b.len().div_ceil(SEGMENT),
+            "read whole, sent a segment a chunk"
+        );
         assert_eq!(got.concat(), b);
         drop(hit);
         assert_eq!(st.fill_memory(), 0, "given back when the hit ends");
@@ -1379,7 +1808,7 @@ mod tests {
         let k = cache_key("g", "d.bin", None, None);
         let h = k.combined_bin();
         fill_all(st, &k, &body(6, 200_000)).await;
-        st.memory.remove(&h);
+        st.mem_remove(&h);
         let name = crate::cache::hex(&h);
         let path = dir.path().join(&name[..2]).join(&name);
         let mut raw = std::fs::read(&path).unwrap();
@@ -1460,7 +1889,7 @@ mod tests {
         let now = SystemTime::now();
         let m2 = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
         assert!(st.update_meta(&k, &m2, &span()).await.unwrap());
-        st.memory.remove(&k.combined_bin()); // read the disk copy
+        st.mem_remove(&k.combined_bin()); // read the disk copy
         let (meta, _) = st.lookup(&k, &span()).await.unwrap().unwrap();
         assert_eq!(
             meta.response_header().headers.get("etag").unwrap(),
