@@ -1067,7 +1067,7 @@ async fn read_rest(s: &mut tokio::net::TcpStream, body: &mut Vec<u8>, want: usiz
 async fn a_large_memory_hit_let_go_under_a_slow_client_is_kept_within_the_budget_or_cut_short() {
     let admin_port = free_port();
     let o = HttpOrigin::start();
-    let len = 6 << 20; // larger than what the sockets' buffers take in
+    let len = 12 << 20; // well past what the sockets' buffers take in (4 MiB + 4 KiB here)
     let a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let b: Vec<u8> = (0..len).map(|i| (i % 241) as u8 ^ 0x5a).collect();
     o.route(
@@ -1078,10 +1078,11 @@ async fn a_large_memory_hit_let_go_under_a_slow_client_is_kept_within_the_budget
         "/b.bin",
         Reply::new(200, b.clone()).header("cache-control", "max-age=600"),
     );
-    // Objects up to 16 MiB in memory; evicted bodies may be kept up to 8 MiB.
+    // Objects up to 16 MiB in memory; evicted bodies may be kept up to 16 MiB: a's, not b's
+    // beside it.
     let yaml = format!(
         "origins:\n  web: {{url: \"{}\"}}\ngroups:\n  media: {{main: web}}\nroutes:\n  - {{path: /, group: media}}\n\
-         cache:\n  memory: 64MiB\n  fill_memory: 16MiB\n\
+         cache:\n  memory: 64MiB\n  fill_memory: 32MiB\n\
          admin: {{addr: \"127.0.0.1:{admin_port}\", token_env: CASCADE_ADMIN_TOKEN}}\n",
         o.url("")
     );

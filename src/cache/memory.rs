@@ -130,10 +130,11 @@ impl Body {
 }
 
 /// The tier lets go of `entry`: its body is taken out of it (TinyUFO frees what it evicts or
-/// removes late, see [`MemEntry`]), marked, and reported in `out` if hits may still be
-/// reading it (they hold it weakly); unless `kept` (the entry replacing it) holds it still.
-/// The fence pairs with the one in a hit's making (`storage::MemHit::new`): the hit is
-/// either counted here or sees the mark.
+/// removes late, see [`MemEntry`]), marked, and handed to `out`, unless `kept` (the entry
+/// replacing it) holds it still. The caller keeps it for the hits that still read it (they
+/// hold it weakly) or drops it, after its own locks (a large free is not quick). The fence
+/// pairs with the one in a hit's making and ending (`storage::MemHit`): a hit's weak
+/// reference is either counted after the mark or sees it.
 fn let_go(entry: &MemEntry, kept: Option<&Arc<Body>>, out: &mut Vec<Arc<Body>>) {
     let Some(body) = entry.body.lock().take() else {
         return;
@@ -143,9 +144,7 @@ fn let_go(entry: &MemEntry, kept: Option<&Arc<Body>>, out: &mut Vec<Arc<Body>>) 
     }
     body.let_go.store(true, Ordering::SeqCst);
     fence(Ordering::SeqCst);
-    if Arc::weak_count(&body) > 0 {
-        out.push(body);
-    }
+    out.push(body);
 }
 
 /// One cached object. Meta updates replace the entry (sharing its body).
@@ -194,9 +193,15 @@ pub struct MemoryTier {
     max_object: usize,
     bytes: AtomicI64,
     objects: AtomicI64,
+    /// Puts and removals of a key are serialised, a stripe per key: TinyUFO replaces the
+    /// value of a key it holds without reporting it, so the old entry is taken out first
+    /// (and let go of) under the same lock.
+    stripes: Box<[Mutex<()>]>,
     #[cfg(test)]
     refuse: std::sync::atomic::AtomicBool,
 }
+
+const STRIPES: usize = 64;
 
 fn short(h: &Hash) -> u64 {
     u64::from_le_bytes(h[..8].try_into().expect("8 bytes"))
@@ -214,9 +219,14 @@ impl MemoryTier {
             max_object: (MAX_WEIGHT_KIB.min(limit_kib / 4) * 1024).max(1024),
             bytes: AtomicI64::new(0),
             objects: AtomicI64::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             #[cfg(test)]
             refuse: Default::default(),
         }
+    }
+
+    fn stripe(&self, key: u64) -> &Mutex<()> {
+        &self.stripes[(key % STRIPES as u64) as usize]
     }
 
     /// Objects larger than this (body bytes) are not admitted to memory.
@@ -231,7 +241,8 @@ impl MemoryTier {
     /// Inserts (or replaces) an entry. TinyUFO may refuse it (admission) or evict others;
     /// either way the byte bound holds. Returns whether the entry was taken (without counting
     /// an access to it, as a lookup would). Bodies it lets go of (replaced, evicted, or this
-    /// one refused) that hits may still be sending are pushed to `let_go`.
+    /// one refused) are pushed to `let_go_of`. A body the tier has let go of already (a meta
+    /// update that raced an eviction) is not put back.
     pub fn put(&self, entry: MemEntry, let_go_of: &mut Vec<Arc<Body>>) -> bool {
         let weight = entry.weight_kib();
         if weight > MAX_WEIGHT_KIB || weight > self.limit_kib || entry.len > self.max_object {
@@ -242,8 +253,13 @@ impl MemoryTier {
             return false;
         }
         let key = short(&entry.hash);
-        let body = entry.body();
-        self.remove_keeping(&entry.hash, body.as_ref(), let_go_of);
+        let _k = self.stripe(key).lock();
+        let Some(body) = entry.body().filter(|b| !b.is_let_go()) else {
+            return false;
+        };
+        // Whatever holds the key goes: this object's older entry, or another object's
+        // whose hash shares its first 8 bytes.
+        self.displace(key, Some(&body), let_go_of);
         drop(body);
         let entry = Arc::new(entry);
         let size = entry_size(&entry);
@@ -268,29 +284,27 @@ impl MemoryTier {
         self.refuse.store(true, Ordering::Relaxed);
     }
 
-    /// Removes an entry; its body, if hits may still be sending it, is pushed to `let_go_of`.
+    /// Removes an entry; its body is pushed to `let_go_of`.
     pub fn remove(&self, h: &Hash, let_go_of: &mut Vec<Arc<Body>>) -> bool {
-        self.remove_keeping(h, None, let_go_of)
-    }
-
-    fn remove_keeping(
-        &self,
-        h: &Hash,
-        kept: Option<&Arc<Body>>,
-        let_go_of: &mut Vec<Arc<Body>>,
-    ) -> bool {
         let key = short(h);
+        let _k = self.stripe(key).lock();
         match self.ufo.get(&key) {
             Some(e) if &e.hash == h => {
-                if let Some(old) = self.ufo.remove(&key) {
-                    self.bytes.fetch_sub(entry_size(&old), Ordering::Relaxed);
-                    self.objects.fetch_sub(1, Ordering::Relaxed);
-                    self.publish();
-                    let_go(&old, kept, let_go_of);
-                }
+                self.displace(key, None, let_go_of);
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Takes out the entry holding `key`, if any, and lets go of it (its body to
+    /// `let_go_of`, unless it is `kept`). Under the key's stripe.
+    fn displace(&self, key: u64, kept: Option<&Arc<Body>>, let_go_of: &mut Vec<Arc<Body>>) {
+        if let Some(old) = self.ufo.remove(&key) {
+            self.bytes.fetch_sub(entry_size(&old), Ordering::Relaxed);
+            self.objects.fetch_sub(1, Ordering::Relaxed);
+            self.publish();
+            let_go(&old, kept, let_go_of);
         }
     }
 
@@ -337,7 +351,10 @@ mod tests {
     fn put(tier: &MemoryTier, e: MemEntry) -> bool {
         let mut let_go = Vec::new();
         let taken = tier.put(e, &mut let_go);
-        assert!(let_go.is_empty(), "no hit reads these bodies");
+        // What the tier lets go of is marked, and, no hit reading it, freed with `let_go`.
+        assert!(let_go
+            .iter()
+            .all(|b| b.is_let_go() && Arc::weak_count(b) == 0));
         taken
     }
 
@@ -365,11 +382,22 @@ mod tests {
     fn a_truncated_hash_collision_is_a_miss() {
         let tier = MemoryTier::new(1 << 20);
         let a = entry(1, 10);
+        let a_hash = a.hash;
         let mut other = a.hash;
         other[15] = 2; // same first 8 bytes, different full hash
         put(&tier, a);
         assert!(tier.get(&other).is_none());
         assert!(!tier.remove(&other, &mut Vec::new()));
+        // The other object's entry takes the slot: the first is let go of, not lost silently
+        // (TinyUFO would replace it without a word), and the accounting holds.
+        let a_body = tier.get(&a_hash).unwrap().body().unwrap();
+        let mut b = entry(1, 20);
+        b.hash = other;
+        let mut out = Vec::new();
+        assert!(tier.put(b, &mut out));
+        assert!(out.len() == 1 && Arc::ptr_eq(&out[0], &a_body) && a_body.is_let_go());
+        assert!(tier.get(&a_hash).is_none() && tier.get(&other).is_some());
+        assert_eq!((tier.objects(), tier.bytes()), (1, 21));
     }
 
     #[test]
@@ -407,6 +435,9 @@ mod tests {
                     if i + 1 < body.segs.len() {
                         assert_eq!(s.len(), SEGMENT);
                     }
+                    // Each its own allocation, not a slice of a shared one: a chunk of one
+                    // pins no other.
+                    assert!(s.is_unique(), "segment {i} of {len} (step {step})");
                     for t in &body.segs[..i] {
                         // Separate allocations: a slice of one pins no other.
                         let (a, b) = (s.as_ptr() as usize, t.as_ptr() as usize);
@@ -454,14 +485,18 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert!(Arc::ptr_eq(&out[0], &body) && body.is_let_go());
         drop(reader);
-        // Replaced by a new body with no hit reading the old one: marked, not reported.
+        // Replaced by a new body: the old one is handed over, marked.
         let e = entry(2, len);
         let (h2, old) = (e.hash, e.body().unwrap());
         assert!(put(&tier, e));
         let mut out = Vec::new();
         assert!(tier.put(entry(2, len), &mut out));
-        assert!(out.is_empty() && old.is_let_go());
+        assert!(out.len() == 1 && Arc::ptr_eq(&out[0], &old) && old.is_let_go());
         assert!(!tier.get(&h2).unwrap().body().unwrap().is_let_go());
+        // A body let go of is not put back (a meta update that raced its eviction).
+        let again = MemEntry::new(h2, (Bytes::new(), Bytes::new()), old.clone(), None);
+        assert!(!tier.put(again, &mut out));
+        assert!(!Arc::ptr_eq(&tier.get(&h2).unwrap().body().unwrap(), &old));
     }
 
     #[test]

@@ -320,54 +320,62 @@ impl TieredStorage {
     /// pinned one segment each. Without this,
     /// a slow response pinned any body it had started, so slow clients of many large objects
     /// that the tier churned through held memory without bound.
+    ///
+    /// Bodies no hit reads are freed here, after the tier's and the caller's locks: call it
+    /// once those are released.
     fn keep_let_go(&self, bodies: Vec<Arc<Body>>) {
         if bodies.is_empty() {
             return;
         }
-        let mut kept = self.kept.lock();
-        self.sweep_locked(&mut kept);
-        for b in bodies {
-            if kept.iter().any(|k| Arc::ptr_eq(k, &b)) || Arc::weak_count(&b) == 0 {
-                continue;
-            }
-            let n = b.len() as u64;
-            if self.budget.try_take(n, self.budget.limit / 2) {
-                METRICS.cache_evicted_in_use.add(n as i64);
-                kept.push(b);
-            } else {
-                log::debug!("cache: an evicted body of {n} bytes is not kept for its hits (over the budget)");
+        let mut freed = Vec::new();
+        {
+            let mut kept = self.kept.lock();
+            self.sweep_locked(&mut kept, &mut freed);
+            for b in bodies {
+                if Arc::weak_count(&b) == 0 || kept.iter().any(|k| Arc::ptr_eq(k, &b)) {
+                    freed.push(b);
+                    continue;
+                }
+                let n = b.len() as u64;
+                if self.budget.try_take(n, self.budget.limit / 2) {
+                    METRICS.cache_evicted_in_use.add(n as i64);
+                    kept.push(b);
+                } else {
+                    log::debug!(
+                        "cache: an evicted body of {n} bytes is not kept for its hits (over the budget)"
+                    );
+                    freed.push(b);
+                }
             }
         }
+        drop(freed); // outside the lock
     }
 
     /// Lets go of kept bodies no hit reads any more.
     fn sweep_let_go(&self) {
-        self.sweep_locked(&mut self.kept.lock());
+        let mut freed = Vec::new();
+        self.sweep_locked(&mut self.kept.lock(), &mut freed);
+        drop(freed); // outside the lock
     }
 
-    fn sweep_locked(&self, kept: &mut Vec<Arc<Body>>) {
-        kept.retain(|b| {
-            let read = Arc::weak_count(b) > 0;
-            if !read {
-                let n = b.len() as u64;
-                self.budget.give(n);
-                METRICS.cache_evicted_in_use.sub(n as i64);
+    fn sweep_locked(&self, kept: &mut Vec<Arc<Body>>, freed: &mut Vec<Arc<Body>>) {
+        let mut i = 0;
+        while i < kept.len() {
+            if Arc::weak_count(&kept[i]) > 0 {
+                i += 1;
+                continue;
             }
-            read
-        });
+            let b = kept.swap_remove(i);
+            let n = b.len() as u64;
+            self.budget.give(n);
+            METRICS.cache_evicted_in_use.sub(n as i64);
+            freed.push(b);
+        }
     }
 
     /// Bytes of let-go bodies kept for their hits.
     pub fn kept_bytes(&self) -> u64 {
         self.kept.lock().iter().map(|b| b.len() as u64).sum()
-    }
-
-    /// [`MemoryTier::put`], keeping what it lets go of for hits that still send it.
-    fn mem_put(&self, entry: MemEntry) -> bool {
-        let mut let_go = Vec::new();
-        let taken = self.memory.put(entry, &mut let_go);
-        self.keep_let_go(let_go);
-        taken
     }
 
     /// [`MemoryTier::remove`], keeping the body for hits that still send it.
@@ -485,10 +493,15 @@ impl TieredStorage {
             .as_ref()
             .map(|d| d.remove_many(hs).into_iter().collect())
             .unwrap_or_default();
-        let _f = self.fills.lock();
-        hs.iter()
-            .filter(|h| self.mem_remove(h) | on_disk.contains(*h))
-            .count()
+        let mut let_go = Vec::new();
+        let removed = {
+            let _f = self.fills.lock();
+            hs.iter()
+                .filter(|h| self.memory.remove(h, &mut let_go) | on_disk.contains(*h))
+                .count()
+        };
+        self.keep_let_go(let_go);
+        removed
     }
 
     /// Removes every stored entry (the object and all its slices) of `object`
@@ -594,15 +607,17 @@ impl TieredStorage {
                     let entry = MemEntry::new(h, found.meta, body.clone(), Some(found.id));
                     disk.if_current(&h, found.id, || taken = self.memory.put(entry, &mut let_go));
                 }
-                self.keep_let_go(let_go);
                 // Taken by the memory tier, the body is counted there (and held weakly by
-                // this hit, as any memory hit); declined, it is this response's alone and
-                // keeps its share of the budget until the response ends.
+                // this hit, as any memory hit; its budget share is free for what the put let
+                // go of); declined, it is this response's alone and keeps its share of the
+                // budget until the response ends.
                 let hit = if taken {
+                    drop(held);
                     MemHit::new(self, &body, h, Some(found.id))
                 } else {
                     MemHit::owning(self, body, h, held)
                 };
+                self.keep_let_go(let_go);
                 Ok(Some((meta, Box::new(hit))))
             }
             LoadedBody::Stream(mut r) => {
@@ -684,16 +699,18 @@ impl Storage for TieredStorage {
         let h = key.combined_bin();
         let raw = meta_bytes(meta)?;
         let mut updated = false;
+        let mut let_go = Vec::new();
         {
             let _f = self.fills.lock(); // ordered against removals (see `remove_all`)
-                                        // (The disk entry's meta is replaced below; its id, and so its bytes, stay.)
             if let Some(e) = self.memory.get(&h) {
                 if let Some(body) = e.body() {
-                    self.mem_put(MemEntry::new(h, raw.clone(), body, e.disk_id));
-                    updated = true;
+                    // The disk entry's meta is replaced below; its id (its bytes) stays.
+                    let entry = MemEntry::new(h, raw.clone(), body, e.disk_id);
+                    updated = self.memory.put(entry, &mut let_go);
                 }
             }
         }
+        self.keep_let_go(let_go);
         if let Some(d) = &self.disk {
             if d.contains(&h) {
                 let d = d.clone();
@@ -828,6 +845,7 @@ impl HandleHit for MemHit {
                 None => {
                     let Some(r) = self.open_disk_copy().await? else {
                         METRICS.cache_evicted_hits[1].inc();
+                        self.from_disk = Some(None); // no retry (and no second count) on a seek
                         return Error::e_explain(
                             ErrorType::InternalError,
                             "the memory tier let go of this body while it was being sent, keeping it would pass half of cache.fill_memory, and the disk tier has no copy of it",
@@ -891,8 +909,11 @@ impl Drop for MemHit {
         }
         self.strong = None;
         if let Some(b) = self.weak.upgrade() {
-            let let_go = b.is_let_go();
             self.weak = Weak::new();
+            // Pairs with the fence in `memory::let_go`: either the tier's keeping sees this
+            // reference gone, or this sees the mark and sweeps after it.
+            fence(Ordering::SeqCst);
+            let let_go = b.is_let_go();
             drop(b);
             if let_go {
                 // This may have been the body's last hit: give back what keeping it held.
@@ -1155,12 +1176,15 @@ impl HandleMiss for Fill {
             // is free for what the put lets go of.
             drop(held);
             let mut entry = Some(MemEntry::new(hash, self.meta.clone(), body, disk_id));
+            let mut let_go = Vec::new();
             let put = &mut || {
-                st.mem_put(entry.take().expect("published once"));
+                st.memory
+                    .put(entry.take().expect("published once"), &mut let_go);
             };
             if !st.publish_if(&object, gen, put) {
                 refused = true;
             }
+            st.keep_let_go(let_go); // after publish_if's lock
         } else if !refused {
             // Stale copies of a key must not outlive its replacement in the other tier.
             st.mem_remove(&hash);
@@ -1668,7 +1692,8 @@ mod tests {
         let err = hit.read_body().await.unwrap_err();
         assert!(err.to_string().contains("no copy"), "{err}");
         assert_eq!(first, &b[..SEGMENT]);
-        assert_eq!(METRICS.cache_evicted_hits[1].get(), cut + 1);
+        // (Other tests in this process may cut too.)
+        assert!(METRICS.cache_evicted_hits[1].get() > cut);
     }
 
     #[tokio::test]
