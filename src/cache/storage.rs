@@ -313,16 +313,16 @@ impl TieredStorage {
         }
     }
 
-    /// Bodies the memory tier let go of (evicted, replaced, purged) while hits still hold
-    /// them weakly: each is kept whole, so its hits finish, if its size fits in the hits'
-    /// half of the fill budget; one that does not fit is dropped here, and its hits go on
-    /// from the disk tier's copy or end early (`cascade_cache_evicted_hits_total`), having
-    /// pinned one segment each. Without this,
-    /// a slow response pinned any body it had started, so slow clients of many large objects
-    /// that the tier churned through held memory without bound.
+    /// Bodies the memory tier let go of (evicted, replaced, purged): each one hits still hold
+    /// weakly is kept whole, so its hits finish, if its size fits in the hits' half of the
+    /// fill budget; one that does not fit is dropped here, and its hits go on from the disk
+    /// tier's copy or end early (`cascade_cache_evicted_hits_total`), having pinned one
+    /// segment each. (Before, a slow response pinned any body it had started, so slow
+    /// clients of many large objects that the tier churned through held memory without
+    /// bound.)
     ///
-    /// Bodies no hit reads are freed here, after the tier's and the caller's locks: call it
-    /// once those are released.
+    /// Bodies no hit reads are freed here: call it once the tier's and the caller's locks
+    /// are released.
     fn keep_let_go(&self, bodies: Vec<Arc<Body>>) {
         if bodies.is_empty() {
             return;
