@@ -10,8 +10,9 @@
 //! their hits hold them weakly between chunks (`storage::MemHit`): so when the tier lets go
 //! of a body (evicts, replaces or removes it) while slow responses are still sending it, what
 //! those responses pin is the segment each is writing, unless storage keeps the body for them
-//! within its budget ([`MemoryTier::put`] reports such bodies). Without segments one slow
-//! client per evicted object pinned the whole object, at will.
+//! within its budget ([`MemoryTier::put`] and [`MemoryTier::remove`] hand over the bodies they
+//! let go of). Without segments one slow client per evicted object pinned the whole object,
+//! at will.
 
 use std::sync::atomic::{fence, AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
