@@ -6,9 +6,9 @@
 //! the worker when it is there and on the blocking pool when it is not. So a slow client of
 //! a disk hit holds one block; a body read whole is the memory tier's, or, declined by it,
 //! counted in the budget until its response ends. A memory hit of a body over one segment
-//! sends it a segment per chunk and holds it weakly after the first ([`MemHit`]): a body the
+//! sends it a segment per chunk and holds it weakly after the first (`MemHit`): a body the
 //! tier lets go of while slow responses still send it is kept for them within half the
-//! budget ([`TieredStorage::keep_let_go`]), else freed, and those responses go on from the
+//! budget (`TieredStorage::keep_let_go`), else freed, and those responses go on from the
 //! disk tier's copy of the same bytes, or, with none, end early.
 //!
 //! Fill: the body streams to a disk temp file in batches written on the blocking pool (one
