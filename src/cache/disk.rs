@@ -647,9 +647,8 @@ impl DiskTier {
     /// id (the same bytes: a memory entry's fill, or the entry it was promoted from); `None`
     /// if not, or if it is bad (then removed). Nothing is read yet. Blocking.
     pub fn reader_at(&self, h: &Hash, id: u64, from: u64, to: u64) -> Option<BodyReader> {
-        if self.0.index.lock().map.get(h).map(|e| e.id) != Some(id) {
-            return None;
-        }
+        // `open_object` opens what the index holds (checked against its files): another
+        // version has another id.
         let obj = self.open_object(h)?;
         if obj.head.ident.id != id {
             return None;

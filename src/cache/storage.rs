@@ -359,13 +359,11 @@ impl TieredStorage {
     }
 
     fn sweep_locked(&self, kept: &mut Vec<Arc<Body>>, freed: &mut Vec<Arc<Body>>) {
-        let mut i = 0;
-        while i < kept.len() {
-            if Arc::weak_count(&kept[i]) > 0 {
-                i += 1;
-                continue;
-            }
-            let b = kept.swap_remove(i);
+        let (read, gone) = std::mem::take(kept)
+            .into_iter()
+            .partition(|b| Arc::weak_count(b) > 0);
+        *kept = read;
+        for b in gone {
             let n = b.len() as u64;
             self.budget.give(n);
             METRICS.cache_evicted_in_use.sub(n as i64);
