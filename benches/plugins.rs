@@ -6,6 +6,8 @@
 //! scripts/build-plugins.sh
 //! cargo bench --bench plugins                 # release profile
 //! cargo bench --profile dev --bench plugins   # quicker to build; host code less optimized
+//! BENCH_ONLY="noop x3 (" BENCH_ITERS=500000 perf record -g target/release/deps/plugins-…  # one chain
+//! BENCH_THREADS=2 cargo bench --bench plugins  # two threads running the chains at once
 //! ```
 //!
 //! Prints µs per request for each plugin alone, for the chain of three, and for a chain of
@@ -31,6 +33,22 @@ fn iters() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000)
+}
+
+/// Threads running each measurement at once (`BENCH_THREADS`; 1 by default).
+fn threads() -> usize {
+    std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
+}
+
+/// Only the measurements whose name contains this (`BENCH_ONLY`; the native chains' names
+/// start with `native `, so `noop x3 (` is the Wasm no-op chain alone, `noop` both), so that
+/// a `perf record` of the bench profiles one chain.
+fn selected(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| name.contains(only.as_str()))
 }
 
 /// Bytes walked between two requests (`BENCH_POLLUTE`; 0: none).
@@ -117,17 +135,29 @@ routes:
         }
         std::hint::black_box(x);
     };
-    // µs per call of `once` (after a warm-up), with the pollution between calls.
-    let time = |once: &dyn Fn()| -> f64 {
-        for _ in 0..2_000 {
-            once();
-        }
-        let t0 = Instant::now();
-        for _ in 0..iters {
-            once();
-            pollute();
-        }
-        t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+    // µs per call of `once` (after a warm-up), with the pollution between calls; with
+    // `BENCH_THREADS=N`, the mean over N threads calling it at once (as a server's worker
+    // threads run one plugin chain concurrently: shared state is then contended).
+    let threads = threads();
+    let time = |once: &(dyn Fn() + Sync)| -> f64 {
+        let one = || {
+            for _ in 0..2_000 {
+                once();
+            }
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                once();
+                pollute();
+            }
+            t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+        };
+        std::thread::scope(|s| {
+            let all: Vec<_> = (0..threads).map(|_| s.spawn(one)).collect();
+            all.into_iter()
+                .map(|t| t.join().expect("bench thread"))
+                .sum::<f64>()
+                / threads as f64
+        })
     };
     let run = |route: usize| -> f64 {
         let once = || {
@@ -152,12 +182,9 @@ routes:
         time(&once)
     };
     // Baseline: the header clones the loop does anyway.
-    let t0 = Instant::now();
-    for _ in 0..iters {
+    let base = time(&|| {
         std::hint::black_box((req.clone(), resp.clone()));
-        pollute();
-    }
-    let base = t0.elapsed().as_secs_f64() * 1e6 / iters as f64;
+    });
 
     let native_run = |chain: fn() -> Vec<Box<dyn native::Hooks>>| -> f64 {
         let once = || {
@@ -179,10 +206,14 @@ routes:
     };
 
     println!(
-        "plugin overhead per request (request + response + log, warm instances, {iters} iterations{})",
+        "plugin overhead per request (request + response + log, warm instances, {iters} iterations{}{})",
         match pollute_bytes() {
             0 => String::new(),
             n => format!(", {} KiB walked between requests", n / 1024),
+        },
+        match threads {
+            1 => String::new(),
+            n => format!(", {n} threads at once"),
         }
     );
     for (route, name) in [
@@ -192,6 +223,9 @@ routes:
         (0, "auth+tenant-router+headers"),
         (4, "noop x3 (the ABI's floor)"),
     ] {
+        if !selected(name) {
+            continue;
+        }
         let us = run(route) - base;
         println!("  {name:<28} {us:>7.2} µs/request");
     }
@@ -203,6 +237,9 @@ routes:
         ),
         (native::noops, "noop x3"),
     ] {
+        if !selected(&format!("native {name}")) {
+            continue;
+        }
         let us = native_run(chain) - base;
         println!("  {name:<28} {us:>7.2} µs/request");
     }

@@ -89,6 +89,7 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         cache: None,
         plugins: None,
         sets: Arc::new(buckets::Sets::build(cfg)),
+        route_durations: metrics::route_durations(cfg.routes.iter().map(|r| r.name.as_str())),
     })
 }
 

@@ -6,6 +6,9 @@
 
 use std::sync::LazyLock;
 
+mod sharded;
+pub use sharded::{now, start_clock, ShardedHistogram, ShardedHistogramVec};
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
@@ -23,8 +26,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub fallback_replays: IntCounterVec,
     pub upstream_errors: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub upstream_duration: HistogramVec,
+    pub request_duration: ShardedHistogramVec,
+    pub upstream_duration: ShardedHistogramVec,
     pub cache_requests: IntCounterVec,
     pub cache_evictions: IntCounterVec,
     pub cache_bytes: GaugeVec,
@@ -38,7 +41,7 @@ pub struct Metrics {
     pub plugin_counter: IntCounterVec,
     pub plugin_gauge: IntGaugeVec,
     pub plugin_histogram: HistogramVec,
-    pub plugin_duration: HistogramVec,
+    pub plugin_duration: ShardedHistogramVec,
     pub plugin_traps: IntCounterVec,
     pub plugin_instances: IntGaugeVec,
     pub plugin_pool_slots: IntGauge,
@@ -94,6 +97,17 @@ pub struct Metrics {
     pub cache_evicted_hits_by_then: IntCounterVec,
 }
 
+/// The series of `cascade_request_duration_seconds` for each of `routes`, in order, then the
+/// one for requests that took no route (`route="none"`).
+pub fn route_durations<'a>(
+    routes: impl Iterator<Item = &'a str>,
+) -> Vec<std::sync::Arc<ShardedHistogram>> {
+    routes
+        .chain(["none"])
+        .map(|r| METRICS.request_duration.with_label_values(&[r]))
+        .collect()
+}
+
 fn buckets() -> Vec<f64> {
     // 0.5 ms .. ~33 s
     exponential_buckets(0.0005, 2.0, 17).expect("static buckets")
@@ -123,22 +137,25 @@ impl Metrics {
             registry
         )
         .expect("metric");
-        let request_duration = register_histogram_vec_with_registry!(
+        // Observed on every request and every upstream attempt: sharded per thread.
+        let request_duration = ShardedHistogramVec::new(
             "cascade_request_duration_seconds",
             "Time from request header to the end of the response, by route.",
             &["route"],
             buckets(),
-            registry
-        )
-        .expect("metric");
-        let upstream_duration = register_histogram_vec_with_registry!(
+        );
+        registry
+            .register(Box::new(request_duration.clone()))
+            .expect("metric");
+        let upstream_duration = ShardedHistogramVec::new(
             "cascade_upstream_duration_seconds",
             "Time from the start of an upstream attempt to its response header, by origin.",
             &["origin"],
             buckets(),
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(upstream_duration.clone()))
+            .expect("metric");
         let cache_requests = register_int_counter_vec_with_registry!(
             "cascade_cache_requests_total",
             "Requests by cache outcome (the X-Cache value: HIT, MISS, EXPIRED, STALE, REVALIDATED, BYPASS) and route.",
@@ -227,14 +244,16 @@ impl Metrics {
             registry
         )
         .expect("metric");
-        let plugin_duration = register_histogram_vec_with_registry!(
+        // Observed up to three times per plugin per request: sharded per thread.
+        let plugin_duration = ShardedHistogramVec::new(
             "cascade_plugin_duration_seconds",
             "Time spent in plugin callbacks, by plugin and phase (request, response, log, call: proxy_on_http_call_response).",
             &["plugin", "phase"],
             exponential_buckets(0.000_002, 2.0, 16).expect("static buckets"),
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(plugin_duration.clone()))
+            .expect("metric");
         let plugin_traps = register_int_counter_vec_with_registry!(
             "cascade_plugin_traps_total",
             "Plugin callbacks that failed, by plugin and kind (trap, timeout, memory); the instance is discarded.",
@@ -686,11 +705,11 @@ mod tests {
         METRICS
             .request_duration
             .with_label_values(&["r"])
-            .observe(0.01);
+            .observe(std::time::Duration::from_millis(10));
         METRICS
             .upstream_duration
             .with_label_values(&["o"])
-            .observe(0.01);
+            .observe(std::time::Duration::from_millis(10));
         let text = String::from_utf8(render_text().to_vec()).unwrap();
         for name in [
             "cascade_requests_total{method=\"GET\",route=\"r\",served_from=\"main\",status=\"2xx\"} 1",

@@ -29,7 +29,7 @@ use crate::buckets;
 use crate::cache::{self, slice, Cache};
 use crate::config::{CacheFallback, GroupConfig};
 use crate::fallback::{Plan, Role};
-use crate::metrics::{self, METRICS};
+use crate::metrics::{self, ShardedHistogram, METRICS};
 use crate::origin::Origin;
 use crate::plugin;
 use crate::route::Router;
@@ -53,6 +53,9 @@ pub struct State {
     pub plugins: Option<Arc<plugin::Runtime>>,
     /// Bucket sets, by group.
     pub sets: Arc<buckets::Sets>,
+    /// `cascade_request_duration_seconds` by route index, then one for requests no route
+    /// took (looked up once per config, not per request).
+    pub route_durations: Vec<Arc<ShardedHistogram>>,
 }
 
 impl State {
@@ -666,10 +669,7 @@ impl ProxyHttp for Cascade {
         let role = c.role;
         let origin = &self.state.origins[c.origin];
         let elapsed = ctx.attempt_start.map_or(Duration::ZERO, |t| t.elapsed());
-        METRICS
-            .upstream_duration
-            .with_label_values(&[origin.name.as_str()])
-            .observe(elapsed.as_secs_f64());
+        origin.upstream_duration.observe(elapsed);
         if elapsed > origin.timeouts.total {
             return Err(total_timeout(origin));
         }
@@ -1214,10 +1214,11 @@ impl ProxyHttp for Cascade {
             }
         }
         let elapsed = ctx.start.elapsed();
-        METRICS
-            .request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+        let timing = ctx
+            .req
+            .as_ref()
+            .map_or(self.state.route_durations.len() - 1, |r| r.route);
+        self.state.route_durations[timing].observe(elapsed);
         if self.state.access_log {
             let client = session
                 .client_addr()

@@ -54,14 +54,22 @@ async fn plugin_counter_reaches(
     want: f64,
     what: &str,
 ) -> String {
+    let labels = [("plugin", plugin), ("name", name)];
+    metric_reaches(c, "cascade_plugin_counter", &labels, want, what).await
+}
+
+/// Scrapes until the series `name` with `labels` reads `want` (5 s at most); the scrape.
+async fn metric_reaches(
+    c: &Cascade,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+    what: &str,
+) -> String {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let m = c.metrics().await;
-        let got = metric_sum(
-            &m,
-            "cascade_plugin_counter",
-            &[("plugin", plugin), ("name", name)],
-        );
+        let got = metric_sum(&m, name, labels);
         if got == Some(want) {
             return m;
         }
@@ -545,6 +553,21 @@ async fn probe_sdk_plugin_sees_properties_metrics_and_shared_data() {
         "{m}"
     );
     assert!(m.contains("cascade_plugin_duration_seconds_bucket{phase=\"request\",plugin=\"probe\""));
+    // One timing per request of each phase the two requests went through (the log phase's
+    // is observed just after its callbacks return).
+    let timings = "cascade_plugin_duration_seconds_count";
+    let log = [("plugin", "probe"), ("phase", "log")];
+    let m = metric_reaches(&c, timings, &log, 2.0, "log phase timings").await;
+    for phase in ["request", "log"] {
+        let labels = [("plugin", "probe"), ("phase", phase)];
+        let count = metric_sum(&m, timings, &labels);
+        assert_eq!(count, Some(2.0), "{phase}: {m}");
+        let inf = [("plugin", "probe"), ("phase", phase), ("le", "+Inf")];
+        let bucket = metric_sum(&m, "cascade_plugin_duration_seconds_bucket", &inf);
+        assert_eq!(bucket, Some(2.0), "{phase}: {m}");
+        let sum = metric_sum(&m, "cascade_plugin_duration_seconds_sum", &labels);
+        assert!(sum.is_some_and(|s| s > 0.0 && s < 10.0), "{phase}: {m}");
+    }
     assert_eq!(
         metric_sum(&m, "cascade_plugin_instances", &[("plugin", "probe")]),
         Some(1.0)

@@ -53,6 +53,8 @@ pub struct Origin {
     pub health: Option<HealthConfig>,
     pub dns_refresh: Duration,
     pub budget: Budget,
+    /// `cascade_upstream_duration_seconds` of this origin (looked up once, not per attempt).
+    pub upstream_duration: Arc<crate::metrics::ShardedHistogram>,
 }
 
 impl std::fmt::Debug for Origin {
@@ -502,6 +504,9 @@ impl Origin {
             health: cfg.health.clone(),
             dns_refresh: cfg.dns_refresh,
             budget: Budget::default(),
+            upstream_duration: crate::metrics::METRICS
+                .upstream_duration
+                .with_label_values(&[cfg.name.as_str()]),
         })
     }
 

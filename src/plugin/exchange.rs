@@ -10,7 +10,6 @@
 //! later phases only log, the response is already under way), `allow` skips the plugin.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -24,6 +23,7 @@ use super::host::{Env, Phase};
 use super::runtime::{Fault, Handle, Plugin};
 use super::{LocalReply, Names, RequestInfo};
 use crate::config::OnError;
+use crate::metrics::now;
 
 /// What the proxy does after the request-headers chain.
 #[derive(Debug)]
@@ -197,7 +197,7 @@ impl Exchange {
         let req_ptr: *mut RequestHeader = req;
         self.request_body = !end_of_stream;
         // One clock read per plugin: each plugin's time runs from the previous one's end.
-        let mut t0 = Instant::now();
+        let mut t0 = now();
         while self.next < self.slots.len() {
             let i = self.next;
             self.next += 1;
@@ -234,8 +234,8 @@ impl Exchange {
                 None => Err(Fault::lost()),
             };
             drop(guard);
-            let t1 = Instant::now();
-            slot.plugin.info.state.durations[0].observe((t1 - t0).as_secs_f64());
+            let t1 = now();
+            slot.plugin.info.state.durations[0].observe(t1.saturating_duration_since(t0));
             t0 = t1;
             match r {
                 Ok((ctx, action)) => {
@@ -274,7 +274,7 @@ impl Exchange {
         pending: usize,
         headers: &mut Headers<'_>,
     ) -> Step {
-        let t0 = Instant::now();
+        let t0 = now();
         let (n_headers, body) = (answer.headers.len(), answer.body.len());
         self.info.answer = Some(answer);
         let env = match headers {
@@ -307,7 +307,7 @@ impl Exchange {
             None => Err(Fault::lost()),
         };
         self.info.answer = None;
-        slot.plugin.info.state.durations[3].observe(t0.elapsed().as_secs_f64());
+        slot.plugin.info.state.durations[3].observe(now().saturating_duration_since(t0));
         if let Err(f) = r {
             if response {
                 self.response_fault(i, &f);
@@ -375,7 +375,7 @@ impl Exchange {
     pub fn response_headers(&mut self, req: &RequestHeader, resp: &mut ResponseHeader) -> Step {
         let resp_ptr: *mut ResponseHeader = resp;
         let start = self.resp_next.take().unwrap_or(self.slots.len());
-        let mut t0 = Instant::now();
+        let mut t0 = now();
         for i in (0..start).rev() {
             let env = self.env(Phase::Response, req, resp_ptr);
             self.info.resumed = false;
@@ -402,8 +402,8 @@ impl Exchange {
                 None => Err(Fault::lost()),
             };
             drop(guard);
-            let t1 = Instant::now();
-            slot.plugin.info.state.durations[1].observe((t1 - t0).as_secs_f64());
+            let t1 = now();
+            slot.plugin.info.state.durations[1].observe(t1.saturating_duration_since(t0));
             t0 = t1;
             match r {
                 Err(f) => self.response_fault(i, &f),
@@ -498,7 +498,7 @@ impl Exchange {
         };
         let resp_ptr = resp.map_or(std::ptr::null(), |r| r as *const ResponseHeader);
         let n = self.slots.len();
-        let mut t0 = Instant::now();
+        let mut t0 = now();
         for step in 0..n {
             let i = if response { n - 1 - step } else { step };
             let slot = &self.slots[i];
@@ -537,8 +537,8 @@ impl Exchange {
                     None => Ok(None),
                 }
             };
-            let t1 = Instant::now();
-            slot.plugin.info.state.durations[dir].observe((t1 - t0).as_secs_f64());
+            let t1 = now();
+            slot.plugin.info.state.durations[dir].observe(t1.saturating_duration_since(t0));
             t0 = t1;
             match r {
                 Ok(Some(abi::ACTION_PAUSE)) if !eos => {
@@ -624,7 +624,7 @@ impl Exchange {
     /// instances go back to their pools (a parked one is there already).
     pub fn log(&mut self, req: &RequestHeader, resp: Option<&ResponseHeader>) {
         let resp_ptr = resp.map_or(std::ptr::null(), |r| r as *const ResponseHeader);
-        let mut t0 = Instant::now();
+        let mut t0 = now();
         for i in 0..self.slots.len() {
             let env = self.env(Phase::Log, req, resp_ptr);
             let slot = &mut self.slots[i];
@@ -638,8 +638,8 @@ impl Exchange {
                 Ok(())
             } else {
                 let r = finish(&slot.plugin, &handle, ctx, Some(env), true);
-                let t1 = Instant::now();
-                slot.plugin.info.state.durations[2].observe((t1 - t0).as_secs_f64());
+                let t1 = now();
+                slot.plugin.info.state.durations[2].observe(t1.saturating_duration_since(t0));
                 t0 = t1;
                 r
             };

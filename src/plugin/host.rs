@@ -23,7 +23,7 @@ use super::abi::{self, errno, map, status};
 use super::limits::{self, Hits, Limit, Limits};
 use super::props;
 use super::{LocalReply, Names, RequestInfo};
-use crate::metrics::METRICS;
+use crate::metrics::{ShardedHistogram, METRICS};
 
 /// Shared data of a plugin: key → (value, cas), and the bytes of its keys and values
 /// (bounded by `limits.shared_data`).
@@ -48,7 +48,7 @@ pub struct PluginState {
     /// trap, timeout, memory
     pub traps: [IntCounter; 3],
     /// request, response, log, call (answers delivered to `proxy_on_http_call_response`)
-    pub durations: [Histogram; 4],
+    pub durations: [Arc<ShardedHistogram>; 4],
     pub instances: IntGauge,
     /// Requests that found the instance pool full.
     pub pool_full: IntCounter,

@@ -958,6 +958,8 @@ impl Runtime {
             return Ok(None);
         }
         engine_with_slots(cfg.server.plugin_instances);
+        // The callbacks' timings use it: calibrate it now, not on the first request.
+        crate::metrics::start_clock();
         let cache_dir = cfg.plugin_cache.clone();
         let mut slots = Vec::with_capacity(cfg.plugins.len());
         let mut compiled = Compiled::new();
