@@ -839,6 +839,26 @@ async fn metrics_count_traffic() {
         up_hist.unwrap_or(0.0) >= 3.0,
         "cascade_upstream_duration_seconds_count = {up_hist:?}\n{text}"
     );
+    // Each request is timed under the route it is counted under (the series are looked up
+    // by route index, once per config): per route, as many timings as requests; requests
+    // that took no route have their series from the start, at zero here.
+    let timed_routes: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("cascade_request_duration_seconds_count{route=\""))
+        .filter_map(|l| l.split_once("\"} "))
+        .map(|(route, n)| (route.to_string(), n.parse().unwrap()))
+        .collect();
+    assert_eq!(timed_routes.len(), 3, "two routes and none\n{text}");
+    for (route, timed) in &timed_routes {
+        let counted = metric_sum(&text, "cascade_requests_total", &[("route", route)]);
+        assert_eq!(Some(*timed), counted.or(Some(0.0)), "route {route}\n{text}");
+    }
+    let none = timed_routes.iter().find(|(r, _)| r == "none");
+    assert_eq!(none.map(|(_, n)| *n), Some(0.0), "{text}");
+    assert!(
+        timed_routes.iter().filter(|(_, n)| *n > 0.0).count() == 2,
+        "both routes were timed\n{text}"
+    );
 }
 
 #[tokio::test]
