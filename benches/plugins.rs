@@ -27,21 +27,22 @@ use std::time::Instant;
 use cascade::plugin::{Runtime, Step, Verdict};
 use pingora_http::{RequestHeader, ResponseHeader};
 
-/// Iterations per measurement (`BENCH_ITERS` overrides, e.g. for a longer `perf record`).
-fn iters() -> u32 {
-    std::env::var("BENCH_ITERS")
+/// The number in environment variable `name`, or `default` when unset or not a number.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000)
+        .unwrap_or(default)
+}
+
+/// Iterations per measurement (`BENCH_ITERS` overrides, e.g. for a longer `perf record`).
+fn iters() -> u32 {
+    env_number("BENCH_ITERS", 20_000)
 }
 
 /// Threads running each measurement at once (`BENCH_THREADS`; 1 by default).
 fn threads() -> usize {
-    std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1usize)
-        .max(1)
+    env_number("BENCH_THREADS", 1usize).max(1)
 }
 
 /// Only the measurements whose name contains this (`BENCH_ONLY`; the native chains' names
@@ -53,10 +54,7 @@ fn selected(name: &str) -> bool {
 
 /// Bytes walked between two requests (`BENCH_POLLUTE`; 0: none).
 fn pollute_bytes() -> usize {
-    std::env::var("BENCH_POLLUTE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    env_number("BENCH_POLLUTE", 0)
 }
 
 fn main() {
