@@ -1,5 +1,6 @@
 //! What a timed step costs on a hot path: a clock read and a histogram observation, as the
-//! plugin host does after every plugin callback (three per plugin per request).
+//! plugin host does after every plugin callback (three per plugin per request); and what a
+//! finished request's counters and duration cost (`RequestMetrics::finish`).
 //!
 //! ```sh
 //! cargo bench --bench metrics
@@ -8,11 +9,15 @@
 //! Prints ns per operation, on one thread and on two threads observing the same series at
 //! once (a server's worker threads running the same route): `std::time::Instant::now`
 //! against [`cascade::metrics::now`] (the TSC), prometheus's `Histogram::observe` against
-//! cascade's [`ShardedHistogram`], and the two together as the plugin host uses them.
+//! cascade's [`ShardedHistogram`], and the two together as the plugin host uses them; a
+//! request's three counters and its duration as prometheus's `with_label_values` found them
+//! on every request against [`RequestMetrics`].
 
 use std::time::{Duration, Instant};
 
-use cascade::metrics::{now, start_clock, ShardedHistogram, ShardedHistogramVec};
+use cascade::metrics::{
+    now, start_clock, Finished, RequestMetrics, ShardedHistogram, ShardedHistogramVec,
+};
 use prometheus::{exponential_buckets, Histogram, HistogramOpts};
 
 /// Operations per measurement and thread (`BENCH_ITERS` overrides).
@@ -61,7 +66,37 @@ fn main() {
         "ns per operation ({} per thread; 1 thread | 2 threads on one series)",
         iters()
     );
-    let rows: [(&str, &(dyn Fn(u64) + Sync)); 6] = [
+    // A request's metrics as cascade counted them before (prometheus counters found by
+    // `with_label_values` on every request) and now (`RequestMetrics`: per-thread memo, sharded
+    // counters); both observe the request's duration in the route's sharded histogram.
+    let reqs = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("r", "r"),
+        &["route", "method", "status", "served_from"],
+    )
+    .expect("counter");
+    let cache =
+        prometheus::IntCounterVec::new(prometheus::Opts::new("c", "c"), &["route", "status"])
+            .expect("counter");
+    let bytes = prometheus::IntCounterVec::new(prometheus::Opts::new("b", "b"), &["status"])
+        .expect("counter");
+    let request = RequestMetrics::new(["images", "video"].into_iter(), ["main", "fb"].into_iter());
+    let finished = Finished {
+        route: Some(0),
+        method: &http::Method::GET,
+        status: 200,
+        served: Some(0),
+        cache: Some(("HIT", 4096)),
+        elapsed: Duration::from_micros(300),
+    };
+    let rows: [(&str, &(dyn Fn(u64) + Sync)); 8] = [
+        ("a request's metrics before", &|_| {
+            reqs.with_label_values(&["images", "GET", "2xx", "main"])
+                .inc();
+            cache.with_label_values(&["images", "HIT"]).inc();
+            bytes.with_label_values(&["HIT"]).inc_by(4096);
+            ours.observe(finished.elapsed);
+        }),
+        ("a request's metrics now", &|_| request.finish(&finished)),
         ("std Instant::now", &|_| {
             std::hint::black_box(Instant::now());
         }),

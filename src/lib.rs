@@ -27,6 +27,7 @@ pub mod plugin;
 pub mod proxy;
 pub mod route;
 pub mod sendbuf;
+pub mod shard;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -89,7 +90,10 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         cache: None,
         plugins: None,
         sets: Arc::new(buckets::Sets::build(cfg)),
-        route_durations: metrics::route_durations(cfg.routes.iter().map(|r| r.name.as_str())),
+        request_metrics: metrics::RequestMetrics::new(
+            cfg.routes.iter().map(|r| r.name.as_str()),
+            cfg.origins.iter().map(|o| o.name.as_str()),
+        ),
     })
 }
 

@@ -6,8 +6,12 @@
 
 use std::sync::LazyLock;
 
+mod requests;
 mod sharded;
-pub use sharded::{now, start_clock, ShardedHistogram, ShardedHistogramVec};
+pub use requests::{Finished, RequestMetrics};
+pub use sharded::{
+    now, start_clock, ShardedCounter, ShardedCounterVec, ShardedHistogram, ShardedHistogramVec,
+};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -23,12 +27,12 @@ use prometheus::{
 
 pub struct Metrics {
     pub registry: Registry,
-    pub requests: IntCounterVec,
+    pub requests: ShardedCounterVec,
     pub fallback_replays: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub request_duration: ShardedHistogramVec,
     pub upstream_duration: ShardedHistogramVec,
-    pub cache_requests: IntCounterVec,
+    pub cache_requests: ShardedCounterVec,
     pub cache_evictions: IntCounterVec,
     pub cache_bytes: GaugeVec,
     pub cache_objects: GaugeVec,
@@ -36,7 +40,7 @@ pub struct Metrics {
     pub cache_fill_memory: IntGauge,
     pub cache_fills_discarded: IntCounter,
     pub cache_lock_waits: IntCounter,
-    pub cache_served_bytes: IntCounterVec,
+    pub cache_served_bytes: ShardedCounterVec,
     pub cache_purges: IntCounterVec,
     pub plugin_counter: IntCounterVec,
     pub plugin_gauge: IntGaugeVec,
@@ -97,17 +101,6 @@ pub struct Metrics {
     pub cache_evicted_hits_by_then: IntCounterVec,
 }
 
-/// The series of `cascade_request_duration_seconds` for each of `routes`, in order, then the
-/// one for requests that took no route (`route="none"`).
-pub fn route_durations<'a>(
-    routes: impl Iterator<Item = &'a str>,
-) -> Vec<std::sync::Arc<ShardedHistogram>> {
-    routes
-        .chain(["none"])
-        .map(|r| METRICS.request_duration.with_label_values(&[r]))
-        .collect()
-}
-
 fn buckets() -> Vec<f64> {
     // 0.5 ms .. ~33 s
     exponential_buckets(0.0005, 2.0, 17).expect("static buckets")
@@ -116,13 +109,16 @@ fn buckets() -> Vec<f64> {
 impl Metrics {
     fn new() -> Metrics {
         let registry = Registry::new();
-        let requests = register_int_counter_vec_with_registry!(
+        // Counted on every request: sharded per thread, found through a per-thread memo
+        // (metrics/requests.rs).
+        let requests = ShardedCounterVec::new(
             "cascade_requests_total",
             "Requests answered, by route, method, status class and the origin that served them.",
             &["route", "method", "status", "served_from"],
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(requests.clone()))
+            .expect("metric");
         let fallback_replays = register_int_counter_vec_with_registry!(
             "cascade_fallback_replays_total",
             "Requests replayed to the next fallback, by group and the origin that answered `missing`.",
@@ -156,13 +152,14 @@ impl Metrics {
         registry
             .register(Box::new(upstream_duration.clone()))
             .expect("metric");
-        let cache_requests = register_int_counter_vec_with_registry!(
+        let cache_requests = ShardedCounterVec::new(
             "cascade_cache_requests_total",
             "Requests by cache outcome (the X-Cache value: HIT, MISS, EXPIRED, STALE, REVALIDATED, BYPASS) and route.",
             &["route", "status"],
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(cache_requests.clone()))
+            .expect("metric");
         let cache_evictions = register_int_counter_vec_with_registry!(
             "cascade_cache_evictions_total",
             "Entries evicted to keep a tier within its size, by tier (memory, disk).",
@@ -208,13 +205,14 @@ impl Metrics {
             registry
         )
         .expect("metric");
-        let cache_served_bytes = register_int_counter_vec_with_registry!(
+        let cache_served_bytes = ShardedCounterVec::new(
             "cascade_cache_served_bytes_total",
             "Response body bytes sent, by cache outcome.",
             &["status"],
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(cache_served_bytes.clone()))
+            .expect("metric");
         let cache_purges = register_int_counter_vec_with_registry!(
             "cascade_cache_purges_total",
             "Cache entries removed by purge (admin) or by a write through cascade (invalidate).",
@@ -628,30 +626,43 @@ impl Metrics {
 /// The process-wide metrics. One registry per process: a config reload keeps counters.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// `2xx`, `4xx`, … (`0xx` when no response was sent, e.g. the client went away).
-pub fn status_class(status: u16) -> &'static str {
+/// Status class labels, by [`status_ix`].
+const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn status_ix(status: u16) -> u8 {
     match status / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        5 => "5xx",
-        _ => "none",
+        c @ 1..=5 => c as u8,
+        _ => 0,
+    }
+}
+
+/// `2xx`, `4xx`, … (`none` when no response was sent, e.g. the client went away).
+pub fn status_class(status: u16) -> &'static str {
+    STATUS_CLASSES[usize::from(status_ix(status))]
+}
+
+/// Method labels, by [`method_ix`]: a fixed set, so a client cannot mint series with
+/// invented methods.
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH", "other",
+];
+
+fn method_ix(m: &Method) -> u8 {
+    match *m {
+        Method::GET => 0,
+        Method::HEAD => 1,
+        Method::PUT => 2,
+        Method::POST => 3,
+        Method::DELETE => 4,
+        Method::OPTIONS => 5,
+        Method::PATCH => 6,
+        _ => 7,
     }
 }
 
 /// A fixed label for the method, so a client cannot mint series with invented methods.
 pub fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::PUT => "PUT",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        Method::OPTIONS => "OPTIONS",
-        Method::PATCH => "PATCH",
-        _ => "other",
-    }
+    METHODS[usize::from(method_ix(m))]
 }
 
 /// Serves `/metrics` (and `/healthz`) on the metrics listener.

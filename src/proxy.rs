@@ -29,7 +29,7 @@ use crate::buckets;
 use crate::cache::{self, slice, Cache};
 use crate::config::{CacheFallback, GroupConfig};
 use crate::fallback::{Plan, Role};
-use crate::metrics::{self, ShardedHistogram, METRICS};
+use crate::metrics::{self, METRICS};
 use crate::origin::Origin;
 use crate::plugin;
 use crate::route::Router;
@@ -53,9 +53,9 @@ pub struct State {
     pub plugins: Option<Arc<plugin::Runtime>>,
     /// Bucket sets, by group.
     pub sets: Arc<buckets::Sets>,
-    /// `cascade_request_duration_seconds` by route index, then one for requests no route
-    /// took (looked up once per config, not per request).
-    pub route_durations: Vec<Arc<ShardedHistogram>>,
+    /// What every finished request counts and times, by route and origin index (the series
+    /// found without shared locks: metrics/requests.rs).
+    pub request_metrics: metrics::RequestMetrics,
 }
 
 impl State {
@@ -1187,39 +1187,28 @@ impl ProxyHttp for Cascade {
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let req = session.req_header();
-        let route = ctx.req.as_ref().map_or("none", |r| {
-            self.state.router.routes()[r.route].name.as_str()
-        });
         ctx.attempts.end(&self.state.origins);
-        let served = ctx
-            .served
-            .map_or("cascade", |c| self.state.origins[c.origin].name.as_str());
-        METRICS
-            .requests
-            .with_label_values(&[
-                route,
-                metrics::method_label(&req.method),
-                metrics::status_class(status),
-                served,
-            ])
-            .inc();
-        if let Some(cs) = ctx.cache_status {
-            METRICS.cache_requests.with_label_values(&[route, cs]).inc();
-            METRICS
-                .cache_served_bytes
-                .with_label_values(&[cs])
-                .inc_by(session.body_bytes_sent() as u64);
-            if session.cache.lock_duration().is_some() {
-                METRICS.cache_lock_waits.inc();
-            }
-        }
         let elapsed = ctx.start.elapsed();
-        let timing = ctx
-            .req
-            .as_ref()
-            .map_or(self.state.route_durations.len() - 1, |r| r.route);
-        self.state.route_durations[timing].observe(elapsed);
+        self.state.request_metrics.finish(&metrics::Finished {
+            route: ctx.req.as_ref().map(|r| r.route),
+            method: &req.method,
+            status,
+            served: ctx.served.map(|c| c.origin),
+            cache: ctx
+                .cache_status
+                .map(|cs| (cs, session.body_bytes_sent() as u64)),
+            elapsed,
+        });
+        if ctx.cache_status.is_some() && session.cache.lock_duration().is_some() {
+            METRICS.cache_lock_waits.inc();
+        }
         if self.state.access_log {
+            let route = ctx.req.as_ref().map_or("none", |r| {
+                self.state.router.routes()[r.route].name.as_str()
+            });
+            let served = ctx
+                .served
+                .map_or("cascade", |c| self.state.origins[c.origin].name.as_str());
             let client = session
                 .client_addr()
                 .map_or_else(|| "-".to_string(), |a| a.to_string());

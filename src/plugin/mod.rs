@@ -16,6 +16,7 @@
 //! - `props`    readable/writable properties (`request.*`, `cascade.*`, …)
 //! - `runtime`  engine + epoch ticker, compile (with the on-disk precompiled cache),
 //!   instances, pool, traps/backoff, SIGHUP reload
+//! - `idle`     a plugin's idle instances, per thread (an instance stays on one core)
 //! - `exchange` one request's walk through its chain, and the glue the proxy phases call
 //!
 //! - `callout`  `proxy_http_call`: calls to configured origins, made while the request (or
@@ -32,6 +33,7 @@ pub mod abi;
 mod callout;
 mod exchange;
 pub mod host;
+mod idle;
 pub mod limits;
 mod props;
 mod queue;

@@ -14,6 +14,7 @@ use wasmtime::{Engine, InstancePre, Module, Store, Trap, TypedFunc, WasmParams, 
 
 use super::exchange::Exchange;
 use super::host::{self, Env, Host, PluginInfo, PluginState};
+use super::idle::Idle;
 use super::{Names, RequestInfo};
 use crate::config::{Config, OnError, PluginConfig};
 
@@ -104,13 +105,7 @@ fn free_an_idle_slot() -> bool {
         loaded.iter().filter_map(std::sync::Weak::upgrade).collect()
     };
     for p in plugins {
-        let handle = {
-            let mut pool = p.pool.lock();
-            pool.retain(|h| h.lock().is_some());
-            pool.iter()
-                .rposition(|h| Arc::strong_count(h) == 1)
-                .map(|i| pool.swap_remove(i))
-        };
+        let handle = p.pool.evict_one();
         if handle.is_some() {
             // Dropped here, outside every lock: the slot goes back to the engine's pool.
             return true;
@@ -419,8 +414,8 @@ pub struct Plugin {
     /// Most body bytes held while the plugin pauses a body.
     pub max_body: usize,
     pre: InstancePre<Host>,
-    /// Idle instances (possibly holding parked contexts).
-    pool: Mutex<Vec<Handle>>,
+    /// Idle instances (possibly holding parked contexts), per thread.
+    pool: Idle<Instance>,
     health: Mutex<Health>,
     max_memory: usize,
     deadline: Duration,
@@ -513,7 +508,7 @@ impl Plugin {
                     .any(|name| module.get_export(name).is_some()),
             max_body: cfg.max_body as usize,
             pre,
-            pool: Mutex::new(Vec::new()),
+            pool: Idle::new(MAX_IDLE),
             health: Mutex::new(Health::default()),
             max_memory: cfg.memory as usize,
             deadline: cfg.time,
@@ -526,7 +521,7 @@ impl Plugin {
             first = plugin.build_instance();
         }
         let first = first.map_err(|(Build::PoolFull(e) | Build::Failed(e))| e)?;
-        plugin.pool.lock().push(Arc::new(Mutex::new(Some(first))));
+        plugin.pool.put(Arc::new(Mutex::new(Some(first))));
         LOADED.lock().push(Arc::downgrade(&plugin));
         Ok(plugin)
     }
@@ -667,17 +662,10 @@ impl Plugin {
     /// instances.
     pub(super) fn lease(&self) -> Option<Handle> {
         loop {
-            // Prefer an instance no other request has a context in (parked, or waiting for
-            // HTTP calls): a fault there then costs only this request, and shared contexts do
-            // not pile into one instance.
-            let popped = {
-                let mut pool = self.pool.lock();
-                match pool.iter().rposition(|h| Arc::strong_count(h) == 1) {
-                    Some(i) => Some(pool.swap_remove(i)),
-                    None => pool.pop(),
-                }
-            };
-            let Some(h) = popped else {
+            // An instance no other request has a context in (parked, or waiting for HTTP
+            // calls) first: a fault there then costs only this request, and shared contexts
+            // do not pile into one instance. This thread's own idle instances first (idle.rs).
+            let Some(h) = self.pool.take() else {
                 break;
             };
             if h.lock().is_some() {
@@ -731,7 +719,7 @@ impl Plugin {
 
     /// The idle instances, for ticks (clones of the handles; they stay in the pool).
     pub(super) fn idle(&self) -> Vec<Handle> {
-        self.pool.lock().clone()
+        self.pool.snapshot()
     }
 
     /// A request parks its context in `h` and hands the instance back, unless `MAX_PARKED`
@@ -751,10 +739,7 @@ impl Plugin {
         if h.lock().is_none() {
             return;
         }
-        let mut pool = self.pool.lock();
-        if pool.len() < MAX_IDLE {
-            pool.push(h);
-        }
+        self.pool.put(h);
     }
 
     /// Counts a fault (the instance is already discarded) and applies the trap-rate limit.
