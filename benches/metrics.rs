@@ -11,7 +11,8 @@
 //! against [`cascade::metrics::now`] (the TSC), prometheus's `Histogram::observe` against
 //! cascade's [`ShardedHistogram`], and the two together as the plugin host uses them; a
 //! request's three counters and its duration as prometheus's `with_label_values` found them
-//! on every request against [`RequestMetrics`].
+//! on every request against [`RequestMetrics`]; an attempt's peer counts with and without
+//! the in-flight gauge kept beside the peer's own count.
 
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,28 @@ fn main() {
         cache: Some(("HIT", 4096)),
         elapsed: Duration::from_micros(300),
     };
-    let rows: [(&str, &(dyn Fn(u64) + Sync)); 8] = [
+    // An attempt on a peer: the peer's own counts (in flight, which the balancer reads, and
+    // requests) and its metrics: before, an in-flight gauge kept beside them and a
+    // prometheus outcome counter; now, the gauge read from the peer's count at scrape and a
+    // sharded outcome counter.
+    let peer = cascade::upstream::PeerState::default();
+    let in_flight = prometheus::IntGauge::new("f", "f").expect("gauge");
+    let outcome = prometheus::IntCounter::new("o", "o").expect("counter");
+    let sharded_outcome =
+        cascade::metrics::ShardedCounterVec::new("o", "o", &["outcome"]).with_label_values(&["ok"]);
+    let rows: [(&str, &(dyn Fn(u64) + Sync)); 10] = [
+        ("an attempt's peer counts before", &|_| {
+            peer.enter();
+            in_flight.inc();
+            peer.leave();
+            in_flight.dec();
+            outcome.inc();
+        }),
+        ("an attempt's peer counts now", &|_| {
+            peer.enter();
+            peer.leave();
+            sharded_outcome.inc();
+        }),
         ("a request's metrics before", &|_| {
             reqs.with_label_values(&["images", "GET", "2xx", "main"])
                 .inc();

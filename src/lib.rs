@@ -80,10 +80,12 @@ pub fn build_state(cfg: &Config, rt_dir: &Path) -> Result<proxy::State, String> 
         let sock = matches!(o.kind, OriginKind::Dir { .. }).then(|| dir_socket(rt_dir, i));
         origins.push(Origin::new(o, sock.as_deref(), own_pool)?);
     }
+    let origins: Arc<[Origin]> = origins.into();
+    origin::export_in_flight(&origins);
     Ok(proxy::State {
         router: route::Router::new(cfg.routes.clone()),
         groups: cfg.groups.clone(),
-        origins: origins.into(),
+        origins,
         access_log: cfg.server.access_log,
         header_limits: cfg.server.header_limits,
         keepalive_secs: cfg.server.keepalive_timeout.as_secs(),

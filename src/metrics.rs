@@ -7,8 +7,10 @@
 use std::sync::LazyLock;
 
 mod requests;
+mod sampled;
 mod sharded;
 pub use requests::{Finished, RequestMetrics};
+pub use sampled::SampledGaugeVec;
 pub use sharded::{
     now, start_clock, ShardedCounter, ShardedCounterVec, ShardedHistogram, ShardedHistogramVec,
 };
@@ -57,9 +59,9 @@ pub struct Metrics {
     pub plugin_queue_dropped: IntCounterVec,
     pub plugin_limit_hits: IntCounterVec,
     pub peer_up: IntGaugeVec,
-    pub peer_requests: IntCounterVec,
+    pub peer_requests: ShardedCounterVec,
     pub peer_ejections: IntCounterVec,
-    pub peer_in_flight: IntGaugeVec,
+    pub peer_in_flight: SampledGaugeVec,
     pub health_checks: IntCounterVec,
     pub retries: IntCounterVec,
     pub failovers: IntCounterVec,
@@ -329,13 +331,14 @@ impl Metrics {
             registry
         )
         .expect("metric");
-        let peer_requests = register_int_counter_vec_with_registry!(
+        let peer_requests = ShardedCounterVec::new(
             "cascade_peer_requests_total",
             "Attempts on a peer by outcome: ok (an answer), status (a retry_on status), connect (connect error), timeout, error (reset, protocol).",
             &["origin", "peer", "outcome"],
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(peer_requests.clone()))
+            .expect("metric");
         let peer_ejections = register_int_counter_vec_with_registry!(
             "cascade_peer_ejections_total",
             "Passive ejections (consecutive failures) of a peer.",
@@ -343,13 +346,15 @@ impl Metrics {
             registry
         )
         .expect("metric");
-        let peer_in_flight = register_int_gauge_vec_with_registry!(
+        // The peers' own counts, read at scrape (metrics/sampled.rs).
+        let peer_in_flight = SampledGaugeVec::new(
             "cascade_peer_in_flight",
             "Attempts in flight on a peer.",
             &["origin", "peer"],
-            registry
-        )
-        .expect("metric");
+        );
+        registry
+            .register(Box::new(peer_in_flight.clone()))
+            .expect("metric");
         let health_checks = register_int_counter_vec_with_registry!(
             "cascade_health_checks_total",
             "Active health checks of a peer, by result (ok, fail).",

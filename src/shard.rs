@@ -2,9 +2,10 @@
 //! (timing histograms, plugin instance pools): each thread works in its own shard, so the
 //! cache lines and locks it takes stay in its core's cache instead of moving between cores.
 //!
-//! A thread takes the next number round-robin the first time it asks and keeps it. The
-//! worker threads ask on their first request, so each gets its own; threads that ask later
-//! rarely share one, and a shared shard is only slower, never wrong.
+//! A thread takes the next number round-robin the first time it asks and keeps it. There
+//! are twice as many shards as cores and the worker threads ask on their first request, so
+//! they usually get one each (other threads, e.g. the one that loads the config, take numbers
+//! too); a shared shard is only slower, never wrong.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};

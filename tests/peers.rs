@@ -96,7 +96,6 @@ async fn wait_states(admin: &str, want: &[(&str, &str, &str)], within: Duration)
     }
 }
 
-/// A metric's value (0 when the series does not exist yet).
 /// `/status` once no peer has a request in flight (an attempt ends in the logging phase,
 /// a moment after the client has its answer), or after 5 s as it is then.
 async fn settled(admin: &str) -> Value {
@@ -117,6 +116,7 @@ async fn settled(admin: &str) -> Value {
     }
 }
 
+/// A metric's value (0 when the series does not exist yet).
 async fn metric(c: &Cascade, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_sum(&c.metrics().await, name, labels).unwrap_or(0.0)
 }
@@ -1232,6 +1232,20 @@ async fn drain_enable_and_status_match_what_the_peers_saw() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let ix = names.iter().position(|n| *n == busy).unwrap();
+    // The metric is read from the same count the balancer reads: 1 on the busy peer, every
+    // other peer's series there at 0.
+    let text = c.metrics().await;
+    for n in names {
+        assert_eq!(
+            metric_sum(
+                &text,
+                "cascade_peer_in_flight",
+                &[("origin", "media"), ("peer", n)]
+            ),
+            Some(if n == busy { 1.0 } else { 0.0 }),
+            "{n}"
+        );
+    }
     // In flight from the moment the peer is chosen; the request reaches it a moment later.
     assert!(
         eventually(Duration::from_secs(5), || peers[ix]

@@ -11,11 +11,13 @@
 //! route and origin indices, the method and status class, the cache status), one lookup in
 //! its thread's memo finds all three counters, and the counters are sharded per thread
 //! ([`ShardedCounter`]): the families' shared maps are asked once per thread and
-//! combination, never per request.
+//! combination.
 //!
-//! Memo keys carry the config's id, so a reloaded config's indices never reach an older
-//! config's series; a thread's memo is cleared when it holds `MEMO_MAX` series (only a config
-//! with that many combinations in use would refill it often).
+//! Memo keys carry the config's id, so another config's indices never reach this one's
+//! series. A thread's memo holds at most `MEMO_MAX` combinations and drops one for each new
+//! one past that: a client spraying methods, statuses and routes to fill it only makes its
+//! requests look their series up in the families (a hash and a read lock, as every request
+//! did before).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,14 +36,14 @@ const MEMO_MAX: usize = 4096;
 /// Ids of configs' counters (0: none yet).
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A finished request's series, as the request knows them. `u32::MAX` for "no route" and
+/// A finished request's series, as the request knows them: `None` for "no route" and
 /// "served by cascade"; the cache status by its address (a `&'static str`: one address is
 /// one label, and a second copy of a label at another address is only a second memo entry).
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     config: u64,
-    route: u32,
-    served: u32,
+    route: Option<usize>,
+    served: Option<usize>,
     method: u8,
     status: u8,
     cache: Option<(usize, usize)>,
@@ -92,10 +94,6 @@ impl Counters {
     }
 }
 
-fn index(i: Option<usize>) -> u32 {
-    i.map_or(u32::MAX, |i| u32::try_from(i).unwrap_or(u32::MAX - 1))
-}
-
 impl RequestMetrics {
     /// For a config with these routes and origins (names, in config order).
     pub fn new<'a>(
@@ -121,8 +119,8 @@ impl RequestMetrics {
     pub fn finish(&self, r: &Finished<'_>) {
         let key = Key {
             config: self.id,
-            route: index(r.route),
-            served: index(r.served),
+            route: r.route,
+            served: r.served,
             method: method_ix(r.method),
             status: status_ix(r.status),
             cache: r
@@ -137,7 +135,11 @@ impl RequestMetrics {
                 return;
             }
             if memo.len() >= MEMO_MAX {
-                memo.clear();
+                // Room for this one: drop any other (a client spraying combinations makes its
+                // thread look series up in the families, as every request did before).
+                if let Some(old) = memo.keys().next().copied() {
+                    memo.remove(&old);
+                }
             }
             let c = self.lookup(&key, r.cache.map(|(label, _)| label));
             c.add(bytes);
@@ -157,13 +159,15 @@ impl RequestMetrics {
 
     /// The series in their families' shared maps (created on first use).
     fn lookup(&self, key: &Key, cache: Option<&'static str>) -> Counters {
-        let route = self
-            .routes
-            .get(key.route as usize)
+        debug_assert!(key.route.is_none_or(|r| r < self.routes.len()));
+        debug_assert!(key.served.is_none_or(|o| o < self.origins.len()));
+        let route = key
+            .route
+            .and_then(|r| self.routes.get(r))
             .map_or("none", String::as_str);
-        let served = self
-            .origins
-            .get(key.served as usize)
+        let served = key
+            .served
+            .and_then(|o| self.origins.get(o))
             .map_or("cascade", String::as_str);
         Counters {
             requests: METRICS.requests.with_label_values(&[
@@ -265,6 +269,23 @@ mod tests {
             Some(2.0)
         );
         assert!(got(r#"cascade_cache_served_bytes_total{status="HIT"}"#).unwrap() >= 4196.0);
+        // A label no other test uses: exact.
+        m.finish(&Finished {
+            cache: Some(("RQ-TEST", 10)),
+            ..finished(Some(0), 200, Some(0))
+        });
+        m.finish(&Finished {
+            cache: Some(("RQ-TEST", 32)),
+            ..finished(Some(1), 200, Some(1))
+        });
+        let text = String::from_utf8(METRICS.render()).unwrap();
+        assert_eq!(
+            value(
+                &text,
+                r#"cascade_cache_served_bytes_total{status="RQ-TEST"}"#
+            ),
+            Some(42.0)
+        );
         assert_eq!(
             got(r#"cascade_request_duration_seconds_count{route="rq-a"}"#),
             Some(2.0)
@@ -316,6 +337,8 @@ mod tests {
                 }
             }
         }
+        // Full, not started over: one entry dropped for each new one.
+        assert_eq!(RequestMetrics::memo_len(), MEMO_MAX);
         let text = String::from_utf8(METRICS.render()).unwrap();
         assert_eq!(
             value(

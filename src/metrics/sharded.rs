@@ -1,4 +1,5 @@
-//! Histograms for paths taken many times per request, sharded per thread.
+//! Series touched on every request, sharded per thread: histograms (request, upstream and
+//! plugin callback durations) and counters (a request's counts, a peer's attempts).
 //!
 //! prometheus's `Histogram::observe` does four atomic operations on cache lines that every
 //! thread observing the series shares: ~21 ns on one thread, ~100–200 ns each when two
@@ -6,21 +7,25 @@
 //! VM), and a chain of three plugins observes nine times per request. Here an observation
 //! touches only the observing thread's own shard: a relaxed atomic add to its bucket (found
 //! by comparing integer nanoseconds) and a compare-and-swap of its sum that nothing else
-//! contends. Shards are `crate::shard`'s (two per core, at most 64: 16 KiB per series at
-//! most), and stay correct when two threads share one. A scrape adds the shards up.
+//! contends. Shards are `crate::shard`'s (two per core, at most 64: a histogram series takes
+//! 256 bytes per shard, 16 KiB at most), and stay correct when two threads share one. A
+//! scrape adds the shards up. Counters are packed: a counter is a slot in every shard's own
+//! blocks, 8 bytes per shard (their series' label values can come from a client's choices,
+//! e.g. the method, so they must stay small).
 //!
-//! Exported as a prometheus histogram: same name, labels, buckets, `_sum` and `_count`; the
-//! `+Inf` bucket and `_count` are the same read, so buckets are always cumulative. A scrape
-//! racing an observation may count it in the buckets and not yet in `_sum`, or the other
-//! way round (prometheus's own histogram waits for in-flight observations instead); the
-//! next scrape has it in both.
+//! Exported as prometheus histograms and counters: same name, labels, buckets, `_sum` and
+//! `_count`; the `+Inf` bucket and `_count` are the same read, so buckets are always
+//! cumulative. A scrape racing an observation may count it in the buckets and not yet in
+//! `_sum`, or the other way round (prometheus's own histogram waits for in-flight
+//! observations instead); the next scrape has it in both.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto;
 
@@ -90,7 +95,6 @@ impl ShardedHistogram {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         // The first bound ≥ ns (prometheus's `le`); past the last one, `+Inf`.
         let bucket = self.bounds.ns.partition_point(|&b| b < ns);
-        // The shard count is a power of two.
         let shard = &self.shards[crate::shard::of_thread()];
         shard.counts[bucket].fetch_add(1, Ordering::Relaxed);
         // A compare-and-swap on this thread's own line: it retries only when a thread sharing
@@ -168,24 +172,82 @@ impl Series for ShardedHistogram {
     }
 }
 
-/// One shard of a counter, on cache lines of its own.
+/// Counter slots per block: 512 bytes, four 128-byte lines.
+const BLOCK: usize = 64;
+/// Counters the process can hold in slots (beyond them a counter is one shared atomic).
+const MAX_SLOTS: usize = 1 << 16;
+
+/// One thread shard's block of counter slots, on lines of its own.
 #[repr(align(128))]
-struct CounterShard(AtomicU64);
+struct Block([AtomicU64; BLOCK]);
+
+/// One shard's blocks by number (set when their first slot is handed out).
+type BlockTable = Box<[OnceLock<Box<Block>>]>;
+
+/// Every sharded counter's value, per thread shard: a counter is a slot number, the same in
+/// every shard, and a thread adds to its shard's slot. Slots of one shard are packed (one
+/// thread writes them all), so a counter costs 8 bytes per shard (0.5 KiB with 64 shards)
+/// instead of a 128-byte line per shard; blocks are allocated in every shard at once, when
+/// their first slot is handed out, and live as long as the process (so do the families'
+/// series).
+struct Slots {
+    /// Per shard, the blocks by number.
+    shards: Box<[BlockTable]>,
+    /// The next free slot.
+    next: Mutex<usize>,
+}
+
+static SLOTS: LazyLock<Slots> = LazyLock::new(|| Slots {
+    shards: (0..crate::shard::count())
+        .map(|_| (0..MAX_SLOTS / BLOCK).map(|_| OnceLock::new()).collect())
+        .collect(),
+    next: Mutex::new(0),
+});
+
+impl Slots {
+    /// A fresh slot (zero in every shard), or `None` when all are taken.
+    fn alloc(&self) -> Option<usize> {
+        let mut next = self.next.lock();
+        let slot = *next;
+        if slot >= MAX_SLOTS {
+            return None;
+        }
+        for shard in self.shards.iter() {
+            shard[slot / BLOCK]
+                .get_or_init(|| Box::new(Block(std::array::from_fn(|_| AtomicU64::new(0)))));
+        }
+        *next += 1;
+        Some(slot)
+    }
+
+    fn slot(&self, shard: usize, slot: usize) -> &AtomicU64 {
+        // Every shard's block was set before the slot was handed out.
+        let block = self.shards[shard][slot / BLOCK]
+            .get()
+            .expect("a handed-out slot's block");
+        &block.0[slot % BLOCK]
+    }
+}
 
 /// A counter series, sharded per thread: an increment is one relaxed add to the thread's own
-/// line (against a `lock`ed add to a line every thread shares for prometheus's `IntCounter`).
-/// 128 bytes per shard: 0.5 KiB per series on 2 cores, 8 KiB at most (64 shards).
+/// shard of slots (against a `lock`ed add to a line every thread shares for prometheus's
+/// `IntCounter`), 8 bytes per thread shard.
 pub struct ShardedCounter {
-    shards: Box<[CounterShard]>,
+    /// `None` once the process's slots are all taken: then `shared` counts.
+    slot: Option<usize>,
+    shared: AtomicU64,
 }
 
 impl ShardedCounter {
     /// Adds `n`.
     #[inline]
     pub fn inc_by(&self, n: u64) {
-        self.shards[crate::shard::of_thread()]
-            .0
-            .fetch_add(n, Ordering::Relaxed);
+        match self.slot {
+            Some(slot) => SLOTS
+                .slot(crate::shard::of_thread(), slot)
+                .fetch_add(n, Ordering::Relaxed),
+            None => self.shared.fetch_add(n, Ordering::Relaxed),
+        };
     }
 
     /// Adds one.
@@ -196,10 +258,12 @@ impl ShardedCounter {
 
     /// The total so far.
     pub fn get(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.0.load(Ordering::Relaxed))
-            .fold(0, u64::wrapping_add)
+        let sharded = self.slot.map_or(0, |slot| {
+            (0..SLOTS.shards.len())
+                .map(|shard| SLOTS.slot(shard, slot).load(Ordering::Relaxed))
+                .fold(0, u64::wrapping_add)
+        });
+        sharded.wrapping_add(self.shared.load(Ordering::Relaxed))
     }
 }
 
@@ -208,9 +272,8 @@ impl Series for ShardedCounter {
     const TYPE: proto::MetricType = proto::MetricType::COUNTER;
     fn new(_: &()) -> ShardedCounter {
         ShardedCounter {
-            shards: (0..crate::shard::count())
-                .map(|_| CounterShard(AtomicU64::new(0)))
-                .collect(),
+            slot: SLOTS.alloc(),
+            shared: AtomicU64::new(0),
         }
     }
     fn fill(&self, m: &mut proto::Metric) {
@@ -220,15 +283,30 @@ impl Series for ShardedCounter {
     }
 }
 
+/// A series and its label values.
+type Child<S> = (Vec<String>, Arc<S>);
+
 struct VecInner<S: Series> {
     desc: Desc,
     params: S::Params,
-    children: Mutex<BTreeMap<Vec<String>, Arc<S>>>,
+    /// Series by a hash of their label values (the values kept to tell collisions apart).
+    children: RwLock<HashMap<u64, Vec<Child<S>>>>,
+}
+
+/// The hash a family files a series under.
+fn hash_values(values: &[&str]) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    for v in values {
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
 }
 
 /// A family of sharded series by label values, registered like prometheus's `*Vec`s.
-/// Looking a series up takes a lock: do it once (when a plugin or route is set up, or once
-/// per thread: `metrics::requests`) and keep the series, never per observation.
+/// Looking a series up hashes the values and takes a read lock every thread shares (as
+/// prometheus's does): do it once (when a plugin or route is set up, or once per thread and
+/// combination: `metrics::requests`) and keep the series.
 pub struct ShardedVec<S: Series> {
     inner: Arc<VecInner<S>>,
 }
@@ -292,7 +370,7 @@ impl<S: Series> ShardedVec<S> {
             inner: Arc::new(VecInner {
                 desc,
                 params,
-                children: Mutex::new(BTreeMap::new()),
+                children: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -305,13 +383,28 @@ impl<S: Series> ShardedVec<S> {
             "{}: label values",
             self.inner.desc.fq_name
         );
-        let key: Vec<String> = values.iter().map(|v| v.to_string()).collect();
-        self.inner
+        let hash = hash_values(values);
+        let same = |(k, _): &&Child<S>| k.iter().zip(values).all(|(a, b)| a == b);
+        let found = self
+            .inner
             .children
-            .lock()
-            .entry(key)
-            .or_insert_with(|| Arc::new(S::new(&self.inner.params)))
-            .clone()
+            .read()
+            .get(&hash)
+            .and_then(|bucket| bucket.iter().find(same).map(|(_, s)| s.clone()));
+        if let Some(series) = found {
+            return series;
+        }
+        let mut children = self.inner.children.write();
+        let bucket = children.entry(hash).or_default();
+        if let Some((_, series)) = bucket.iter().find(same) {
+            return series.clone();
+        }
+        let series = Arc::new(S::new(&self.inner.params));
+        bucket.push((
+            values.iter().map(|v| v.to_string()).collect(),
+            series.clone(),
+        ));
+        series
     }
 }
 
@@ -322,11 +415,12 @@ impl<S: Series> Collector for ShardedVec<S> {
 
     fn collect(&self) -> Vec<proto::MetricFamily> {
         let desc = &self.inner.desc;
-        let children: Vec<(Vec<String>, Arc<S>)> = self
+        let children: Vec<Child<S>> = self
             .inner
             .children
-            .lock()
-            .iter()
+            .read()
+            .values()
+            .flatten()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let metrics = children
@@ -471,6 +565,73 @@ mod tests {
             .map(|t| (0..per).map(|i| (i + t) % 3 * 500_000).sum::<u64>())
             .sum();
         assert!((hist.get_sample_sum() - expected_ns as f64 / 1e9).abs() < 1e-6);
+    }
+
+    /// Counters export what prometheus's own export for the same increments, and stay
+    /// apart across block boundaries.
+    #[test]
+    fn counters_export_what_prometheus_counters_export() {
+        let ours = Registry::new();
+        let theirs = Registry::new();
+        let v = ShardedCounterVec::new("c_total", "help", &["route", "status"]);
+        ours.register(Box::new(v.clone())).unwrap();
+        let p = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("c_total", "help"),
+            &["route", "status"],
+        )
+        .unwrap();
+        theirs.register(Box::new(p.clone())).unwrap();
+        // More series than a block holds, each with its own count.
+        for i in 0..(BLOCK as u64 * 2 + 3) {
+            let labels = [format!("r{i}"), "2xx".to_string()];
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            v.with_label_values(&labels).inc_by(i * 7);
+            v.with_label_values(&labels).inc();
+            p.with_label_values(&labels).inc_by(i * 7);
+            p.with_label_values(&labels).inc();
+        }
+        assert_eq!(text(&ours), text(&theirs));
+    }
+
+    /// Threads beyond the shards lose no increment; a counter made after the slots run out
+    /// still counts (in its shared atomic).
+    #[test]
+    fn counters_count_every_increment_even_past_the_slots() {
+        let v = ShardedCounterVec::new("t_total", "help", &["x"]);
+        let c = v.with_label_values(&["a"]);
+        let threads = crate::shard::count() * 2 + 1;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                let c = c.clone();
+                s.spawn(move || {
+                    for _ in 0..10_000 {
+                        c.inc();
+                    }
+                });
+            }
+        });
+        assert_eq!(c.get(), threads as u64 * 10_000);
+        // Take every slot left.
+        let mut last = None;
+        let mut n = 0;
+        let overflow = loop {
+            let c = ShardedCounter::new(&());
+            if c.slot.is_none() {
+                break c;
+            }
+            n += 1;
+            assert!(n <= MAX_SLOTS);
+            last = Some(c);
+        };
+        overflow.inc_by(5);
+        overflow.inc();
+        assert_eq!(overflow.get(), 6);
+        if let Some(last) = last {
+            last.inc_by(3);
+            assert_eq!(last.get(), 3);
+        }
+        c.inc();
+        assert_eq!(c.get(), threads as u64 * 10_000 + 1);
     }
 
     /// A lookup gives the same series for the same values, another for others.

@@ -27,6 +27,7 @@ use pingora_http::RequestHeader;
 use crate::config::{
     HealthConfig, OriginConfig, OriginKind, Passive, PeerConfig, RetryOn, Timeouts,
 };
+use crate::metrics::ShardedCounter;
 use crate::upstream::{self, Budget, PeerState, Selector};
 use sign::{s3_canonical_path, Signer};
 
@@ -95,13 +96,16 @@ pub struct Peer {
     pub metrics: PeerMetrics,
 }
 
-/// A peer's metric series, resolved once (no label lookup per request).
+/// A peer's metric series, resolved once (no label lookup per request). Its attempts in
+/// flight are exported from `PeerState`'s own count, read at scrape ([`export_in_flight`]).
 pub struct PeerMetrics {
+    /// The series' `origin` and `peer` label values.
+    labels: [String; 2],
     pub up: prometheus::IntGauge,
-    pub in_flight: prometheus::IntGauge,
     pub ejections: prometheus::IntCounter,
-    /// By outcome: ok, status, connect, timeout, error.
-    pub outcomes: [prometheus::IntCounter; 5],
+    /// By outcome: ok, status, connect, timeout, error (sharded per thread: counted on every
+    /// attempt).
+    pub outcomes: [Arc<ShardedCounter>; 5],
 }
 
 /// How an attempt on a peer ended.
@@ -123,6 +127,25 @@ impl Outcome {
     }
 }
 
+/// Exports `cascade_peer_in_flight` for these origins' peers from their own counts of
+/// attempts in flight (the ones the least-outstanding balancer reads), read at each scrape
+/// until the origins are dropped.
+pub fn export_in_flight(origins: &Arc<[Origin]>) {
+    let origins = Arc::downgrade(origins);
+    crate::metrics::METRICS
+        .peer_in_flight
+        .add_source(move |out| {
+            let Some(origins) = origins.upgrade() else {
+                return false;
+            };
+            for peer in origins.iter().flat_map(|o| o.peers.iter()) {
+                let [origin, name] = &peer.metrics.labels;
+                out(&[origin, name], i64::from(peer.state.in_flight()));
+            }
+            true
+        });
+}
+
 impl PeerMetrics {
     fn new(origin: &str, peer: &str) -> PeerMetrics {
         let m = &crate::metrics::METRICS;
@@ -134,8 +157,8 @@ impl PeerMetrics {
         let up = m.peer_up.with_label_values(&l);
         up.set(1);
         PeerMetrics {
+            labels: l.map(str::to_string),
             up,
-            in_flight: m.peer_in_flight.with_label_values(&l),
             ejections: m.peer_ejections.with_label_values(&l),
             outcomes: [
                 outcome(Outcome::Ok),
@@ -384,13 +407,11 @@ impl Peer {
     /// An attempt starts on this peer.
     pub fn enter(&self) {
         self.state.enter();
-        self.metrics.in_flight.inc();
     }
 
     /// The attempt [`Peer::enter`]ed ended.
     pub fn leave(&self) {
         self.state.leave();
-        self.metrics.in_flight.dec();
     }
 
     /// Rewrite the upstream request for this peer: `key` is the canonical object path

@@ -29,8 +29,11 @@ pub(super) struct Idle<T> {
     shards: Box<[Shard<T>]>,
     /// Instances in all shards, or a little more while one is being put in (raised before the
     /// push, lowered after the removal): 0 means every shard is empty, and no request locks
-    /// them to find out.
+    /// them to find out. Relaxed: the shards' locks order the instances themselves; a stale
+    /// read only makes a lease look in the shards for nothing, or build an instance.
     len: AtomicUsize,
+    /// Where the next eviction starts looking, so that no one thread's instances go first.
+    next_evict: AtomicUsize,
     /// Most instances kept.
     max: usize,
 }
@@ -47,12 +50,13 @@ impl<T> Idle<T> {
                 .map(|_| Shard(Mutex::new(Vec::new())))
                 .collect(),
             len: AtomicUsize::new(0),
+            next_evict: AtomicUsize::new(0),
             max,
         }
     }
 
     /// The shards in the order shard `own`'s thread looks in them: its own, then the next.
-    fn from(&self, own: usize) -> impl Iterator<Item = &Shard<T>> {
+    fn in_order_from(&self, own: usize) -> impl Iterator<Item = &Shard<T>> {
         let n = self.shards.len();
         (0..n).map(move |k| &self.shards[(own + k) & (n - 1)])
     }
@@ -62,7 +66,7 @@ impl<T> Idle<T> {
         let mut v = shard.0.lock();
         let i = v.iter().rposition(want)?;
         let s = v.swap_remove(i);
-        self.len.fetch_sub(1, Ordering::AcqRel);
+        self.len.fetch_sub(1, Ordering::Relaxed);
         Some(s)
     }
 
@@ -73,12 +77,26 @@ impl<T> Idle<T> {
     }
 
     fn take_in(&self, own: usize) -> Option<Slot<T>> {
-        if self.len.load(Ordering::Acquire) == 0 {
+        if self.len.load(Ordering::Relaxed) == 0 {
             return None;
         }
-        self.from(own)
-            .find_map(|s| self.take_from(s, unshared))
-            .or_else(|| self.from(own).find_map(|s| self.take_from(s, |_| true)))
+        // One pass for an instance no other request holds, noting the first shard with any.
+        let mut some = None;
+        for shard in self.in_order_from(own) {
+            if let Some(s) = self.take_from(shard, unshared) {
+                return Some(s);
+            }
+            if some.is_none() && !shard.0.lock().is_empty() {
+                some = Some(shard);
+            }
+        }
+        // Every idle instance holds other requests' contexts: one from the first shard that
+        // had any (any other if that one was emptied meanwhile).
+        some.and_then(|shard| self.take_from(shard, |_| true))
+            .or_else(|| {
+                self.in_order_from(own)
+                    .find_map(|shard| self.take_from(shard, |_| true))
+            })
     }
 
     /// Keeps `s` in this thread's shard, unless `max` are kept already (then it is dropped,
@@ -88,8 +106,8 @@ impl<T> Idle<T> {
     }
 
     fn put_in(&self, own: usize, s: Slot<T>) {
-        if self.len.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.len.fetch_sub(1, Ordering::AcqRel);
+        if self.len.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.len.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         self.shards[own].0.lock().push(s);
@@ -103,22 +121,22 @@ impl<T> Idle<T> {
             .collect()
     }
 
-    /// Forgets the discarded instances and takes one that holds no parked context (so that
-    /// dropping it frees its slot of the engine's pool), or `None`.
+    /// Forgets the discarded instances (in every shard) and takes one that holds no parked
+    /// context (so that dropping it frees its slot of the engine's pool), or `None`. Each
+    /// eviction starts at the next shard.
     pub(super) fn evict_one(&self) -> Option<Slot<T>> {
-        for shard in self.shards.iter() {
+        let start = self.next_evict.fetch_add(1, Ordering::Relaxed);
+        let mut taken = None;
+        for shard in self.in_order_from(start & (self.shards.len() - 1)) {
             let mut v = shard.0.lock();
             let before = v.len();
             v.retain(|s| s.lock().is_some());
-            let mut gone = before - v.len();
-            let taken = v.iter().rposition(unshared).map(|i| v.swap_remove(i));
-            gone += usize::from(taken.is_some());
-            self.len.fetch_sub(gone, Ordering::AcqRel);
-            if taken.is_some() {
-                return taken;
+            if taken.is_none() {
+                taken = v.iter().rposition(unshared).map(|i| v.swap_remove(i));
             }
+            self.len.fetch_sub(before - v.len(), Ordering::Relaxed);
         }
-        None
+        taken
     }
 
     /// Instances kept (for tests).
@@ -230,6 +248,25 @@ mod tests {
     }
 
     #[test]
+    fn evictions_forget_discarded_instances_in_every_shard_and_take_turns() {
+        let idle = Idle::new(16);
+        for shard in 0..4 {
+            idle.put_in(shard, slot(shard as u32));
+            let discarded = slot(100 + shard as u32);
+            *discarded.lock() = None;
+            idle.put_in(shard, discarded);
+        }
+        idle.put_in(0, slot(10));
+        // The first eviction starts at shard 0 and takes its newest.
+        assert_eq!(value(&idle.evict_one().unwrap()), Some(10));
+        // Every discarded one is gone after it, not only shard 0's.
+        assert_eq!(counted(&idle), 4);
+        // The next starts at shard 1, although shard 0 still has one.
+        assert_eq!(value(&idle.evict_one().unwrap()), Some(1));
+        assert_eq!(counted(&idle), 3);
+    }
+
+    #[test]
     fn many_threads_leasing_at_once_lose_and_duplicate_nothing() {
         let idle = Idle::new(64);
         for v in 0..16 {
@@ -252,5 +289,41 @@ mod tests {
         all.sort_unstable();
         assert_eq!(all, (0..16).collect::<Vec<_>>());
         assert_eq!(counted(&idle), 16);
+    }
+
+    /// Evictions, snapshots and puts of new instances racing the leases keep the count
+    /// exact: every instance put is leased, evicted or still idle, once.
+    #[test]
+    fn evictions_and_snapshots_racing_leases_keep_the_count() {
+        let idle = Idle::new(1_000_000);
+        let evicted = AtomicUsize::new(0);
+        std::thread::scope(|sc| {
+            for t in 0..4u32 {
+                let idle = &idle;
+                sc.spawn(move || {
+                    for i in 0..2_000 {
+                        idle.put(slot(t * 10_000 + i));
+                        if let Some(s) = idle.take() {
+                            idle.put(s);
+                        }
+                    }
+                });
+            }
+            sc.spawn(|| {
+                for _ in 0..2_000 {
+                    if idle.evict_one().is_some() {
+                        evicted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = idle.snapshot().len();
+                }
+            });
+        });
+        let mut left: Vec<u32> = idle.snapshot().iter().filter_map(value).collect();
+        let n = left.len();
+        left.sort_unstable();
+        left.dedup();
+        assert_eq!(left.len(), n, "no instance twice");
+        assert_eq!(n + evicted.load(Ordering::Relaxed), 8_000);
+        assert_eq!(counted(&idle), n);
     }
 }
