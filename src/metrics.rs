@@ -628,6 +628,60 @@ impl Metrics {
     }
 }
 
+/// A family's description for cascade's own collectors (the names are static: a bad one is
+/// a programming error).
+fn desc(name: &str, help: &str, labels: &[&str]) -> prometheus::core::Desc {
+    prometheus::core::Desc::new(
+        name.to_string(),
+        help.to_string(),
+        labels.iter().map(|l| l.to_string()).collect(),
+        Default::default(),
+    )
+    .expect("static metric description")
+}
+
+/// A series of `desc`'s family with these label values (in the family's label order), its
+/// label pairs sorted as prometheus's own collectors sort them; the value is set by the caller.
+fn labeled_metric(desc: &prometheus::core::Desc, values: &[String]) -> prometheus::proto::Metric {
+    let mut labels: Vec<prometheus::proto::LabelPair> = desc
+        .variable_labels
+        .iter()
+        .zip(values)
+        .map(|(name, value)| {
+            let mut p = prometheus::proto::LabelPair::default();
+            p.set_name(name.clone());
+            p.set_value(value.clone());
+            p
+        })
+        .collect();
+    labels.sort();
+    let mut m = prometheus::proto::Metric::default();
+    m.set_label(labels);
+    m
+}
+
+/// What a collector of one family returns.
+fn family(
+    desc: &prometheus::core::Desc,
+    kind: prometheus::proto::MetricType,
+    metrics: Vec<prometheus::proto::Metric>,
+) -> Vec<prometheus::proto::MetricFamily> {
+    let mut family = prometheus::proto::MetricFamily::default();
+    family.set_name(desc.fq_name.clone());
+    family.set_help(desc.help.clone());
+    family.set_field_type(kind);
+    family.set_metric(metrics);
+    vec![family]
+}
+
+/// A registry's exposition, as `/metrics` serves it (for tests).
+#[cfg(test)]
+fn text_of(r: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
+    String::from_utf8(out).unwrap()
+}
+
 /// The process-wide metrics. One registry per process: a config reload keeps counters.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 

@@ -31,13 +31,7 @@ pub struct SampledGaugeVec {
 
 impl SampledGaugeVec {
     pub fn new(name: &str, help: &str, labels: &[&str]) -> SampledGaugeVec {
-        let desc = Desc::new(
-            name.to_string(),
-            help.to_string(),
-            labels.iter().map(|l| l.to_string()).collect(),
-            Default::default(),
-        )
-        .expect("static metric description");
+        let desc = super::desc(name, help, labels);
         SampledGaugeVec {
             inner: Arc::new(Inner {
                 desc,
@@ -81,46 +75,24 @@ impl Collector for SampledGaugeVec {
             .sample()
             .into_iter()
             .map(|(values, v)| {
-                let mut labels: Vec<proto::LabelPair> = desc
-                    .variable_labels
-                    .iter()
-                    .zip(values)
-                    .map(|(name, value)| {
-                        let mut p = proto::LabelPair::default();
-                        p.set_name(name.clone());
-                        p.set_value(value);
-                        p
-                    })
-                    .collect();
-                labels.sort();
                 let mut g = proto::Gauge::default();
                 g.set_value(v as f64);
-                let mut m = proto::Metric::default();
-                m.set_label(labels);
+                let mut m = super::labeled_metric(desc, &values);
                 m.set_gauge(g);
                 m
             })
             .collect();
-        let mut family = proto::MetricFamily::default();
-        family.set_name(desc.fq_name.clone());
-        family.set_help(desc.help.clone());
-        family.set_field_type(proto::MetricType::GAUGE);
-        family.set_metric(metrics);
-        vec![family]
+        super::family(desc, proto::MetricType::GAUGE, metrics)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+    use prometheus::{IntGaugeVec, Opts, Registry};
     use std::sync::atomic::{AtomicI64, Ordering};
 
-    fn text(r: &Registry) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
-        String::from_utf8(out).unwrap()
-    }
+    use crate::metrics::text_of as text;
 
     /// The exposition is prometheus's own gauge's for the same values; sources with the same
     /// series add up; a source whose state is gone stops being asked and its series go.

@@ -324,16 +324,6 @@ pub type ShardedHistogramVec = ShardedVec<ShardedHistogram>;
 /// Counters by label values.
 pub type ShardedCounterVec = ShardedVec<ShardedCounter>;
 
-fn desc(name: &str, help: &str, labels: &[&str]) -> Desc {
-    Desc::new(
-        name.to_string(),
-        help.to_string(),
-        labels.iter().map(|l| l.to_string()).collect(),
-        Default::default(),
-    )
-    .expect("static metric description")
-}
-
 impl ShardedVec<ShardedHistogram> {
     /// Bounds in seconds, positive and increasing, at most `MAX_BUCKETS` (22) of them (a
     /// programming error otherwise: the families are static).
@@ -349,7 +339,7 @@ impl ShardedVec<ShardedHistogram> {
         );
         let ns = bounds.iter().map(|s| (s * 1e9).round() as u64).collect();
         ShardedVec::with_params(
-            desc(name, help, labels),
+            super::desc(name, help, labels),
             Arc::new(Bounds {
                 seconds: bounds,
                 ns,
@@ -360,7 +350,7 @@ impl ShardedVec<ShardedHistogram> {
 
 impl ShardedVec<ShardedCounter> {
     pub fn new(name: &str, help: &str, labels: &[&str]) -> ShardedCounterVec {
-        ShardedVec::with_params(desc(name, help, labels), ())
+        ShardedVec::with_params(super::desc(name, help, labels), ())
     }
 }
 
@@ -426,43 +416,21 @@ impl<S: Series> Collector for ShardedVec<S> {
         let metrics = children
             .iter()
             .map(|(values, series)| {
-                let mut labels: Vec<proto::LabelPair> = desc
-                    .variable_labels
-                    .iter()
-                    .zip(values)
-                    .map(|(name, value)| {
-                        let mut p = proto::LabelPair::default();
-                        p.set_name(name.clone());
-                        p.set_value(value.clone());
-                        p
-                    })
-                    .collect();
-                labels.sort();
-                let mut m = proto::Metric::default();
-                m.set_label(labels);
+                let mut m = super::labeled_metric(desc, values);
                 series.fill(&mut m);
                 m
             })
             .collect();
-        let mut family = proto::MetricFamily::default();
-        family.set_name(desc.fq_name.clone());
-        family.set_help(desc.help.clone());
-        family.set_field_type(S::TYPE);
-        family.set_metric(metrics);
-        vec![family]
+        super::family(desc, S::TYPE, metrics)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prometheus::{Encoder, HistogramOpts, HistogramVec, Registry, TextEncoder};
+    use prometheus::{HistogramOpts, HistogramVec, Registry};
 
-    fn text(r: &Registry) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new().encode(&r.gather(), &mut out).unwrap();
-        String::from_utf8(out).unwrap()
-    }
+    use crate::metrics::text_of as text;
 
     /// The same observations give the same exposition as prometheus's own histogram: bucket
     /// edges (`le` inclusive), `+Inf`, `_count` and `_sum`, labels sorted.
