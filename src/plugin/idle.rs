@@ -63,7 +63,11 @@ impl<T> Idle<T> {
 
     /// Takes the most recently put instance of one shard that `want` accepts.
     fn take_from(&self, shard: &Shard<T>, want: fn(&Slot<T>) -> bool) -> Option<Slot<T>> {
-        let mut v = shard.0.lock();
+        self.take_locked(&mut shard.0.lock(), want)
+    }
+
+    /// The same, in a shard already locked.
+    fn take_locked(&self, v: &mut Vec<Slot<T>>, want: fn(&Slot<T>) -> bool) -> Option<Slot<T>> {
         let i = v.iter().rposition(want)?;
         let s = v.swap_remove(i);
         self.len.fetch_sub(1, Ordering::Relaxed);
@@ -83,10 +87,11 @@ impl<T> Idle<T> {
         // One pass for an instance no other request holds, noting the first shard with any.
         let mut some = None;
         for shard in self.in_order_from(own) {
-            if let Some(s) = self.take_from(shard, unshared) {
+            let mut v = shard.0.lock();
+            if let Some(s) = self.take_locked(&mut v, unshared) {
                 return Some(s);
             }
-            if some.is_none() && !shard.0.lock().is_empty() {
+            if some.is_none() && !v.is_empty() {
                 some = Some(shard);
             }
         }
